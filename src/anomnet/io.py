@@ -1,0 +1,573 @@
+"""Image and mask I/O: the one place where anomnet touches image files.
+
+Every reader returns plain numpy arrays and raises :class:`~anomnet.errors.ImageReadError`
+(naming the file and the problem in plain words) for anything it cannot use; no exception
+from deep inside PIL, tifffile or zlib reaches the caller.
+
+* :func:`read_image` -> ``float32`` ``HxWx3`` RGB in [0, 1]. 8-bit data is divided by 255,
+  16-bit data by 65535 (so 16-bit precision survives), float TIFFs must already be in [0, 1].
+  Gray, gray+alpha, RGB, RGBA, palette and 1-bit images are accepted; alpha is dropped.
+  Formats: PNG, JPEG, TIFF, BMP (recognised by content, not by the file name).
+  EXIF orientation is ignored: pixels are used as stored, so masks stay aligned.
+* :func:`read_mask` -> ``bool`` ``HxW``; the file must hold 0 and at most one other value.
+* :func:`list_images`, :func:`image_size`, :func:`to_tensor`.
+* :func:`write_png`, :func:`atomic_write_text`: atomic writes (temporary file + ``os.replace``).
+
+PIL does the decoding; two cases go around it because PIL would silently lose data:
+TIFFs whose pixels are plain gray/RGB samples of 8 bits or more are decoded with tifffile
+(PIL reduces 16-bit RGB TIFFs to 8 bits, cannot open float RGB TIFFs and silently drops
+extra channels), and 16-bit colour PNGs are re-decoded here at full precision (PIL keeps
+only the high byte).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import threading
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from anomnet.errors import DatasetError, ImageReadError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+"""File name endings :func:`list_images` picks up (compared case-insensitively)."""
+
+MAX_IMAGE_PIXELS = 100_000_000
+"""Images with more pixels are refused (a corrupt header or a decompression bomb)."""
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class _Pixels(NamedTuple):
+    """Decoded pixels ``HxWxC`` (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) and their full-scale value."""
+
+    data: np.ndarray
+    scale: float
+    format: str
+
+
+# --------------------------------------------------------------------------------------
+# public readers
+# --------------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as ``float32`` ``HxWx3`` RGB in [0, 1].
+
+    8-bit data is divided by 255 and 16-bit data by 65535; float TIFFs must hold values in
+    [0, 1]. Gray images are repeated into three channels and alpha is dropped.
+
+    Raises:
+        ImageReadError: missing file, a folder, an empty file, not an image, truncated or
+            corrupt data, an unsupported channel layout or pixel type, a zero-size image or
+            one of more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    pixels = _read_pixels(Path(path))
+    data = pixels.data
+    color = data[..., :1] if data.shape[2] <= 2 else data[..., :3]
+    image = color.astype(np.float32)
+    if pixels.scale != 1.0:
+        image /= np.float32(pixels.scale)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a defect mask as ``bool`` ``HxW`` (True = defective pixel).
+
+    The file must be single-channel (or RGB with equal channels; alpha is ignored) and hold
+    0 plus at most one other value (e.g. 0/255, 0/1, 0/65535); a file holding one value only
+    is all-good (0) or all-defective (anything else).
+
+    Args:
+        path: the mask file.
+        expected_hw: the ``(H, W)`` of the image the mask belongs to; a mask of another size
+            is an error.
+
+    Raises:
+        ImageReadError: everything :func:`read_image` refuses, a mask of the wrong size,
+            a coloured mask or one with more than two distinct values.
+    """
+    path = Path(path)
+    pixels = _read_pixels(path)
+    data = pixels.data
+    height, width = data.shape[:2]
+    if expected_hw is not None and (height, width) != tuple(expected_hw):
+        exp_h, exp_w = expected_hw
+        raise ImageReadError(
+            path, f"mask is {height}x{width} (HxW) but its image is {exp_h}x{exp_w}; a mask must have the image's size"
+        )
+    if data.shape[2] in (3, 4):
+        rgb = data[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise ImageReadError(path, "mask is coloured (its R, G and B channels differ); expected a black/white mask")
+    values = data[..., 0]
+    distinct = np.unique(values)
+    if len(distinct) > 2 or (len(distinct) == 2 and distinct[0] != 0):
+        shown = ", ".join(_format_value(v) for v in distinct[:8])
+        more = f", ... ({len(distinct)} distinct values)" if len(distinct) > 8 else ""
+        hint = " (JPEG compression blurs masks: save masks as PNG)" if pixels.format == "JPEG" else ""
+        raise ImageReadError(
+            path,
+            f"mask is not binary: it holds the values {shown}{more}; expected 0 for good pixels "
+            f"and one other value (e.g. 255) for defective pixels{hint}",
+        )
+    return np.ascontiguousarray(values != 0)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image, read from its header without decoding the pixels.
+
+    Raises:
+        ImageReadError: the file is missing, a folder, empty or not a readable image.
+    """
+    path = Path(path)
+    _check_file(path)
+    if _is_tiff(path):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        except Exception:  # noqa: BLE001 - PIL gets a try and reports the problem
+            pass
+    with _quiet_bomb_warning():
+        try:
+            with Image.open(path) as im:
+                return im.height, im.width
+        except Image.DecompressionBombError:
+            raise ImageReadError(path, _too_large_message(None, None)) from None
+        except UnidentifiedImageError:
+            raise ImageReadError(path, _UNKNOWN_FORMAT) from None
+        except Exception as exc:  # noqa: BLE001 - turned into a plain message
+            raise ImageReadError(path, f"cannot read the image header ({_describe(exc)})") from None
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (by :data:`IMAGE_EXTENSIONS`), sorted by path.
+
+    Hidden files and folders (names starting with ".", e.g. macOS ``._x.png``) are skipped.
+
+    Raises:
+        DatasetError: the folder is missing, is not a folder or holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DatasetError(f"{folder}: folder not found")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder")
+    images = sorted(p for p in _walk(folder, recursive) if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        where = "in it or its subfolders" if recursive else "directly in it"
+        raise DatasetError(
+            f"{folder}: no image files {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return images
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``HxWx3`` float image -> contiguous ``[3,H,W]`` float32 tensor (a copy)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# atomic writers
+# --------------------------------------------------------------------------------------
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write a ``uint8`` ``HxW`` (gray) or ``HxWx3`` (RGB) array as PNG, atomically.
+
+    The data goes to a temporary file in the target folder which then replaces ``path``, so
+    an error never leaves a half-written file. Missing parent folders are created.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"write_png needs a uint8 HxW or HxWx3 array, got {array.dtype} of shape {array.shape}")
+    image = Image.fromarray(np.ascontiguousarray(array))
+    _atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
+    data = text.encode("utf-8")
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------
+
+_UNKNOWN_FORMAT = "not an image file, or a format that cannot be read (supported: PNG, JPEG, TIFF, BMP)"
+
+
+def _read_pixels(path: Path) -> _Pixels:
+    """Decode ``path`` fully into :class:`_Pixels`; every failure is an :class:`ImageReadError`."""
+    _check_file(path)
+    note = ""
+    if _is_tiff(path):
+        pixels, note = _read_tiff(path)
+        if pixels is not None:
+            return pixels
+    return _read_with_pil(path, note)
+
+
+def _check_file(path: Path) -> None:
+    try:
+        if not path.exists():
+            raise ImageReadError(path, "file not found")
+        if path.is_dir():
+            raise ImageReadError(path, "is a folder, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "file is empty (0 bytes)")
+        with open(path, "rb"):
+            pass
+    except ImageReadError:
+        raise
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open the file ({exc.strerror or exc})") from None
+
+
+def _check_dims(path: Path, height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageReadError(path, f"image has zero size ({width}x{height} pixels)")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, _too_large_message(height, width))
+
+
+def _too_large_message(height: int | None, width: int | None) -> str:
+    limit = f"the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+    size = f"{width}x{height} = {height * width / 1e6:.0f} megapixels" if height and width else "too large"
+    return f"image is {size}, more than {limit} (a corrupt header or a decompression bomb?)"
+
+
+def _is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+def _format_value(value: np.generic) -> str:
+    return str(int(value)) if np.asarray(value).dtype.kind in "iub" else f"{float(value):g}"
+
+
+@contextmanager
+def _quiet_bomb_warning() -> Iterator[None]:
+    """Silence PIL's decompression-bomb warning: :data:`MAX_IMAGE_PIXELS` is checked here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_strict_saved = False
+
+
+@contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Turn ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while decoding (restored afterwards).
+
+    Nested or concurrent readers share one counter, so the flag comes back only after the
+    last reader has finished.
+    """
+    global _strict_depth, _strict_saved
+    with _strict_lock:
+        if _strict_depth == 0:
+            _strict_saved = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_depth += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
+
+
+def _read_with_pil(path: Path, note: str = "") -> _Pixels:
+    suffix = f"; {note}" if note else ""
+    with _strict_truncation(), _quiet_bomb_warning():
+        try:
+            with Image.open(path) as im:
+                _check_dims(path, im.height, im.width)
+                im.load()
+                return _pil_to_pixels(path, im)
+        except ImageReadError:
+            raise
+        except Image.DecompressionBombError:
+            raise ImageReadError(path, _too_large_message(None, None)) from None
+        except UnidentifiedImageError:
+            raise ImageReadError(path, _UNKNOWN_FORMAT + suffix) from None
+        except MemoryError:
+            raise ImageReadError(path, "not enough memory to decode the image") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means bad data
+            raise ImageReadError(path, f"corrupt or truncated image data ({_describe(exc)}){suffix}") from None
+
+
+def _as_hwc(array: np.ndarray) -> np.ndarray:
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _pil_to_pixels(path: Path, im: Image.Image) -> _Pixels:
+    """Turn a loaded PIL image into :class:`_Pixels` by its mode."""
+    fmt = im.format or ""
+    mode = im.mode
+    if mode == "1":
+        return _Pixels(_as_hwc(np.asarray(im.convert("L"))), 255.0, fmt)
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        data = _as_hwc(np.asarray(im))
+        if fmt == "PNG" and mode != "L":
+            precise = _png16_or_none(path, data)
+            if precise is not None:
+                return _Pixels(precise, 65535.0, fmt)
+        return _Pixels(data, 255.0, fmt)
+    if mode in ("P", "PA"):
+        target = "RGBA" if mode == "PA" or "transparency" in im.info else "RGB"
+        return _Pixels(np.asarray(im.convert(target)), 255.0, fmt)
+    conversions = {"La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+    if mode in conversions:
+        return _Pixels(_as_hwc(np.asarray(im.convert(conversions[mode]))), 255.0, fmt)
+    if mode.startswith("I;16"):
+        return _Pixels(_as_hwc(np.asarray(im).astype(np.uint16)), 65535.0, fmt)
+    if mode == "I":
+        data = np.asarray(im)
+        if data.size and (data.min() < 0 or data.max() > 65535):
+            raise ImageReadError(path, "32-bit integer pixels outside 0..65535 are not supported")
+        return _Pixels(_as_hwc(data.astype(np.uint16)), 65535.0, fmt)
+    if mode == "F":
+        return _Pixels(_as_hwc(_checked_float(path, np.asarray(im))), 1.0, fmt)
+    raise ImageReadError(path, f"unsupported pixel format (PIL mode {mode!r})")
+
+
+def _checked_float(path: Path, data: np.ndarray) -> np.ndarray:
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise ImageReadError(path, "floating-point image holds NaN or infinite values")
+    if data.size and (data.min() < 0.0 or data.max() > 1.0):
+        raise ImageReadError(
+            path,
+            f"floating-point pixel values must lie in [0, 1]; this image holds values "
+            f"from {float(data.min()):g} to {float(data.max()):g}",
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------- TIFF
+
+_PHOTOMETRIC_COLOR_CHANNELS = {0: 1, 1: 1, 3: 1, 2: 3, 6: 3, 8: 3, 9: 3, 10: 3, 5: 4}
+"""TIFF photometric interpretation -> colour samples (miniswhite, minisblack, palette, rgb,
+ycbcr, cielab, icclab, itulab, separated/CMYK)."""
+
+
+def _read_tiff(path: Path) -> tuple[_Pixels | None, str]:
+    """Decode a TIFF with tifffile where PIL would lose data; ``(None, note)`` lets PIL do it.
+
+    Channel layouts are checked here for every TIFF (PIL silently drops extra channels).
+    """
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # noqa: BLE001 - PIL gets a try and reports the problem
+        return None, ""
+    with tif:
+        if not tif.pages:
+            raise ImageReadError(path, "TIFF file holds no image")
+        try:
+            page = tif.pages[0]
+            height, width = int(page.imagelength), int(page.imagewidth)
+            spp = int(page.samplesperpixel)
+            photometric = int(page.photometric)
+            extras = [int(e) for e in (page.extrasamples or ())]
+            bits = int(page.bitspersample)
+        except Exception as exc:  # noqa: BLE001 - damaged header
+            raise ImageReadError(path, f"damaged TIFF header ({_describe(exc)})") from None
+        _check_dims(path, height, width)
+        color = _PHOTOMETRIC_COLOR_CHANNELS.get(photometric)
+        if color is None:
+            return None, ""
+        extra = spp - color
+        has_alpha = extra == 1 and bool(extras) and extras[0] in (1, 2)
+        if extra < 0 or extra > 1 or (extra == 1 and not has_alpha):
+            raise ImageReadError(
+                path,
+                f"{spp} channels per pixel are not supported; an image must be gray, gray+alpha, RGB or RGBA",
+            )
+        if photometric not in (1, 2) or bits < 8:
+            return None, ""
+        try:
+            data = page.asarray()
+        except (KeyError, ImportError) as exc:  # codec needs imagecodecs: PIL may know it
+            return None, f"tifffile: {_describe(exc)}"
+        except MemoryError:
+            raise ImageReadError(path, "not enough memory to decode the image") from None
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt strips
+            raise ImageReadError(path, f"corrupt or truncated TIFF data ({_describe(exc)})") from None
+    if data.ndim == 3 and page.axes.startswith("S"):
+        data = np.moveaxis(data, 0, -1)
+    if data.size != height * width * spp:
+        raise ImageReadError(path, f"unexpected TIFF data layout {page.axes} {data.shape}")
+    data = data.reshape(height, width, spp)
+    return _tiff_scale(path, data), ""
+
+
+def _tiff_scale(path: Path, data: np.ndarray) -> _Pixels:
+    if data.dtype.kind == "u" and data.dtype.itemsize == 1:
+        return _Pixels(data.astype(np.uint8, copy=False), 255.0, "TIFF")
+    if data.dtype.kind == "u" and data.dtype.itemsize == 2:
+        return _Pixels(data.astype(np.uint16, copy=False), 65535.0, "TIFF")
+    if data.dtype.kind == "f":
+        return _Pixels(_checked_float(path, data), 1.0, "TIFF")
+    kind = {"i": "signed integer", "u": "unsigned integer", "c": "complex", "b": "boolean"}.get(data.dtype.kind, "")
+    raise ImageReadError(
+        path,
+        f"{data.dtype.itemsize * 8}-bit {kind} pixels are not supported "
+        f"(supported: 8- and 16-bit unsigned integers, float in [0, 1])",
+    )
+
+
+# ----------------------------------------------------------------------------- 16-bit PNG
+
+
+def _png16_or_none(path: Path, pil_data: np.ndarray) -> np.ndarray | None:
+    """Full-precision pixels of a non-interlaced 16-bit colour PNG, else ``None``.
+
+    PIL has already decoded (and so validated) the file at 8 bits; the 16-bit result is
+    used only if its high bytes equal PIL's pixels, so a decoding slip here can only cost
+    precision, never give wrong pixels.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+        if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+            return None
+        width, height = struct.unpack(">II", head[16:24])
+        depth, color_type, _, _, interlace = head[24:29]
+        if depth != 16 or interlace != 0 or color_type not in (2, 4, 6):
+            return None
+        data = _decode_png16(path.read_bytes(), width, height, color_type)
+        if color_type == 4 and pil_data.shape[2] == 4:  # PIL opens 16-bit gray+alpha as RGBA
+            pil_data = pil_data[..., [0, 3]]
+        if data.shape != pil_data.shape or not np.array_equal((data >> 8).astype(np.uint8), pil_data):
+            return None
+        return data
+    except Exception:  # noqa: BLE001 - fall back to PIL's 8-bit pixels
+        return None
+
+
+def _decode_png16(raw: bytes, width: int, height: int, color_type: int) -> np.ndarray:
+    """Decode the IDAT stream of a 16-bit PNG (colour type 2, 4 or 6) to ``uint16`` ``HxWxC``."""
+    channels = {2: 3, 4: 2, 6: 4}[color_type]
+    chunks = []
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        if kind == b"IDAT":
+            chunks.append(raw[pos + 8 : pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    stream = zlib.decompress(b"".join(chunks))
+    bpp = 2 * channels
+    stride = width * bpp + 1
+    rows = np.frombuffer(stream, dtype=np.uint8, count=height * stride).reshape(height, stride)
+    filters = rows[:, 0]
+    if (filters > 4).any():
+        raise ValueError("unknown PNG filter type")
+    filtered = rows[:, 1:].reshape(height, width, bpp).astype(np.int32)
+    data = _unfilter(filtered, filters.astype(np.int32))
+    pairs = data.reshape(height, width, channels, 2).astype(np.uint16)
+    return (pairs[..., 0] << 8) | pairs[..., 1]
+
+
+def _unfilter(filtered: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """Undo PNG scanline filters on ``[H, W, bpp]`` bytes (as int32)."""
+    height, width, bpp = filtered.shape
+    if not np.isin(filters, (3, 4)).any():
+        out = np.zeros_like(filtered)
+        prev = np.zeros((width, bpp), dtype=np.int32)
+        for r in range(height):
+            row = filtered[r]
+            if filters[r] == 1:
+                row = np.cumsum(row, axis=0)
+            elif filters[r] == 2:
+                row = row + prev
+            out[r] = row & 0xFF
+            prev = out[r]
+        return out
+    # Average and Paeth depend on the left neighbour: sweep anti-diagonals r + x = d, each
+    # of whose pixels needs only pixels of earlier diagonals (left, up, up-left).
+    padded = np.zeros((height + 1, width + 1, bpp), dtype=np.int32)
+    for d in range(height + width - 1):
+        r = np.arange(max(0, d - width + 1), min(height - 1, d) + 1)
+        x = d - r
+        a = padded[r + 1, x]
+        b = padded[r, x + 1]
+        c = padded[r, x]
+        p = a + b - c
+        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        kind = filters[r][:, None]
+        pred = np.select([kind == 1, kind == 2, kind == 3, kind == 4], [a, b, (a + b) >> 1, paeth], 0)
+        padded[r + 1, x + 1] = (filtered[r, x] + pred) & 0xFF
+    return padded[1:, 1:]
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    """Files in ``folder`` (and its subfolders when ``recursive``), skipping hidden names."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if recursive:
+                yield from _walk(entry, recursive)
+        elif entry.is_file():
+            yield entry
