@@ -1,0 +1,8 @@
+"""Detectors. Importing this package registers every detector."""
+
+from anomnet.detectors.base import DETECTORS, Detector, DetectorConfig, Prediction, create_detector, register
+from anomnet.detectors import patchcore  # noqa: F401  (registers)
+
+DEFAULT_DETECTOR = "patchcore"
+
+__all__ = ["DETECTORS", "DEFAULT_DETECTOR", "Detector", "DetectorConfig", "Prediction", "create_detector", "register"]

@@ -1,0 +1,165 @@
+"""The one detector interface: fit on good images, predict image scores and anomaly maps.
+
+Every method plugs in by subclassing :class:`Detector` and registering itself with
+:func:`register`. The CLI, the evaluator and the benchmark only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from anomnet.calibration import Calibration
+from anomnet.data import Sample
+from anomnet.errors import ConfigError, ModelFormatError
+from anomnet.model_io import read_model, write_model
+from anomnet.transforms import Preprocess
+
+
+@dataclass
+class Prediction:
+    """Image scores ``[B]`` and anomaly maps ``[B,H,W]`` at the input images' resolution."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass
+class DetectorConfig:
+    """Settings every detector has; subclasses add their own fields (all JSON-serialisable)."""
+
+    image_size: int = 256
+    crop: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {}
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            values[name] = _coerce(name, value, hints[name])
+        return cls(**values)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Turn a JSON or command-line value into the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(name, value, args[0])
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, args[0]) for v in items)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+class Detector(ABC):
+    """Base class of all detectors."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or self.config_class()
+        self.preprocess = Preprocess(self.config.image_size, self.config.crop)
+        self.calibration = Calibration()
+
+    # -- the interface -----------------------------------------------------------------
+    @abstractmethod
+    def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
+        """Learn from good images only (``validation`` may be used for normalisation, never the test set)."""
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score ``[B,3,H,W]`` RGB images in [0,1] of any size; maps come back at ``H x W``."""
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
+        scores, maps = self.predict_preprocessed(self.preprocess(images))
+        return Prediction(scores.float(), self.preprocess.restore(maps.float(), tuple(images.shape[-2:])))
+
+    @abstractmethod
+    def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[B]`` and maps ``[B,S,S]`` for images already preprocessed to ``S x S``."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every learned tensor needed to predict (saved with safetensors)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        meta = {"detector": self.name, "config": self.config.to_dict(), "calibration": self.calibration.to_dict()}
+        return write_model(directory, meta, self.state_tensors())
+
+    @staticmethod
+    def load(directory: str | Path) -> Detector:
+        meta, tensors = read_model(directory)
+        name = meta.get("detector")
+        if name not in DETECTORS:
+            raise ModelFormatError(f"{directory}: unknown detector {name!r}; this anomnet has {', '.join(sorted(DETECTORS))}")
+        cls = DETECTORS[name]
+        try:
+            detector = cls(cls.config_class.from_dict(meta.get("config", {})))
+            detector.calibration = Calibration.from_dict(meta.get("calibration", {}))
+            detector.load_state_tensors(tensors)
+        except ConfigError as exc:
+            raise ModelFormatError(f"{directory}: settings do not fit this anomnet ({exc})") from None
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise ModelFormatError(f"{directory}: saved tensors do not fit the {name} detector ({exc})") from None
+        return detector
+
+
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator adding a detector to the registry under ``cls.name``."""
+    DETECTORS[cls.name] = cls
+    return cls
+
+
+def create_detector(name: str, settings: dict[str, Any] | None = None) -> Detector:
+    """Build a detector by name with settings given as strings or values."""
+    if name not in DETECTORS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    cls = DETECTORS[name]
+    return cls(cls.config_class.from_dict(settings or {}))
