@@ -1,0 +1,96 @@
+"""Greedy k-center coreset and nearest-neighbour search."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anomnet.coreset import greedy_coreset, random_projection
+from anomnet.errors import ConfigError
+from anomnet.nn_search import NearestNeighbors, faiss_available
+
+
+def _radius(x: torch.Tensor, centers: torch.Tensor) -> float:
+    """Covering radius: the largest distance from a point to its nearest center."""
+    return float(torch.cdist(x, x[centers]).min(1).values.max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(4, 11), k=st.integers(1, 4), d=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_greedy_is_a_2_approximation_of_optimal_k_center(n: int, k: int, d: int, seed: int) -> None:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+    k = min(k, n - 1)
+    chosen = greedy_coreset(x, k, projection_dim=0, seed=seed)
+    assert len(set(chosen.tolist())) == k
+    optimum = min(_radius(x, torch.tensor(c)) for c in itertools.combinations(range(n), k))
+    assert _radius(x, chosen) <= 2 * optimum + 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(3, 40), k=st.integers(2, 10), seed=st.integers(0, 10_000))
+def test_each_new_center_is_the_farthest_point(n: int, k: int, seed: int) -> None:
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+    k = min(k, n - 1)
+    chosen = greedy_coreset(x, k, projection_dim=0, seed=seed)
+    for i in range(1, k):
+        d = torch.cdist(x, x[chosen[:i]]).min(1).values
+        assert d[chosen[i]] >= d.max() - 1e-4
+
+
+def test_coreset_edge_cases() -> None:
+    x = torch.randn(5, 3)
+    assert greedy_coreset(x, 10).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError):
+        greedy_coreset(x, 0)
+    a = greedy_coreset(torch.randn(200, 16, generator=torch.Generator().manual_seed(1)), 20, projection_dim=8, seed=3)
+    b = greedy_coreset(torch.randn(200, 16, generator=torch.Generator().manual_seed(1)), 20, projection_dim=8, seed=3)
+    assert torch.equal(a, b), "coreset must be deterministic for a seed"
+
+
+def test_random_projection_roughly_preserves_distances() -> None:
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(0))
+    y = random_projection(x, 128, seed=0)
+    assert y.shape == (300, 128)
+    ratio = torch.pdist(y) / torch.pdist(x)
+    assert 0.8 < float(ratio.median()) < 1.2
+    assert random_projection(x, 512) is x
+
+
+def _nn_reference(bank: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.cdist(q.double(), bank.double())
+    v, i = torch.topk(d, k, largest=False)
+    return v.float(), i
+
+
+@pytest.mark.parametrize("backend", ["exact", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))])
+def test_search_matches_brute_force(backend: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(2000, 40, generator=g), torch.randn(300, 40, generator=g)
+    nn = NearestNeighbors(bank, backend, chunk=64)
+    d, i = nn.search(q, 5)
+    rd, ri = _nn_reference(bank, q, 5)
+    assert torch.allclose(d, rd, atol=1e-4)
+    assert (i == ri).float().mean() > 0.99  # ties at float precision may swap order
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_exact_and_faiss_backends_agree() -> None:
+    g = torch.Generator().manual_seed(1)
+    bank, q = torch.randn(5000, 152, generator=g), torch.randn(1024, 152, generator=g)
+    de, ie = NearestNeighbors(bank, "exact").search(q, 1)
+    df, if_ = NearestNeighbors(bank, "faiss").search(q, 1)
+    assert torch.allclose(de, df, atol=1e-3)
+    assert (ie == if_).float().mean() > 0.999
+
+
+def test_search_rejects_bad_shapes() -> None:
+    with pytest.raises(ConfigError):
+        NearestNeighbors(torch.empty(0, 3))
+    with pytest.raises(ConfigError):
+        NearestNeighbors(torch.randn(4, 3), backend="annoy")
+    with pytest.raises(ConfigError):
+        NearestNeighbors(torch.randn(4, 3), "exact").search(torch.randn(2, 5))
