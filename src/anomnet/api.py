@@ -1,0 +1,181 @@
+"""Python API; the CLI is a thin layer over these functions.
+
+>>> from anomnet import api
+>>> detector = api.fit("patchcore", "path/to/bottle", out="runs/bottle")
+>>> result = api.test("runs/bottle", "path/to/bottle")
+>>> for p in api.predict("runs/bottle", ["part1.png", "part2.png"]): print(p.path, p.score, p.defective)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomnet import io
+from anomnet.calibration import calibrate
+from anomnet.data import DatasetSplit, Sample, load_dataset
+from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
+from anomnet.errors import AnomnetError, ImageReadError
+from anomnet.evaluate import EvaluationResult, evaluate, validation_statistics
+from anomnet.visualize import heatmap, overlay
+
+
+def fit(
+    model: str = DEFAULT_DETECTOR,
+    data: str | Path | DatasetSplit = "",
+    out: str | Path | None = None,
+    category: str | None = None,
+    layout: str = "auto",
+    settings: dict[str, Any] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_false_alarm: float = 0.01,
+    max_train: int | None = None,
+    progress: bool = True,
+) -> Detector:
+    """Fit ``model`` on the good training images of ``data``, calibrate on its validation split, save to ``out``."""
+    split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
+    train = list(split.train)
+    if max_train is not None and len(train) > max_train:
+        train = sorted(random.Random(seed).sample(train, max_train), key=lambda s: str(s.path))
+    detector = create_detector(model, {"seed": seed, **(settings or {})})
+    detector.fit(train, split.validation, progress=progress)
+    scores, pixels = validation_statistics(detector, split.validation, detector.config.batch_size)
+    detector.calibration = calibrate(scores, max_false_alarm, pixels)
+    if out is not None:
+        detector.save(out)
+    return detector
+
+
+def load(model_dir: str | Path) -> Detector:
+    """Load a saved model folder."""
+    return Detector.load(model_dir)
+
+
+def test(
+    model_dir: str | Path | Detector,
+    data: str | Path | DatasetSplit,
+    category: str | None = None,
+    layout: str = "auto",
+    json_out: str | Path | None = None,
+    eval_size: int | None = None,
+    batch_size: int = 8,
+    heatmaps_dir: str | Path | None = None,
+    heatmaps: int = 6,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate a model on the test split of ``data``; optionally write metrics JSON and heat maps."""
+    detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
+    split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout)
+    if not split.test:
+        raise AnomnetError(f"{split.name}: no test images to evaluate")
+    result = evaluate(detector, split.test, batch_size, eval_size, progress)
+    if json_out is not None:
+        payload = {
+            "dataset": split.name,
+            "detector": detector.name,
+            "config": detector.config.to_dict(),
+            "threshold": detector.calibration.threshold,
+            "test_images": len(split.test),
+            "seconds_per_image": result.seconds_per_image,
+            "metrics": {k: (None if v != v else v) for k, v in result.metrics.items()},  # NaN -> null
+        }
+        io.atomic_write_text(json_out, json.dumps(payload, indent=2, default=_json_default, allow_nan=False))
+    if heatmaps_dir is not None and heatmaps > 0:
+        write_heatmaps(detector, _showcase(split.test, heatmaps), heatmaps_dir)
+    return result
+
+
+@dataclass
+class ImagePrediction:
+    path: str
+    score: float = math.nan
+    p_value: float = math.nan
+    defective: bool | None = None
+    error: str | None = None
+    anomaly_map: np.ndarray | None = None
+
+
+def predict(model_dir: str | Path | Detector, images: Iterable[str | Path], keep_maps: bool = False) -> list[ImagePrediction]:
+    """Score each image file (folders are searched recursively); a bad file gets ``error`` set, the rest go on."""
+    detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
+    results = []
+    for path in expand_image_paths(images):
+        try:
+            image = io.read_image(path)
+        except ImageReadError as exc:
+            results.append(ImagePrediction(str(path), error=exc.problem))
+            continue
+        pred = detector.predict(io.to_tensor(image)[None])
+        score = float(pred.scores[0])
+        results.append(
+            ImagePrediction(
+                str(path),
+                score,
+                float(detector.calibration.p_values(np.array([score]))[0]),
+                bool(detector.calibration.decide(np.array([score]))[0]),
+                anomaly_map=pred.maps[0].numpy() if keep_maps else None,
+            )
+        )
+    return results
+
+
+def expand_image_paths(items: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders replaced by the images inside them (recursively)."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        out.extend(io.list_images(p, recursive=True) if p.is_dir() else [p])
+    return out
+
+
+def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str | Path) -> list[Path]:
+    """For each sample: image | heat-map overlay | ground truth (if any), side by side, as one PNG."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s in samples:
+        image = io.read_image(s.path)
+        amap = detector.predict(io.to_tensor(image)[None]).maps[0].numpy()
+        panels = [(image * 255 + 0.5).astype(np.uint8), overlay(image, amap, detector.calibration), heatmap(amap, detector.calibration)]
+        if s.mask_path is not None:
+            mask = io.read_mask(s.mask_path, image.shape[:2])
+            panels.append(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))
+        target = out_dir / f"{s.defect_type}_{s.path.stem}.png"
+        io.write_png(target, np.concatenate(panels, axis=1))
+        written.append(target)
+    return written
+
+
+def _showcase(test: Sequence[Sample], n: int) -> list[Sample]:
+    """A few test images: defective ones of each type first, then good ones."""
+    by_type: dict[str, list[Sample]] = {}
+    for s in test:
+        by_type.setdefault(s.defect_type, []).append(s)
+    order = sorted(by_type, key=lambda t: (t == "good", t))
+    picked: list[Sample] = []
+    i = 0
+    while len(picked) < n and any(i < len(v) for v in by_type.values()):
+        for t in order:
+            if i < len(by_type[t]) and len(picked) < n:
+                picked.append(by_type[t][i])
+        i += 1
+    return picked
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)

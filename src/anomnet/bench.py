@@ -1,0 +1,210 @@
+"""`anomnet bench`: speed, peak memory and accuracy of each detector in one run.
+
+Each configuration runs in its own process so its peak RSS is its own. Speeds are reported
+in milliseconds per image and as a ratio to the backbone-only forward pass timed in the same
+run (the whole backbone trunk, no classifier head, same input size and batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BATCHES = (1, 16)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_per_image(fn: Any, images: torch.Tensor, batch: int, repeats: int) -> float:
+    """Median milliseconds per image of ``fn`` on batches of ``batch`` images (after one warm-up call)."""
+    x = images[:batch]
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t) * 1000.0 / batch)
+    return statistics.median(times)
+
+
+def _timing_images(split: Any, size: int, n: int = 16) -> torch.Tensor:
+    from anomnet.data import iter_batches
+
+    samples = list(split.test)[:n] or list(split.train)[:n]
+    images = next(iter(iter_batches(samples, n, size=size))).images
+    if images.shape[0] < n:
+        images = images.repeat((n + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:n]
+    return images
+
+
+def backbone_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from anomnet.backbones import available_backbones, create_backbone
+    from anomnet.data import load_dataset
+
+    info = next(b for b in available_backbones() if b.name == spec["backbone"])
+    split = load_dataset(spec["data"], spec.get("category"))
+    images = _timing_images(split, spec["image_size"])
+    out: dict[str, Any] = {"backbone": info.name, "image_size": spec["image_size"]}
+    for label, layers in (("trunk", (info.layers[-1],)), ("default_layers", info.default_layers)):
+        net = create_backbone(info.name, layers, "random" if info.needs_weights_file else None)
+        with torch.inference_mode():
+            for b in BATCHES:
+                out[f"{label}_ms_b{b}"] = _time_per_image(net, images, b, repeats=20 if b == 1 else 5)
+        out[f"{label}_layers"] = list(layers)
+    return out
+
+
+def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from anomnet import api
+    from anomnet.data import load_dataset
+
+    split = load_dataset(spec["data"], spec.get("category"))
+    t = time.perf_counter()
+    det = api.fit(spec["model"], split, spec["out"], settings=spec["settings"], progress=False)
+    fit_s = time.perf_counter() - t
+    rss_fit = _peak_rss_mb()
+    res = api.test(det, split, progress=False)
+    images = _timing_images(split, det.config.image_size)
+    out: dict[str, Any] = {"fit_s": fit_s, "peak_rss_fit_mb": rss_fit, "metrics": res.metrics}
+    for b in BATCHES:
+        out[f"predict_ms_b{b}"] = _time_per_image(det.predict, images, b, repeats=20 if b == 1 else 5)
+    out["test_ms_per_image_full_res"] = 1000.0 * res.seconds_per_image
+    out["peak_rss_mb"] = _peak_rss_mb()
+    out["memory_bank"] = list(det.memory_bank.shape) if getattr(det, "memory_bank", None) is not None else None
+    return out
+
+
+def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "anomnet.bench", kind, json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({kind}, {spec.get('name', spec.get('backbone'))}), exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _parse_variant(text: str, default_model: str) -> tuple[str, str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    settings: dict[str, str] = {}
+    for item in filter(None, rest.split(";") if ";" in rest else rest.split(",")):
+        k, _, v = item.partition("=")
+        settings[k.strip()] = v.strip()
+    model = settings.pop("model", default_model)
+    return name, model, settings
+
+
+def main(args: argparse.Namespace) -> int:
+    from anomnet.detectors import create_detector
+
+    configs = [(m, m, {}) for m in args.models.split(",") if m]
+    configs += [_parse_variant(v, configs[0][1] if configs else "patchcore") for v in args.variant]
+    work = Path(args.work_dir)
+    backbones: dict[tuple[str, int], dict[str, Any]] = {}
+    rows = []
+    for name, model, settings in configs:
+        det = create_detector(model, settings)  # validates the settings before any long work
+        key = (getattr(det.config, "backbone", "efficientnet_lite0"), det.config.image_size)
+        if key not in backbones:
+            print(f"[bench] backbone {key[0]} at {key[1]} px", file=sys.stderr)
+            backbones[key] = _run_worker("backbone", {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category})
+        print(f"[bench] {name}: fit, test, timing", file=sys.stderr)
+        spec = {"name": name, "model": model, "settings": settings, "data": args.data, "category": args.category, "out": str(work / name)}
+        result = _run_worker("detector", spec)
+        bb = backbones[key]
+        for b in BATCHES:
+            result[f"ratio_b{b}"] = result[f"predict_ms_b{b}"] / bb[f"trunk_ms_b{b}"]
+        rows.append({"name": name, "model": model, "settings": settings, "backbone": key[0], **result})
+    command = "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "anomnet bench"
+    report = {
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "data": args.data,
+        "backbones": list(backbones.values()),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.write_text(render_markdown(report))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(render_markdown(report))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{r['command']}` on {r['date']}: {r['cpu_cores']} CPU cores ({r['cpu']}), "
+        f"{r['torch_threads']} torch threads, torch {r['torch']}. Data: `{r['data']}`.",
+        "",
+        "## Backbone forward pass alone (ms per image)",
+        "",
+        "| backbone | px | trunk b1 | trunk b16 | detector layers | layers b1 | layers b16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in r["backbones"]:
+        lines.append(
+            f"| {b['backbone']} | {b['image_size']} | {b['trunk_ms_b1']:.1f} | {b['trunk_ms_b16']:.1f} | "
+            f"{','.join(b['default_layers_layers'])} | {b['default_layers_ms_b1']:.1f} | {b['default_layers_ms_b16']:.1f} |"
+        )
+    lines += [
+        "",
+        "'trunk' is the whole feature trunk (every block, no classifier head); 'layers' stops after the detector's deepest layer.",
+        "",
+        "## Detectors",
+        "",
+        "Metrics in percent on the test split; AU-PRO as MVTec's official evaluation, maps at the masks' full resolution.",
+        "Predict: ms per image at the detector's input size, and the ratio to the backbone trunk at the same batch.",
+        "",
+        "| config | settings | image AUROC | pixel AUROC | AU-PRO@0.3 | AU-PRO@0.05 | pixel F1-max | image F1-max | F1 @thr | fit s | predict b1 ms (x) | predict b16 ms (x) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        m = row["metrics"]
+        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "defaults"
+        lines.append(
+            f"| {row['name']} | {settings} | {_pct(m.get('image_auroc'))} | {_pct(m.get('pixel_auroc'))} | "
+            f"{_pct(m.get('au_pro@0.3'))} | {_pct(m.get('au_pro@0.05'))} | {_pct(m.get('pixel_f1_max'))} | "
+            f"{_pct(m.get('image_f1_max'))} | {_pct(m.get('f1'))} | {row['fit_s']:.1f} | "
+            f"{row['predict_ms_b1']:.1f} ({row['ratio_b1']:.2f}x) | {row['predict_ms_b16']:.1f} ({row['ratio_b16']:.2f}x) | "
+            f"{row['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    kind, spec_json = sys.argv[1], sys.argv[2]
+    worker = {"backbone": backbone_worker, "detector": detector_worker}[kind]
+    result = worker(json.loads(spec_json))
+    print(json.dumps(result))

@@ -1,0 +1,242 @@
+"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench``.
+
+Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
+3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_SOME_FAILED = 0, 1, 2, 3
+
+DATA_HELP = (
+    "dataset: an MVTec-AD-style category folder (train/good, test/<defect>, ground_truth/<defect>), "
+    "an MVTec root together with --category, a generic folder (train/, test/good, test/<defect>, optional masks/), "
+    "or the word 'elpv' for the ELPV solar-cell set"
+)
+
+
+def _parse_settings(items: list[str]) -> dict[str, str]:
+    from anomnet.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomnet",
+        description="Unsupervised visual anomaly detection: train on good images, then score, flag and locate defects.",
+        epilog="Exit codes: 0 ok, 2 bad input or settings, 3 predict: some images failed, 1 internal error.",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="train a detector on good images and save it", description="Train on the good training images, calibrate the threshold on a held-out validation split of them, save the model folder.")
+    p.add_argument("--model", default=None, help="detector name (see 'anomnet models'; default: patchcore)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder (e.g. bottle)")
+    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)")
+    p.add_argument("--out", required=True, help="folder to write the model into")
+    p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
+    p.add_argument("--weights", default=None, help="backbone weights file (torchvision-format state dict; needed for the ResNet family)")
+    p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any detector setting, e.g. --set coreset_ratio=0.05 (repeatable; see 'anomnet models --settings')")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of good training images held out for calibration (default 0.1)")
+    p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate of the image threshold on good images (default 0.01)")
+    p.add_argument("--max-train", type=int, default=None, help="use at most this many training images (seeded random subset)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for splits and sampling (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("test", help="evaluate a saved model on a test set", description="Score the test split, print image AUROC, pixel AUROC, AU-PRO and F1 values, and write them as JSON.")
+    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)")
+    p.add_argument("--json", default=None, help="metrics JSON path (default: <model-dir>/metrics.json)")
+    p.add_argument("--eval-size", type=int, default=None, help="compare maps and masks at this fixed size instead of each mask's own resolution")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("predict", help="score images with a saved model", description="Print each image's anomaly score, conformal p-value and decision. A file that cannot be read is listed with its reason; the others are still scored (exit code 3).")
+    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
+
+    p = sub.add_parser("models", help="list detectors and backbones", description="List the detectors and backbones this anomnet provides.")
+    p.add_argument("--settings", action="store_true", help="also list each detector's settings with defaults")
+
+    p = sub.add_parser("demo", help="the built-in example: fit and test PatchCore on ELPV solar cells", description="Fit the default detector on good ELPV solar cells (installed with anomnet), test it on held-out good and defective cells, print the metrics and write heat maps.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--model", default=None, help="detector (default patchcore)")
+    p.add_argument("--max-train", type=int, default=200, help="training cells used (default 200, keeps the demo to a few minutes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("bench", help="benchmark speed, memory and accuracy; writes BENCHMARKS.md", description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, measure peak memory and the metrics, and write a Markdown table and JSON.")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="extra configuration rows, e.g. 'pc-1pct:model=patchcore,coreset_ratio=0.01' (repeatable)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (JSON beside it)")
+    p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from anomnet.errors import AnomnetError
+
+    try:
+        return COMMANDS[args.command](args)
+    except AnomnetError as exc:
+        print(f"anomnet: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("anomnet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = dict(_parse_settings(args.settings))
+    for key, value in (("backbone", args.backbone), ("weights", args.weights), ("image_size", args.image_size)):
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from anomnet import api
+    from anomnet.detectors import DEFAULT_DETECTOR
+
+    model = args.model or DEFAULT_DETECTOR
+    det = api.fit(
+        model, args.data, args.out, args.category, args.layout, _fit_settings(args), args.val_fraction,
+        args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet,
+    )
+    cal = det.calibration
+    print(f"saved {model} model to {args.out}")
+    print(f"image threshold {cal.threshold:.6g} (false-alarm rate {cal.achieved_false_alarm:.3g} on {len(cal.validation_scores)} good validation images)")
+    if cal.note:
+        print(f"note: {cal.note}")
+    return EXIT_OK
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for k, v in metrics.items():
+        lines.append(f"{k:<{width}}  {'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{100 * v:6.2f}'}")
+    return "\n".join(lines)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from anomnet import api
+
+    json_out = args.json or str(Path(args.model_dir) / "metrics.json")
+    res = api.test(args.model_dir, args.data, args.category, args.layout, json_out, args.eval_size, args.batch_size, args.heatmaps, progress=not args.quiet)
+    print(format_metrics(res.metrics) + "  (percent)")
+    print(f"{len(res.scores)} test images, {1000 * res.seconds_per_image:.1f} ms per image; metrics written to {json_out}")
+    if args.heatmaps:
+        print(f"heat maps written to {args.heatmaps}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from anomnet import api
+
+    results = api.predict(args.model_dir, args.images)
+    failed = 0
+    print("path\tscore\tp_value\tdecision")
+    for r in results:
+        if r.error:
+            failed += 1
+            print(f"{r.path}\t-\t-\terror: {r.error}")
+        else:
+            print(f"{r.path}\t{r.score:.6g}\t{r.p_value:.4g}\t{'DEFECTIVE' if r.defective else 'good'}")
+    if args.csv:
+        from anomnet import io
+
+        rows = [["path", "score", "p_value", "defective", "error"]]
+        rows += [[r.path, r.score, r.p_value, r.defective, r.error or ""] for r in results]
+        text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in rows)
+        io.atomic_write_text(args.csv, text)
+    if failed:
+        print(f"anomnet: {failed} of {len(results)} images could not be read", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _csv_cell(value: Any) -> str:
+    import io as _io
+
+    buf = _io.StringIO()
+    csv.writer(buf).writerow([value])
+    return buf.getvalue().rstrip("\r\n")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from anomnet.backbones import DEFAULT_BACKBONE, available_backbones
+    from anomnet.detectors import DEFAULT_DETECTOR, DETECTORS
+
+    print("detectors:")
+    for name, cls in sorted(DETECTORS.items()):
+        print(f"  {name:<12} {cls.description}{'  [default]' if name == DEFAULT_DETECTOR else ''}")
+        if args.settings:
+            for f in dataclasses.fields(cls.config_class):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                print(f"      {f.name} = {default!r}")
+    print("backbones:")
+    for b in available_backbones():
+        extra = "  (needs --weights FILE)" if b.needs_weights_file else ""
+        print(f"  {b.name:<18} layers {','.join(b.default_layers)} of {','.join(b.layers)}{extra}{'  [default]' if b.name == DEFAULT_BACKBONE else ''}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomnet import api
+    from anomnet.data import load_dataset
+    from anomnet.detectors import DEFAULT_DETECTOR
+
+    model = args.model or DEFAULT_DETECTOR
+    out = Path(args.out)
+    split = load_dataset("elpv")
+    print(f"ELPV solar cells: {len(split.train)} good training cells (using {min(args.max_train, len(split.train))}), "
+          f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)")
+    det = api.fit(model, split, out / "model", max_train=args.max_train, progress=not args.quiet)
+    print(f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a {det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells")
+    res = api.test(det, split, json_out=out / "metrics.json", heatmaps_dir=out / "heatmaps", heatmaps=8, progress=not args.quiet)
+    print(format_metrics(res.metrics) + "  (percent)")
+    print(f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from anomnet import bench
+
+    return bench.main(args)
+
+
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())
