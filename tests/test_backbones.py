@@ -450,14 +450,14 @@ def test_lite0_shapes(lite0_all: FeatureExtractor, size: int) -> None:
 @pytest.mark.slow
 def test_lite0_default_layers_and_early_stop() -> None:
     model = create_backbone("efficientnet_lite0")
-    assert model.layers == ("stage3", "stage5") and model.channels() == [40, 112]
+    assert model.layers == ("stage3", "stage4") and model.channels() == [40, 80]
     assert model.strides() == [8, 16]
     called: list[int] = []
     for i, block in enumerate(model._blocks):
         block.register_forward_hook(lambda *_, i=i: called.append(i))
     with torch.no_grad():
         model(torch.rand(1, 3, 64, 64))
-    assert called == list(range(11))  # 1 + 2 + 2 + 3 + 3 blocks; never stage6/7
+    assert called == list(range(8))  # 1 + 2 + 2 + 3 blocks; never stage5/6/7
 
 
 @pytest.mark.slow

@@ -78,6 +78,29 @@ def test_search_matches_brute_force(backend: str) -> None:
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_ivf_index_agrees_with_exact_search() -> None:
+    """Clustered data like patch features: the IVF index finds the exact nearest neighbour almost always."""
+    g = torch.Generator().manual_seed(2)
+    centers = torch.randn(50, 64, generator=g) * 3
+    bank = centers[torch.randint(50, (12000,), generator=g)] + torch.randn(12000, 64, generator=g)
+    q = centers[torch.randint(50, (2000,), generator=g)] + torch.randn(2000, 64, generator=g)
+    exact = NearestNeighbors(bank, "exact")
+    ivf = NearestNeighbors(bank, "ivf", probe=8)
+    assert ivf.backend == "ivf" and ivf.centroids is not None
+    assert NearestNeighbors(bank, "auto").backend == "ivf"
+    de, ie = exact.search(q, 1)
+    di, ii = ivf.search(q, 1)
+    assert (ie == ii).float().mean() > 0.99
+    assert bool((di >= de - 1e-3).all())  # an approximate neighbour is never closer than the true one
+    assert float((di / de).max()) < 1.2
+    # rebuilt from its saved cell centroids, the index gives identical results
+    again = NearestNeighbors(bank, "ivf", probe=8, centroids=ivf.centroids)
+    d2, i2 = again.search(q, 3)
+    d3, i3 = ivf.search(q, 3)
+    assert torch.equal(i2, i3) and torch.equal(d2, d3)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 def test_exact_and_faiss_backends_agree() -> None:
     g = torch.Generator().manual_seed(1)
     bank, q = torch.randn(5000, 152, generator=g), torch.randn(1024, 152, generator=g)
@@ -92,5 +115,7 @@ def test_search_rejects_bad_shapes() -> None:
         NearestNeighbors(torch.empty(0, 3))
     with pytest.raises(ConfigError):
         NearestNeighbors(torch.randn(4, 3), backend="annoy")
+    with pytest.raises(ConfigError):
+        NearestNeighbors(torch.randn(4, 3), probe=0)
     with pytest.raises(ConfigError):
         NearestNeighbors(torch.randn(4, 3), "exact").search(torch.randn(2, 5))

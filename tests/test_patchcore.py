@@ -40,6 +40,18 @@ def test_save_load_gives_bit_identical_scores(folder_dataset, tmp_path) -> None:
     assert loaded.config == det.config
 
 
+def test_ivf_model_saves_its_cells(folder_dataset, tmp_path) -> None:
+    split = load_dataset(folder_dataset)
+    det = create_detector("patchcore", {**SMALL, "nn_backend": "ivf", "coreset_ratio": "0.5"})
+    det.fit(split.train, split.validation, progress=False)
+    assert "nn_centroids" in det.state_tensors()
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded._nn.backend == "ivf"
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+
+
 def test_exact_and_faiss_search_give_the_same_scores(folder_dataset) -> None:
     pytest.importorskip("faiss")
     split = load_dataset(folder_dataset)

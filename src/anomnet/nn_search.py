@@ -1,15 +1,28 @@
-"""Nearest-neighbour search over a memory bank: faiss when installed, exact torch otherwise.
+"""Nearest-neighbour search over a memory bank.
 
-Both backends return Euclidean (not squared) distances, sorted ascending, with their indices.
+Backends (all return Euclidean, not squared, distances sorted ascending, with indices):
+
+- ``ivf``: faiss inverted-file index (``IndexIVFFlat``): the bank is split into ``lists`` k-means
+  cells and a query scans the ``probe`` nearest cells. About 5x faster than exact search on
+  PatchCore banks with top-1 agreement above 99.9 % (docs/design.md). Its cell centroids are
+  part of the model, so a loaded model searches exactly the same cells.
+- ``faiss``: faiss exact search (``IndexFlatL2``).
+- ``exact``: plain torch, no dependency (the fallback).
+- ``auto``: ``ivf`` for banks of at least ``IVF_MIN_BANK`` vectors, else ``faiss``; ``exact``
+  when faiss is not installed.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from anomnet.errors import ConfigError
 
-BACKENDS = ("auto", "faiss", "exact")
+BACKENDS = ("auto", "ivf", "faiss", "exact")
+IVF_MIN_BANK = 10_000
 
 
 def faiss_available() -> bool:
@@ -20,29 +33,65 @@ def faiss_available() -> bool:
     return True
 
 
-class NearestNeighbors:
-    """Exact k-nearest-neighbour search in a fixed bank of vectors ``[M, D]``."""
+def default_lists(bank_size: int) -> int:
+    """Number of IVF cells: about the square root of the bank size."""
+    return int(min(4096, max(16, round(math.sqrt(bank_size)))))
 
-    def __init__(self, bank: torch.Tensor, backend: str = "auto", chunk: int = 4096) -> None:
+
+class NearestNeighbors:
+    """k-nearest-neighbour search in a fixed bank of vectors ``[M, D]``."""
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        backend: str = "auto",
+        probe: int = 8,
+        centroids: torch.Tensor | None = None,
+        chunk: int = 4096,
+    ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"nn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ConfigError(f"memory bank must be a non-empty [M, D] matrix, got {tuple(bank.shape)}")
+        if probe < 1:
+            raise ConfigError(f"nn_probe must be at least 1, got {probe}")
         if backend == "auto":
-            backend = "faiss" if faiss_available() else "exact"
-        if backend == "faiss" and not faiss_available():
-            raise ConfigError("nn_backend 'faiss' needs the faiss-cpu package (pip install faiss-cpu)")
+            backend = "exact" if not faiss_available() else ("ivf" if bank.shape[0] >= IVF_MIN_BANK or centroids is not None else "faiss")
+        if backend in ("faiss", "ivf") and not faiss_available():
+            raise ConfigError(f"nn_backend {backend!r} needs the faiss-cpu package (pip install faiss-cpu)")
         self.backend = backend
         self.bank = bank.detach().float().contiguous()
         self.chunk = chunk
+        self.centroids: torch.Tensor | None = None
         self._index = None
-        if backend == "faiss":
+        if backend == "ivf":
+            self._build_ivf(probe, centroids)
+        elif backend == "faiss":
             import faiss
 
             self._index = faiss.IndexFlatL2(self.bank.shape[1])
             self._index.add(self.bank.numpy())
         else:
             self._bank_sq = (self.bank * self.bank).sum(1)
+
+    def _build_ivf(self, probe: int, centroids: torch.Tensor | None) -> None:
+        import faiss
+
+        d = self.bank.shape[1]
+        if centroids is None:
+            km = faiss.Kmeans(d, default_lists(len(self)), niter=20, seed=1234, verbose=False)
+            km.train(self.bank.numpy())
+            centroids = torch.from_numpy(np.ascontiguousarray(km.centroids))
+        if centroids.ndim != 2 or centroids.shape[1] != d:
+            raise ConfigError(f"IVF centroids must be [L, {d}], got {tuple(centroids.shape)}")
+        self.centroids = centroids.float().contiguous()
+        self._quantizer = faiss.IndexFlatL2(d)  # kept referenced: the index does not own it
+        self._quantizer.add(self.centroids.numpy())
+        index = faiss.IndexIVFFlat(self._quantizer, d, self.centroids.shape[0])
+        index.is_trained = True
+        index.add(self.bank.numpy())
+        index.nprobe = min(probe, self.centroids.shape[0])
+        self._index = index
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -55,7 +104,15 @@ class NearestNeighbors:
         k = min(k, len(self))
         if self._index is not None:
             d2, idx = self._index.search(queries.numpy(), k)
-            return torch.from_numpy(d2).clamp_min_(0).sqrt_(), torch.from_numpy(idx).long()
+            idx_t = torch.from_numpy(idx).long()
+            if bool((idx_t < 0).any()):  # an IVF probe found fewer than k vectors: fill from exact search
+                return self._exact(queries, k)
+            return torch.from_numpy(d2).clamp_min_(0).sqrt_(), idx_t
+        return self._exact(queries, k)
+
+    def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "_bank_sq"):
+            self._bank_sq = (self.bank * self.bank).sum(1)
         dists, idxs = [], []
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk]

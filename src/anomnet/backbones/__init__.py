@@ -1,7 +1,7 @@
 """Pretrained feature extractors ("backbones") for the anomaly detectors.
 
 >>> from anomnet.backbones import create_backbone
->>> extractor = create_backbone("efficientnet_lite0")          # layers ("stage3", "stage5")
+>>> extractor = create_backbone("efficientnet_lite0")          # layers ("stage3", "stage4")
 >>> feats = extractor(images)   # images: float32 [B,3,H,W], RGB in [0,1]; no normalization needed
 
 Backbones:

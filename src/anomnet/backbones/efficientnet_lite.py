@@ -35,7 +35,7 @@ from anomnet.backbones.base import (
 from anomnet.errors import BackboneWeightsError
 
 EFFICIENTNET_LAYERS = ("stem",) + tuple(f"stage{i}" for i in range(1, 8))
-EFFICIENTNET_DEFAULT_LAYERS = ("stage3", "stage5")  # provisional; to be chosen by measurement
+EFFICIENTNET_DEFAULT_LAYERS = ("stage3", "stage4")  # strides 8 + 16; chosen by measurement, see docs/design.md
 
 # (255 * x - 127) / 128  ==  (x - 127/255) / (128/255)
 EFFICIENTNET_MEAN = (127.0 / 255.0,) * 3

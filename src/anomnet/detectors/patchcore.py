@@ -19,7 +19,7 @@ from anomnet.coreset import greedy_coreset
 from anomnet.data import Sample, iter_batches
 from anomnet.detectors.base import Detector, DetectorConfig, register
 from anomnet.errors import ConfigError
-from anomnet.nn_search import NearestNeighbors
+from anomnet.nn_search import NearestNeighbors, faiss_available
 from anomnet.transforms import gaussian_blur, upsample_maps
 
 
@@ -31,11 +31,12 @@ class PatchCoreConfig(DetectorConfig):
     patch_size: int = 3  # neighbourhood of the local aggregation
     embed_dim: int | None = None  # channel pooling of the concatenated features (None: keep all)
     coreset_ratio: float = 0.1
-    coreset_projection: int = 64  # dimensions of the random projection used by the coreset distances
+    coreset_projection: int = 32  # dimensions of the random projection used by the coreset distances
     coreset_chunk: int = 200_000  # patches per greedy pass: bounds memory and makes time linear in images
     num_neighbors: int = 9  # bank neighbours used by the re-weighted image score
     blur_sigma: float = 4.0
-    nn_backend: str = "auto"
+    nn_backend: str = "auto"  # auto | ivf | faiss | exact (see anomnet.nn_search)
+    nn_probe: int = 8  # IVF cells scanned per query
 
 
 def backbone_needs_file(name: str) -> bool:
@@ -130,7 +131,7 @@ class PatchCore(Detector):
             kept.append(self._subsample(buf[:filled], progress))
         del buf
         self.memory_bank = torch.cat(kept) if len(kept) > 1 else kept[0]
-        self._nn = NearestNeighbors(self.memory_bank, self.config.nn_backend)
+        self._nn = NearestNeighbors(self.memory_bank, self.config.nn_backend, self.config.nn_probe)
 
     def _subsample(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
         """Coreset of one chunk of patch features (a copy, so the chunk buffer can be reused)."""
@@ -174,6 +175,8 @@ class PatchCore(Detector):
         if self.memory_bank is None:
             raise ConfigError("PatchCore is not fitted: nothing to save")
         tensors = {"memory_bank": self.memory_bank}
+        if self._nn is not None and self._nn.centroids is not None:
+            tensors["nn_centroids"] = self._nn.centroids
         if self._weights_from_file:
             tensors.update({f"backbone.{k}": v for k, v in self.features.backbone.state_dict().items()})
         return tensors
@@ -183,4 +186,7 @@ class PatchCore(Detector):
             prefix = "backbone."
             self.features.backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.memory_bank = tensors["memory_bank"].float().contiguous()
-        self._nn = NearestNeighbors(self.memory_bank, self.config.nn_backend)
+        backend = self.config.nn_backend
+        if backend == "auto":  # search the way the fitted model did: IVF cells saved, or an exact index
+            backend = "ivf" if "nn_centroids" in tensors else ("faiss" if faiss_available() else "exact")
+        self._nn = NearestNeighbors(self.memory_bank, backend, self.config.nn_probe, tensors.get("nn_centroids"))
