@@ -90,14 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
     p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="extra configuration rows, e.g. 'pc-1pct:model=patchcore,coreset_ratio=0.01' (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...", help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (JSON beside it)")
     p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
+    p.add_argument("--memory-images", type=int, default=0, help="also fit PatchCore on this many training images (the set repeated) and report peak memory, e.g. 1000 (default 0: skip)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from anomnet.runtime import tune_allocator
+
+    tune_allocator()
     if args.threads:
         import torch
 
