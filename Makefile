@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/anomnet bench --data ../shared/datasets/mvtec_ad/bottle
+	$(BIN)/anomnet bench --data ../shared/datasets/mvtec_ad/bottle --memory-images 1000
 
 clean:
 	rm -rf $(VENV) runs
