@@ -2,6 +2,7 @@
 
 from anomnet.detectors.base import DETECTORS, Detector, DetectorConfig, Prediction, create_detector, register
 from anomnet.detectors import patchcore  # noqa: F401  (registers)
+from anomnet.detectors import anomnet as _anomnet  # noqa: F401  (registers)
 
 DEFAULT_DETECTOR = "patchcore"
 
