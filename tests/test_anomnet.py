@@ -15,12 +15,15 @@ from anomnet.detectors.anomnet_losses import (
     attraction_loss,
     centroid_entropy,
     contrastive_losses,
+    nearest_centroid,
     pseudo_labels,
     sample_rows,
     separation_loss,
+    squared_distances,
 )
 from anomnet.errors import ConfigError
 from anomnet.evaluate import evaluate
+from anomnet.transforms import gaussian_blur
 
 SMALL = {"image_size": 64, "batch_size": 4, "num_centroids": 16, "epochs1": 2, "epochs2": 2, "init_samples": 2000}
 
@@ -49,6 +52,26 @@ def test_attraction_is_the_mean_squared_distance_to_the_nearest_centroid() -> No
     centroids = t((0, 1), (3, 0))
     # f1: 1 (to C1) vs 9; f2: 18 vs 16 (to C2) -> (1 + 16) / 2
     assert attraction_loss(feats, centroids).item() == pytest.approx(8.5)
+
+
+def test_attraction_gradient_equals_the_min_formulation() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    cents = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    attraction_loss(feats, cents).backward()
+    grads = feats.grad.clone(), cents.grad.clone()
+    feats.grad = cents.grad = None
+    squared_distances(feats, cents).min(1).values.mean().backward()
+    assert torch.allclose(grads[0], feats.grad) and torch.allclose(grads[1], cents.grad)
+
+
+def test_nearest_centroid_in_chunks() -> None:
+    g = torch.Generator().manual_seed(1)
+    feats, cents = torch.randn(1000, 8, generator=g), torch.randn(30, 8, generator=g)
+    d2, idx = nearest_centroid(feats, cents, chunk=64)
+    ref = squared_distances(feats, cents)
+    assert torch.equal(idx, ref.argmin(1))
+    assert torch.allclose(d2, ref.min(1).values, atol=1e-4)
 
 
 def test_separation_hinge() -> None:
@@ -217,9 +240,32 @@ def test_row_and_map_paths_agree(folder_dataset) -> None:
     assert torch.allclose(plain(f), plain.conv(grid).permute(0, 2, 3, 1).reshape(-1, 6), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,sigma", [((256, 256), 4.0), ((7, 300), 4.0), ((64, 33), 2.0), ((3, 5), 1.0)])
+def test_matrix_blur_equals_the_shared_gaussian_blur(shape, sigma) -> None:
+    maps = torch.rand(2, *shape, generator=torch.Generator().manual_seed(2))
+    fast = am.blur_matrix(shape[0], sigma).T @ maps @ am.blur_matrix(shape[1], sigma)
+    assert torch.allclose(fast, gaussian_blur(maps, sigma), atol=1e-6)
+
+
+def test_default_layers_per_backbone_family() -> None:
+    assert create_detector("anomnet").features.backbone.layers == ("stage2", "stage3", "stage4")
+    assert create_detector("anomnet", {"backbone": "resnet18"}).features.backbone.layers == ("layer1", "layer2", "layer3")
+    assert create_detector("anomnet", {"layers": "stage3,stage5"}).features.backbone.layers == ("stage3", "stage5")
+
+
+@pytest.mark.parametrize("normalize", ["scale", "channel"])
+def test_feature_normalisations_train_and_reload(folder_dataset, tmp_path, normalize) -> None:
+    det = api.fit("anomnet", folder_dataset, tmp_path / "m", settings={**SMALL, "normalize": normalize}, progress=False)
+    loaded = Detector.load(tmp_path / "m")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+    if normalize == "scale":  # one scalar for every channel, no centring
+        assert torch.all(det.feat_mean == 0) and torch.all(det.feat_std == det.feat_std[0])
+
+
 def test_bad_settings_are_refused() -> None:
     for bad in ({"adapter": "mlp"}, {"entropy": "knn"}, {"stages": "3"}, {"num_centroids": "0"},
-                {"centroid_init": "random"}, {"adapter_kernel": "2"}, {"max_residual": "1"}):
+                {"centroid_init": "random"}, {"adapter_kernel": "2"}, {"max_residual": "1"}, {"normalize": "l2"}):
         with pytest.raises(ConfigError):
             create_detector("anomnet", bad)
     with pytest.raises(ConfigError, match="not fitted"):

@@ -52,6 +52,7 @@ from anomnet.transforms import upsample_maps
 
 ADAPTERS = ("residual", "plain")
 CENTROID_INITS = ("kmeans", "kmeans++", "mean")
+NORMALIZATIONS = ("none", "scale", "channel")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class AnomNetConfig(DetectorConfig):
     weights: str | None = None  # backbone weights file (ResNet family); stored inside the model
     grid_stride: int = 8  # levels are pooled (finer) or interpolated (coarser) to the input / grid_stride grid (0: the finest level's)
     patch_size: int = 3  # local average over a patch_size^2 neighbourhood of each level (1: none)
-    standardize: bool = False  # per-channel mean/std of the training features, applied before the adapter
+    normalize: str = "none"  # before the adapter: "none", "scale" (one scalar: RMS distance to the mean = 1) or "channel" (per-channel mean/std)
     # adapter (CoordConv) and collapse guard
     adapter: str = "residual"  # "residual" (guarded, low rank, starts at identity) or "plain" (unguarded)
     adapter_rank: int = 32  # rank of the residual adapter
@@ -312,6 +313,7 @@ class AnomNet(Detector):
             (c.patch_size >= 1 and c.patch_size % 2 == 1, f"patch_size must be a positive odd number, got {c.patch_size}"),
             (c.epochs1 >= 0 and c.epochs2 >= 0, "epochs1 and epochs2 must be 0 or more"),
             (c.lr > 0, f"lr must be positive, got {c.lr}"),
+            (c.normalize in NORMALIZATIONS, f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {c.normalize!r}"),
             (c.cache_dtype in ("float32", "float16"), f"cache_dtype must be float32 or float16, got {c.cache_dtype!r}"),
             (c.init_samples >= 1, f"init_samples must be at least 1, got {c.init_samples}"),
         ]
@@ -336,7 +338,7 @@ class AnomNet(Detector):
 
     def adapt(self, feats: torch.Tensor) -> torch.Tensor:
         """Backbone features ``[B, C, h, w]`` -> adapted features ``[B * h * w, D]`` (row-major)."""
-        if self.config.standardize:
+        if self.config.normalize != "none":
             feats = (feats - self.feat_mean[None, :, None, None]) / self.feat_std[None, :, None, None]
         return self.adapter(feats)
 
@@ -377,7 +379,7 @@ class AnomNet(Detector):
         _, h, w, _ = cache.shape
         if self.adapter.kernel == 1:
             x = cache[images, locations // w, locations % w].float()
-            if self.config.standardize:
+            if self.config.normalize != "none":
                 x = (x - self.feat_mean) / self.feat_std
             return self.adapter.forward_rows(x, coordinates(h, w)[locations])
         uniq, inverse = images.unique(return_inverse=True)
@@ -411,8 +413,11 @@ class AnomNet(Detector):
 
         cache = self._cache_features(train, progress)
         lap("features")
-        if c.standardize:
-            self.register_stats(*self._channel_stats(cache))
+        if c.normalize != "none":
+            mean, std = self._channel_stats(cache)
+            if c.normalize == "scale":  # one scalar for all channels, no centring
+                mean, std = torch.zeros_like(mean), torch.full_like(std, float(std.square().sum().sqrt()))
+            self.register_stats(mean, std)
         dim = cache.shape[-1]
         self.adapter = CoordConvAdapter(dim, c.adapter, c.adapter_rank, c.adapter_kernel, c.coord_weight, c.max_residual)
         self.history = []
