@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from anomnet.io import atomic_write_text
+
 import torch
 
 BATCHES = (1, 16)
@@ -161,11 +163,37 @@ def main(args: argparse.Namespace) -> int:
         "rows": rows,
         "memory_check": memory,
     }
-    out = Path(args.out)
-    out.write_text(render_markdown(report))
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    print(render_markdown(report))
+    text = render_markdown(report, args.section)
+    write_section(Path(args.out), args.section, text)
+    json_path = Path(args.out).with_suffix(".json") if args.section is None else Path("benchmarks") / f"{args.section}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    print(text)
     return 0
+
+
+TITLE = "# Benchmarks\n"
+
+
+def write_section(path: Path, section: str | None, text: str) -> None:
+    """Write ``text`` as the whole file (``section`` None) or replace only that section of it.
+
+    A section lives between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` so several
+    benchmark commands (one per detector family) share BENCHMARKS.md without overwriting each
+    other; a new section is appended.
+    """
+    if section is None:
+        atomic_write_text(path, TITLE + "\n" + text)
+        return
+    begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    block = f"{begin}\n{text}{end}\n"
+    old = path.read_text() if path.exists() else TITLE
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    atomic_write_text(path, new)
 
 
 def _cpu_name() -> str:
@@ -182,14 +210,14 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}"
 
 
-def render_markdown(r: dict[str, Any]) -> str:
+def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
+    h = "###" if section else "##"
     lines = [
-        "# Benchmarks",
-        "",
+        *([f"## {section}", ""] if section else []),
         f"Produced by `{r['command']}` on {r['date']}: {r['cpu_cores']} CPU cores ({r['cpu']}), "
         f"{r['torch_threads']} torch threads, torch {r['torch']}. Data: `{r['data']}`.",
         "",
-        "## Backbone forward pass alone (ms per image)",
+        f"{h} Backbone forward pass alone (ms per image)",
         "",
         "| backbone | px | trunk b1 | trunk b16 | detector layers | layers b1 | layers b16 |",
         "|---|---|---|---|---|---|---|",
@@ -203,7 +231,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "'trunk' is the whole feature trunk (every block, no classifier head); 'layers' stops after the detector's deepest layer.",
         "",
-        "## Detectors",
+        f"{h} Detectors",
         "",
         "Metrics in percent on the test split; AU-PRO as MVTec's official evaluation, maps at the masks' full resolution.",
         "Predict: ms per image at the detector's input size, and the ratio to the backbone trunk at the same batch.",
@@ -227,7 +255,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     if mem:
         lines += [
             "",
-            "## Memory check",
+            f"{h} Memory check",
             "",
             f"{mem['model']} fit on {mem['images']} training images at the default 256 px (the training set repeated): "
             f"{mem['fit_s']:.0f} s, peak RSS {mem['peak_rss_mb']:.0f} MB (of which {mem['rss_before_fit_mb']:.0f} MB before fitting: "

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
     p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...", help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)")
-    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (JSON beside it)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (default BENCHMARKS.md)")
+    p.add_argument("--section", default=None, metavar="NAME", help="replace only this named section of the Markdown file (JSON in benchmarks/NAME.json), so each detector family keeps its own table; without it the whole file is written (JSON beside it)")
     p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
     p.add_argument("--memory-images", type=int, default=0, help="also fit PatchCore on this many training images (the set repeated) and report peak memory, e.g. 1000 (default 0: skip)")
     return parser

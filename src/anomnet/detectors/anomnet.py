@@ -1,25 +1,28 @@
 """AnomNet (Gao et al., J. Imaging 2025, 11, 301): centroid-guided contrastive learning on frozen features.
 
-Features of several levels of a frozen ImageNet CNN are brought to one grid (the finest
-selected level's; finer levels by adaptive average pooling, coarser ones bilinearly) and
-concatenated. A CoordConv adapter (x and y coordinate channels appended, then a light
-convolution) maps them into the space where ``K`` centroids live. Training is in two stages:
+Features of several levels of a frozen ImageNet CNN (EfficientNet-Lite stage2-4 by default) are
+brought to one grid (stride 8: finer levels by adaptive average pooling, coarser ones
+bilinearly) and concatenated. A CoordConv adapter (x and y coordinate channels appended, then a
+light convolution) maps them into the space where ``K`` centroids live. Training has two stages:
 
 1. centroid optimisation: ``alpha L_att + beta L_sep + gamma L_ent`` (adapter and centroids);
 2. centroid-guided contrastive learning, centroids fixed: ``delta L_att + lambda L_con``.
 
 A location scores its distance to the nearest centroid; the map is upsampled to the network's
 input, Gaussian-smoothed and min-max normalised with statistics of the good validation images
-(good images fall in about [0, 1], defects exceed 1; values are not clipped); the image score
-is the map's maximum.
+(good images fall in [0, 1], defects exceed 1; values are not clipped); the image score is the
+map's maximum.
 
 The backbone is frozen, so ``fit`` extracts the training features once into a cache and trains
-the adapter on that cache for every epoch. Collapse guard (``adapter="residual"``, default):
-the adapter is ``f + U V^T [f, x, y]`` with rank ``adapter_rank`` and ``U = 0`` at start, so it
-begins as the identity, weight decay pulls it back there, and it can move at most
-``adapter_rank`` of the ``D`` feature directions: it cannot map every feature onto a centroid.
-``adapter="plain"`` is the unguarded CoordConv (``D + 2 -> D``, with bias, random init).
-See docs/anomnet.md for the measured choices and the ablation settings.
+adapter and centroids on that cache for every epoch; a step pushes a bounded random sample of
+the batch's locations (``att_samples``) through the 1x1 adapter. Centroids start from k-means
+(k-means++ seeds and Lloyd iterations) on the features.
+
+Collapse guard (``adapter="residual"``, the default): the adapter is ``f + s U V [f, x, y]``
+of rank ``adapter_rank``, starts as the identity (``U = 0``), and ``s`` caps the operator norm of
+the residual branch at ``max_residual < 1``, so no direction of the features can shrink by more
+than that factor however long it trains. ``adapter="plain"`` is the unguarded CoordConv.
+The measured choices and the ablation settings are in docs/anomnet.md.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class AnomNetConfig(DetectorConfig):
     adapter_kernel: int = 1  # kernel size of the adapter's convolution
     coord_weight: float = 0.0  # the x, y channels (times this) are also appended to the adapted features
     # centroids
-    num_centroids: int = 512
+    num_centroids: int = 1024
     centroid_init: str = "kmeans"  # "kmeans" (k-means++ seeds + Lloyd), "kmeans++" (seeds only), "mean" (+ noise)
     init_samples: int = 50_000  # features the initialisation sees
     init_noise: float = 0.1  # "mean" init: noise std relative to the features' per-dimension std
