@@ -7,6 +7,7 @@ Anomaly maps are compared with each ground-truth mask at the mask's original res
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +18,13 @@ import torch.nn.functional as F
 
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
-from anomnet.metrics import PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
+from anomnet.metrics import PixelCurves, PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
+from anomnet.transforms import resize
 
 PRO_LIMITS = (0.3, 0.05)
+
+#: Longest side of the images, maps and masks :func:`evaluate` keeps for display (``keep_worst``).
+KEEP_SIDE = 384
 
 
 def run_predictions(
@@ -35,12 +40,69 @@ def run_predictions(
 
 
 @dataclass
+class KeptImage:
+    """A test image kept for display, shrunk to at most :data:`KEEP_SIDE` pixels a side."""
+
+    sample: Sample
+    score: float
+    image: np.ndarray
+    """``uint8`` ``h x w x 3``."""
+    anomaly_map: np.ndarray
+    """``float32`` ``h x w``, the detector's map resized like the image."""
+    mask: np.ndarray | None = None
+    """``bool`` ``h x w`` ground truth, when the test set has masks."""
+
+
+@dataclass
 class EvaluationResult:
     metrics: dict[str, float]
     paths: list[str] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seconds_per_image: float = 0.0
+    pixel_curves: PixelCurves | None = None
+    """Pixel ROC / PR / PRO curves (``curve_points > 0`` and masks present)."""
+    worst_good: list[KeptImage] = field(default_factory=list)
+    """The ``keep_worst`` highest-scoring good images, highest first (the likeliest false alarms)."""
+    worst_defective: list[KeptImage] = field(default_factory=list)
+    """The ``keep_worst`` lowest-scoring defective images, lowest first (the likeliest misses)."""
+
+
+class _WorstKeeper:
+    """Keeps the N highest-scoring good and N lowest-scoring defective images, shrunk (bounded memory)."""
+
+    def __init__(self, n: int, side: int) -> None:
+        self.n, self.side = n, side
+        self.good: list[tuple[float, int, KeptImage]] = []  # min-heap on score
+        self.bad: list[tuple[float, int, KeptImage]] = []  # min-heap on -score
+        self.count = 0
+
+    def add(self, batch: Batch, pred: Prediction) -> None:
+        for i, sample in enumerate(batch.samples):
+            score = float(pred.scores[i])
+            heap, key = (self.bad, -score) if sample.label else (self.good, score)
+            self.count += 1
+            if len(heap) < self.n:
+                heapq.heappush(heap, (key, self.count, self._keep(batch, pred, i, score)))
+            elif key > heap[0][0]:
+                heapq.heapreplace(heap, (key, self.count, self._keep(batch, pred, i, score)))
+
+    def _keep(self, batch: Batch, pred: Prediction, i: int, score: float) -> KeptImage:
+        h, w = batch.images.shape[-2:]
+        f = min(1.0, self.side / max(h, w))
+        size = (max(1, round(h * f)), max(1, round(w * f)))
+        image = resize(batch.images[i : i + 1], size)[0].permute(1, 2, 0).numpy()
+        amap = resize(pred.maps[i][None, None].float(), size)[0, 0].numpy()
+        mask = None
+        if batch.masks is not None:
+            mask = F.interpolate(batch.masks[i][None, None].float(), size=size, mode="nearest")[0, 0].numpy() > 0.5
+        image8 = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return KeptImage(batch.samples[i], score, image8, amap.astype(np.float32), mask)
+
+    def result(self) -> tuple[list[KeptImage], list[KeptImage]]:
+        good = [k for _, _, k in sorted(self.good, key=lambda t: (-t[0], t[1]))]
+        bad = [k for _, _, k in sorted(self.bad, key=lambda t: (-t[0], t[1]))]
+        return good, bad
 
 
 def evaluate(
@@ -50,10 +112,18 @@ def evaluate(
     eval_size: int | None = None,
     progress: bool = True,
     pro_limits: Sequence[float] = PRO_LIMITS,
+    keep_worst: int = 0,
+    curve_points: int = 0,
 ) -> EvaluationResult:
-    """Image AUROC / F1, pixel AUROC / F1 / AU-PRO (when masks exist), and P/R/F1 at the model's threshold."""
+    """Image AUROC / F1, pixel AUROC / F1 / AU-PRO (when masks exist), and P/R/F1 at the model's threshold.
+
+    For reports: ``keep_worst`` keeps that many highest-scoring good and lowest-scoring defective
+    images with their maps (shrunk to :data:`KEEP_SIDE`); ``curve_points`` records the pixel
+    curves at that resolution (see :class:`~anomnet.metrics.PixelCurves`).
+    """
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
+    keeper = _WorstKeeper(keep_worst, KEEP_SIDE) if keep_worst > 0 else None
     scores: list[float] = []
     labels: list[int] = []
     paths: list[str] = []
@@ -64,6 +134,8 @@ def evaluate(
         scores.extend(pred.scores.tolist())
         labels.extend(s.label for s in batch.samples)
         paths.extend(str(s.path) for s in batch.samples)
+        if keeper is not None:
+            keeper.add(batch, pred)
         if acc is not None:
             assert batch.masks is not None
             maps, masks = pred.maps, batch.masks
@@ -80,14 +152,17 @@ def evaluate(
     metrics["image_f1_max"], _ = f1_max(s, y)
     thr = detector.calibration.threshold
     metrics["precision"], metrics["recall"], metrics["f1"] = precision_recall_f1(s, y, thr)
+    pixel_curves = None
     if acc is not None:
-        px = acc.compute(pro_limits=tuple(pro_limits))
+        px = acc.compute(pro_limits=tuple(pro_limits), curve_points=curve_points)
+        pixel_curves = px.curves
         metrics["pixel_auroc"] = px.auroc
         metrics["pixel_f1_max"] = px.f1_max
         for limit, value in px.au_pro.items():
             metrics[f"au_pro@{limit:g}"] = value
     n = max(1, len(scores))
-    return EvaluationResult(metrics, paths, y, s, elapsed / n)
+    worst_good, worst_defective = keeper.result() if keeper is not None else ([], [])
+    return EvaluationResult(metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective)
 
 
 def validation_statistics(detector: Detector, validation: Sequence[Sample], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,13 @@ Image level (one score and one label per image, small arrays held in memory):
 * :func:`image_auroc` -- ROC AUC, ties counted as one half (Mann-Whitney U with average ranks).
 * :func:`f1_max` -- the best F1 over all thresholds ``score >= t`` and the threshold reaching it.
 * :func:`precision_recall_f1` -- the three numbers at one threshold.
+* :func:`roc_curve`, :func:`precision_recall_curve` -- the curves behind AUROC and F1-max.
 
 Pixel level (exact, with memory bounded by 8 bytes per pixel): :class:`PixelMetricAccumulator`
 collects anomaly maps and ground-truth masks one image at a time and then computes the pixel
 AUROC, the pixel F1-max and the AU-PRO exactly as MVTec AD's official evaluation script does
-(``compute_pro`` and ``trapezoid`` of ``mvtec_ad_evaluation``):
+(``compute_pro`` and ``trapezoid`` of ``mvtec_ad_evaluation``), and on request the same walk's
+ROC / PR / PRO curves thinned to a bounded number of points (:class:`PixelCurves`, for plots):
 
 * ground-truth regions are the 8-connected components of each mask, pooled over the test set;
   every region weighs the same (each of its pixels adds ``1 / region size`` to the overlap);
@@ -43,11 +45,14 @@ from scipy import ndimage
 from anomnet.errors import ConfigError
 
 __all__ = [
+    "PixelCurves",
     "PixelMetricAccumulator",
     "PixelMetrics",
     "f1_max",
     "image_auroc",
+    "precision_recall_curve",
     "precision_recall_f1",
+    "roc_curve",
 ]
 
 #: Number of sorted pixels :meth:`PixelMetricAccumulator.compute` handles per step (its float64
@@ -190,15 +195,61 @@ def f1_max(scores: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[float, float]:
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0:
         return float("nan"), float("nan")
+    tp, fp, thresholds = _counts_by_threshold(s, y)
+    f1 = 2.0 * tp / (tp + fp + n_pos)  # = 2 TP / (2 TP + FP + FN)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def _counts_by_threshold(
+    s: npt.NDArray[np.float64], y: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """TP and FP counts when ``score >= t``, for every distinct score ``t``, highest first."""
     order = np.argsort(-s, kind="stable")
     s_desc = s[order]
     tp = np.cumsum(y[order], dtype=np.int64)
     fp = np.arange(1, s.shape[0] + 1, dtype=np.int64) - tp
     run_end = np.append(s_desc[:-1] != s_desc[1:], True)
-    tp, fp, thresholds = tp[run_end], fp[run_end], s_desc[run_end]
-    f1 = 2.0 * tp / (tp + fp + n_pos)  # = 2 TP / (2 TP + FP + FN)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    return tp[run_end], fp[run_end], s_desc[run_end]
+
+
+def roc_curve(
+    scores: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Image ROC curve: ``(fpr, tpr, thresholds)`` through every distinct score, highest first.
+
+    The curve starts at ``(0, 0)`` with threshold ``inf`` and ends at ``(1, 1)``; its trapezoid
+    area is :func:`image_auroc`. Raises :class:`ConfigError` when a class is missing.
+    """
+    s = _image_scores(scores)
+    y = _binary_labels(labels, s.shape[0])
+    n_pos = int(np.count_nonzero(y))
+    n_neg = y.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ConfigError("a ROC curve needs both good and anomalous images")
+    tp, fp, thresholds = _counts_by_threshold(s, y)
+    return (
+        np.concatenate(([0.0], fp / n_neg)),
+        np.concatenate(([0.0], tp / n_pos)),
+        np.concatenate(([np.inf], thresholds)),
+    )
+
+
+def precision_recall_curve(
+    scores: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Image precision-recall curve: ``(precision, recall, thresholds)``, highest threshold first.
+
+    One point per distinct score (``score >= t`` called anomalous). Raises :class:`ConfigError`
+    when there is no anomalous image.
+    """
+    s = _image_scores(scores)
+    y = _binary_labels(labels, s.shape[0])
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0:
+        raise ConfigError("a precision-recall curve needs anomalous images")
+    tp, fp, thresholds = _counts_by_threshold(s, y)
+    return tp / (tp + fp), tp / n_pos, thresholds
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,10 +258,30 @@ def f1_max(scores: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class PixelCurves:
+    """Pixel ROC, precision-recall and PRO curves, thinned to a bounded number of points.
+
+    Points follow the threshold from the highest score down (one per distinct score), starting at
+    FPR = TPR = PRO = 0 (precision 1 there by convention) and ending at FPR = TPR = PRO = 1.
+    With ``n`` = ``curve_points`` of :meth:`PixelMetricAccumulator.compute`, the points are
+    binned by ``floor(fpr * n) + floor(tpr * n)`` and the first and last point of every bin are
+    kept: at most ``4 n + 3`` points, and two neighbouring kept points are either neighbours on
+    the full curve or less than ``1 / n`` apart in FPR and TPR. ``pro`` is the MVTec per-region
+    overlap (the curve AU-PRO integrates).
+    """
+
+    fpr: npt.NDArray[np.float64]
+    tpr: npt.NDArray[np.float64]
+    precision: npt.NDArray[np.float64]
+    pro: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
 class PixelMetrics:
     """Pixel-level results of :meth:`PixelMetricAccumulator.compute`.
 
-    ``au_pro`` maps each FPR limit to the normalised area under the PRO curve up to it.
+    ``au_pro`` maps each FPR limit to the normalised area under the PRO curve up to it;
+    ``curves`` holds the thinned curves when they were asked for.
     """
 
     auroc: float
@@ -220,6 +291,7 @@ class PixelMetrics:
     num_normal_pixels: int = 0
     num_anomalous_pixels: int = 0
     num_regions: int = 0
+    curves: PixelCurves | None = None
 
 
 def _float32_to_ordered_uint32(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
@@ -401,18 +473,25 @@ class PixelMetricAccumulator:
     # -- computing -----------------------------------------------------------------------------
 
     def compute(
-        self, pro_limits: float | Sequence[float] = (0.3,), *, chunk_size: int | None = None
+        self,
+        pro_limits: float | Sequence[float] = (0.3,),
+        *,
+        chunk_size: int | None = None,
+        curve_points: int = 0,
     ) -> PixelMetrics:
         """Pixel AUROC, pixel F1-max (and its threshold) and AU-PRO for each FPR limit.
 
         All metrics are ``nan`` when there is no anomalous pixel; AUROC and AU-PRO are ``nan``
         when there is no normal pixel (the F1-max is still defined then). Can be called again,
-        also after adding more images.
+        also after adding more images. With ``curve_points > 0`` (and both classes present) the
+        same walk also records the curves (:class:`PixelCurves`) at that resolution.
         """
         limits = _check_limits(pro_limits)
         step = CHUNK_SIZE if chunk_size is None else int(chunk_size)
         if step < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {chunk_size!r}")
+        if int(curve_points) != curve_points or curve_points < 0:
+            raise ConfigError(f"curve_points must be a non-negative integer, got {curve_points!r}")
         n_normal = self._num_normal
         n_pos = self._num_pixels - n_normal
         n_regions = self._num_regions
@@ -433,6 +512,10 @@ class PixelMetricAccumulator:
         areas = {lim: 0.0 for lim in limits}
         max_limit = max(limits)
         best_f1, best_hi = -1.0, 0
+        record = bool(curve_points) and both_classes
+        curve_parts: list[tuple[np.ndarray, ...]] = []
+        pending: tuple[np.ndarray, ...] | None = None
+        prev_bin = -1
 
         end = keys.size
         while end > 0:
@@ -477,6 +560,22 @@ class PixelMetricAccumulator:
                         areas[lim] += _area_up_to(x, y, lim)
                     prev_x, prev_y = float(x[-1]), float(y[-1])
                 prev_fp, prev_tp = int(fp_e[-1]), int(tp_e[-1])
+            if record:
+                # Keep the first and the last point of every bin; a chunk's last point waits for the
+                # next chunk to tell whether it ends its bin, so the result does not depend on chunking.
+                fpr_e, tpr_e = fp_e / n_normal, tp_e / n_pos
+                bins = np.floor(fpr_e * curve_points).astype(np.int64) + np.floor(tpr_e * curve_points).astype(np.int64)
+                if pending is not None and bins[0] != prev_bin:
+                    curve_parts.append(pending)
+                keep = np.empty(bins.size, dtype=bool)
+                keep[0] = bins[0] != prev_bin
+                np.not_equal(bins[1:], bins[:-1], out=keep[1:])
+                keep[:-1] |= keep[1:]  # the point before a new bin is the last of its own
+                keep[-1] |= start == 0  # the last point of the walk (FPR = TPR = 1)
+                point = (fpr_e, tpr_e, tp_e / (tp_e + fp_e), np.minimum(pro_e / n_regions, 1.0))
+                curve_parts.append(tuple(a[keep] for a in point))
+                pending = None if keep[-1] else tuple(a[-1:] for a in point)
+                prev_bin = int(bins[-1])
 
         f1_threshold = _ordered_uint32_to_float(best_hi)
         if not both_classes:
@@ -490,4 +589,8 @@ class PixelMetricAccumulator:
                 areas[lim] += _area_up_to(x, y, lim)
         auroc = auc_twice / (2 * n_pos * n_normal)
         au_pro = {lim: areas[lim] / lim for lim in limits}
-        return PixelMetrics(auroc, best_f1, f1_threshold, au_pro, n_normal, n_pos, n_regions)
+        curves = None
+        if record:
+            fpr, tpr, precision, pro = (np.concatenate(([start_value], *(part[i] for part in curve_parts))) for i, start_value in enumerate((0.0, 0.0, 1.0, 0.0)))
+            curves = PixelCurves(fpr, tpr, precision, pro)
+        return PixelMetrics(auroc, best_f1, f1_threshold, au_pro, n_normal, n_pos, n_regions, curves)
