@@ -3,6 +3,8 @@
 from anomnet.detectors.base import DETECTORS, Detector, DetectorConfig, Prediction, create_detector, register
 from anomnet.detectors import patchcore  # noqa: F401  (registers)
 from anomnet.detectors import anomnet as _anomnet  # noqa: F401  (registers)
+from anomnet.detectors import efficientad  # noqa: F401  (registers)
+from anomnet.detectors import tocoad  # noqa: F401  (registers)
 
 DEFAULT_DETECTOR = "patchcore"
 

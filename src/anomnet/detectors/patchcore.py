@@ -8,7 +8,7 @@ is the paper's re-weighted maximum; the map is upsampled and Gaussian-smoothed (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from anomnet.backbones import DEFAULT_BACKBONE, FeatureExtractor, available_backbones, create_backbone
 from anomnet.coreset import greedy_coreset
-from anomnet.data import Sample, iter_batches
+from anomnet.data import Sample
 from anomnet.detectors.base import Detector, DetectorConfig, register
 from anomnet.errors import ConfigError
 from anomnet.nn_search import NearestNeighbors, faiss_available
@@ -88,6 +88,7 @@ class PatchCore(Detector):
         # ResNet-family weights are read from the user's file by fit() and then travel inside
         # the saved model, so a loaded model never needs the file.
         self._weights_from_file = backbone_needs_file(c.backbone)
+        self._saves_backbone = self._weights_from_file  # subclasses that train the backbone set True
         self.features = self._build_features("random" if self._weights_from_file else None)
         self.memory_bank: torch.Tensor | None = None
         self._nn: NearestNeighbors | None = None
@@ -108,18 +109,29 @@ class PatchCore(Detector):
         torch.manual_seed(self.config.seed)
         if self._weights_from_file:
             self.features = self._build_features(self.config.weights)
+        self.build_memory_bank(train, progress)
+
+    def build_memory_bank(
+        self, train: Sequence[Sample], progress: bool = True, extract: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """Coreset memory bank and search index of the patch features of ``train``.
+
+        ``extract`` maps preprocessed images to patch features ``[B, h, w, D]``; the default is
+        :meth:`extract` (this detector's backbone levels), any other feature extractor works.
+        """
+        extract = extract or self.extract
         chunk = self.config.coreset_chunk
         buf: torch.Tensor | None = None
         filled = 0
         kept: list[torch.Tensor] = []
         bar = "features" if progress else None
-        for batch in iter_batches(train, self.config.batch_size, size=self.config.image_size, progress=bar):
-            f = self.extract(self.preprocess(batch.images))
+        for images in self.training_batches(train, bar):  # whole images, or tiles
+            f = extract(images)
             f = f.reshape(-1, f.shape[-1])
             while f.shape[0]:
                 if buf is None:  # allocated once: patches per image are fixed by the input size
-                    per_image = f.shape[0] // batch.images.shape[0]
-                    buf = torch.empty(min(chunk, per_image * len(train)), f.shape[1])
+                    per_image = f.shape[0] // images.shape[0]
+                    buf = torch.empty(min(chunk, per_image * self.training_count(train)), f.shape[1])
                 take = min(buf.shape[0] - filled, f.shape[0])
                 buf[filled : filled + take] = f[:take]
                 filled, f = filled + take, f[take:]
@@ -177,12 +189,12 @@ class PatchCore(Detector):
         tensors = {"memory_bank": self.memory_bank}
         if self._nn is not None and self._nn.centroids is not None:
             tensors["nn_centroids"] = self._nn.centroids
-        if self._weights_from_file:
+        if self._saves_backbone:
             tensors.update({f"backbone.{k}": v for k, v in self.features.backbone.state_dict().items()})
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self._weights_from_file:
+        if self._saves_backbone:
             prefix = "backbone."
             self.features.backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.memory_bank = tensors["memory_bank"].float().contiguous()

@@ -1,0 +1,5 @@
+"""ToCoAD: two-stage contrastive fine-tuning of the backbone, scored with PatchCore's memory bank."""
+
+from anomnet.detectors.tocoad.detector import ToCoAD, ToCoADConfig
+
+__all__ = ["ToCoAD", "ToCoADConfig"]

@@ -1,0 +1,121 @@
+"""ToCoAD: focal loss, SimSiam stop-gradient, decoder shapes, stage switches, fit/predict/save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomnet import api
+from anomnet.cli import EXIT_OK, main
+from anomnet.data import load_dataset
+from anomnet.detectors import Detector, create_detector
+from anomnet.detectors.tocoad.detector import default_decoder_layers
+from anomnet.detectors.tocoad.discriminator import Discriminator
+from anomnet.detectors.tocoad.losses import focal_loss
+from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
+from anomnet.errors import ConfigError
+from anomnet.evaluate import evaluate
+
+SMALL = {"image_size": 64, "batch_size": 4, "train_batch": 4, "steps1": 15, "steps2": 8}
+
+
+def test_focal_loss_hand_computed() -> None:
+    # one pixel anomalous, one normal; both with p(anomalous) = 0.75
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).expand(1, 2, 1, 2).contiguous()
+    target = torch.tensor([[[1.0, 0.0]]])
+    a = 0.25**2 * -math.log(0.75)  # p_t = 0.75
+    b = 0.75**2 * -math.log(0.25)  # p_t = 0.25
+    assert focal_loss(logits, target, gamma=2.0).item() == pytest.approx((a + b) / 2, rel=1e-6)
+    assert focal_loss(logits, target, gamma=2.0, alpha=0.25).item() == pytest.approx((0.25 * a + 0.75 * b) / 2, rel=1e-6)
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(F.cross_entropy(logits, target.long()).item(), rel=1e-6)
+
+
+def test_simsiam_stop_gradient_on_the_projection_targets() -> None:
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(4, 8, generator=g).requires_grad_() for _ in range(2))
+    p1, p2 = (torch.randn(4, 8, generator=g).requires_grad_() for _ in range(2))
+    loss = simsiam_loss(p1, p2, z1, z2)
+    loss.backward()
+    assert z1.grad is None and z2.grad is None  # no gradient reaches the targets
+    assert p1.grad is not None and p1.grad.abs().sum() > 0 and p2.grad is not None
+    assert loss.item() == pytest.approx(-0.5 * (F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()).item())
+
+
+def test_simsiam_head_gradient_flows_only_through_the_predictor_branch() -> None:
+    torch.manual_seed(0)
+    head = SimSiamHead(12, proj_dim=16, pred_dim=4)
+    levels1 = [torch.randn(4, 5, 3, 3), torch.randn(4, 7, 2, 2)]
+    levels2 = [t + 0.1 * torch.randn_like(t) for t in levels1]
+    (z1, p1), (z2, p2) = head(levels1), head(levels2)
+    loss = simsiam_loss(p1, p2, z1, z2)
+    # the gradient a projection receives is exactly what flows back through its own prediction
+    g_p1, g_p2, g_z1, g_z2 = torch.autograd.grad(loss, [p1, p2, z1, z2], retain_graph=True)
+    via_p1 = torch.autograd.grad(p1, z1, g_p1, retain_graph=True)[0]
+    via_p2 = torch.autograd.grad(p2, z2, g_p2)[0]
+    assert torch.allclose(g_z1, via_p1, atol=1e-7) and torch.allclose(g_z2, via_p2, atol=1e-7)
+
+
+def test_discriminator_output_at_input_resolution() -> None:
+    disc = Discriminator([16, 24, 40, 80])
+    levels = [torch.randn(2, c, 64 // s, 64 // s) for c, s in ((16, 2), (24, 4), (40, 8), (80, 16))]
+    assert disc(levels, (64, 64)).shape == (2, 2, 64, 64)
+
+
+def test_default_decoder_layers() -> None:
+    assert default_decoder_layers("efficientnet_lite0", ("stage3", "stage4")) == ("stage1", "stage2", "stage3", "stage4")
+    assert default_decoder_layers("resnet18", ("layer2", "layer3")) == ("layer1", "layer2", "layer3")
+
+
+def test_bad_settings_are_config_errors() -> None:
+    for bad in ({"generator": "noise"}, {"lambda_sym": "1.5"}, {"train_batch": "1"}, {"steps1": "-1"}):
+        with pytest.raises(ConfigError):
+            create_detector("tocoad", bad)
+
+
+def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
+    det = api.fit("tocoad", folder_dataset, tmp_path / "m", settings=SMALL, progress=False)
+    split = load_dataset(folder_dataset)
+    res = evaluate(det, split.test, progress=False)
+    assert res.metrics["image_auroc"] == 1.0 and res.metrics["pixel_auroc"] > 0.9
+    assert set(det.history) == {"stage1", "stage2"} and det.history["stage2"]["lambda"] == 0.5
+    # the backbone was fine-tuned, and the fine-tuned weights are what the model saves
+    pretrained = create_detector("patchcore", {"image_size": 64}).features.backbone.state_dict()
+    tuned = det.features.backbone.state_dict()
+    assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained)
+    saved = det.state_tensors()
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in tuned.items())
+    loaded = Detector.load(tmp_path / "m")
+    x = torch.rand(3, 3, 70, 60, generator=torch.Generator().manual_seed(0))
+    a, b = det.predict(x), loaded.predict(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    assert loaded.config == det.config and loaded.calibration == det.calibration
+
+
+def test_stage_one_alone_leaves_the_backbone_as_patchcore(folder_dataset) -> None:
+    split = load_dataset(folder_dataset)
+    toco = create_detector("tocoad", {**SMALL, "stage2": "false"})
+    toco.fit(split.train, split.validation, progress=False)
+    assert "stage1" in toco.history and "stage2" not in toco.history
+    pc = create_detector("patchcore", {"image_size": 64, "batch_size": 4})
+    pc.fit(split.train, split.validation, progress=False)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(toco.memory_bank, pc.memory_bank)
+    assert torch.equal(toco.predict(x).scores, pc.predict(x).scores)
+
+
+def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:
+    split = load_dataset(folder_dataset)
+    det = create_detector("tocoad", {**SMALL, "stage1": "false", "generator": "cutpaste"})
+    det.fit(split.train[:6], split.validation, progress=False)
+    assert "stage1" not in det.history and det.history["stage2"]["lambda"] == 1.0 and "neg" not in det.history["stage2"]
+
+
+def test_cli_fit_test_predict(folder_dataset, tmp_path) -> None:
+    out = tmp_path / "m"
+    sets = [a for k, v in SMALL.items() if k != "image_size" for a in ("--set", f"{k}={v}")]
+    assert main(["fit", "--model", "tocoad", "--data", str(folder_dataset), "--out", str(out), "--image-size", "64", *sets, "--quiet"]) == EXIT_OK
+    assert main(["test", "--model-dir", str(out), "--data", str(folder_dataset), "--quiet"]) == EXIT_OK
+    assert main(["predict", "--model-dir", str(out), str(folder_dataset / "test")]) == EXIT_OK
