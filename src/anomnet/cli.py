@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
     p.add_argument("--weights", default=None, help="backbone weights file (torchvision-format state dict; needed for the ResNet family)")
     p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
+    p.add_argument("--tile", type=int, default=None, metavar="PX", help="high-resolution tiling: train and predict on overlapping tiles of PX pixels, each resized to --image-size (default: off); see docs/tiling.md")
+    p.add_argument("--tile-scales", default=None, metavar="S,...", help="pyramid scales the image is resized by before tiling, e.g. 1,0.5 (default 1)")
+    p.add_argument("--tile-overlap", type=float, default=None, metavar="F", help="least share of a tile that neighbouring tiles overlap (default 0.25)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any detector setting, e.g. --set coreset_ratio=0.05 (repeatable; see 'anomnet models --settings')")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of good training images held out for calibration (default 0.1)")
     p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate of the image threshold on good images (default 0.01)")
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = dict(_parse_settings(args.settings))
-    for key, value in (("backbone", args.backbone), ("weights", args.weights), ("image_size", args.image_size)):
+    for key, value in (("backbone", args.backbone), ("weights", args.weights), ("image_size", args.image_size),
+                       ("tile", args.tile), ("tile_scales", args.tile_scales), ("tile_overlap", args.tile_overlap)):
         if value is not None:
             settings[key] = value
     return settings

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomnet.backbones import DEFAULT_BACKBONE, FeatureExtractor, available_backbones, create_backbone, get_backbone_info
-from anomnet.data import Sample, iter_batches
+from anomnet.data import Sample
 from anomnet.detectors.anomnet_losses import (
     ENTROPY_ESTIMATORS,
     attraction_loss,
@@ -351,10 +351,10 @@ class AnomNet(Detector):
         cache: torch.Tensor | None = None
         filled = 0
         bar = "features" if progress else None
-        for batch in iter_batches(train, self.config.batch_size, size=self.config.image_size, progress=bar):
-            f = self.extract(self.preprocess(batch.images)).permute(0, 2, 3, 1)
+        for images in self.training_batches(train, bar):  # whole images, or tiles
+            f = self.extract(images).permute(0, 2, 3, 1)
             if cache is None:
-                cache = torch.empty((len(train), *f.shape[1:]), dtype=dtype)
+                cache = torch.empty((self.training_count(train), *f.shape[1:]), dtype=dtype)
             cache[filled : filled + len(f)] = f
             filled += len(f)
         assert cache is not None
@@ -548,8 +548,8 @@ class AnomNet(Detector):
         lo, hi = float("inf"), float("-inf")
         self.norm = torch.tensor([0.0, 1.0])
         if validation:
-            for batch in iter_batches(validation, self.config.batch_size, size=self.config.image_size):
-                _, maps = self.predict_preprocessed(self.preprocess(batch.images))
+            for images in self.training_batches(validation):
+                _, maps = self.predict_preprocessed(images)
                 lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
         else:
             size = self.preprocess.output_size

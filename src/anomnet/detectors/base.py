@@ -10,15 +10,16 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from anomnet import tiling
 from anomnet.calibration import Calibration
-from anomnet.data import Sample
+from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.model_io import read_model, write_model
 from anomnet.transforms import Preprocess
@@ -40,6 +41,11 @@ class DetectorConfig:
     crop: int | None = None
     batch_size: int = 16
     seed: int = 0
+    # High-resolution tiling (anomnet.tiling): 0 = off; else the tile side in px of the image at each scale.
+    tile: int = 0
+    tile_overlap: float = 0.25  # least share of a tile its neighbours overlap
+    tile_scales: tuple[float, ...] = (1.0,)  # pyramid scales the image is resized by before tiling
+    tile_score: str = "map"  # image score: max of the stitched map ("map") or of the tile scores ("tile")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +102,8 @@ class Detector(ABC):
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or self.config_class()
         self.preprocess = Preprocess(self.config.image_size, self.config.crop)
+        c = self.config
+        self.tiling = tiling.Tiling(c.tile, c.tile_overlap, tuple(c.tile_scales), c.tile_score) if c.tile else None
         self.calibration = Calibration()
 
     # -- the interface -----------------------------------------------------------------
@@ -110,8 +118,27 @@ class Detector(ABC):
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
+        if self.tiling is not None:
+            scores, maps = tiling.predict_tiled(self.predict_preprocessed, self.preprocess, images, self.tiling, self.config.batch_size)
+            return Prediction(scores, maps)
         scores, maps = self.predict_preprocessed(self.preprocess(images))
         return Prediction(scores.float(), self.preprocess.restore(maps.float(), tuple(images.shape[-2:])))
+
+    def training_batches(self, samples: Sequence[Sample], progress: str | None = None) -> Iterator[torch.Tensor]:
+        """What the network trains on, preprocessed, ``batch_size`` at a time: ``[b,3,S,S]``.
+
+        The whole images resized, or with tiling their tiles. Every detector's fit (and any
+        statistic it takes over images) reads its inputs here, so tiling works for all of them.
+        """
+        if self.tiling is not None:
+            yield from tiling.training_batches(samples, self.tiling, self.preprocess, self.config.batch_size, progress)
+            return
+        for batch in iter_batches(samples, self.config.batch_size, size=self.config.image_size, progress=progress):
+            yield self.preprocess(batch.images)
+
+    def training_count(self, samples: Sequence[Sample]) -> int:
+        """How many inputs :meth:`training_batches` yields for ``samples`` (images, or tiles)."""
+        return len(samples) if self.tiling is None else tiling.count_training_tiles(samples, self.tiling)
 
     @abstractmethod
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from anomnet.backbones import RANDOM_WEIGHTS, FeatureExtractor, create_backbone, get_backbone_info
 from anomnet.backbones.base import freeze, resolve_layers
-from anomnet.data import Sample, iter_batches
+from anomnet.data import Sample
 from anomnet.detectors.base import register
 from anomnet.detectors.patchcore import PatchCore, PatchCoreConfig
 from anomnet.detectors.tocoad.augment import two_view_augment
@@ -132,7 +132,7 @@ class ToCoAD(PatchCore):
 
     def _load_images(self, train: Sequence[Sample], progress: bool) -> torch.Tensor:
         bar = "images" if progress else None
-        batches = [self.preprocess(b.images) for b in iter_batches(train, self.config.batch_size, size=self.config.image_size, progress=bar)]
+        batches = list(self.training_batches(train, bar))  # whole images resized, or tiles (anomnet.tiling)
         return torch.cat(batches)
 
     def _make_generator(self) -> AnomalyGenerator:
