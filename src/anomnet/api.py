@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,12 @@ import numpy as np
 import torch
 
 from anomnet import io
-from anomnet.calibration import calibrate
+from anomnet.decisions import calibrate_detector, recalibrate, split_choices
 from anomnet.data import DatasetSplit, Sample, load_dataset
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
-from anomnet.errors import AnomnetError, ImageReadError
-from anomnet.evaluate import EvaluationResult, evaluate, validation_statistics
+from anomnet.errors import AnomnetError
+from anomnet.evaluate import EvaluationResult, evaluate
+from anomnet.outputs import ImagePrediction, predict_images
 from anomnet.visualize import heatmap, overlay
 
 
@@ -40,16 +39,24 @@ def fit(
     max_false_alarm: float = 0.01,
     max_train: int | None = None,
     progress: bool = True,
+    labelled: str | Path | Sequence[Sample] | None = None,
+    **thresholds: Any,
 ) -> Detector:
-    """Fit ``model`` on the good training images of ``data``, calibrate on its validation split, save to ``out``."""
+    """Fit ``model`` on the good training images of ``data``, calibrate on its validation split, save to ``out``.
+
+    ``thresholds``: threshold and mask post-processing choices (``image_method``, ``std_k``,
+    ``image_value``, ``pixel_method``, ``pixel_false_alarm``, ``pixel_value``, ``closing``,
+    ``fill_holes``, ``min_area``; see :mod:`anomnet.calibration`); ``labelled``: a labelled
+    validation set for the ``f1`` methods (see :mod:`anomnet.decisions`).
+    """
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
     train = list(split.train)
     if max_train is not None and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train), key=lambda s: str(s.path))
     detector = create_detector(model, {"seed": seed, **(settings or {})})
     detector.fit(train, split.validation, progress=progress)
-    scores, pixels = validation_statistics(detector, split.validation, detector.config.batch_size)
-    detector.calibration = calibrate(scores, max_false_alarm, pixels)
+    options, post = split_choices({"max_false_alarm": max_false_alarm, **thresholds})
+    calibrate_detector(detector, split.validation, options, labelled, post, progress=progress)
     if out is not None:
         detector.save(out)
     return detector
@@ -84,6 +91,7 @@ def test(
             "detector": detector.name,
             "config": detector.config.to_dict(),
             "threshold": detector.calibration.threshold,
+            "pixel_threshold": detector.calibration.pixel_threshold if np.isfinite(detector.calibration.pixel_threshold) else None,
             "test_images": len(split.test),
             "seconds_per_image": result.seconds_per_image,
             "metrics": {k: (None if v != v else v) for k, v in result.metrics.items()},  # NaN -> null
@@ -94,38 +102,49 @@ def test(
     return result
 
 
-@dataclass
-class ImagePrediction:
-    path: str
-    score: float = math.nan
-    p_value: float = math.nan
-    defective: bool | None = None
-    error: str | None = None
-    anomaly_map: np.ndarray | None = None
+def predict(
+    model_dir: str | Path | Detector,
+    images: Iterable[str | Path],
+    keep_maps: bool = False,
+    out_dir: str | Path | None = None,
+    raw_maps: bool = False,
+    progress: bool = False,
+) -> list[ImagePrediction]:
+    """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
-
-def predict(model_dir: str | Path | Detector, images: Iterable[str | Path], keep_maps: bool = False) -> list[ImagePrediction]:
-    """Score each image file (folders are searched recursively); a bad file gets ``error`` set, the rest go on."""
+    Each result has score, p_value, defective and the mask's size; a bad file gets ``error`` set,
+    the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
+    ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`).
+    """
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
-    results = []
-    for path in expand_image_paths(images):
-        try:
-            image = io.read_image(path)
-        except ImageReadError as exc:
-            results.append(ImagePrediction(str(path), error=exc.problem))
-            continue
-        pred = detector.predict(io.to_tensor(image)[None])
-        score = float(pred.scores[0])
-        results.append(
-            ImagePrediction(
-                str(path),
-                score,
-                float(detector.calibration.p_values(np.array([score]))[0]),
-                bool(detector.calibration.decide(np.array([score]))[0]),
-                anomaly_map=pred.maps[0].numpy() if keep_maps else None,
-            )
-        )
-    return results
+    return predict_images(detector, images, out_dir, raw_maps, keep_maps, progress)
+
+
+def calibrate(
+    model_dir: str | Path | Detector,
+    data: str | Path | DatasetSplit | None = None,
+    category: str | None = None,
+    val_fraction: float = 0.1,
+    labelled: str | Path | Sequence[Sample] | None = None,
+    save: bool = True,
+    progress: bool = True,
+    **choices: Any,
+) -> Detector:
+    """Choose other thresholds / mask post-processing for a fitted model without refitting.
+
+    ``choices`` as in :func:`fit`; the rest keep their saved values. Without ``data`` the saved
+    validation statistics are used; with it they are recomputed from its validation split
+    (seeded with the model's seed). The model folder is saved again when ``save``.
+    """
+    detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
+    validation = None
+    if data is not None:
+        split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, "auto", val_fraction, detector.config.seed)
+        validation = split.validation
+    recalibrate(detector, choices, validation, labelled, progress)
+    if save and not isinstance(model_dir, Detector):
+        detector.save(model_dir)
+    return detector
 
 
 def expand_image_paths(items: Iterable[str | Path]) -> list[Path]:

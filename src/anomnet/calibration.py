@@ -1,24 +1,111 @@
-"""Image-score thresholds calibrated on good validation images only.
+"""Thresholds and normalisation statistics, derived from good validation images, saved with a model.
 
-Each score ``s`` gets a conformal p-value ``p(s) = (1 + #{validation scores >= s}) / (n + 1)``;
-an image is called defective when ``p(s) <= max_false_alarm``. With ``n`` good validation
-images the finest false-alarm rate that can be guaranteed is ``1 / (n + 1)``.
+Everything here works on numbers only (no detector): :mod:`anomnet.decisions` runs a detector
+over the validation (and an optional labelled) set and hands the statistics to :func:`calibrate`.
+
+**Image threshold** (``image_method``); an image is called defective when ``score >= threshold``:
+
+* ``conformal`` (default): every score gets a conformal p-value
+  ``p(s) = (1 + #{validation scores >= s}) / (n + 1)``; the threshold flags ``p(s) <= max_false_alarm``.
+  With ``n`` good validation images the finest false-alarm rate is ``1 / (n + 1)``.
+* ``mean-std``: ``mean + std_k * std`` of the validation scores (the MVTec AD 2 baseline; sample std).
+* ``fixed``: a value the user gives.
+* ``f1``: the F1-optimal threshold on a labelled validation set with defective images.
+
+Whatever the method, every prediction gets its conformal p-value, and ``achieved_false_alarm``
+is the false-alarm rate the validation set supports for the chosen threshold:
+``(1 + #{validation scores >= threshold}) / (n + 1)`` (for ``conformal`` the guarantee itself).
+
+**Pixel threshold** (``pixel_method``) for masks; a pixel is defective when ``map >= pixel_threshold``:
+
+* ``quantile`` (default): the per-pixel false-alarm target ``pixel_false_alarm`` (default 1e-3)
+  as an upper quantile of the pooled map values of the good validation images. A sample of up
+  to 65,536 pixels per image is pooled; the top of its sorted values is kept as a table
+  (``pixel_tail``: every rank below 256, then 256 log-spaced ranks), so the target can be changed
+  later without the data.
+* ``f1``: the F1-optimal pixel threshold on a labelled validation set with masks.
+* ``fixed``: a value the user gives.
+
+Mask post-processing settings (:class:`~anomnet.postprocess.MaskPostprocess`) are kept here too,
+so every mask a saved model produces is cleaned identically. :meth:`Calibration.rethreshold`
+picks other methods on a fitted model without refitting.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from anomnet.errors import ConfigError
+from anomnet.postprocess import MaskPostprocess
+
+IMAGE_METHODS = ("conformal", "mean-std", "fixed", "f1")
+PIXEL_METHODS = ("quantile", "f1", "fixed")
+DEFAULT_PIXEL_FALSE_ALARM = 1e-3
+PIXELS_PER_IMAGE = 65536
+_TAIL_DENSE = 256
+_TAIL_LOG = 256
+
+
+@dataclass
+class ThresholdOptions:
+    """How the image and pixel thresholds are chosen."""
+
+    image_method: str = "conformal"
+    max_false_alarm: float = 0.01
+    std_k: float = 3.0
+    image_value: float | None = None
+    pixel_method: str = "quantile"
+    pixel_false_alarm: float = DEFAULT_PIXEL_FALSE_ALARM
+    pixel_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_method not in IMAGE_METHODS:
+            raise ConfigError(f"image threshold method {self.image_method!r} unknown; use one of: {', '.join(IMAGE_METHODS)}")
+        if self.pixel_method not in PIXEL_METHODS:
+            raise ConfigError(f"pixel threshold method {self.pixel_method!r} unknown; use one of: {', '.join(PIXEL_METHODS)}")
+        if not 0.0 < self.max_false_alarm < 1.0:
+            raise ConfigError(f"max_false_alarm must be in (0, 1), got {self.max_false_alarm}")
+        if not 0.0 < self.pixel_false_alarm < 1.0:
+            raise ConfigError(f"pixel_false_alarm must be in (0, 1), got {self.pixel_false_alarm}")
+        if not math.isfinite(self.std_k):
+            raise ConfigError(f"std_k must be a finite number, got {self.std_k}")
+        if self.image_method == "fixed" and (self.image_value is None or not math.isfinite(self.image_value)):
+            raise ConfigError("the 'fixed' image threshold needs a finite value (--image-value / image_value=)")
+        if self.pixel_method == "fixed" and (self.pixel_value is None or not math.isfinite(self.pixel_value)):
+            raise ConfigError("the 'fixed' pixel threshold needs a finite value (--pixel-value / pixel_value=)")
+
+
+@dataclass
+class LabelledStatistics:
+    """What a labelled validation set (good + defective images, optional masks) tells the thresholds."""
+
+    source: str
+    images: int
+    defective: int
+    image_f1: float = math.nan
+    image_f1_threshold: float = math.nan
+    masks: int = 0
+    pixel_f1: float = math.nan
+    pixel_f1_threshold: float = math.nan
+
+    @classmethod
+    def from_scores(cls, source: str, scores: np.ndarray, labels: np.ndarray, pixel_f1: float = math.nan,
+                    pixel_f1_threshold: float = math.nan, masks: int = 0) -> LabelledStatistics:
+        from anomnet.metrics import f1_max
+
+        labels = np.asarray(labels, dtype=np.int64)
+        n_bad = int(labels.sum())
+        f1, thr = f1_max(np.asarray(scores, dtype=np.float64), labels) if n_bad else (math.nan, math.nan)
+        return cls(source, int(labels.size), n_bad, float(f1), float(thr), masks, float(pixel_f1), float(pixel_f1_threshold))
 
 
 @dataclass
 class Calibration:
-    """Validation statistics and the image threshold derived from them."""
+    """Validation statistics, the thresholds derived from them, and the mask post-processing."""
 
     validation_scores: list[float] = field(default_factory=list)
     max_false_alarm: float = 0.01
@@ -27,7 +114,23 @@ class Calibration:
     note: str = ""
     map_low: float = 0.0  # median anomaly-map value of the good validation images
     map_high: float = 1.0  # highest anomaly-map value seen on them (heat maps put it mid-scale)
+    image_method: str = "conformal"
+    std_k: float = 3.0
+    image_value: float | None = None
+    score_mean: float = math.nan  # of the validation scores (normalisation statistics)
+    score_std: float = math.nan
+    pixel_method: str = "quantile"
+    pixel_false_alarm: float = DEFAULT_PIXEL_FALSE_ALARM
+    pixel_value: float | None = None
+    pixel_threshold: float = math.inf
+    pixel_achieved_false_alarm: float = math.nan  # share of sampled good validation pixels >= pixel_threshold
+    pixel_note: str = ""
+    pixel_count: int = 0  # sampled good validation pixels
+    pixel_tail: list[list[float]] = field(default_factory=list)  # [rank, value]: value of the rank-th highest sampled pixel
+    labelled: dict[str, Any] | None = None  # LabelledStatistics as a dict, when one was given
+    postprocess: MaskPostprocess = field(default_factory=MaskPostprocess)
 
+    # -- using it -------------------------------------------------------------------------
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-value of each score against the validation scores."""
         v = np.sort(np.asarray(self.validation_scores, dtype=np.float64))
@@ -36,41 +139,147 @@ class Calibration:
         return (1.0 + at_least) / (len(v) + 1.0)
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
-        """True where a score is at or above the threshold (called defective)."""
+        """True where a score is at or above the image threshold (called defective)."""
         return np.asarray(scores, dtype=np.float64) >= self.threshold
 
+    def mask(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Binary defect mask of one ``H x W`` map: ``map >= pixel_threshold``, then post-processed."""
+        raw = np.asarray(anomaly_map, dtype=np.float32) >= self.pixel_threshold
+        return self.postprocess.apply(raw) if self.postprocess.enabled else raw
+
+    @property
+    def options(self) -> ThresholdOptions:
+        return ThresholdOptions(self.image_method, self.max_false_alarm, self.std_k, self.image_value,
+                                self.pixel_method, self.pixel_false_alarm, self.pixel_value)
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: both thresholds, how they were chosen, what they mean."""
+        n = len(self.validation_scores)
+        how = {
+            "conformal": f"conformal, max false-alarm rate {self.max_false_alarm:g}",
+            "mean-std": f"mean + {self.std_k:g} std of {n} validation scores",
+            "fixed": "fixed value",
+            "f1": "F1-optimal on the labelled set",
+        }[self.image_method]
+        lines = [f"image threshold {self.threshold:.6g} ({how}); false-alarm rate supported by {n} good validation "
+                 f"images: {self.achieved_false_alarm:.3g} (finest possible {1 / (n + 1):.3g})"]
+        if self.note:
+            lines.append(f"note: {self.note}")
+        phow = {
+            "quantile": f"per-pixel false-alarm target {self.pixel_false_alarm:g} on {self.pixel_count} good validation pixels",
+            "fixed": "fixed value",
+            "f1": "F1-optimal segmentation on the labelled set",
+        }[self.pixel_method]
+        rate = "" if math.isnan(self.pixel_achieved_false_alarm) else f"; {self.pixel_achieved_false_alarm:.3g} of good validation pixels are above it"
+        lines.append(f"pixel threshold {self.pixel_threshold:.6g} ({phow}){rate}")
+        if self.pixel_note:
+            lines.append(f"note: {self.pixel_note}")
+        lines.append(f"mask post-processing: {self.postprocess.describe()}")
+        return lines
+
+    # -- changing it ----------------------------------------------------------------------
+    def rethreshold(
+        self,
+        options: ThresholdOptions | None = None,
+        labelled: LabelledStatistics | None = None,
+        postprocess: MaskPostprocess | None = None,
+    ) -> Calibration:
+        """A copy with thresholds recomputed from the stored statistics (no data needed).
+
+        The ``f1`` methods use ``labelled`` when given, else the labelled statistics stored earlier.
+        """
+        options = options or self.options
+        cal = replace(self, labelled=asdict(labelled) if labelled is not None else self.labelled,
+                      postprocess=postprocess if postprocess is not None else self.postprocess)
+        lab = LabelledStatistics(**cal.labelled) if cal.labelled else None
+        _set_image_threshold(cal, options, lab)
+        _set_pixel_threshold(cal, options, lab)
+        return cal
+
+    # -- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["postprocess"] = self.postprocess.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown calibration field(s): {', '.join(unknown)}")
+        values = dict(data)
+        values["postprocess"] = MaskPostprocess.from_dict(values.get("postprocess"))
+        return cls(**values)
 
 
 def calibrate(
-    validation_scores: np.ndarray, max_false_alarm: float = 0.01, map_values: np.ndarray | None = None
+    validation_scores: np.ndarray,
+    max_false_alarm: float = 0.01,
+    map_values: np.ndarray | None = None,
+    *,
+    options: ThresholdOptions | None = None,
+    labelled: LabelledStatistics | None = None,
+    postprocess: MaskPostprocess | None = None,
 ) -> Calibration:
-    """Threshold such that at most ``max_false_alarm`` of good images are expected to be flagged.
+    """Thresholds from the good validation images' scores and pooled map values.
 
-    ``map_values`` (a sample of the validation images' anomaly-map values) sets the heat-map scale.
+    ``map_values`` (a sample of the validation images' anomaly-map values) sets the heat-map
+    scale and the ``quantile`` pixel threshold. ``options`` overrides ``max_false_alarm`` when given.
     """
-    cal = _calibrate_scores(validation_scores, max_false_alarm)
+    options = options or ThresholdOptions(max_false_alarm=max_false_alarm)
+    v = np.sort(np.asarray(validation_scores, dtype=np.float64))
+    cal = Calibration(validation_scores=[float(x) for x in v], postprocess=postprocess or MaskPostprocess())
+    if v.size:
+        cal.score_mean = float(v.mean())
+        cal.score_std = float(v.std(ddof=1)) if v.size > 1 else 0.0
     if map_values is not None and len(map_values):
-        cal.map_low = float(np.median(map_values))
-        cal.map_high = float(max(np.max(map_values), cal.map_low + 1e-12))
-    return cal
+        pixels = np.asarray(map_values, dtype=np.float32).ravel()
+        cal.map_low = float(np.median(pixels))
+        cal.map_high = float(max(np.max(pixels), cal.map_low + 1e-12))
+        cal.pixel_count = int(pixels.size)
+        cal.pixel_tail = tail_table(pixels)
+    return cal.rethreshold(options, labelled)
 
 
-def _calibrate_scores(validation_scores: np.ndarray, max_false_alarm: float) -> Calibration:
-    if not 0.0 < max_false_alarm < 1.0:
-        raise ConfigError(f"max_false_alarm must be in (0, 1), got {max_false_alarm}")
-    v = np.sort(np.asarray(validation_scores, dtype=np.float64))[::-1]
-    n = len(v)
+# -- image threshold ------------------------------------------------------------------------
+
+
+def _set_image_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledStatistics | None) -> None:
+    v = np.asarray(cal.validation_scores, dtype=np.float64)
+    n = v.size
+    cal.image_method, cal.max_false_alarm, cal.std_k, cal.image_value = o.image_method, o.max_false_alarm, o.std_k, o.image_value
+    cal.note = ""
+    if o.image_method == "conformal":
+        cal.threshold, cal.achieved_false_alarm, cal.note = _conformal(v, o.max_false_alarm)
+        return
+    if o.image_method == "mean-std":
+        if n == 0:
+            raise ConfigError("the mean-std image threshold needs good validation images (none were held out)")
+        cal.threshold = float(cal.score_mean + o.std_k * cal.score_std)
+    elif o.image_method == "fixed":
+        cal.threshold = float(o.image_value)  # type: ignore[arg-type]
+    else:  # f1
+        if lab is None or lab.defective == 0 or math.isnan(lab.image_f1_threshold):
+            raise ConfigError("the f1 image threshold needs a labelled validation set with defective images (--labelled PATH)")
+        cal.threshold = float(lab.image_f1_threshold)
+        cal.note = f"F1 {lab.image_f1:.3f} on the labelled set {lab.source} ({lab.images} images, {lab.defective} defective)"
+    cal.achieved_false_alarm = float((1 + np.count_nonzero(v >= cal.threshold)) / (n + 1))
+    if n and cal.achieved_false_alarm > cal.max_false_alarm:
+        extra = (f"{np.count_nonzero(v >= cal.threshold)} of {n} good validation images score at or above it "
+                 f"(supported false-alarm rate {cal.achieved_false_alarm:.3g} > {cal.max_false_alarm:g})")
+        cal.note = f"{cal.note}; {extra}" if cal.note else extra
+
+
+def _conformal(v: np.ndarray, max_false_alarm: float) -> tuple[float, float, str]:
+    """Threshold, supported rate and note of the conformal rule on validation scores ``v``."""
+    n = v.size
     if n == 0:
-        return Calibration([], max_false_alarm, math.inf, 1.0, "no validation images: every image is called good")
+        return math.inf, 1.0, "no validation images: every image is called good"
+    d = np.sort(v)[::-1]
     finest = 1.0 / (n + 1)
     note = ""
-    # Flag s when #{v >= s} <= k, i.e. s > v[k] (v sorted descending), with k = floor(alpha (n+1)) - 1.
+    # Flag s when #{v >= s} <= k, i.e. s > d[k] (d sorted descending), with k = floor(alpha (n+1)) - 1.
     k = int(math.floor(max_false_alarm * (n + 1) + 1e-9)) - 1
     if k < 0:
         k = 0
@@ -78,6 +287,78 @@ def _calibrate_scores(validation_scores: np.ndarray, max_false_alarm: float) -> 
             f"{n} validation images support a false-alarm rate of at best 1/{n + 1} = {finest:.3g}; "
             f"{max_false_alarm:g} was asked for, {finest:.3g} is used (add good validation images for a finer rate)"
         )
-    threshold = float(np.nextafter(v[k], np.inf)) if k < n else float(v[-1])
-    achieved = (k + 1) / (n + 1)
-    return Calibration([float(x) for x in v[::-1]], max_false_alarm, threshold, achieved, note)
+    threshold = float(np.nextafter(d[k], np.inf)) if k < n else float(d[-1])
+    return threshold, (k + 1) / (n + 1), note
+
+
+# -- pixel threshold ------------------------------------------------------------------------
+
+
+def tail_table(pixels: np.ndarray) -> list[list[float]]:
+    """``[rank, value]`` of the sorted (descending) pooled pixel values at every rank < 256, then log-spaced."""
+    d = np.sort(np.asarray(pixels, dtype=np.float32).ravel())[::-1]
+    n = d.size
+    if n == 0:
+        return []
+    ranks = np.arange(min(n, _TAIL_DENSE))
+    if n > _TAIL_DENSE:
+        logr = np.unique(np.round(np.geomspace(_TAIL_DENSE, n - 1, _TAIL_LOG)).astype(np.int64))
+        ranks = np.concatenate([ranks, logr[logr >= _TAIL_DENSE]])
+    return [[int(r), float(d[r])] for r in ranks]
+
+
+def pixel_quantile_threshold(tail: list[list[float]], count: int, target: float) -> tuple[float, float, str]:
+    """Threshold with at most ``floor(target * count)`` sampled good pixels at or above it.
+
+    Returns ``(threshold, share of sampled pixels at or above it, note)``. Exact at the stored
+    ranks; between them the value is interpolated linearly in log(rank + 1).
+    """
+    if not tail or count == 0:
+        return math.inf, math.nan, "no validation pixels: masks stay empty"
+    k = int(math.floor(target * count + 1e-9))
+    note = ""
+    if k == 0:
+        note = (f"{count} sampled good validation pixels support a per-pixel false-alarm rate of at best 1/{count} = "
+                f"{1 / count:.3g}; {target:g} was asked for, the threshold lies just above the highest one")
+    ranks = np.array([r for r, _ in tail], dtype=np.float64)
+    values = np.array([v for _, v in tail], dtype=np.float64)
+    if k >= ranks[-1]:
+        value = values[-1]
+    else:
+        value = float(np.interp(np.log1p(k), np.log1p(ranks), values))
+    exact = k in set(ranks.astype(np.int64).tolist())
+    # Pixels strictly above the k-th highest value are flagged: k of them (fewer with ties).
+    threshold = float(np.nextafter(np.float32(value), np.float32(np.inf))) if exact else value
+    return threshold, k / count, note
+
+
+def _set_pixel_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledStatistics | None) -> None:
+    cal.pixel_method, cal.pixel_false_alarm, cal.pixel_value = o.pixel_method, o.pixel_false_alarm, o.pixel_value
+    cal.pixel_note = ""
+    if o.pixel_method == "quantile":
+        cal.pixel_threshold, cal.pixel_achieved_false_alarm, cal.pixel_note = pixel_quantile_threshold(
+            cal.pixel_tail, cal.pixel_count, o.pixel_false_alarm)
+        return
+    if o.pixel_method == "fixed":
+        cal.pixel_threshold = float(o.pixel_value)  # type: ignore[arg-type]
+    else:  # f1
+        if lab is None or lab.masks == 0 or math.isnan(lab.pixel_f1_threshold):
+            raise ConfigError("the f1 pixel threshold needs a labelled validation set with masks of its defective images (--labelled PATH)")
+        cal.pixel_threshold = float(lab.pixel_f1_threshold)
+        cal.pixel_note = f"segmentation F1 {lab.pixel_f1:.3f} on the labelled set {lab.source} ({lab.masks} masks)"
+    cal.pixel_achieved_false_alarm = _share_at_or_above(cal.pixel_tail, cal.pixel_count, cal.pixel_threshold)
+
+
+def _share_at_or_above(tail: list[list[float]], count: int, threshold: float) -> float:
+    """Estimated share of sampled good validation pixels at or above ``threshold`` (from the tail table)."""
+    if not tail or count == 0:
+        return math.nan
+    ranks = np.array([r for r, _ in tail], dtype=np.float64)
+    values = np.array([v for _, v in tail], dtype=np.float64)
+    above = values >= threshold
+    if not above.any():
+        return 0.0
+    last = int(np.flatnonzero(above)[-1])
+    if last == len(values) - 1:
+        return math.nan if ranks[-1] < count - 1 else 1.0  # beyond the stored tail
+    return float(ranks[last] + 1) / count

@@ -7,7 +7,6 @@ Exit codes: 0 success; 2 bad input or settings (the message says which file or v
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -37,6 +36,8 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from anomnet.decisions import add_threshold_arguments
+
     parser = argparse.ArgumentParser(
         prog="anomnet",
         description="Unsupervised visual anomaly detection: train on good images, then score, flag and locate defects.",
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any detector setting, e.g. --set coreset_ratio=0.05 (repeatable; see 'anomnet models --settings')")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of good training images held out for calibration (default 0.1)")
     p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate of the image threshold on good images (default 0.01)")
+    add_threshold_arguments(p, with_max_false_alarm=False)
     p.add_argument("--max-train", type=int, default=None, help="use at most this many training images (seeded random subset)")
     p.add_argument("--seed", type=int, default=0, help="random seed for splits and sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,10 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("predict", help="score images with a saved model", description="Print each image's anomaly score, conformal p-value and decision. A file that cannot be read is listed with its reason; the others are still scored (exit code 3).")
+    p = sub.add_parser("predict", help="score images with a saved model", description="Print each image's anomaly score, conformal p-value and decision; with --out also write heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that cannot be read is listed with its reason; the others are still scored (exit code 3).")
     p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively); '-' reads paths from stdin, one per line")
+    p.add_argument("--out", default=None, help="output folder: heatmaps/, overlays/, masks/ (maps/ with --raw-maps), results.csv, results.jsonl")
+    p.add_argument("--raw-maps", action="store_true", help="with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 submission format)")
     p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("calibrate", help="choose other thresholds / mask post-processing for a fitted model", description="Re-pick the image and pixel thresholds and the mask post-processing of a saved model without refitting, from its saved validation statistics (or, with --data, recomputed from the dataset's validation split), then save the model again.")
+    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument("--data", default=None, help="recompute the validation statistics from this dataset's validation split (same --val-fraction and the model's seed as at fit)")
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="with --data: share of good training images held out (default 0.1)")
+    p.add_argument("--dry-run", action="store_true", help="print the thresholds, do not save them")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threshold_arguments(p, with_max_false_alarm=True)
 
     p = sub.add_parser("models", help="list detectors and backbones", description="List the detectors and backbones this anomnet provides.")
     p.add_argument("--settings", action="store_true", help="also list each detector's settings with defaults")
@@ -97,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (default BENCHMARKS.md)")
     p.add_argument("--section", default=None, metavar="NAME", help="replace only this named section of the Markdown file (JSON in benchmarks/NAME.json), so each detector family keeps its own table; without it the whole file is written (JSON beside it)")
     p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
+    p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...", help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' (repeatable; only for models that have those settings)")
     p.add_argument("--memory-images", type=int, default=0, help="also fit PatchCore on this many training images (the set repeated) and report peak memory, e.g. 1000 (default 0: skip)")
     return parser
 
@@ -140,15 +155,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from anomnet.detectors import DEFAULT_DETECTOR
 
     model = args.model or DEFAULT_DETECTOR
+    from anomnet.decisions import choices_from_args
+
     det = api.fit(
         model, args.data, args.out, args.category, args.layout, _fit_settings(args), args.val_fraction,
-        args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet,
+        args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet, labelled=args.labelled,
+        **{k: v for k, v in choices_from_args(args).items() if k != "max_false_alarm"},
     )
-    cal = det.calibration
     print(f"saved {model} model to {args.out}")
-    print(f"image threshold {cal.threshold:.6g} (false-alarm rate {cal.achieved_false_alarm:.3g} on {len(cal.validation_scores)} good validation images)")
-    if cal.note:
-        print(f"note: {cal.note}")
+    print("\n".join(det.calibration.summary()))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from anomnet import api
+    from anomnet.decisions import choices_from_args
+
+    det = api.calibrate(args.model_dir, args.data, args.category, args.val_fraction, args.labelled,
+                        save=not args.dry_run, progress=not args.quiet, **choices_from_args(args))
+    print("\n".join(det.calibration.summary()))
+    print("not saved (--dry-run)" if args.dry_run else f"saved to {args.model_dir}")
     return EXIT_OK
 
 
@@ -175,34 +201,32 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from anomnet import api
 
-    results = api.predict(args.model_dir, args.images)
-    failed = 0
-    print("path\tscore\tp_value\tdecision")
+    results = api.predict(args.model_dir, args.images, out_dir=args.out, raw_maps=args.raw_maps, progress=not args.quiet)
+    unread = [r for r in results if r.error and r.score != r.score]
+    unwritten = [r for r in results if r.error and r.score == r.score]
+    print("path\tscore\tp_value\tdecision\tdefect_pixels")
     for r in results:
-        if r.error:
-            failed += 1
-            print(f"{r.path}\t-\t-\terror: {r.error}")
+        if r.error and r.score != r.score:
+            print(f"{r.path}\t-\t-\terror: {r.error}\t-")
         else:
-            print(f"{r.path}\t{r.score:.6g}\t{r.p_value:.4g}\t{'DEFECTIVE' if r.defective else 'good'}")
+            decision = "DEFECTIVE" if r.defective else "good"
+            print(f"{r.path}\t{r.score:.6g}\t{r.p_value:.4g}\t{decision}\t{r.defect_pixels}" + (f"\terror: {r.error}" if r.error else ""))
     if args.csv:
         from anomnet import io
+        from anomnet.outputs import csv_text
 
-        rows = [["path", "score", "p_value", "defective", "error"]]
-        rows += [[r.path, r.score, r.p_value, r.defective, r.error or ""] for r in results]
-        text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in rows)
-        io.atomic_write_text(args.csv, text)
-    if failed:
-        print(f"anomnet: {failed} of {len(results)} images could not be read", file=sys.stderr)
+        io.atomic_write_text(args.csv, csv_text(results))
+    if args.raw_maps and not args.out:
+        print("anomnet: --raw-maps writes nothing without --out", file=sys.stderr)
+    if args.out:
+        print(f"outputs written to {args.out} (results.csv, results.jsonl, heatmaps/, overlays/, masks/{', maps/' if args.raw_maps else ''})")
+    if unread:
+        print(f"anomnet: {len(unread)} of {len(results)} images could not be read (see the error column)", file=sys.stderr)
+    if unwritten:
+        print(f"anomnet: the outputs of {len(unwritten)} of {len(results)} images could not be written", file=sys.stderr)
+    if unread or unwritten:
         return EXIT_SOME_FAILED
     return EXIT_OK
-
-
-def _csv_cell(value: Any) -> str:
-    import io as _io
-
-    buf = _io.StringIO()
-    csv.writer(buf).writerow([value])
-    return buf.getvalue().rstrip("\r\n")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -249,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"calibrate": cmd_calibrate, "fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

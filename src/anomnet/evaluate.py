@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
+from anomnet.postprocess import SegmentationCounts
 from anomnet.metrics import PixelCurves, PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
 from anomnet.transforms import resize
 
@@ -123,6 +124,7 @@ def evaluate(
     """
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
+    seg = SegmentationCounts() if has_masks else None  # masks at the model's pixel threshold, post-processed
     keeper = _WorstKeeper(keep_worst, KEEP_SIDE) if keep_worst > 0 else None
     scores: list[float] = []
     labels: list[int] = []
@@ -144,6 +146,7 @@ def evaluate(
                 masks = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0] > 0.5
             for amap, mask in zip(maps, masks):
                 acc.add(amap.numpy(), mask.numpy())
+                seg.add(detector.calibration.mask(amap.numpy()), mask.numpy())  # type: ignore[union-attr]
         t0 = time.perf_counter()
 
     s = np.asarray(scores, dtype=np.float64)
@@ -158,6 +161,7 @@ def evaluate(
         pixel_curves = px.curves
         metrics["pixel_auroc"] = px.auroc
         metrics["pixel_f1_max"] = px.f1_max
+        metrics["seg_f1"] = seg.f1()  # type: ignore[union-attr]
         for limit, value in px.au_pro.items():
             metrics[f"au_pro@{limit:g}"] = value
     n = max(1, len(scores))

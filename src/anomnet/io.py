@@ -203,6 +203,20 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     _atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
 
 
+def write_tiff(path: str | Path, array: np.ndarray) -> None:
+    """Write a 2-D ``float32`` array (e.g. a raw anomaly map) as a single-page TIFF, atomically."""
+    from io import BytesIO as _BytesIO
+
+    import tifffile
+
+    array = np.asarray(array)
+    if array.ndim != 2 or array.dtype != np.float32:
+        raise ValueError(f"write_tiff needs a float32 HxW array, got {array.dtype} of shape {array.shape}")
+    buf = _BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(array))
+    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
     data = text.encode("utf-8")

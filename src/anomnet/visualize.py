@@ -37,3 +37,21 @@ def overlay(image: np.ndarray, amap: np.ndarray, calibration: Calibration, alpha
     heat = heatmap(amap, calibration).astype(np.float32) / 255.0
     out = (1.0 - alpha) * np.asarray(image, dtype=np.float32) + alpha * heat
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def draw_contour(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255), width: int | None = None) -> np.ndarray:
+    """Copy of a uint8 HxWx3 image with the outline of a boolean mask drawn in ``color``.
+
+    The outline is the mask minus its erosion, ``width`` pixels thick (default: about 1/300 of
+    the shorter side, at least 1); regions touching the image border are outlined there too.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    if not m.any():
+        return out
+    w = width if width is not None else max(1, round(min(m.shape) / 300))
+    inner = ndimage.binary_erosion(m, structure=np.ones((3, 3), dtype=bool), iterations=w, border_value=0)
+    out[m & ~inner] = color
+    return out

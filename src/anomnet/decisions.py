@@ -1,0 +1,218 @@
+"""From a fitted detector to decisions: run it over the calibration images and set its thresholds.
+
+* :func:`calibrate_detector` -- after ``fit``: image scores and pooled pixel values of the good
+  validation images (plus, optionally, a labelled validation set) -> :class:`Calibration`.
+* :func:`recalibrate` -- a saved model, new threshold choices (and optionally data) -> saved again,
+  no refitting. Behind ``anomnet calibrate`` and ``api.calibrate``.
+* :func:`load_labelled` -- the labelled validation set for the F1-optimal thresholds.
+
+A **labelled validation set** is given as a folder laid out like a dataset's test part::
+
+    labelled/
+      good/              good images
+      <defect>/          defective images, one folder per defect type (any name but good/ok)
+      masks/             optional masks, <stem>.png / <stem>_mask.png, flat or masks/<defect>/
+                         (ground_truth/<defect>/ as in MVTec AD works too)
+
+or as a whole dataset folder (MVTec category or generic layout with train/), whose test split
+is then used -- only do that with a split that is not the one you report test results on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomnet.calibration import (
+    IMAGE_METHODS,
+    PIXEL_METHODS,
+    PIXELS_PER_IMAGE,
+    Calibration,
+    LabelledStatistics,
+    ThresholdOptions,
+    calibrate,
+)
+from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _subfolders, load_dataset
+from anomnet.detectors.base import Detector
+from anomnet.errors import DatasetError
+from anomnet.evaluate import run_predictions
+from anomnet.io import list_images
+from anomnet.metrics import PixelMetricAccumulator
+from anomnet.postprocess import MaskPostprocess
+
+OPTION_FIELDS = {f.name for f in dataclasses.fields(ThresholdOptions)}
+POSTPROCESS_FIELDS = {f.name for f in dataclasses.fields(MaskPostprocess)}
+
+
+def validation_pixel_statistics(
+    detector: Detector, validation: Sequence[Sample], batch_size: int = 8, per_image: int = PIXELS_PER_IMAGE,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores of the good validation images and a seeded sample of up to ``per_image`` map values each."""
+    scores: list[float] = []
+    pixels: list[np.ndarray] = []
+    g = torch.Generator().manual_seed(0)
+    for _, pred in run_predictions(detector, validation, batch_size, progress="calibrate" if progress else None):
+        scores.extend(pred.scores.tolist())
+        for amap in pred.maps:
+            flat = amap.reshape(-1)
+            if flat.numel() > per_image:
+                flat = flat[torch.randperm(flat.numel(), generator=g)[:per_image]]
+            pixels.append(flat.numpy().astype(np.float32, copy=False))
+    return np.asarray(scores, dtype=np.float64), (np.concatenate(pixels) if pixels else np.zeros(0, np.float32))
+
+
+def labelled_statistics(detector: Detector, samples: Sequence[Sample], source: str, batch_size: int = 8,
+                        progress: bool = False) -> LabelledStatistics:
+    """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set."""
+    has_masks = any(s.mask_path is not None for s in samples)
+    acc = PixelMetricAccumulator() if has_masks else None
+    scores: list[float] = []
+    labels: list[int] = []
+    for batch, pred in run_predictions(detector, samples, batch_size, with_masks=has_masks, progress="labelled" if progress else None):
+        scores.extend(pred.scores.tolist())
+        labels.extend(s.label for s in batch.samples)
+        if acc is not None:
+            assert batch.masks is not None
+            for amap, mask, s in zip(pred.maps, batch.masks, batch.samples):
+                if s.label == 0 or s.mask_path is not None:  # a defective image without mask says nothing about pixels
+                    acc.add(amap.numpy(), mask.numpy())
+    pixel_f1 = pixel_thr = math.nan
+    n_masks = sum(1 for s in samples if s.mask_path is not None)
+    if acc is not None:
+        px = acc.compute(pro_limits=(0.3,))
+        pixel_f1, pixel_thr = px.f1_max, px.f1_threshold
+    return LabelledStatistics.from_scores(source, np.asarray(scores), np.asarray(labels), pixel_f1, pixel_thr, n_masks)
+
+
+def calibrate_detector(
+    detector: Detector,
+    validation: Sequence[Sample],
+    options: ThresholdOptions | None = None,
+    labelled: Sequence[Sample] | str | Path | None = None,
+    postprocess: MaskPostprocess | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Set ``detector.calibration`` from its good validation images (and a labelled set) and return it."""
+    bs = batch_size or getattr(detector.config, "batch_size", 8)
+    scores, pixels = validation_pixel_statistics(detector, validation, bs, progress=progress)
+    lab = _labelled(detector, labelled, bs, progress)
+    detector.calibration = calibrate(scores, map_values=pixels, options=options or ThresholdOptions(),
+                                     labelled=lab, postprocess=postprocess)
+    return detector.calibration
+
+
+def _labelled(detector: Detector, labelled: Sequence[Sample] | str | Path | None, batch_size: int,
+              progress: bool) -> LabelledStatistics | None:
+    if labelled is None:
+        return None
+    if isinstance(labelled, (str, Path)):
+        source, samples = str(labelled), load_labelled(labelled)
+    else:
+        source, samples = "given samples", list(labelled)
+    return labelled_statistics(detector, samples, source, batch_size, progress)
+
+
+def recalibrate(
+    detector: Detector,
+    changes: dict[str, Any],
+    validation: Sequence[Sample] | None = None,
+    labelled: Sequence[Sample] | str | Path | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """New threshold choices / post-processing on a fitted detector, without refitting.
+
+    ``changes`` holds :class:`ThresholdOptions` and :class:`MaskPostprocess` field names (others
+    keep their current values). With ``validation`` the validation statistics are recomputed
+    first (e.g. for a model saved before pixel statistics existed); otherwise the stored ones are used.
+    """
+    unknown = sorted(set(changes) - OPTION_FIELDS - POSTPROCESS_FIELDS)
+    if unknown:
+        from anomnet.errors import ConfigError
+
+        raise ConfigError(f"unknown threshold / post-processing choice(s): {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(OPTION_FIELDS | POSTPROCESS_FIELDS))}")
+    old = detector.calibration
+    options = dataclasses.replace(old.options, **{k: v for k, v in changes.items() if k in OPTION_FIELDS})
+    post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
+    if validation is not None:
+        return calibrate_detector(detector, validation, options, labelled, post, progress=progress)
+    bs = getattr(detector.config, "batch_size", 8)
+    detector.calibration = old.rethreshold(options, _labelled(detector, labelled, bs, progress), post)
+    return detector.calibration
+
+
+def load_labelled(path: str | Path) -> list[Sample]:
+    """The images of a labelled validation set (layout in this module's docstring)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: labelled validation folder not found")
+    if (root / "train").is_dir():
+        samples = load_dataset(root).test
+    else:
+        test_dir = next((root / n for n in ("test", "test_public") if (root / n).is_dir()), root)
+        mask_root = next((d / n for d in (root, test_dir) for n in ("masks", "ground_truth") if (d / n).is_dir()), None)
+        flat = _MaskIndex(mask_root) if mask_root is not None else None
+        samples = []
+        for folder in _subfolders(test_dir, skip=("masks", "ground_truth")):
+            images = list_images(folder, recursive=True)
+            if folder.name in _GOOD_NAMES:
+                samples.extend(Sample(p, 0) for p in images)
+                continue
+            per_defect = _MaskIndex(mask_root / folder.name, recursive=True) if mask_root is not None else None
+            for image in images:
+                mask = (per_defect.find(image.stem) if per_defect else None) or (flat.find(image.stem) if flat else None)
+                samples.append(Sample(image, 1, mask, folder.name))
+    if not samples:
+        raise DatasetError(f"{root}: no images in the labelled validation set (expected good/ and <defect>/ folders)")
+    if not any(s.label for s in samples):
+        raise DatasetError(f"{root}: the labelled validation set has no defective images (one folder per defect type next to good/)")
+    return samples
+
+
+# -- command-line options shared by fit and calibrate ---------------------------------------------
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alarm: bool) -> None:
+    """Threshold and mask post-processing options (default None = keep the default / current value)."""
+    g = parser.add_argument_group("thresholds and masks (see README 'Thresholds')")
+    g.add_argument("--image-threshold", dest="image_method", choices=IMAGE_METHODS, default=None,
+                   help="how the image threshold is chosen: conformal (default; --max-false-alarm), mean-std (--std-k), "
+                        "fixed (--image-value) or f1 (F1-optimal on --labelled)")
+    if with_max_false_alarm:
+        g.add_argument("--max-false-alarm", type=float, default=None, help="target false-alarm rate of the conformal image threshold (default 0.01)")
+    g.add_argument("--std-k", type=float, default=None, help="k of the mean + k*std image threshold (default 3)")
+    g.add_argument("--image-value", type=float, default=None, help="the fixed image threshold")
+    g.add_argument("--pixel-threshold", dest="pixel_method", choices=PIXEL_METHODS, default=None,
+                   help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), f1 (F1-optimal on --labelled), fixed (--pixel-value)")
+    g.add_argument("--pixel-false-alarm", type=float, default=None, help="share of good validation pixels allowed above the pixel threshold (default 0.001)")
+    g.add_argument("--pixel-value", type=float, default=None, help="the fixed pixel threshold")
+    g.add_argument("--labelled", default=None, metavar="PATH",
+                   help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ (see README)")
+    g.add_argument("--closing", type=int, default=None, metavar="PX", help="mask post-processing: closing with a disk of this radius (0 off)")
+    g.add_argument("--fill-holes", dest="fill_holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask post-processing: fill holes inside regions")
+    g.add_argument("--min-area", type=int, default=None, metavar="PX", help="mask post-processing: drop regions smaller than this many pixels (0 off)")
+
+
+def choices_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The threshold / post-processing values the user set on the command line."""
+    names = OPTION_FIELDS | POSTPROCESS_FIELDS
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def split_choices(choices: dict[str, Any], base: Calibration | None = None) -> tuple[ThresholdOptions, MaskPostprocess]:
+    """Options and post-processing from ``choices`` on top of ``base``'s (or the defaults)."""
+    options = base.options if base is not None else ThresholdOptions()
+    post = base.postprocess if base is not None else MaskPostprocess()
+    options = dataclasses.replace(options, **{k: v for k, v in choices.items() if k in OPTION_FIELDS})
+    post = dataclasses.replace(post, **{k: v for k, v in choices.items() if k in POSTPROCESS_FIELDS})
+    return options, post

@@ -1,0 +1,191 @@
+"""What ``anomnet predict`` / ``api.predict`` produce for each image, and the files they write.
+
+Per image: score, conformal p-value, decision, and the binary mask of the model's pixel
+threshold (post-processed as the model's calibration says). With an output folder::
+
+    OUT/
+      results.csv         one row per input: path, score, p_value, defective, defect_pixels, regions, error
+      results.jsonl       the same as JSON lines, plus the paths of the files written for the image
+      heatmaps/<name>.png colour heat map (the model's fixed scale, see visualize.py)
+      overlays/<name>.png heat map blended over the image, the mask's contour drawn in white
+      masks/<name>.png    binary mask, 0 / 255, at the image's original resolution
+      maps/<name>.tiff    raw float32 anomaly map at the original resolution (only with raw_maps;
+                          MVTec AD 2's submission format for anomaly images)
+
+``<name>`` is the image's path relative to the folder it was found in (subfolders kept,
+extension dropped), or its file name without extension when the file was given directly;
+a name taken twice gets ``__2``, ``__3``... A file that cannot be read gets its reason in
+``error`` and no image outputs; the others are still written. All files are written
+atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from anomnet import io
+from anomnet.detectors.base import Detector
+from anomnet.errors import AnomnetError, ImageReadError
+from anomnet.postprocess import count_regions
+from anomnet.visualize import draw_contour, heatmap, overlay
+
+CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
+
+
+@dataclass
+class ImagePrediction:
+    """The result for one input image; ``error`` is set (and the numbers are NaN) when it failed."""
+
+    path: str
+    score: float = math.nan
+    p_value: float = math.nan
+    defective: bool | None = None
+    error: str | None = None
+    anomaly_map: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    defect_pixels: int | None = None
+    regions: int | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready summary (no arrays)."""
+        return {
+            "path": self.path,
+            "score": None if math.isnan(self.score) else self.score,
+            "p_value": None if math.isnan(self.p_value) else self.p_value,
+            "defective": self.defective,
+            "defect_pixels": self.defect_pixels,
+            "regions": self.regions,
+            "error": self.error,
+            "outputs": self.outputs,
+        }
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    name: str  # output name without extension, may contain '/'
+
+
+def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> list[InputImage]:
+    """Files as given, folders searched recursively, ``-`` reads one path per line from ``stdin``."""
+    out: list[InputImage] = []
+    taken: dict[str, int] = {}
+
+    def add(path: Path, name: str) -> None:
+        n = taken.get(name, 0) + 1
+        taken[name] = n
+        out.append(InputImage(path, name if n == 1 else f"{name}__{n}"))
+
+    for item in items:
+        if str(item) == "-":
+            for line in (stdin or sys.stdin):
+                line = line.strip()
+                if line:
+                    add(Path(line), Path(line).stem)
+            continue
+        p = Path(item)
+        if p.is_dir():
+            for f in io.list_images(p, recursive=True):
+                add(f, f.relative_to(p).with_suffix("").as_posix())
+        else:
+            add(p, p.stem)
+    return out
+
+
+def predict_images(
+    detector: Detector,
+    images: Iterable[str | Path],
+    out_dir: str | Path | None = None,
+    raw_maps: bool = False,
+    keep_maps: bool = False,
+    progress: bool = False,
+    stdin: TextIO | None = None,
+) -> list[ImagePrediction]:
+    """Score every image; with ``out_dir`` write the files described in this module's docstring."""
+    inputs = expand_inputs(images, stdin)
+    results: list[ImagePrediction] = []
+    out = Path(out_dir) if out_dir is not None else None
+    for item in _progress(inputs, progress):
+        result = _predict_one(detector, item, out, raw_maps)
+        if not keep_maps:
+            result.anomaly_map = result.mask = None
+        results.append(result)
+    if out is not None:
+        write_summaries(results, out)
+    return results
+
+
+def _progress(items: list[InputImage], enabled: bool) -> Iterator[InputImage]:
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc="predict", unit="img", file=sys.stderr, mininterval=1.0)
+
+
+def _predict_one(detector: Detector, item: InputImage, out: Path | None, raw_maps: bool) -> ImagePrediction:
+    cal = detector.calibration
+    try:
+        image = io.read_image(item.path)
+    except ImageReadError as exc:
+        return ImagePrediction(str(item.path), error=exc.problem)
+    pred = detector.predict(io.to_tensor(image)[None])
+    score = float(pred.scores[0])
+    amap = pred.maps[0].numpy()
+    mask = cal.mask(amap)
+    result = ImagePrediction(
+        str(item.path), score, float(cal.p_values(np.array([score]))[0]), bool(cal.decide(np.array([score]))[0]),
+        anomaly_map=amap, mask=mask, defect_pixels=int(mask.sum()), regions=count_regions(mask),
+    )
+    if out is not None:
+        try:
+            result.outputs = write_image_outputs(out, item.name, image, amap, mask, detector, raw_maps)
+        except (OSError, AnomnetError) as exc:
+            result.error = f"outputs could not be written: {exc}"
+    return result
+
+
+def write_image_outputs(out: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray,
+                        detector: Detector, raw_maps: bool) -> dict[str, str]:
+    """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
+    cal = detector.calibration
+    files = {
+        "heatmap": out / "heatmaps" / f"{name}.png",
+        "overlay": out / "overlays" / f"{name}.png",
+        "mask": out / "masks" / f"{name}.png",
+    }
+    io.write_png(files["heatmap"], heatmap(amap, cal))
+    io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask))
+    io.write_png(files["mask"], mask.astype(np.uint8) * 255)
+    if raw_maps:
+        files["map"] = out / "maps" / f"{name}.tiff"
+        io.write_tiff(files["map"], np.asarray(amap, dtype=np.float32))
+    return {k: str(v) for k, v in files.items()}
+
+
+def write_summaries(results: list[ImagePrediction], out: Path) -> None:
+    """``results.csv`` and ``results.jsonl`` in ``out``."""
+    io.atomic_write_text(out / "results.jsonl", "".join(json.dumps(r.record()) + "\n" for r in results))
+    io.atomic_write_text(out / "results.csv", csv_text(results))
+
+
+def csv_text(results: list[ImagePrediction]) -> str:
+    buf = _stdio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in results:
+        rec = r.record()
+        w.writerow(["" if rec[c] is None else rec[c] for c in CSV_COLUMNS])
+    return buf.getvalue()
