@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anomnet.errors import ConfigError
-from anomnet.postprocess import MaskPostprocess, count_regions, disk, postprocess_map
+from anomnet.postprocess import MaskPostprocess, close, count_regions, disk, postprocess_map
 from anomnet.visualize import draw_contour
 
 
@@ -33,6 +33,19 @@ def test_closing_joins_a_one_pixel_gap() -> None:
     assert count_regions(out) == 1 and count_regions(m) == 2
     assert np.array_equal(out & m, m)  # closing never removes pixels
     assert not out[0].any() and not out[4].any() and not out[:, 0].any() and not out[:, 8].any()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5])
+def test_fast_closing_equals_scipy_closing_of_the_padded_mask(radius: int) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(radius)
+    for density in (0.05, 0.3, 0.7):
+        m = rng.random((30, 41)) < density
+        p = np.pad(m, radius)
+        expected = ndimage.binary_closing(p, structure=disk(radius))[radius:-radius, radius:-radius]
+        assert np.array_equal(close(m, radius), expected)
+    assert close(np.ones((5, 5), bool), 2).all()
 
 
 def test_closing_keeps_regions_at_the_image_border() -> None:

@@ -156,3 +156,28 @@ def test_labelled_set_errors(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "only_good" / "good" / "a.png")
     with pytest.raises(DatasetError, match="no defective"):
         load_labelled(tmp_path / "only_good")
+
+
+def test_calibrate_command_dry_run_and_recomputed_statistics(folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    from anomnet.cli import EXIT_INPUT, EXIT_OK, main
+
+    small = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
+    assert main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0.25", *small]) == EXIT_OK
+    assert "pixel threshold" in capsys.readouterr().out
+    before = (tmp_path / "m" / "anomnet.json").read_text()
+    assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--image-threshold", "mean-std", "--dry-run", "--quiet"]) == EXIT_OK
+    assert "mean + 3 std" in capsys.readouterr().out and (tmp_path / "m" / "anomnet.json").read_text() == before
+    # recomputing the statistics from the same validation split gives the same calibration
+    assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--data", str(folder_dataset), "--val-fraction", "0.25", "--quiet"]) == EXIT_OK
+    assert json.loads((tmp_path / "m" / "anomnet.json").read_text())["calibration"] == json.loads(before)["calibration"]
+    assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--image-threshold", "fixed"]) == EXIT_INPUT
+    assert "image-value" in capsys.readouterr().err
+
+
+def test_a_calibration_saved_before_pixel_thresholds_still_loads() -> None:
+    old = {"validation_scores": [1.0, 2.0], "max_false_alarm": 0.01, "threshold": 2.5, "achieved_false_alarm": 0.33,
+           "note": "", "map_low": 0.1, "map_high": 0.9}
+    cal = Calibration.from_dict(old)
+    assert cal.threshold == 2.5 and cal.pixel_threshold == math.inf and not cal.mask(np.full((3, 3), 1e9)).any()
+    with pytest.raises(ConfigError, match="unknown calibration"):
+        Calibration.from_dict({**old, "colour": 1})

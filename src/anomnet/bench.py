@@ -129,6 +129,11 @@ def _parse_variant(text: str, default_model: str) -> tuple[str, str, dict[str, s
 def main(args: argparse.Namespace) -> int:
     from anomnet.detectors import create_detector
 
+    if args.section == "postprocessing":  # pixel thresholds and mask post-processing: its own study
+        from anomnet.postprocess_bench import main as postprocessing_main
+
+        return postprocessing_main(args)
+
     configs = [(m, m, {}) for m in args.models.split(",") if m]
     configs += [_parse_variant(v, configs[0][1] if configs else "patchcore") for v in args.variant]
     work = Path(args.work_dir)

@@ -3,8 +3,8 @@
 Three optional steps, applied in this order to ``anomaly map >= pixel threshold``:
 
 1. **closing** with a disk of radius ``closing`` pixels: joins fragments of one defect that a
-   thin gap separates. The mask is padded by the radius first, so regions that touch the image
-   border are not eaten by the erosion (scipy's ``binary_closing`` treats the outside as 0).
+   thin gap separates. The outside of the image does not erode, so regions that touch the image
+   border stay whole (scipy's ``binary_closing`` would treat the outside as background).
 2. **hole filling**: background enclosed by a region (not connected to the border) becomes part
    of it (``scipy.ndimage.binary_fill_holes``, 4-connected background).
 3. **minimum area**: 8-connected regions smaller than ``min_area`` pixels are dropped (the same
@@ -67,9 +67,7 @@ class MaskPostprocess:
             raise ConfigError(f"a mask must be 2-D (H x W), got shape {m.shape}")
         m = m.astype(bool, copy=True)
         if self.closing > 0 and m.any():
-            r = int(self.closing)
-            padded = np.pad(m, r, mode="constant")
-            m = ndimage.binary_closing(padded, structure=disk(r))[r:-r, r:-r]
+            m = close(m, int(self.closing))
         if self.fill_holes and m.any():
             m = ndimage.binary_fill_holes(m)
         if self.min_area > 1 and m.any():
@@ -98,6 +96,23 @@ def disk(radius: int) -> np.ndarray:
     r = int(radius)
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return (x * x + y * y) <= r * r
+
+
+def close(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological closing with :func:`disk` ``(radius)``; the outside of the image does not erode.
+
+    Computed with two exact Euclidean distance transforms (dilation: within ``radius`` of the
+    mask; erosion: farther than ``radius`` from the dilation's background), which equals
+    ``ndimage.binary_closing`` with the disk on the mask padded by ``radius`` and is several times
+    faster for larger radii.
+    """
+    r = int(radius)
+    padded = np.pad(np.asarray(mask, dtype=bool), r, mode="constant")
+    dilated = ndimage.distance_transform_edt(~padded) <= r + 1e-6
+    if dilated.all():
+        return dilated[r:-r, r:-r].copy()
+    closed = ndimage.distance_transform_edt(dilated) > r + 1e-6
+    return closed[r:-r, r:-r]
 
 
 def count_regions(mask: np.ndarray) -> int:

@@ -1,0 +1,216 @@
+"""`anomnet bench --section postprocessing`: pixel thresholds and mask post-processing on a test set.
+
+One detector is fitted per model (default settings, calibrated as ``anomnet fit`` does), the test
+maps are computed once at the masks' resolution, and then, for each post-processing variant:
+
+* **SegF1 @cal**: pooled pixel F1 of the post-processed masks at the model's calibrated pixel
+  threshold (good-pixel quantile, default target 1e-3) -- what ``anomnet predict`` produces;
+* **SegF1 @F1-opt**: the same at the F1-optimal threshold of the raw maps on the test set (an
+  oracle: a labelled validation set is how a user gets near it);
+* **best SegF1**: the best pooled F1 of the post-processed masks over a grid of thresholds (oracle);
+* **AU-PRO** of the post-processed map at the calibrated threshold: map values of pixels the
+  cleaning removed are lowered to just below the threshold, of pixels it added raised to it
+  (:func:`anomnet.postprocess.postprocess_map`); all other values are unchanged.
+
+A second table compares pixel-threshold choices on the raw masks: quantile targets, and the
+F1-optimal threshold tuned on one half of the test set (a stand-in for a labelled validation set,
+stratified by defect type, seeded) and measured on the other half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomnet.io import atomic_write_text
+from anomnet.postprocess import MaskPostprocess, SegmentationCounts, postprocess_map
+
+PRO_LIMITS = (0.3, 0.05)
+QUANTILE_TARGETS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+VARIANTS: tuple[tuple[str, MaskPostprocess], ...] = (
+    ("none", MaskPostprocess()),
+    ("closing r=4", MaskPostprocess(closing=4)),
+    ("closing r=8", MaskPostprocess(closing=8)),
+    ("fill holes", MaskPostprocess(fill_holes=True)),
+    ("min area 256", MaskPostprocess(min_area=256)),
+    ("min area 1024", MaskPostprocess(min_area=1024)),
+    ("min area 4096", MaskPostprocess(min_area=4096)),
+    ("closing r=8 + fill + min area 1024", MaskPostprocess(closing=8, fill_holes=True, min_area=1024)),
+)
+
+
+@dataclass
+class TestMaps:
+    maps: list[np.ndarray]
+    masks: list[np.ndarray]
+    labels: np.ndarray
+    defect_types: list[str]
+
+
+def collect_maps(detector: Any, samples: list[Any], batch_size: int = 8) -> TestMaps:
+    from anomnet.evaluate import run_predictions
+
+    maps, masks, labels, types = [], [], [], []
+    for batch, pred in run_predictions(detector, samples, batch_size, with_masks=True):
+        assert batch.masks is not None
+        for amap, mask, s in zip(pred.maps, batch.masks, batch.samples):
+            maps.append(amap.numpy().astype(np.float32, copy=False))
+            masks.append(mask.numpy().astype(bool, copy=False))
+            labels.append(s.label)
+            types.append(s.defect_type)
+    return TestMaps(maps, masks, np.asarray(labels), types)
+
+
+def seg_f1(tm: TestMaps, threshold: float, post: MaskPostprocess, idx: list[int] | None = None) -> float:
+    counts = SegmentationCounts()
+    for i in idx if idx is not None else range(len(tm.maps)):
+        raw = tm.maps[i] >= threshold
+        counts.add(post.apply(raw) if post.enabled else raw, tm.masks[i])
+    return counts.f1()
+
+
+def raw_f1_threshold(tm: TestMaps, idx: list[int] | None = None) -> tuple[float, float]:
+    from anomnet.metrics import PixelMetricAccumulator
+
+    acc = PixelMetricAccumulator()
+    for i in idx if idx is not None else range(len(tm.maps)):
+        acc.add(tm.maps[i], tm.masks[i])
+    px = acc.compute(pro_limits=(0.3,))
+    return px.f1_max, px.f1_threshold
+
+
+def au_pro(tm: TestMaps, threshold: float, post: MaskPostprocess) -> dict[float, float]:
+    from anomnet.metrics import PixelMetricAccumulator
+
+    acc = PixelMetricAccumulator()
+    for amap, mask in zip(tm.maps, tm.masks):
+        acc.add(postprocess_map(amap, threshold, post)[1], mask)
+    return acc.compute(pro_limits=PRO_LIMITS).au_pro
+
+
+def half_split(tm: TestMaps, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of two halves, every defect type (and good) split evenly, seeded."""
+    rng = np.random.default_rng(seed)
+    a: list[int] = []
+    b: list[int] = []
+    for t in sorted(set(tm.defect_types)):
+        idx = [i for i, d in enumerate(tm.defect_types) if d == t]
+        rng.shuffle(idx)
+        a += idx[: len(idx) // 2]
+        b += idx[len(idx) // 2 :]
+    return sorted(a), sorted(b)
+
+
+def study(detector: Any, tm: TestMaps, grid_size: int = 7) -> dict[str, Any]:
+    cal = detector.calibration
+    t_cal = cal.pixel_threshold
+    f1_opt, t_opt = raw_f1_threshold(tm)
+    # threshold grid for the best post-processed F1: around the raw optimum, in quantiles of the test maps
+    grid = sorted({float(t_opt * f) for f in np.geomspace(0.7, 1.4, grid_size)} | {t_cal, t_opt})
+    regions = _region_sizes(tm)
+    rows = []
+    for name, post in VARIANTS:
+        t0 = time.perf_counter()
+        at_cal = seg_f1(tm, t_cal, post)
+        at_opt = seg_f1(tm, t_opt, post)
+        best = max((seg_f1(tm, t, post), t) for t in grid)
+        pro = au_pro(tm, t_cal, post)
+        rows.append({"variant": name, "settings": post.to_dict(), "seg_f1_cal": at_cal, "seg_f1_opt": at_opt,
+                     "best_seg_f1": best[0], "best_threshold": best[1],
+                     **{f"au_pro@{k:g}": v for k, v in pro.items()}, "seconds": time.perf_counter() - t0})
+        print(f"[bench] postprocessing {name}: SegF1 {at_cal:.4f} @cal, {at_opt:.4f} @opt, best {best[0]:.4f}; "
+              f"AU-PRO {pro[0.3]:.4f} / {pro[0.05]:.4f}", file=sys.stderr)
+    thresholds = []
+    for q in QUANTILE_TARGETS:
+        t = cal.rethreshold(dataclasses.replace(cal.options, pixel_false_alarm=q)).pixel_threshold
+        thresholds.append({"choice": f"quantile {q:g}", "threshold": t, "seg_f1": seg_f1(tm, t, MaskPostprocess())})
+    a, b = half_split(tm)
+    f1_a, t_a = raw_f1_threshold(tm, a)
+    thresholds.append({"choice": "F1-optimal on half A, measured on half B", "threshold": t_a, "seg_f1": seg_f1(tm, t_a, MaskPostprocess(), b),
+                       "seg_f1_cal_on_b": seg_f1(tm, t_cal, MaskPostprocess(), b), "seg_f1_opt_on_b": raw_f1_threshold(tm, b)[0]})
+    thresholds.append({"choice": "F1-optimal on the whole test set (oracle)", "threshold": t_opt, "seg_f1": f1_opt})
+    return {"pixel_threshold": t_cal, "pixel_false_alarm": cal.pixel_false_alarm, "f1_opt_threshold": t_opt,
+            "rows": rows, "thresholds": thresholds, "regions": regions, "halves": [len(a), len(b)]}
+
+
+def _region_sizes(tm: TestMaps) -> dict[str, float]:
+    from scipy import ndimage
+
+    sizes: list[int] = []
+    for m in tm.masks:
+        if m.any():
+            lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+            sizes += np.bincount(lab.ravel())[1:].tolist()
+    s = np.asarray(sizes)
+    if s.size == 0:
+        return {"count": 0}
+    return {"count": int(s.size), "min": int(s.min()), "p5": float(np.percentile(s, 5)), "median": float(np.median(s)),
+            "image_pixels": int(tm.masks[0].size)}
+
+
+def main(args: argparse.Namespace) -> int:
+    from anomnet import api
+    from anomnet.data import load_dataset
+
+    split = load_dataset(args.data, args.category)
+    models = [m for m in (args.models or "patchcore").split(",") if m]
+    results = []
+    for model in models:
+        print(f"[bench] postprocessing: fitting {model}", file=sys.stderr)
+        t0 = time.perf_counter()
+        det = api.fit(model, split, Path(args.work_dir) / f"postprocessing-{model}", progress=False)
+        fit_s = time.perf_counter() - t0
+        tm = collect_maps(det, split.test)
+        results.append({"model": model, "fit_s": fit_s, "test_images": len(tm.maps), **study(det, tm)})
+        del tm
+    command = "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "anomnet bench --section postprocessing"
+    report = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": args.data, "models": results}
+    text = render(report)
+    from anomnet.bench import write_section
+
+    section = args.section or "postprocessing"
+    write_section(Path(args.out), section, text)
+    json_path = Path("benchmarks") / f"{section}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    print(text)
+    return 0
+
+
+def _p(v: Any) -> str:
+    return "n/a" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = ["## postprocessing", "",
+             f"Produced by `{r['command']}` on {r['date']}. Data: `{r['data']}`. Definitions: `src/anomnet/postprocess_bench.py`,",
+             "docs/decisions.md. SegF1 = pooled pixel F1 over all test images (percent); sizes in pixels of the 900 px masks.", ""]
+    for m in r["models"]:
+        reg = m["regions"]
+        lines += [f"### {m['model']} (default settings; fit {m['fit_s']:.0f} s; {m['test_images']} test images)", "",
+                  f"Calibrated pixel threshold {m['pixel_threshold']:.4g} (good-pixel false-alarm target {m['pixel_false_alarm']:g}); "
+                  f"F1-optimal raw threshold on the test set {m['f1_opt_threshold']:.4g}. Ground-truth regions: {reg.get('count')}, "
+                  f"smallest {reg.get('min')} px, 5th percentile {reg.get('p5', float('nan')):.0f} px, median {reg.get('median', float('nan')):.0f} px.", "",
+                  "| post-processing | SegF1 @cal | SegF1 @F1-opt (oracle) | best SegF1 over thresholds (oracle) | AU-PRO@0.3 | AU-PRO@0.05 |",
+                  "|---|---|---|---|---|---|"]
+        for row in m["rows"]:
+            lines.append(f"| {row['variant']} | {_p(row['seg_f1_cal'])} | {_p(row['seg_f1_opt'])} | {_p(row['best_seg_f1'])} | "
+                         f"{_p(row['au_pro@0.3'])} | {_p(row['au_pro@0.05'])} |")
+        lines += ["", "Pixel threshold choices, raw masks (no post-processing):", "", "| choice | threshold | SegF1 |", "|---|---|---|"]
+        for t in m["thresholds"]:
+            extra = ""
+            if "seg_f1_cal_on_b" in t:
+                extra = f" (half B at the calibrated threshold: {_p(t['seg_f1_cal_on_b'])}; best possible on half B: {_p(t['seg_f1_opt_on_b'])})"
+            lines.append(f"| {t['choice']} | {t['threshold']:.4g} | {_p(t['seg_f1'])}{extra} |")
+        lines.append("")
+    return "\n".join(lines)
