@@ -1,0 +1,355 @@
+"""EfficientAD (Batzner et al., WACV 2024) with an optional CDO loss (Cao et al. 2023).
+
+A PDN student learns to reproduce a frozen teacher's features on good images (hard-feature
+loss) and, with its second half of channels, an autoencoder's reconstruction of them. Local
+defects show up as student-teacher disagreement, logical ones as student-autoencoder
+disagreement; both maps are normalised on the good validation images (quantile ``q_a`` -> 0,
+``q_b`` -> 0.1) and fused as ``alpha * local + (1 - alpha) * global``.
+
+CPU adaptations (see docs/efficientad.md): the teacher is distilled from EfficientNet-Lite0
+features on the training images and a generic image pool (cached); a training step runs the
+student once per image, on the appearance-augmented image (with synthetic noise patches for
+CDO), and that one forward pass serves the student-teacher, student-autoencoder and CDO terms;
+convolutions run in bfloat16 (``bf16``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from anomnet.backbones import DEFAULT_BACKBONE
+from anomnet.data import Sample
+from anomnet.detectors.base import Detector, DetectorConfig, register
+from anomnet.detectors.efficientad.autoencoder import Autoencoder
+from anomnet.detectors.efficientad.distill import (
+    BackboneTeacher,
+    DistillSettings,
+    default_cache_dir,
+    distill_teacher,
+    files_identity,
+    pool_tensors,
+    _random_crop,
+)
+from anomnet.detectors.efficientad.losses import cdo_loss, hard_feature_loss, penalty_loss, quantile_value
+from anomnet.detectors.efficientad.pdn import SIZES, map_padding, output_size, pdn
+from anomnet.errors import ConfigError
+from anomnet.synthesis.appearance import appearance_augment
+from anomnet.synthesis.base import synthesize_batch
+from anomnet.synthesis.noise_patches import NoisePatches
+
+OUT_CHANNELS = 384
+TEACHERS = ("distilled", "backbone")
+LOSSES = ("cdo", "original")
+
+
+@dataclass
+class EfficientADConfig(DetectorConfig):
+    batch_size: int = 8  # images per forward pass at prediction and for statistics
+    model_size: str = "s"  # s | m (EfficientAD-S / -M PDNs)
+    padding: bool = False  # PDN paddings (the authors' code: none)
+    teacher: str = "distilled"  # distilled (a PDN distilled from the backbone) | backbone (its features directly)
+    backbone: str = DEFAULT_BACKBONE
+    teacher_layers: tuple[str, ...] | None = None  # None: the backbone's default layers
+    loss: str = "cdo"  # cdo: hard + CDO + AE + ST-AE | original: hard + generic-image penalty + AE + ST-AE
+    steps: int = 200  # student + autoencoder training steps (about 5 min on 2 idle cores at 256 px)
+    train_batch: int = 2  # training images per step
+    lr: float = 1e-3
+    hard_quantile: float = 0.999
+    cdo_gamma: float = 2.0
+    synth_probability: float = 0.4  # share of training images given noise patches (CDO)
+    avoid_background: bool = True
+    penalty: bool = True  # the generic-image penalty of the original losses
+    distill_steps: int = 200  # about 1 min on 2 idle cores; cached
+    distill_batch: int = 8
+    distill_crop: int = 128
+    distill_lr: float = 1e-3
+    distill_on_train: bool = True  # distil on the training images too (else on the generic pool only)
+    pool_dir: str | None = None  # generic image folder (default: $ANOMNET_TEXTURE_DIR or the DTD subset)
+    pool_limit: int | None = 200
+    cache_dir: str | None = None  # distilled-teacher cache (default ~/.cache/anomnet/efficientad; "off": none)
+    alpha: float = 0.5  # weight of the local (student-teacher) map; used at scoring time
+    q_a: float = 0.9
+    q_b: float = 0.995
+    bf16: bool = True  # bfloat16 convolutions (about 2x faster on CPUs with AVX512-BF16 / AMX)
+
+
+@register
+class EfficientAD(Detector):
+    name = "efficientad"
+    config_class = EfficientADConfig
+    description = "EfficientAD: PDN student-teacher + autoencoder, optional CDO loss (Batzner et al. 2024, Cao et al. 2023)"
+    config: EfficientADConfig
+
+    def __init__(self, config: EfficientADConfig | None = None) -> None:
+        super().__init__(config)
+        c = self.config
+        if c.model_size not in SIZES:
+            raise ConfigError(f"model_size must be one of {', '.join(SIZES)}, got {c.model_size!r}")
+        if c.teacher not in TEACHERS:
+            raise ConfigError(f"teacher must be one of {', '.join(TEACHERS)}, got {c.teacher!r}")
+        if c.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+        if not 0.0 <= c.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {c.alpha}")
+        if not 0.0 <= c.q_a < c.q_b <= 1.0:
+            raise ConfigError(f"need 0 <= q_a < q_b <= 1, got q_a={c.q_a}, q_b={c.q_b}")
+        if c.steps < 0 or c.distill_steps < 0 or c.train_batch < 1 or c.distill_batch < 1:
+            raise ConfigError("steps and distill_steps must be >= 0, train_batch and distill_batch >= 1")
+        size = self.preprocess.output_size
+        if size % 32:
+            raise ConfigError(f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}")
+        self.size = size
+        self.n = output_size(size, c.padding)
+        self.teacher: nn.Module = (
+            pdn(c.model_size, OUT_CHANNELS, c.padding).eval()
+            if c.teacher == "distilled"
+            else BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed)
+        )
+        self.teacher.requires_grad_(False)
+        self.student = pdn(c.model_size, 2 * OUT_CHANNELS, c.padding).eval()
+        self.autoencoder = Autoencoder(size, self.n, OUT_CHANNELS).eval()
+        self.teacher_mean = torch.zeros(1, OUT_CHANNELS, 1, 1)
+        self.teacher_std = torch.ones(1, OUT_CHANNELS, 1, 1)
+        self.quantiles = torch.tensor([0.0, 1.0, 0.0, 1.0])  # st q_a, st q_b, ae q_a, ae q_b
+        self.fitted = False
+        self.fit_info: dict[str, Any] = {}
+
+    # -- networks ------------------------------------------------------------------------
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            t = self.teacher(images)
+        return (t.float() - self.teacher_mean) / self.teacher_std
+
+    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``."""
+        t = self._teacher_features(images)
+        with self._autocast():
+            s = self.student(images)
+            a = self.autoencoder(images)
+        s, a = s.float(), a.float()
+        map_st = (t - s[:, :OUT_CHANNELS]).pow(2).mean(1)
+        map_ae = (a - s[:, OUT_CHANNELS:]).pow(2).mean(1)
+        return map_st, map_ae
+
+    # -- training ------------------------------------------------------------------------
+    def _load_images(self, samples: Sequence[Sample], progress: str | None) -> torch.Tensor:
+        parts = list(self.training_batches(samples, progress))  # whole images resized, or tiles (anomnet.tiling)
+        return torch.cat(parts) if parts else torch.zeros(0, 3, self.size, self.size)
+
+    def _pool(self) -> tuple[list[torch.Tensor], str]:
+        from anomnet.image_pool import BUILTIN_NAMES, generic_images, texture_paths
+
+        c = self.config
+        images = generic_images(c.pool_dir, limit=c.pool_limit, seed=c.seed)
+        pool = []
+        for im in pool_tensors(images):  # keep at most 2x the input size, as uint8 to bound memory
+            short = min(im.shape[-2:])
+            if short > 2 * self.size:
+                scale = 2 * self.size / short
+                im = F.interpolate(im[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)[0]
+            pool.append((im.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+        identity = files_identity(texture_paths(c.pool_dir, c.pool_limit, c.seed), BUILTIN_NAMES)
+        return pool, identity
+
+    def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
+        if not train:
+            raise ConfigError("EfficientAD needs at least one training image")
+        c = self.config
+        t_start = time.perf_counter()
+        torch.manual_seed(c.seed)
+        g = torch.Generator().manual_seed(c.seed)
+        images = self._load_images(train, "load train" if progress else None)
+        needs_pool = c.teacher == "distilled" or (c.loss == "original" and c.penalty)
+        pool_u8, pool_id = self._pool() if needs_pool else ([], "")
+        pool = _FloatView(pool_u8)
+        info: dict[str, Any] = {}
+        if c.teacher == "distilled":
+            settings = DistillSettings(
+                c.model_size, c.padding, OUT_CHANNELS, c.backbone, tuple(c.teacher_layers) if c.teacher_layers else None,
+                c.distill_steps, c.distill_batch, c.distill_crop, c.distill_lr, c.seed, self.size, pool_id,
+                files_identity([s.path for s in train]) if c.distill_on_train else "",
+            )
+            cache = None if (c.cache_dir or "").lower() in ("off", "none", "false") else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
+            target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed)
+            self.teacher, record = distill_teacher(
+                settings, target, images if c.distill_on_train else None, pool, cache, c.bf16, progress
+            )
+            self.teacher.requires_grad_(False)
+            info["distill"] = record
+        self._teacher_statistics(images)
+        t_train = time.perf_counter()
+        info["train_losses"] = self._train(images, pool, g, progress)
+        info["train_seconds"] = time.perf_counter() - t_train
+        val_images = self._load_images(validation, None) if validation else images[: max(1, len(images) // 10)]
+        self._map_quantiles(val_images)
+        info["fit_seconds"] = time.perf_counter() - t_start
+        self.fit_info = info
+        self.fitted = True
+
+    @torch.no_grad()
+    def _teacher_statistics(self, images: torch.Tensor) -> None:
+        """Channel mean and standard deviation of the teacher's output on the training images."""
+        total = torch.zeros(OUT_CHANNELS, dtype=torch.float64)
+        total_sq = torch.zeros(OUT_CHANNELS, dtype=torch.float64)
+        count = 0
+        for i in range(0, len(images), self.config.batch_size):
+            with self._autocast():
+                t = self.teacher(images[i : i + self.config.batch_size]).float().double()
+            total += t.sum((0, 2, 3))
+            total_sq += t.pow(2).sum((0, 2, 3))
+            count += t.shape[0] * t.shape[2] * t.shape[3]
+        mean = total / count
+        var = (total_sq / count - mean.pow(2)).clamp_min(1e-12)
+        self.teacher_mean = mean.float().view(1, -1, 1, 1)
+        self.teacher_std = var.sqrt().float().view(1, -1, 1, 1)
+
+    def _anomaly_grid(self, masks: torch.Tensor) -> torch.Tensor:
+        """Pixel masks ``[B,S,S]`` -> ``[B,n,n]`` bool: output cells whose 4x4 centre block holds an altered pixel."""
+        before, _ = map_padding(self.size, self.config.padding)
+        cells = F.max_pool2d(masks[:, None].float(), 4, 4)[:, 0]  # [B,S/4,S/4], cell k = rows 4k..4k+3
+        return cells[:, before : before + self.n, before : before + self.n] > 0.5
+
+    def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> dict[str, float]:
+        c = self.config
+        self.student.train().to(memory_format=torch.channels_last)
+        self.autoencoder.train()
+        params = list(self.student.parameters()) + list(self.autoencoder.parameters())
+        opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5)
+        # the paper drops the learning rate 10x for the last 5 % of the steps
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
+        synth = NoisePatches(avoid_background=c.avoid_background)
+        order = torch.randperm(len(images), generator=g)
+        pos = 0
+        sums: dict[str, float] = {}
+        bar = tqdm(range(c.steps), desc="train student+AE", disable=not progress, leave=False)
+        for _ in bar:
+            idx = []
+            for _ in range(c.train_batch):
+                if pos == len(order):
+                    order, pos = torch.randperm(len(images), generator=g), 0
+                idx.append(int(order[pos]))
+                pos += 1
+            x = torch.stack([appearance_augment(images[i], g) for i in idx])
+            if c.loss == "cdo":
+                x, masks = synthesize_batch(synth, x, g, c.synth_probability)
+                anomalous = self._anomaly_grid(masks)
+            else:
+                anomalous = torch.zeros(len(idx), self.n, self.n, dtype=torch.bool)
+            normal = ~anomalous
+            t = self._teacher_features(x)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                s = self.student(xc).float()
+                a = self.autoencoder(x).float()
+            s_st, s_ae = s[:, :OUT_CHANNELS], s[:, OUT_CHANNELS:]
+            losses = {"hard": hard_feature_loss((t - s_st).pow(2), c.hard_quantile, normal)}
+            if c.loss == "cdo":
+                losses["cdo"] = cdo_loss(t, s_st, anomalous, c.cdo_gamma)
+            elif c.penalty and len(pool):
+                p = torch.stack([_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True) for _ in idx])
+                with self._autocast():
+                    sp = self.student(p.contiguous(memory_format=torch.channels_last)).float()
+                losses["penalty"] = penalty_loss(sp[:, :OUT_CHANNELS])
+            keep = normal[:, None].expand_as(a)  # synthetic defects are left out of the reconstruction terms
+            losses["ae"] = (t - a).pow(2)[keep].mean()
+            losses["stae"] = (a - s_ae).pow(2)[keep].mean()
+            total = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[union-attr]
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] = 0.9 * sums.get(k, v.item()) + 0.1 * v.item()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+        self.student.eval().to(memory_format=torch.contiguous_format)
+        self.autoencoder.eval()
+        return sums
+
+    @torch.no_grad()
+    def _map_quantiles(self, images: torch.Tensor) -> None:
+        st, ae = [], []
+        for i in range(0, len(images), self.config.batch_size):
+            m_st, m_ae = self.raw_maps(images[i : i + self.config.batch_size])
+            st.append(m_st.reshape(-1))
+            ae.append(m_ae.reshape(-1))
+        c = self.config
+        v_st, v_ae = torch.cat(st), torch.cat(ae)
+        q = [quantile_value(v, p) for v in (v_st, v_ae) for p in (c.q_a, c.q_b)]
+        self.quantiles = torch.stack(q).float()
+
+    # -- inference -----------------------------------------------------------------------
+    def combined_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B,n,n]`` fused map: quantile-normalised local and global maps mixed by ``alpha``."""
+        m_st, m_ae = self.raw_maps(images)
+        q = self.quantiles
+        m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
+        m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
+        a = self.config.alpha
+        return a * m_st + (1.0 - a) * m_ae
+
+    def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fitted:
+            raise ConfigError("EfficientAD is not fitted: call fit() or load a saved model")
+        maps = []
+        for i in range(0, len(images), self.config.batch_size):
+            maps.append(self.combined_map(images[i : i + self.config.batch_size]))
+        m = torch.cat(maps)
+        scores = m.flatten(1).max(1).values
+        before, after = map_padding(self.size, self.config.padding)
+        grid = F.pad(m[:, None], (before, after, before, after))
+        full = F.interpolate(grid, size=(self.size, self.size), mode="bilinear", align_corners=False)[:, 0]
+        return scores, full
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.fitted:
+            raise ConfigError("EfficientAD is not fitted: nothing to save")
+        out = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        out.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
+        if self.config.teacher == "distilled":
+            out.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        else:  # the backbone's weights ship with anomnet; only the projection is ours
+            out["teacher.projection"] = self.teacher.projection  # type: ignore[union-attr]
+        out.update(teacher_mean=self.teacher_mean, teacher_std=self.teacher_std, quantiles=self.quantiles)
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.student.load_state_dict(part("student."))
+        self.autoencoder.load_state_dict(part("autoencoder."))
+        if self.config.teacher == "distilled":
+            self.teacher.load_state_dict(part("teacher."))
+        else:
+            self.teacher.projection.copy_(tensors["teacher.projection"])  # type: ignore[union-attr, operator]
+        self.teacher_mean = tensors["teacher_mean"].float()
+        self.teacher_std = tensors["teacher_std"].float()
+        self.quantiles = tensors["quantiles"].float()
+        self.fitted = True
+
+
+class _FloatView:
+    """A list of uint8 ``[3,H,W]`` images read back as float in [0,1]."""
+
+    def __init__(self, images: list[torch.Tensor]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].float() / 255.0

@@ -1,0 +1,213 @@
+"""EfficientAD: PDN geometry and cost, losses, noise patches, and the detector end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomnet import api
+from anomnet.data import load_dataset
+from anomnet.detectors import create_detector
+from anomnet.detectors.efficientad.autoencoder import Autoencoder
+from anomnet.detectors.efficientad.distill import orthonormal_projection
+from anomnet.detectors.efficientad.losses import cdo_loss, discrepancy, hard_feature_loss, quantile_value
+from anomnet.detectors.efficientad.pdn import count_macs, map_padding, output_size, patch_offset, pdn
+from anomnet.errors import ConfigError
+from anomnet.synthesis.appearance import appearance_augment
+from anomnet.synthesis.base import synthesize_batch
+from anomnet.synthesis.noise_patches import NoisePatches, foreground_mask
+
+
+# -- PDN ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,padding", [("s", False), ("s", True), ("m", False)])
+def test_pdn_receptive_field_is_33x33(size: str, padding: bool) -> None:
+    torch.manual_seed(0)
+    net = pdn(size, 8, padding).double().eval()
+    s = 72
+    x = torch.rand(1, 3, s, s, dtype=torch.float64)
+    with torch.no_grad():
+        base = net(x)
+        n = output_size(s, padding)
+        assert base.shape[-2:] == (n, n)
+        for y, xx in ((37, 40), (3, 60), (70, 0)):
+            x2 = x.clone()
+            x2[0, :, y, xx] += 1.0
+            changed = (net(x2) - base).abs().amax(1)[0] > 0
+            off = patch_offset(padding)
+            rows = torch.tensor([off + 4 * i <= y <= off + 4 * i + 32 for i in range(n)])
+            cols = torch.tensor([off + 4 * j <= xx <= off + 4 * j + 32 for j in range(n)])
+            expected = rows[:, None] & cols[None, :]  # empty for (70, 0) without padding: no patch holds it
+            assert expected.any() or (not padding and y == 70)
+            assert torch.equal(changed, expected), (y, xx)
+
+
+def test_output_grid_and_map_padding() -> None:
+    assert output_size(256, False) == 56 and output_size(256, True) == 64
+    assert map_padding(256, False) == (4, 4) and map_padding(256, True) == (0, 0)
+
+
+def test_mac_count_matches_hand_count() -> None:
+    # EfficientAD-S at 256 px without padding: conv outputs 253, 123, 59, 56 px
+    hand = 253**2 * 128 * 3 * 16 + 123**2 * 256 * 128 * 16 + 59**2 * 256 * 256 * 9 + 56**2 * 384 * 256 * 16
+    assert count_macs(pdn("s", 384), 256) == hand
+    assert count_macs(pdn("m", 384), 64) > 3 * count_macs(pdn("s", 384), 64)
+
+
+def test_autoencoder_shapes() -> None:
+    ae = Autoencoder(64, output_size(64), 384).eval()
+    assert ae(torch.rand(2, 3, 64, 64)).shape == (2, 384, 8, 8)
+    with pytest.raises(ConfigError):
+        Autoencoder(80, 12)
+
+
+def test_orthonormal_projection_keeps_distances() -> None:
+    p = orthonormal_projection(20, 64, seed=3)
+    a, b = torch.randn(20), torch.randn(20)
+    assert torch.allclose((p @ a - p @ b).norm(), (a - b).norm(), atol=1e-5)
+
+
+# -- losses ------------------------------------------------------------------------------------
+def test_hard_loss_keeps_only_the_top_quantile() -> None:
+    values = torch.randperm(1000).double().reshape(1, 10, 10, 10)
+    # the 0.999 quantile of 0..999 is 998.001: only 999 is at or above it
+    assert hard_feature_loss(values, 0.999).item() == 999.0
+    assert hard_feature_loss(values, 0.99).item() == pytest.approx(sum(range(990, 1000)) / 10)
+    x = torch.rand(2, 7, 5, 5)
+    assert quantile_value(x.reshape(-1), 0.93) == pytest.approx(torch.quantile(x.reshape(-1), 0.93).item())
+    mask = torch.zeros(2, 5, 5, dtype=torch.bool)
+    mask[1, 2, 3] = True  # only the 7 channel values of one position count
+    assert hard_feature_loss(x, 0.0, mask).item() == pytest.approx(x[1, :, 2, 3].mean().item())
+
+
+def test_cdo_loss_on_a_hand_computed_case() -> None:
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]]).T.reshape(1, 2, 1, 3)
+    student = torch.tensor([[3.0, 0.0], [0.0, 5.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
+    d = discrepancy(teacher, student)[0, 0]
+    assert torch.allclose(d, torch.tensor([0.0, 2.0, 4.0]))
+    anomalous = torch.tensor([[[False, False, True]]])
+    # normal d = [0, 2], mean 1, w = [0, 4]; anomalous d = [4], w = 1: (0 + 8 - 4) / (4 + 1)
+    assert cdo_loss(teacher, student, anomalous, gamma=2.0).item() == pytest.approx(0.8)
+    # gamma 0: plain sums, (0 + 2 - 4) / 3
+    assert cdo_loss(teacher, student, anomalous, gamma=0.0).item() == pytest.approx(-2 / 3)
+    # all normal: d = [0, 2, 4], mean 2, w = [0, 1, 4]: (0 + 2 + 16) / 5
+    assert cdo_loss(teacher, student, torch.zeros_like(anomalous), gamma=2.0).item() == pytest.approx(3.6)
+
+
+def test_cdo_gradient_pulls_normal_and_pushes_anomalous() -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 4, 2, 2)
+    student = (teacher + 0.3 * torch.randn(1, 4, 2, 2)).requires_grad_()
+    anomalous = torch.tensor([[[False, True], [False, False]]])
+    cdo_loss(teacher, student, anomalous).backward()
+    with torch.no_grad():
+        step = student - 0.01 * student.grad
+        before, after = discrepancy(teacher, student)[0], discrepancy(teacher, step)[0]
+    assert after[0, 1] > before[0, 1]  # the synthetic defect moves away from the teacher
+    assert (after[~anomalous[0]] <= before[~anomalous[0]] + 1e-7).all()
+
+
+# -- synthetic anomalies -----------------------------------------------------------------------
+def _object_image(size: int = 96) -> torch.Tensor:
+    img = torch.zeros(3, size, size)
+    img[:, 30:70, 20:60] = 0.7  # a gray object on a black background
+    return img
+
+
+def test_noise_patch_masks_match_altered_pixels() -> None:
+    gen = NoisePatches(avoid_background=False)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        img = torch.rand(3, 80, 120) * 0.5
+        out, mask = gen(img, rng)
+        assert mask.shape == (80, 120) and mask.sum() > 0
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        changed = (out != img).any(0)
+        assert torch.equal(changed, mask.bool())
+        assert out.min() >= 0 and out.max() <= 1
+        side_max = round(80 / 10)
+        assert mask.sum() <= 4 * side_max**2
+
+
+def test_noise_patches_avoid_the_background() -> None:
+    img = _object_image()
+    fg = foreground_mask(img)
+    assert fg[50, 40] and not fg[5, 5] and not fg[90, 90]
+    gen = NoisePatches(avoid_background=True)
+    rng = torch.Generator().manual_seed(0)
+    near = torch.nn.functional.max_pool2d(fg[None, None].float(), 11, 1, 5)[0, 0] > 0  # fg grown by half a max patch
+    for _ in range(30):
+        _, mask = gen(img, rng)
+        assert (mask.bool() & fg).any()
+        assert not (mask.bool() & ~near).any()
+
+
+def test_noise_patches_probability_and_seed() -> None:
+    images = _object_image()[None].repeat(200, 1, 1, 1)
+    out1, masks1 = synthesize_batch(NoisePatches(), images, torch.Generator().manual_seed(5), 0.4)
+    out2, masks2 = synthesize_batch(NoisePatches(), images, torch.Generator().manual_seed(5), 0.4)
+    assert torch.equal(out1, out2) and torch.equal(masks1, masks2)
+    share = (masks1.flatten(1).amax(1) > 0).float().mean().item()
+    assert 0.28 < share < 0.52
+
+
+def test_appearance_augment_is_seeded_and_in_range() -> None:
+    img = torch.rand(3, 32, 32)
+    a = appearance_augment(img, torch.Generator().manual_seed(2))
+    b = appearance_augment(img, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    changed = sum(not torch.equal(appearance_augment(img, torch.Generator().manual_seed(s)), img) for s in range(10))
+    assert changed >= 8
+
+
+# -- detector ----------------------------------------------------------------------------------
+TINY = {"image_size": 64, "steps": 4, "distill_steps": 2, "distill_crop": 64, "distill_batch": 4, "pool_limit": 4, "batch_size": 4}
+
+
+def test_settings_are_checked() -> None:
+    for bad in ({"model_size": "l"}, {"teacher": "x"}, {"loss": "x"}, {"alpha": 2}, {"q_a": 0.99, "q_b": 0.9}, {"image_size": 80}):
+        with pytest.raises(ConfigError):
+            create_detector("efficientad", bad)
+
+
+def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
+    settings = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings=settings, progress=False)
+    assert det.fit_info["distill"]["cached"] is False
+    res = api.test(tmp_path / "m", folder_dataset, progress=False)
+    assert 0.0 <= res.metrics["image_auroc"] <= 1.0 and "au_pro@0.3" in res.metrics
+    loaded = api.load(tmp_path / "m")
+    x = torch.rand(3, 3, 70, 90)
+    a, b = det.predict(x), loaded.predict(x)
+    assert a.maps.shape == (3, 70, 90)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    # the scores are the maxima of the fused map; alpha moves them
+    loaded.config.alpha = 1.0
+    assert not torch.equal(loaded.predict(x).scores, a.scores)
+    # a second fit with the same settings reads the distilled teacher from the cache
+    again = create_detector("efficientad", {**settings, "steps": 1})
+    again.fit(list(load_dataset(folder_dataset).train), [], progress=False)
+    assert again.fit_info["distill"]["cached"] is True
+    for k, v in det.teacher.state_dict().items():
+        assert torch.equal(v, again.teacher.state_dict()[k])
+
+
+@pytest.mark.parametrize("extra", [{"teacher": "backbone", "loss": "original"}, {"model_size": "m", "padding": True, "cache_dir": "off"}])
+def test_variants_fit_and_reload(folder_dataset: Path, tmp_path: Path, extra: dict) -> None:
+    det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings={**TINY, "steps": 2, **extra}, progress=False)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(det.predict(x).maps, api.load(tmp_path / "m").predict(x).maps)
+
+
+def test_bench_rescore_changes_alpha_and_restores(folder_dataset: Path, tmp_path: Path) -> None:
+    from anomnet import bench
+
+    split = load_dataset(folder_dataset)
+    det = api.fit("efficientad", split, settings={**TINY, "steps": 2, "cache_dir": "off"}, progress=False)
+    threshold = det.calibration.threshold
+    m0 = bench.rescore(det, split, {"alpha": "0"})
+    m1 = bench.rescore(det, split, {"alpha": "1"})
+    assert det.config.alpha == 0.5 and det.calibration.threshold == threshold
+    assert m0["pixel_auroc"] != m1["pixel_auroc"]
+    assert bench._accepts(det, "alpha=0") and not bench._accepts(det, "coreset_ratio=0.1")
