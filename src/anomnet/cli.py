@@ -112,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", default=None, metavar="NAME", help="replace only this named section of the Markdown file (JSON in benchmarks/NAME.json), so each detector family keeps its own table; without it the whole file is written (JSON beside it)")
     p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
     p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...", help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' (repeatable; only for models that have those settings)")
-    p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...", help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' (repeatable; only for models that have those settings)")
     p.add_argument("--memory-images", type=int, default=0, help="also fit PatchCore on this many training images (the set repeated) and report peak memory, e.g. 1000 (default 0: skip)")
     return parser
 
