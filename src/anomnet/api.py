@@ -78,13 +78,22 @@ def test(
     heatmaps_dir: str | Path | None = None,
     heatmaps: int = 6,
     progress: bool = True,
+    report: str | Path | None = None,
 ) -> EvaluationResult:
-    """Evaluate a model on the test split of ``data``; optionally write metrics JSON and heat maps."""
+    """Evaluate a model on the test split of ``data``; optionally write metrics JSON, heat maps and an HTML report."""
+    if report is not None:
+        from anomnet import report as _report  # matplotlib is imported only when a report is asked for
+
+        _report.check_report_path(report)  # a bad path fails now, not after the evaluation
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout)
     if not split.test:
         raise AnomnetError(f"{split.name}: no test images to evaluate")
-    result = evaluate(detector, split.test, batch_size, eval_size, progress)
+    # A report also needs the curves and the worst cases, recorded by the same evaluation pass.
+    for_report = {} if report is None else {"keep_worst": _report.WORST_CASES, "curve_points": _report.CURVE_POINTS}
+    result = evaluate(detector, split.test, batch_size, eval_size, progress, **for_report)
+    if report is not None:
+        _report.write_report(result, detector, report, split.name, None if isinstance(model_dir, Detector) else model_dir)
     if json_out is not None:
         payload = {
             "dataset": split.name,

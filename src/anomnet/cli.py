@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=None, help="compare maps and masks at this fixed size instead of each mask's own resolution")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)")
+    p.add_argument("--report", default=None, metavar="PATH.html", help="also write one self-contained HTML report: metrics, ROC / PR / PRO curves, score histograms with the threshold, the worst false alarms and misses with heat maps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("predict", help="score images with a saved model", description="Print each image's anomaly score, conformal p-value and decision; with --out also write heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that cannot be read is listed with its reason; the others are still scored (exit code 3).")
@@ -190,11 +191,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     from anomnet import api
 
     json_out = args.json or str(Path(args.model_dir) / "metrics.json")
-    res = api.test(args.model_dir, args.data, args.category, args.layout, json_out, args.eval_size, args.batch_size, args.heatmaps, progress=not args.quiet)
+    res = api.test(args.model_dir, args.data, args.category, args.layout, json_out, args.eval_size, args.batch_size, args.heatmaps, progress=not args.quiet, report=args.report)
     print(format_metrics(res.metrics) + "  (percent)")
     print(f"{len(res.scores)} test images, {1000 * res.seconds_per_image:.1f} ms per image; metrics written to {json_out}")
     if args.heatmaps:
         print(f"heat maps written to {args.heatmaps}")
+    if args.report:
+        print(f"report written to {args.report}")
     return EXIT_OK
 
 
@@ -261,9 +264,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)")
     det = api.fit(model, split, out / "model", max_train=args.max_train, progress=not args.quiet)
     print(f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a {det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells")
-    res = api.test(det, split, json_out=out / "metrics.json", heatmaps_dir=out / "heatmaps", heatmaps=8, progress=not args.quiet)
+    res = api.test(det, split, json_out=out / "metrics.json", heatmaps_dir=out / "heatmaps", heatmaps=8, progress=not args.quiet, report=out / "report.html")
     print(format_metrics(res.metrics) + "  (percent)")
-    print(f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/")
+    print(f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/; report: {out / 'report.html'}")
     return EXIT_OK
 
 

@@ -307,6 +307,11 @@ def _ordered_uint32_to_float(key_hi: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+def _curve_bin(fp: int, tp: int, n_normal: int, n_pos: int, n: int) -> int:
+    """``floor(fpr * n) + floor(tpr * n)`` in exact integers (see :class:`PixelCurves`)."""
+    return int(fp) * n // n_normal + int(tp) * n // n_pos
+
+
 def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     """Trapezoid area of the polyline (x, y) restricted to x <= limit, MVTec style.
 
@@ -516,6 +521,10 @@ class PixelMetricAccumulator:
         curve_parts: list[tuple[np.ndarray, ...]] = []
         pending: tuple[np.ndarray, ...] | None = None
         prev_bin = -1
+        if record:  # smallest counts reaching floor(count * n / total) = k, for k = 1..n
+            levels = np.arange(1, int(curve_points) + 1, dtype=np.int64)
+            fp_levels = -((-levels * n_normal) // int(curve_points))
+            tp_levels = -((-levels * n_pos) // int(curve_points))
 
         end = keys.size
         while end > 0:
@@ -561,21 +570,29 @@ class PixelMetricAccumulator:
                     prev_x, prev_y = float(x[-1]), float(y[-1])
                 prev_fp, prev_tp = int(fp_e[-1]), int(tp_e[-1])
             if record:
-                # Keep the first and the last point of every bin; a chunk's last point waits for the
-                # next chunk to tell whether it ends its bin, so the result does not depend on chunking.
-                fpr_e, tpr_e = fp_e / n_normal, tp_e / n_pos
-                bins = np.floor(fpr_e * curve_points).astype(np.int64) + np.floor(tpr_e * curve_points).astype(np.int64)
-                if pending is not None and bins[0] != prev_bin:
+                # Keep the first and the last point of every bin. Bins start where the counts pass
+                # a level (found by binary search, exact integers); a chunk's last point waits for
+                # the next chunk to tell whether it ends its bin, so chunking changes nothing.
+                m_e = fp_e.size
+                cuts = np.union1d(np.searchsorted(fp_e, fp_levels), np.searchsorted(tp_e, tp_levels))
+                cuts = cuts[(cuts > 0) & (cuts < m_e)]
+                first_bin = _curve_bin(fp_e[0], tp_e[0], n_normal, n_pos, curve_points)
+                new_at_start = first_bin != prev_bin
+                if pending is not None and new_at_start:
                     curve_parts.append(pending)
-                keep = np.empty(bins.size, dtype=bool)
-                keep[0] = bins[0] != prev_bin
-                np.not_equal(bins[1:], bins[:-1], out=keep[1:])
-                keep[:-1] |= keep[1:]  # the point before a new bin is the last of its own
-                keep[-1] |= start == 0  # the last point of the walk (FPR = TPR = 1)
-                point = (fpr_e, tpr_e, tp_e / (tp_e + fp_e), np.minimum(pro_e / n_regions, 1.0))
-                curve_parts.append(tuple(a[keep] for a in point))
-                pending = None if keep[-1] else tuple(a[-1:] for a in point)
-                prev_bin = int(bins[-1])
+                idx = np.union1d(cuts, cuts - 1)  # first point of a bin and the last of the one before
+                if new_at_start:
+                    idx = np.union1d([0], idx)
+                if start == 0:  # the last point of the walk (FPR = TPR = 1)
+                    idx = np.union1d(idx, [m_e - 1])
+                fp_k, tp_k = fp_e[idx], tp_e[idx]
+                point = (fp_k / n_normal, tp_k / n_pos, tp_k / (tp_k + fp_k), np.minimum(pro_e[idx] / n_regions, 1.0))
+                curve_parts.append(point)
+                last = m_e - 1
+                pending = None if (idx.size and idx[-1] == last) else (
+                    fp_e[last:] / n_normal, tp_e[last:] / n_pos, tp_e[last:] / (tp_e[last:] + fp_e[last:]), np.minimum(pro_e[last:] / n_regions, 1.0)
+                )
+                prev_bin = _curve_bin(fp_e[last], tp_e[last], n_normal, n_pos, curve_points)
 
         f1_threshold = _ordered_uint32_to_float(best_hi)
         if not both_classes:
