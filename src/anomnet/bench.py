@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     backbones: dict[tuple[str, int], dict[str, Any]] = {}
     rows = []
-    for name, model, settings in configs:
+    for i, (name, model, settings) in enumerate(configs):
         det = create_detector(model, settings)  # validates the settings before any long work
         key = (getattr(det.config, "backbone", "efficientnet_lite0"), det.config.image_size)
         if key not in backbones:
@@ -185,10 +186,19 @@ def main(args: argparse.Namespace) -> int:
         for extra in result.pop("rescored", None) or []:  # the same fitted model, scored with other settings
             label = ";".join(f"{k}={v}" for k, v in extra["settings"].items())
             rows.append({**rows[-1], "name": f"{name} {label}", "settings": {**settings, **extra["settings"]}, "metrics": extra["metrics"], "rescored_from": name})
+        if i + 1 < len(configs):  # an interrupted run keeps the rows it has measured
+            _write_report(args, backbones, rows, None, pending=[c[0] for c in configs[i + 1 :]])
     memory = None
     if args.memory_images:
         print(f"[bench] memory check: patchcore fit on {args.memory_images} images", file=sys.stderr)
         memory = _run_worker("memory", {"model": "patchcore", "settings": {}, "images": args.memory_images, "data": args.data, "category": args.category})
+    print(_write_report(args, backbones, rows, memory))
+    return 0
+
+
+def _write_report(args: argparse.Namespace, backbones: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]],
+                  memory: dict[str, Any] | None, pending: Sequence[str] = ()) -> str:
+    """Write the Markdown section and the JSON of the rows measured so far; ``pending``: configurations still to run."""
     command = "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "anomnet bench"
     report = {
         "command": command,
@@ -201,14 +211,14 @@ def main(args: argparse.Namespace) -> int:
         "backbones": list(backbones.values()),
         "rows": rows,
         "memory_check": memory,
+        "pending": list(pending),
     }
     text = render_markdown(report, args.section)
     write_section(Path(args.out), args.section, text)
     json_path = Path(args.out).with_suffix(".json") if args.section is None else Path("benchmarks") / f"{args.section}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(report, indent=2))
-    print(text)
-    return 0
+    return text
 
 
 TITLE = "# Benchmarks\n"
@@ -294,6 +304,8 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
             f"{row['peak_rss_fit_mb']:.0f} | {row['peak_rss_mb']:.0f} |"
         )
     rows = r["rows"]
+    if r.get("pending"):
+        lines += ["", f"**Run in progress or interrupted**: not measured yet: {', '.join(r['pending'])}."]
     if any(row.get("rescored_from") for row in rows):
         lines += ["", "Rows named '<config> KEY=VALUE' rescore the fitted model of `<config>` with a scoring-time setting changed "
                   "(threshold recalibrated on the validation images): its fit and predict columns are that model's."]
