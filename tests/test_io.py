@@ -452,3 +452,16 @@ def test_atomic_write_text(tmp_path: Path) -> None:
     io.atomic_write_text(str(target), "zweite ünïcode\n")
     assert target.read_text(encoding="utf-8") == "zweite ünïcode\n"
     assert os.listdir(target.parent) == ["b.json"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path) -> None:
+    import os
+
+    from anomnet.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.html", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o644
