@@ -224,9 +224,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
