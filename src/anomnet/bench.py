@@ -49,6 +49,32 @@ def _time_per_image(fn: Any, images: torch.Tensor, batch: int, repeats: int, bud
     return statistics.median(times)
 
 
+def _time_interleaved(fn: Any, ref: Any, images: torch.Tensor, batch: int, repeats: int) -> tuple[float, float]:
+    """Median ms per image of ``fn`` and of ``ref``, timed alternately (one warm-up call each)."""
+    x = images[:batch]
+    with torch.inference_mode():
+        fn(x)
+        ref(x)
+        a, b = [], []
+        for _ in range(repeats):
+            for f, times in ((fn, a), (ref, b)):
+                t = time.perf_counter()
+                f(x)
+                times.append((time.perf_counter() - t) * 1000.0 / batch)
+    return statistics.median(a), statistics.median(b)
+
+
+def _trunk_for(det: Any) -> Any:
+    """The whole backbone trunk of the detector's backbone (random weights for the ResNets), or None."""
+    from anomnet.backbones import available_backbones, create_backbone
+
+    name = getattr(det.config, "backbone", None)
+    info = next((b for b in available_backbones() if b.name == name), None)
+    if info is None:
+        return None
+    return create_backbone(info.name, (info.layers[-1],), "random" if info.needs_weights_file else None)
+
+
 def _timing_images(split: Any, size: int, n: int = 16) -> torch.Tensor:
     from anomnet.data import iter_batches
 
@@ -89,8 +115,13 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tiled = det.tiling is not None  # a tiled model is timed on the full-resolution images it is meant for
     images = _timing_images(split, None if tiled else det.config.image_size)
     out: dict[str, Any] = {"fit_s": fit_s, "peak_rss_fit_mb": rss_fit, "metrics": res.metrics, "timed_full_res": tiled}
+    trunk = None if tiled else _trunk_for(det)
     for b in BATCHES:
-        out[f"predict_ms_b{b}"] = _time_per_image(det.predict, images, b, repeats=(20 if b == 1 else 5) // (4 if tiled else 1))
+        repeats = (20 if b == 1 else 5) // (4 if tiled else 1)
+        if trunk is None:
+            out[f"predict_ms_b{b}"] = _time_per_image(det.predict, images, b, repeats=repeats)
+        else:  # interleaved with the trunk, so a change of load hits both alike
+            out[f"predict_ms_b{b}"], out[f"trunk_ms_b{b}"] = _time_interleaved(det.predict, trunk, images, b, repeats)
     out["test_ms_per_image_full_res"] = 1000.0 * res.seconds_per_image
     out["peak_rss_mb"] = _peak_rss_mb()
     out["memory_bank"] = list(det.memory_bank.shape) if getattr(det, "memory_bank", None) is not None else None
@@ -178,10 +209,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"[bench] {name}: fit, test, timing", file=sys.stderr)
         spec = {"name": name, "model": model, "settings": settings, "data": args.data, "category": args.category, "out": str(work / name)}
         spec["rescore"] = [_parse_variant(":" + r, model)[2] for r in getattr(args, "rescore", None) or [] if _accepts(det, r)]
+        load_before = os.getloadavg()[0]
         result = _run_worker("detector", spec)
+        result["load_avg"] = [load_before, os.getloadavg()[0]]  # 1-minute load average before / after this row
         bb = backbones[key]
-        for b in BATCHES:
-            result[f"ratio_b{b}"] = result[f"predict_ms_b{b}"] / bb[f"trunk_ms_b{b}"]
+        for b in BATCHES:  # the trunk timed beside this detector in its own process when there is one
+            result[f"ratio_b{b}"] = result[f"predict_ms_b{b}"] / result.get(f"trunk_ms_b{b}", bb[f"trunk_ms_b{b}"])
         rows.append({"name": name, "model": model, "settings": settings, "backbone": key[0], **result})
         for extra in result.pop("rescored", None) or []:  # the same fitted model, scored with other settings
             label = ";".join(f"{k}={v}" for k, v in extra["settings"].items())
@@ -259,12 +292,25 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}"
 
 
+def _load_note(r: dict[str, Any]) -> list[str]:
+    loads = [v for row in r["rows"] for v in row.get("load_avg", [])]
+    if not loads:
+        return []
+    busy = max(loads) > 0.5 * (r["cpu_cores"] or 1)
+    return [
+        f"1-minute load average around the rows: {min(loads):.1f} to {max(loads):.1f} on {r['cpu_cores']} cores"
+        + ("; other processes shared the cores, so absolute times are slower than on an idle machine (the predict"
+           " ratios time the trunk alternately with the detector and are less affected)." if busy else " (idle machine).")
+    ]
+
+
 def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
     h = "###" if section else "##"
     lines = [
         *([f"## {section}", ""] if section else []),
         f"Produced by `{r['command']}` on {r['date']}: {r['cpu_cores']} CPU cores ({r['cpu']}), "
         f"{r['torch_threads']} torch threads, torch {r['torch']}. Data: `{r['data']}`.",
+        *_load_note(r),
         "",
         f"{h} Backbone forward pass alone (ms per image)",
         "",
@@ -283,7 +329,8 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
         f"{h} Detectors",
         "",
         "Metrics in percent on the test split; AU-PRO as MVTec's official evaluation, maps at the masks' full resolution.",
-        "Predict: ms per image at the detector's input size, and the ratio to the backbone trunk at the same batch;",
+        "Predict: ms per image at the detector's input size, and the ratio to the backbone trunk at the same batch",
+        "(the trunk timed alternately with the detector in the same process, so a change of load hits both alike);",
         "for tiled models (`tile` set) on the full-resolution images, every tile included. Test: ms per image of",
         "the whole test pass at full resolution (read, predict, restore the map; batch 8).",
         "Fit RSS: peak resident memory of the process after fitting; peak RSS: after testing too (the exact pixel",
