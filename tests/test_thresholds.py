@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from anomnet import api
-from anomnet.calibration import Calibration, LabelledStatistics, ThresholdOptions, calibrate, pixel_quantile_threshold, tail_table
+from anomnet.calibration import DEFAULT_PIXEL_FALSE_ALARM, Calibration, LabelledStatistics, ThresholdOptions, calibrate, pixel_quantile_threshold, tail_table
 from anomnet.decisions import load_labelled
 from anomnet.errors import ConfigError, DatasetError
 from anomnet.postprocess import MaskPostprocess
@@ -99,7 +99,7 @@ def test_calibration_changes_without_the_data_match_a_fresh_calibration() -> Non
     fresh = calibrate(scores, map_values=pixels, options=opts)
     repicked = calibrate(scores, map_values=pixels).rethreshold(opts)
     assert fresh.to_dict() == repicked.to_dict()
-    assert calibrate(scores, map_values=pixels).pixel_false_alarm == 1e-3  # the default
+    assert calibrate(scores, map_values=pixels).pixel_false_alarm == DEFAULT_PIXEL_FALSE_ALARM == ThresholdOptions().pixel_false_alarm
 
 
 def test_saved_and_loaded_model_applies_the_same_thresholds(folder_dataset: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from anomnet.calibration import (
+    DEFAULT_PIXEL_FALSE_ALARM,
     IMAGE_METHODS,
     PIXEL_METHODS,
     PIXELS_PER_IMAGE,
@@ -193,7 +194,7 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alar
     g.add_argument("--image-value", type=float, default=None, help="the fixed image threshold")
     g.add_argument("--pixel-threshold", dest="pixel_method", choices=PIXEL_METHODS, default=None,
                    help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), f1 (F1-optimal on --labelled), fixed (--pixel-value)")
-    g.add_argument("--pixel-false-alarm", type=float, default=None, help="share of good validation pixels allowed above the pixel threshold (default 0.001)")
+    g.add_argument("--pixel-false-alarm", type=float, default=None, help=f"share of good validation pixels allowed above the pixel threshold (default {DEFAULT_PIXEL_FALSE_ALARM:g})")
     g.add_argument("--pixel-value", type=float, default=None, help="the fixed pixel threshold")
     g.add_argument("--labelled", default=None, metavar="PATH",
                    help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ (see README)")
