@@ -108,6 +108,11 @@ class ToCoAD(PatchCore):
         self._saves_backbone = True  # the fine-tuned weights travel with the model
         self.history: dict[str, Any] = {}
 
+    @property
+    def fit_info(self) -> dict[str, Any]:
+        """What the last fit did per stage (steps, seconds, losses, the discriminator's synthetic AUROC)."""
+        return self.history
+
     # -- training ----------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
         if not train:
