@@ -134,14 +134,12 @@ def rescore(det: Any, split: Any, changes: dict[str, str]) -> dict[str, float]:
     """Metrics of the fitted ``det`` with scoring-time settings changed (e.g. ``alpha``): the threshold
     is recalibrated on the validation images, then the test split is evaluated; the settings are restored."""
     from anomnet import api
-    from anomnet.calibration import calibrate
-    from anomnet.evaluate import validation_statistics
+    from anomnet.decisions import recalibrate
 
     old_config, old_calibration = det.config, det.calibration
     try:
         det.config = type(old_config).from_dict({**old_config.to_dict(), **changes})
-        scores, pixels = validation_statistics(det, split.validation, det.config.batch_size)
-        det.calibration = calibrate(scores, old_calibration.max_false_alarm, pixels)
+        recalibrate(det, {}, validation=split.validation)  # the same statistics and choices as fit
         return api.test(det, split, progress=False).metrics
     finally:
         det.config, det.calibration = old_config, old_calibration

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from anomnet.data import Batch, Sample, iter_batches
@@ -168,15 +167,3 @@ def evaluate(
     worst_good, worst_defective = keeper.result() if keeper is not None else ([], [])
     return EvaluationResult(metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective)
 
-
-def validation_statistics(detector: Detector, validation: Sequence[Sample], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores of the good validation images and a sample of their map values (for display scaling)."""
-    scores: list[float] = []
-    pixels: list[np.ndarray] = []
-    g = torch.Generator().manual_seed(0)
-    for _, pred in run_predictions(detector, validation, batch_size):
-        scores.extend(pred.scores.tolist())
-        flat = pred.maps.reshape(-1)
-        take = torch.randint(flat.numel(), (min(flat.numel(), 20000),), generator=g)
-        pixels.append(flat[take].numpy())
-    return np.asarray(scores), (np.concatenate(pixels) if pixels else np.zeros(0))
