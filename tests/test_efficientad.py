@@ -172,7 +172,7 @@ def test_settings_are_checked() -> None:
 
 
 def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
-    settings = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    settings = {**TINY, "teacher": "distilled", "cache_dir": str(tmp_path / "cache")}
     det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings=settings, progress=False)
     assert det.fit_info["distill"]["cached"] is False
     res = api.test(tmp_path / "m", folder_dataset, progress=False)
@@ -193,7 +193,7 @@ def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
         assert torch.equal(v, again.teacher.state_dict()[k])
 
 
-@pytest.mark.parametrize("extra", [{"teacher": "backbone", "loss": "original"}, {"model_size": "m", "padding": True, "cache_dir": "off"}])
+@pytest.mark.parametrize("extra", [{"teacher": "backbone", "loss": "original"}, {"model_size": "m", "padding": True, "teacher": "distilled", "cache_dir": "off"}])
 def test_variants_fit_and_reload(folder_dataset: Path, tmp_path: Path, extra: dict) -> None:
     det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings={**TINY, "steps": 2, **extra}, progress=False)
     x = torch.rand(2, 3, 64, 64)

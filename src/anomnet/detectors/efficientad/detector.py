@@ -6,8 +6,10 @@ defects show up as student-teacher disagreement, logical ones as student-autoenc
 disagreement; both maps are normalised on the good validation images (quantile ``q_a`` -> 0,
 ``q_b`` -> 0.1) and fused as ``alpha * local + (1 - alpha) * global``.
 
-CPU adaptations (see docs/efficientad.md): the teacher is distilled from EfficientNet-Lite0
-features on the training images and a generic image pool (cached); a training step runs the
+CPU adaptations (see docs/efficientad.md): the teacher is EfficientNet-Lite0's features on the
+PDN's output grid (default), or a PDN distilled from them on the training images and a generic
+image pool (``teacher=distilled``, cached; a few hundred distillation steps gave a teacher the
+student imitates everywhere, defects included, see the benchmark); a training step runs the
 student once per image, on the appearance-augmented image (with synthetic noise patches for
 CDO), and that one forward pass serves the student-teacher, student-autoencoder and CDO terms;
 convolutions run in bfloat16 (``bf16``).
@@ -57,7 +59,7 @@ class EfficientADConfig(DetectorConfig):
     batch_size: int = 8  # images per forward pass at prediction and for statistics
     model_size: str = "s"  # s | m (EfficientAD-S / -M PDNs)
     padding: bool = False  # PDN paddings (the authors' code: none)
-    teacher: str = "distilled"  # distilled (a PDN distilled from the backbone) | backbone (its features directly)
+    teacher: str = "backbone"  # backbone (its features directly; better at CPU budgets, measured) | distilled (a PDN distilled from it)
     backbone: str = DEFAULT_BACKBONE
     teacher_layers: tuple[str, ...] | None = None  # None: the backbone's default layers
     loss: str = "cdo"  # cdo: hard + CDO + AE + ST-AE | original: hard + generic-image penalty + AE + ST-AE
