@@ -163,20 +163,17 @@ class FeatureExtractor(nn.Module):
         self._pairs_cache: list[tuple[FoldableConv2d, FoldableBatchNorm2d]] | None = None
 
     # -- to be provided by subclasses -------------------------------------------------------
+    # set in the subclass's __init__: output channels and output stride (input pixels per
+    # feature pixel) of every selectable layer
+    _channels: dict[str, int]
+    _strides: dict[str, int]
+
     @abstractmethod
     def _extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the trunk on normalized input up to the deepest selected layer.
 
         Returns at least every selected layer's output, keyed by layer name.
         """
-
-    @abstractmethod
-    def _layer_channels(self) -> dict[str, int]:
-        """Output channels of every selectable layer."""
-
-    @abstractmethod
-    def _layer_strides(self) -> dict[str, int]:
-        """Output stride (input pixels per feature pixel) of every selectable layer."""
 
     @abstractmethod
     def _conv_bn_pairs(self) -> list[tuple[FoldableConv2d, FoldableBatchNorm2d]]:
@@ -230,13 +227,11 @@ class FeatureExtractor(nn.Module):
 
     def channels(self) -> list[int]:
         """Channels of each selected layer's feature map, in ``self.layers`` order."""
-        table = self._layer_channels()
-        return [table[name] for name in self.layers]
+        return [self._channels[name] for name in self.layers]
 
     def strides(self) -> list[int]:
         """Stride of each selected layer's feature map relative to the input, in order."""
-        table = self._layer_strides()
-        return [table[name] for name in self.layers]
+        return [self._strides[name] for name in self.layers]
 
     def extra_repr(self) -> str:
         return (

@@ -217,12 +217,6 @@ class EfficientNetLiteExtractor(FeatureExtractor):
                 out[name] = x
         return out
 
-    def _layer_channels(self) -> dict[str, int]:
-        return self._channels
-
-    def _layer_strides(self) -> dict[str, int]:
-        return self._strides
-
     def _conv_bn_pairs(self) -> list[tuple[FoldableConv2d, FoldableBatchNorm2d]]:
         pairs = [(self._conv_stem, self._bn0)]
         for block in self._blocks[: self._last_block + 1]:  # only the blocks the forward runs

@@ -228,12 +228,6 @@ class ResNetExtractor(FeatureExtractor):
                 out[name] = x
         return out
 
-    def _layer_channels(self) -> dict[str, int]:
-        return self._channels
-
-    def _layer_strides(self) -> dict[str, int]:
-        return self._strides
-
     def _conv_bn_pairs(self) -> list[tuple[FoldableConv2d, FoldableBatchNorm2d]]:
         pairs = [(self.conv1, self.bn1)]
         for name in self._run:  # only the layers the forward pass runs
