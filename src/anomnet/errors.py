@@ -32,3 +32,7 @@ class BackboneWeightsError(AnomnetError):
 
 class ConfigError(AnomnetError):
     """A setting has a value that cannot be used."""
+
+
+class NotFittedError(AnomnetError):
+    """A detector (or a backbone waiting for a user's weights file) is used before ``fit`` or ``load``."""

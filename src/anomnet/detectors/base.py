@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -22,6 +22,7 @@ from anomnet.calibration import Calibration
 from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.model_io import read_model, write_model
+from anomnet.training import FitRecord
 from anomnet.transforms import Preprocess
 
 
@@ -47,11 +48,44 @@ class DetectorConfig:
     tile_scales: tuple[float, ...] = (1.0,)  # pyramid scales the image is resized by before tiling
     tile_score: str = "map"  # image score: max of the stitched map ("map") or of the tile scores ("tile")
 
+    # Old setting names -> current ones (old model folders and old command lines keep working).
+    ALIASES: ClassVar[dict[str, str]] = {}
+    # Inclusive numeric bounds, checked once in __post_init__: name -> (low, high); None = open.
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "image_size": (16, 4096),
+        "crop": (16, 4096),
+        "batch_size": (1, 4096),
+        "tile": (0, 16384),
+        "tile_overlap": (0.0, 0.9),
+    }
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks (RANGES of the class and its bases) and Literal choices; ConfigError names the value."""
+        ranges: dict[str, tuple[float | None, float | None]] = {}
+        for klass in reversed(type(self).__mro__):
+            ranges.update(getattr(klass, "RANGES", {}))
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_literal(f.name, value, hints[f.name])
+            if f.name in ranges and isinstance(value, int | float) and not isinstance(value, bool):
+                low, high = ranges[f.name]
+                if value != value or (low is not None and value < low) or (high is not None and value > high):
+                    lo = "-inf" if low is None else low
+                    hi = "inf" if high is None else high
+                    raise ConfigError(f"setting {f.name}={value!r} is out of range [{lo}, {hi}]")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"settings must be a mapping of names to values, got {type(data).__name__}")
+        data = {cls.ALIASES.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -63,9 +97,30 @@ class DetectorConfig:
         return cls(**values)
 
 
+def _check_literal(name: str, value: Any, hint: Any) -> None:
+    """Raise ConfigError when ``value`` is not one of the choices of a ``Literal`` hint (or Optional Literal)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"setting {name}={value!r} is not one of: {', '.join(map(str, choices))}")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Turn a JSON or command-line value into the field's declared type."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        kind = type(choices[0])
+        try:
+            value = kind(value) if isinstance(value, str) and kind is not str else value
+        except ValueError:
+            pass
+        _check_literal(name, value, hint)
+        return value
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -105,6 +160,7 @@ class Detector(ABC):
         c = self.config
         self.tiling = tiling.Tiling(c.tile, c.tile_overlap, tuple(c.tile_scales), c.tile_score) if c.tile else None
         self.calibration = Calibration()
+        self.fit_record = FitRecord()  # what the last fit did (anomnet.training); saved with the model
 
     # -- the interface -----------------------------------------------------------------
     @abstractmethod
@@ -154,7 +210,12 @@ class Detector(ABC):
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        meta = {"detector": self.name, "config": self.config.to_dict(), "calibration": self.calibration.to_dict()}
+        meta = {
+            "detector": self.name,
+            "config": self.config.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "fit_record": self.fit_record.to_dict(),
+        }
         return write_model(directory, meta, self.state_tensors())
 
     @staticmethod
@@ -167,6 +228,7 @@ class Detector(ABC):
         try:
             detector = cls(cls.config_class.from_dict(meta.get("config", {})))
             detector.calibration = Calibration.from_dict(meta.get("calibration", {}))
+            detector.fit_record = FitRecord.from_dict(meta.get("fit_record"))
             detector.load_state_tensors(tensors)
         except ConfigError as exc:
             raise ModelFormatError(f"{directory}: settings do not fit this anomnet ({exc})") from None
