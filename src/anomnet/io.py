@@ -35,7 +35,7 @@ from typing import IO, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from anomnet.errors import DatasetError, ImageReadError
 
@@ -147,6 +147,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     with _quiet_bomb_warning():
         try:
             with Image.open(path) as im:
+                if _exif_orientation(im) in _TRANSPOSING_ORIENTATIONS:
+                    return im.width, im.height
                 return im.height, im.width
         except Image.DecompressionBombError:
             raise ImageReadError(path, _too_large_message(None, None)) from None
@@ -359,6 +361,9 @@ def _read_with_pil(path: Path, note: str = "") -> _Pixels:
             with Image.open(path) as im:
                 _check_dims(path, im.height, im.width)
                 im.load()
+                if _exif_orientation(im) not in (None, 1):
+                    # Viewers show the image rotated by its EXIF tag: read it the way people see it.
+                    return _pil_to_pixels(path, _with_format(ImageOps.exif_transpose(im), im.format))
                 return _pil_to_pixels(path, im)
         except ImageReadError:
             raise
@@ -370,6 +375,23 @@ def _read_with_pil(path: Path, note: str = "") -> _Pixels:
             raise ImageReadError(path, "not enough memory to decode the image") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure means bad data
             raise ImageReadError(path, f"corrupt or truncated image data ({_describe(exc)}){suffix}") from None
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _exif_orientation(im: Image.Image) -> int | None:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored like an absent one
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _with_format(im: Image.Image, fmt: str | None) -> Image.Image:
+    im.format = fmt  # exif_transpose returns a new image without the source format
+    return im
 
 
 def _as_hwc(array: np.ndarray) -> np.ndarray:
@@ -584,17 +606,34 @@ def _unfilter(filtered: np.ndarray, filters: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- folders
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
-    """Files in ``folder`` (and its subfolders when ``recursive``), skipping hidden names."""
+def _walk(folder: Path, recursive: bool, _seen: set[tuple[int, int]] | None = None) -> Iterator[Path]:
+    """Files in ``folder`` (and its subfolders when ``recursive``), skipping hidden names.
+
+    Symlinked folders are followed, but every real folder is visited once, so a link back to
+    an ancestor (``ln -s . x``) neither loops nor lists the same files twice.
+    """
+    seen = _seen if _seen is not None else set()
     try:
-        entries = list(folder.iterdir())
+        st = folder.stat()
+        entries = sorted(folder.iterdir())
     except OSError as exc:
         raise DatasetError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return
+    seen.add(key)
     for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
             if recursive:
-                yield from _walk(entry, recursive)
+                yield from _walk(entry, recursive, seen)
         elif entry.is_file():
-            yield entry
+            try:
+                file_st = entry.stat()
+            except OSError:
+                continue
+            file_key = (file_st.st_dev, file_st.st_ino)
+            if file_key not in seen:  # two links to one file: scored once
+                seen.add(file_key)
+                yield entry
