@@ -565,3 +565,22 @@ def test_efficientnet_can_be_fine_tuned() -> None:
     assert model._conv_stem.weight.grad is not None
     assert all(p.grad is not None for p in model._blocks[1].parameters())
     assert model._blocks[-1]._project_conv.weight.grad is None  # never reached
+
+
+def test_build_backbone_owner_api() -> None:
+    """File-backed backbones wait for weights (NotFittedError), travel as tensors, restore exactly."""
+    from anomnet.backbones import backbone_state, build_backbone, load_backbone_state
+    from anomnet.errors import NotFittedError
+
+    waiting = build_backbone("resnet18", ["layer2"], None)
+    assert not waiting.ready
+    with pytest.raises(NotFittedError, match="weights file"):
+        waiting(torch.rand(1, 3, 32, 32))
+    with pytest.raises(NotFittedError):
+        backbone_state(waiting)
+    source = create_backbone("resnet18", ["layer2"], "random")
+    load_backbone_state(waiting, backbone_state(source))
+    x = torch.rand(1, 3, 32, 32)
+    assert waiting.ready and torch.equal(waiting(x)[0], source(x)[0])
+    packaged = build_backbone("efficientnet_lite0")
+    assert packaged.ready and backbone_state(packaged) == {}

