@@ -21,8 +21,9 @@ from anomnet import io
 from anomnet.decisions import calibrate_detector, recalibrate, split_choices
 from anomnet.data import DatasetSplit, Sample, load_dataset
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
-from anomnet.errors import AnomnetError
+from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
+from anomnet.model_io import check_model_target
 from anomnet.outputs import ImagePrediction, predict_images
 from anomnet.visualize import heatmap, overlay
 
@@ -40,6 +41,7 @@ def fit(
     max_train: int | None = None,
     progress: bool = True,
     labelled: str | Path | Sequence[Sample] | None = None,
+    overwrite: bool = False,
     **thresholds: Any,
 ) -> Detector:
     """Fit ``model`` on the good training images of ``data``, calibrate on its validation split, save to ``out``.
@@ -47,13 +49,21 @@ def fit(
     ``thresholds``: threshold and mask post-processing choices (``image_method``, ``std_k``,
     ``image_value``, ``pixel_method``, ``pixel_false_alarm``, ``pixel_value``, ``closing``,
     ``fill_holes``, ``min_area``; see :mod:`anomnet.calibration`); ``labelled``: a labelled
-    validation set for the ``f1`` methods (see :mod:`anomnet.decisions`).
+    validation set for the ``f1`` methods (see :mod:`anomnet.decisions`). ``out`` must not
+    hold a model yet unless ``overwrite``; it is checked before any work.
     """
+    if out is not None:
+        check_model_target(out, overwrite)
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
     train = list(split.train)
     if max_train is not None and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train), key=lambda s: str(s.path))
     detector = create_detector(model, {"seed": seed, **(settings or {})})
+    if not split.validation and thresholds.get("image_method", "conformal") != "fixed":
+        raise ConfigError(
+            "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training images): "
+            "hold some out (--val-fraction 0.1) or give a fixed threshold (--image-threshold fixed --image-value V)"
+        )
     detector.fit(train, split.validation, progress=progress)
     options, post = split_choices({"max_false_alarm": max_false_alarm, **thresholds})
     calibrate_detector(detector, split.validation, options, labelled, post, progress=progress)

@@ -34,6 +34,7 @@ picks other methods on a fitted model without refitting.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -210,7 +211,32 @@ class Calibration:
             raise ConfigError(f"unknown calibration field(s): {', '.join(unknown)}")
         values = dict(data)
         values["postprocess"] = MaskPostprocess.from_dict(values.get("postprocess"))
-        return cls(**values)
+        cal = cls(**values)
+        cal.check_types()
+        return cal
+
+    def check_types(self) -> None:
+        """ConfigError naming the field when a (hand-edited) value has the wrong type or is NaN where it cannot be."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            nan_ok = isinstance(f.default, float) and math.isnan(f.default)
+            if hint is float or hint == (float | None):
+                if value is None and hint != float:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (value != value and not nan_ok):
+                    raise ConfigError(f"calibration field {f.name} must be a number, got {value!r}")
+            elif hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"calibration field {f.name} must be a whole number, got {value!r}")
+            elif hint is str and not isinstance(value, str):
+                raise ConfigError(f"calibration field {f.name} must be text, got {value!r}")
+        if not isinstance(self.validation_scores, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in self.validation_scores
+        ):
+            raise ConfigError("calibration field validation_scores must be a list of numbers")
+        for name, allowed in (("image_method", IMAGE_METHODS), ("pixel_method", PIXEL_METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"calibration field {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
 
 def calibrate(

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder (e.g. bottle)")
     p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)")
-    p.add_argument("--out", required=True, help="folder to write the model into")
+    p.add_argument("--out", required=True, help="folder to write the model into (must not hold a model yet, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
     p.add_argument("--weights", default=None, help="backbone weights file (torchvision-format state dict; needed for the ResNet family)")
     p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from anomnet.runtime import tune_allocator
 
     tune_allocator()
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        print(f"anomnet: error: --threads must be between 1 and 1024, got {args.threads}", file=sys.stderr)
+        return EXIT_INPUT
     if args.threads:
         import torch
 
@@ -161,6 +165,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det = api.fit(
         model, args.data, args.out, args.category, args.layout, _fit_settings(args), args.val_fraction,
         args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet, labelled=args.labelled,
+        overwrite=args.overwrite,
         **{k: v for k, v in choices_from_args(args).items() if k != "max_false_alarm"},
     )
     print(f"saved {model} model to {args.out}")
@@ -190,7 +195,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def cmd_test(args: argparse.Namespace) -> int:
     from anomnet import api
 
+    from anomnet import io
+    from anomnet.model_io import model_files
+
     json_out = args.json or str(Path(args.model_dir) / "metrics.json")
+    protected = model_files(args.model_dir)
+    for what, target, folder in (("--json", json_out, False), ("--report", args.report, False),
+                                 ("--heatmaps", args.heatmaps, True)):
+        if target:
+            io.check_not_input(target, protected, what, folder)
+            io.check_writable(target, what, folder)
     res = api.test(args.model_dir, args.data, args.category, args.layout, json_out, args.eval_size, args.batch_size, args.heatmaps, progress=not args.quiet, report=args.report)
     print(format_metrics(res.metrics) + "  (percent)")
     print(f"{len(res.scores)} test images, {1000 * res.seconds_per_image:.1f} ms per image; metrics written to {json_out}")
@@ -202,8 +216,16 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomnet import api
+    from anomnet import api, io
+    from anomnet.model_io import model_files
 
+    inputs = [Path(i) for i in args.images if i != "-"] + model_files(args.model_dir)
+    if args.out:
+        io.check_not_input(args.out, inputs, "--out", folder=True)
+        io.check_writable(args.out, "--out", folder=True)
+    if args.csv:
+        io.check_not_input(args.csv, inputs, "--csv")
+        io.check_writable(args.csv, "--csv")
     results = api.predict(args.model_dir, args.images, out_dir=args.out, raw_maps=args.raw_maps, progress=not args.quiet)
     unread = [r for r in results if r.error and r.score != r.score]
     unwritten = [r for r in results if r.error and r.score == r.score]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from anomnet.errors import DatasetError, ImageReadError
+from anomnet.errors import ConfigError, DatasetError, ImageReadError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 """File name endings :func:`list_images` picks up (compared case-insensitively)."""
@@ -237,11 +237,70 @@ def _umask() -> int:
 _UMASK: int | None = None
 
 
+def file_mode() -> int:
+    """Permissions of every file anomnet writes (outputs and model files alike): 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """Permissions of the folders anomnet creates itself with mkdtemp: 0777 minus the umask."""
+    return 0o777 & ~_umask()
+
+
+# --------------------------------------------------------------------------------------
+# output guards: checked before any work, so a bad path never costs a fit or loses a result
+# --------------------------------------------------------------------------------------
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Raise ConfigError unless ``path`` (a file, or a folder when ``folder``) can be created or replaced.
+
+    The nearest existing ancestor must be a writable folder (a file in the way, a read-only
+    file system or missing permissions are all reported here, before anything is computed).
+    """
+    target = Path(path)
+    if target.exists() and (target.is_dir() != folder):
+        kind = "a folder" if target.is_dir() else "a file"
+        raise ConfigError(f"{what} {target}: is {kind}")
+    probe = target if (folder and target.is_dir()) else target.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {target}: cannot be created ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {target}: cannot be written ({probe} is not writable)")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".anomnet-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{what} {target}: cannot be written ({exc.strerror or exc})") from None
+
+
+def check_not_input(target: str | Path, inputs: list[Path], what: str, folder: bool = False) -> None:
+    """Raise ConfigError when writing ``target`` would replace an input file or land inside an input folder.
+
+    ``inputs`` are the files and folders the command reads (images, image folders, model files).
+    An output folder inside a scanned input folder would have its own heat maps scored next run.
+    """
+    out = _real(target)
+    for item in inputs:
+        src = _real(item)
+        if out == src:
+            raise ConfigError(f"{what} {target} is also an input ({item}): refusing to overwrite it")
+        if folder and src.is_dir() and out.is_relative_to(src):
+            raise ConfigError(f"{what} {target} lies inside the input folder {item}: choose a folder outside it")
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make shared outputs unreadable to others
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make shared outputs unreadable to others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -14,9 +14,12 @@ threshold (post-processed as the model's calibration says). With an output folde
 
 ``<name>`` is the image's path relative to the folder it was found in (subfolders kept,
 extension dropped), or its file name without extension when the file was given directly;
-a name taken twice gets ``__2``, ``__3``... A file that cannot be read gets its reason in
+a name taken twice gets the first free ``__2``, ``__3``... that no other input's name uses, so
+no image's outputs can replace another's. A file that cannot be read gets its reason in
 ``error`` and no image outputs; the others are still written. All files are written
-atomically (temporary file + rename).
+atomically (temporary file + rename). ``OUT/.anomnet-outputs.json`` lists the files the last
+run wrote: a new run into the same folder first removes those (and only those), so no stale
+heat map of an earlier run survives next to the new results.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import csv
 import io as _stdio
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -79,13 +83,10 @@ class InputImage:
 
 def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> list[InputImage]:
     """Files as given, folders searched recursively, ``-`` reads one path per line from ``stdin``."""
-    out: list[InputImage] = []
-    taken: dict[str, int] = {}
+    found: list[tuple[Path, str]] = []
 
     def add(path: Path, name: str) -> None:
-        n = taken.get(name, 0) + 1
-        taken[name] = n
-        out.append(InputImage(path, name if n == 1 else f"{name}__{n}"))
+        found.append((path, name))
 
     for item in items:
         if str(item) == "-":
@@ -100,7 +101,63 @@ def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> l
                 add(f, f.relative_to(p).with_suffix("").as_posix())
         else:
             add(p, p.stem)
+    return _unique_names(found)
+
+
+def _unique_names(found: list[tuple[Path, str]]) -> list[InputImage]:
+    """Give every input an output name no other input has (a suffix never equals a real name)."""
+    wanted = {name for _, name in found}
+    taken: set[str] = set()
+    out: list[InputImage] = []
+    for path, name in found:
+        unique, n = name, 1
+        while unique in taken or (unique != name and unique in wanted):
+            n += 1
+            unique = f"{name}__{n}"
+        taken.add(unique)
+        out.append(InputImage(path, unique))
     return out
+
+
+OWNED_FILES = ".anomnet-outputs.json"
+
+
+def clear_previous_run(out: Path) -> None:
+    """Remove the files the previous run listed in ``OUT/.anomnet-outputs.json`` (nothing else)."""
+    manifest = out / OWNED_FILES
+    if not manifest.is_file():
+        return
+    try:
+        owned = json.loads(manifest.read_text())
+        files = [str(f) for f in owned.get("files", [])] if isinstance(owned, dict) else []
+    except (OSError, ValueError):
+        files = []
+    root = Path(os.path.realpath(out))
+    for rel in files:
+        target = Path(os.path.realpath(out / rel))
+        if target.is_relative_to(root) and target.is_file():
+            target.unlink()
+    manifest.unlink()
+
+
+def _claim_outputs(out: Path, inputs: list[InputImage], raw_maps: bool) -> None:
+    """List every file this run may write before writing any (a killed run's files are still known)."""
+    files = ["results.csv", "results.jsonl"]
+    for item in inputs:
+        files.extend(str(f.relative_to(out)) for f in output_files(out, item.name, raw_maps).values())
+    io.atomic_write_text(out / OWNED_FILES, json.dumps({"files": files}, indent=1))
+
+
+def output_files(out: Path, name: str, raw_maps: bool) -> dict[str, Path]:
+    """The files written for the image named ``name``."""
+    files = {
+        "heatmap": out / "heatmaps" / f"{name}.png",
+        "overlay": out / "overlays" / f"{name}.png",
+        "mask": out / "masks" / f"{name}.png",
+    }
+    if raw_maps:
+        files["map"] = out / "maps" / f"{name}.tiff"
+    return files
 
 
 def predict_images(
@@ -116,6 +173,9 @@ def predict_images(
     inputs = expand_inputs(images, stdin)
     results: list[ImagePrediction] = []
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        clear_previous_run(out)
+        _claim_outputs(out, inputs, raw_maps)
     for item in _progress(inputs, progress):
         result = _predict_one(detector, item, out, raw_maps)
         if not keep_maps:
@@ -161,16 +221,11 @@ def write_image_outputs(out: Path, name: str, image: np.ndarray, amap: np.ndarra
                         detector: Detector, raw_maps: bool) -> dict[str, str]:
     """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
     cal = detector.calibration
-    files = {
-        "heatmap": out / "heatmaps" / f"{name}.png",
-        "overlay": out / "overlays" / f"{name}.png",
-        "mask": out / "masks" / f"{name}.png",
-    }
+    files = output_files(out, name, raw_maps)
     io.write_png(files["heatmap"], heatmap(amap, cal))
     io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask))
     io.write_png(files["mask"], mask.astype(np.uint8) * 255)
     if raw_maps:
-        files["map"] = out / "maps" / f"{name}.tiff"
         io.write_tiff(files["map"], np.asarray(amap, dtype=np.float32))
     return {k: str(v) for k, v in files.items()}
 

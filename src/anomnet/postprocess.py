@@ -32,6 +32,10 @@ from anomnet.errors import ConfigError
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
+MAX_CLOSING = 512  # px radius: a larger disk closes a whole multi-megapixel image and takes minutes
+MAX_MIN_AREA = 100_000_000  # px: larger than any image anomnet reads (io.MAX_IMAGE_PIXELS)
+
+
 @dataclass(frozen=True)
 class MaskPostprocess:
     """Mask clean-up settings; all off by default."""
@@ -44,10 +48,12 @@ class MaskPostprocess:
     """Drop 8-connected regions with fewer pixels than this (0: off)."""
 
     def __post_init__(self) -> None:
-        for name in ("closing", "min_area"):
+        for name, limit in (("closing", MAX_CLOSING), ("min_area", MAX_MIN_AREA)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ConfigError(f"mask post-processing: {name} must be a whole number of pixels >= 0, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"mask post-processing: {name}={value} is larger than the limit {limit} px")
         if not isinstance(self.fill_holes, (bool, np.bool_)):
             raise ConfigError(f"mask post-processing: fill_holes must be true or false, got {self.fill_holes!r}")
 
