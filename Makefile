@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test lint bench setup clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/anomnet demo
 
-test: $(STAMP)
+# Lint, format and type checks (settings in pyproject.toml); `make test` runs them before the tests.
+LINT_PATHS := src tests benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+# pytest exits non-zero (5) when it collects no test, so an emptied or mis-pointed suite fails too.
+test: lint
 	$(BIN)/python -m pytest -q
 
 # The headline section of BENCHMARKS.md: PatchCore and AnomNet with AnomNet's ablation (about 15 min
