@@ -26,7 +26,9 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def make_folder_dataset(root: Path, n_train: int = 12, n_good: int = 4, n_bad: int = 4, size: int = 64, seed: int = 0) -> Path:
+def make_folder_dataset(
+    root: Path, n_train: int = 12, n_good: int = 4, n_bad: int = 4, size: int = 64, seed: int = 0
+) -> Path:
     """train/, test/good, test/blob and masks/: defects are bright squares at random places."""
     rng = np.random.default_rng(seed)
     for sub in ("train", "test/good", "test/blob", "masks"):

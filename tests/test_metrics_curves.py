@@ -85,7 +85,10 @@ def test_pixel_curves_are_bounded_and_match_the_metrics() -> None:
         assert np.all(np.diff(arr) >= -1e-12)
     # Every kept point lies on the full curve; a gap of 1/n or more only joins neighbours on it.
     full_fpr, full_tpr = _full_roc(0)
-    idx = [int(np.flatnonzero(np.isclose(full_fpr, f, atol=1e-12) & np.isclose(full_tpr, t, atol=1e-12))[0]) for f, t in zip(c.fpr, c.tpr)]
+    idx = [
+        int(np.flatnonzero(np.isclose(full_fpr, f, atol=1e-12) & np.isclose(full_tpr, t, atol=1e-12))[0])
+        for f, t in zip(c.fpr, c.tpr)
+    ]
     big = (np.diff(c.fpr) >= 1.0 / n) | (np.diff(c.tpr) >= 1.0 / n)
     assert big.any() and np.all(np.diff(idx)[big] == 1)
     # Areas under the thinned curves agree with the exact metrics to the curve's resolution.
@@ -104,7 +107,9 @@ def test_pixel_curves_do_not_depend_on_the_chunking_and_are_optional() -> None:
     whole = acc.compute(curve_points=50).curves
     chunked = acc.compute(curve_points=50, chunk_size=97).curves
     assert whole is not None and chunked is not None
-    for a, b in zip((whole.fpr, whole.tpr, whole.pro, whole.precision), (chunked.fpr, chunked.tpr, chunked.pro, chunked.precision)):
+    for a, b in zip(
+        (whole.fpr, whole.tpr, whole.pro, whole.precision), (chunked.fpr, chunked.tpr, chunked.pro, chunked.precision)
+    ):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     assert acc.compute().curves is None
     with pytest.raises(ConfigError):

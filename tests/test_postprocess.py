@@ -21,13 +21,15 @@ def test_nothing_enabled_returns_the_mask_unchanged() -> None:
 
 
 def test_closing_joins_a_one_pixel_gap() -> None:
-    m = _mask([
-        ".........",
-        ".###.###.",
-        ".###.###.",
-        ".###.###.",
-        ".........",
-    ])
+    m = _mask(
+        [
+            ".........",
+            ".###.###.",
+            ".###.###.",
+            ".###.###.",
+            ".........",
+        ]
+    )
     out = MaskPostprocess(closing=1).apply(m)
     assert out[2, 4] and not out[1, 4] and not out[3, 4]  # the gap is bridged (a disk rounds the corners)
     assert count_regions(out) == 1 and count_regions(m) == 2
@@ -57,13 +59,15 @@ def test_closing_keeps_regions_at_the_image_border() -> None:
 
 
 def test_fill_holes_fills_enclosed_background_only() -> None:
-    m = _mask([
-        "#####....",
-        "#...#....",
-        "#.#.#..##",
-        "#...#..#.",
-        "#####..#.",
-    ])
+    m = _mask(
+        [
+            "#####....",
+            "#...#....",
+            "#.#.#..##",
+            "#...#..#.",
+            "#####..#.",
+        ]
+    )
     out = MaskPostprocess(fill_holes=True).apply(m)
     assert out[1:4, 1:4].all()  # the hole of the ring (with its island) is filled
     assert not out[3:5, 8].any()  # open to the border: not a hole
@@ -71,13 +75,15 @@ def test_fill_holes_fills_enclosed_background_only() -> None:
 
 
 def test_min_area_drops_small_8_connected_regions() -> None:
-    m = _mask([
-        "#.......",
-        ".#......",
-        "....####",
-        "....####",
-        "##......",
-    ])
+    m = _mask(
+        [
+            "#.......",
+            ".#......",
+            "....####",
+            "....####",
+            "##......",
+        ]
+    )
     # the diagonal pair is one 8-connected region of 2 px; the block has 8 px; the bottom pair 2 px
     assert count_regions(m) == 3
     out = MaskPostprocess(min_area=3).apply(m)
@@ -86,13 +92,15 @@ def test_min_area_drops_small_8_connected_regions() -> None:
 
 
 def test_closing_runs_before_min_area() -> None:
-    m = _mask([
-        "..........",
-        ".###.###..",
-        ".###.###..",
-        ".###.###..",
-        "..........",
-    ])  # two 9-px fragments with a 1-px gap
+    m = _mask(
+        [
+            "..........",
+            ".###.###..",
+            ".###.###..",
+            ".###.###..",
+            "..........",
+        ]
+    )  # two 9-px fragments with a 1-px gap
     assert not MaskPostprocess(min_area=12).apply(m).any()
     out = MaskPostprocess(closing=1, min_area=12).apply(m)
     assert out.sum() == 19 and count_regions(out) == 1

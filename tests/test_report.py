@@ -53,7 +53,9 @@ def test_report_has_metrics_curves_and_worst_cases(folder_dataset, model, tmp_pa
     assert all(img.format == "PNG" and img.size[0] > 100 for img in pngs)
     assert "PRO curve" in text and "image-level curves only" not in text
     for key, value in res.metrics.items():
-        assert re.search(rf"<td>{re.escape(key)}</td><td class=\"num\">{re.escape(report.format_metric(value))}</td>", text), key
+        assert re.search(
+            rf"<td>{re.escape(key)}</td><td class=\"num\">{re.escape(report.format_metric(value))}</td>", text
+        ), key
     assert "pixel_auroc" in res.metrics and "au_pro@0.3" in res.metrics
     assert f"{model.calibration.threshold:.6g}" in text and "folder:data" in text and "coreset_ratio" in text
     # the worst cases are the highest-scoring good and lowest-scoring defective images, in order
@@ -91,7 +93,7 @@ def test_report_without_masks_is_image_level(folder_dataset, model, tmp_path) ->
     assert "image-level curves only" in text and 'alt="PRO curve"' not in text
     assert len(_embedded_pngs(text)) == 3 + 2 * report.WORST_CASES
     assert all(k.mask is None for k in res.worst_defective)
-    assert f"<td>image_auroc</td><td class=\"num\">{report.format_metric(res.metrics['image_auroc'])}</td>" in text
+    assert f'<td>image_auroc</td><td class="num">{report.format_metric(res.metrics["image_auroc"])}</td>' in text
 
 
 def test_cli_report_and_bad_report_paths(folder_dataset, model, tmp_path, capsys) -> None:
@@ -130,7 +132,9 @@ def test_demo_writes_an_image_level_report(folder_dataset, tmp_path, monkeypatch
 def test_report_of_good_images_only_and_no_threshold(model) -> None:
     """Curves that need both classes are named as missing; an infinite threshold draws no line."""
     model.calibration.threshold = float("inf")
-    res = evaluate.EvaluationResult({"image_auroc": float("nan")}, ["a.png", "b.png"], np.array([0, 0]), np.array([0.5, 0.7]))
+    res = evaluate.EvaluationResult(
+        {"image_auroc": float("nan")}, ["a.png", "b.png"], np.array([0, 0]), np.array([0.5, 0.7])
+    )
     text = report.render_report(res, model, "only-good")
     _assert_self_contained(text)
     assert "ROC curve: not available (needs good and defective test images)" in text

@@ -54,7 +54,7 @@ def test_axis_tiles_cover_the_axis_exactly(length: int, tile: int, overlap: floa
     assert all(b > a for a, b in zip(starts, starts[1:]))  # no tile twice
     covered = torch.zeros(length, dtype=torch.int32)
     for s in starts:
-        assert 0 <= s and s + t <= length
+        assert s >= 0 and s + t <= length
         covered[s : s + t] += 1
     assert bool((covered >= 1).all())
     # neighbours overlap at least as asked (up to one pixel of rounding), and no tile is redundant
@@ -73,7 +73,7 @@ def test_tile_grid_covers_the_image_exactly(h: int, w: int, tile: int, overlap: 
     covered = torch.zeros(h, w, dtype=torch.int32)
     for y, x, th, tw in boxes:
         assert (th, tw) == (min(tile, h), min(tile, w))
-        assert 0 <= y and y + th <= h and 0 <= x and x + tw <= w
+        assert y >= 0 and y + th <= h and x >= 0 and x + tw <= w
         covered[y : y + th, x : x + tw] += 1
     assert int(covered.min()) >= 1
     assert len(boxes) == tiling.count_tiles((h, w), tiling.Tiling(max(tile, 32), overlap))
@@ -150,8 +150,14 @@ def test_training_tiles_are_counted_and_streamed(folder_dataset) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"tile": 16}, {"tile": 64, "tile_overlap": 1.0}, {"tile": 64, "tile_scales": "1,0"}, {"tile": 64, "tile_scales": "1,1"},
-     {"tile": 64, "tile_score": "mean"}, {"tile": -5}],
+    [
+        {"tile": 16},
+        {"tile": 64, "tile_overlap": 1.0},
+        {"tile": 64, "tile_scales": "1,0"},
+        {"tile": 64, "tile_scales": "1,1"},
+        {"tile": 64, "tile_score": "mean"},
+        {"tile": -5},
+    ],
 )
 def test_bad_tiling_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ConfigError):
@@ -190,7 +196,9 @@ def test_every_detector_trains_on_tiles_and_saves_its_tiling(name: str, folder_d
     split = load_dataset(folder_dataset)
     det = api.fit(name, split, tmp_path / "m", settings={**TINY.get(name, {}), **TILED}, progress=False)
     per_image = 4 + 1  # 2x2 tiles of 48 px at scale 1, one tile of the whole 32 px image at 0.5
-    assert sum(tiles) >= per_image * len(split.train), f"{name}.fit does not read its images through Detector.training_batches"
+    assert sum(tiles) >= per_image * len(split.train), (
+        f"{name}.fit does not read its images through Detector.training_batches"
+    )
     assert not whole, f"{name}.fit read whole images resized, not tiles (use Detector.training_batches)"
     loaded = Detector.load(tmp_path / "m")
     assert loaded.tiling == det.tiling == tiling.Tiling(48, 0.5, (1.0, 0.5), "map")
@@ -202,9 +210,16 @@ def test_every_detector_trains_on_tiles_and_saves_its_tiling(name: str, folder_d
 
 def test_tiled_patchcore_finds_the_defects(folder_dataset, tmp_path) -> None:
     split = load_dataset(folder_dataset)
-    det = api.fit("patchcore", split, None, settings={"image_size": 32, "batch_size": 8, "tile": 32, "tile_overlap": 0.5}, progress=False)
+    det = api.fit(
+        "patchcore",
+        split,
+        None,
+        settings={"image_size": 32, "batch_size": 8, "tile": 32, "tile_overlap": 0.5},
+        progress=False,
+    )
     tiles = 9 * len(split.train)
-    assert det.memory_bank is not None and det.memory_bank.shape[0] == round(0.1 * tiles * 4 * 4)  # 4x4 patches per 32 px tile
+    patches = tiles * 4 * 4  # 4x4 patches per 32 px tile
+    assert det.memory_bank is not None and det.memory_bank.shape[0] == round(0.1 * patches)
     res = evaluate(det, split.test, progress=False)
     assert res.metrics["image_auroc"] == 1.0
     assert res.metrics["pixel_auroc"] > 0.9
@@ -212,10 +227,25 @@ def test_tiled_patchcore_finds_the_defects(folder_dataset, tmp_path) -> None:
 
 def test_cli_fit_with_tiling_writes_it_into_the_model(folder_dataset, tmp_path, capsys) -> None:
     out = tmp_path / "model"
-    args = ["fit", "--data", str(folder_dataset), "--out", str(out), "--image-size", "32", "--quiet",
-            "--tile", "32", "--tile-scales", "1,0.5", "--set", "tile_overlap=0.5"]
+    args = [
+        "fit",
+        "--data",
+        str(folder_dataset),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--quiet",
+        "--tile",
+        "32",
+        "--tile-scales",
+        "1,0.5",
+        "--set",
+        "tile_overlap=0.5",
+    ]
     assert main(args) == EXIT_OK
     config = json.loads((out / "anomnet.json").read_text())["config"]
-    assert (config["tile"], config["tile_scales"], config["tile_overlap"], config["tile_score"]) == (32, [1.0, 0.5], 0.5, "map")
+    saved = (config["tile"], config["tile_scales"], config["tile_overlap"], config["tile_score"])
+    assert saved == (32, [1.0, 0.5], 0.5, "map")
     assert main(["predict", "--model-dir", str(out), str(folder_dataset / "test" / "blob")]) == EXIT_OK
     assert capsys.readouterr().out.count("DEFECTIVE") == 4

@@ -168,9 +168,7 @@ def _average_ranks(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return ranks
 
 
-def precision_recall_f1(
-    scores: npt.ArrayLike, labels: npt.ArrayLike, threshold: float
-) -> tuple[float, float, float]:
+def precision_recall_f1(scores: npt.ArrayLike, labels: npt.ArrayLike, threshold: float) -> tuple[float, float, float]:
     """Precision, recall and F1 when ``score >= threshold`` is called anomalous (0/0 is 0)."""
     s = _image_scores(scores)
     y = _binary_labels(labels, s.shape[0])
@@ -400,9 +398,7 @@ class PixelMetricAccumulator:
         else:
             m = _to_numpy(mask)
             if m.shape != scores.shape:
-                raise ConfigError(
-                    f"mask shape {tuple(m.shape)} differs from anomaly map shape {tuple(scores.shape)}"
-                )
+                raise ConfigError(f"mask shape {tuple(m.shape)} differs from anomaly map shape {tuple(scores.shape)}")
             if m.dtype != bool:
                 if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
                     raise ConfigError(f"mask must be bool or numeric, got dtype {m.dtype}")
@@ -589,8 +585,15 @@ class PixelMetricAccumulator:
                 point = (fp_k / n_normal, tp_k / n_pos, tp_k / (tp_k + fp_k), np.minimum(pro_e[idx] / n_regions, 1.0))
                 curve_parts.append(point)
                 last = m_e - 1
-                pending = None if (idx.size and idx[-1] == last) else (
-                    fp_e[last:] / n_normal, tp_e[last:] / n_pos, tp_e[last:] / (tp_e[last:] + fp_e[last:]), np.minimum(pro_e[last:] / n_regions, 1.0)
+                pending = (
+                    None
+                    if (idx.size and idx[-1] == last)
+                    else (
+                        fp_e[last:] / n_normal,
+                        tp_e[last:] / n_pos,
+                        tp_e[last:] / (tp_e[last:] + fp_e[last:]),
+                        np.minimum(pro_e[last:] / n_regions, 1.0),
+                    )
                 )
                 prev_bin = _curve_bin(fp_e[last], tp_e[last], n_normal, n_pos, curve_points)
 
@@ -608,6 +611,9 @@ class PixelMetricAccumulator:
         au_pro = {lim: areas[lim] / lim for lim in limits}
         curves = None
         if record:
-            fpr, tpr, precision, pro = (np.concatenate(([start_value], *(part[i] for part in curve_parts))) for i, start_value in enumerate((0.0, 0.0, 1.0, 0.0)))
+            fpr, tpr, precision, pro = (
+                np.concatenate(([start_value], *(part[i] for part in curve_parts)))
+                for i, start_value in enumerate((0.0, 0.0, 1.0, 0.0))
+            )
             curves = PixelCurves(fpr, tpr, precision, pro)
         return PixelMetrics(auroc, best_f1, f1_threshold, au_pro, n_normal, n_pos, n_regions, curves)

@@ -127,7 +127,7 @@ def render_report(
     y = np.asarray(result.labels, dtype=np.int64)
     s = np.asarray(result.scores, dtype=np.float64)
     title = f"anomnet test report: {detector.name}" + (f" on {dataset}" if dataset else "")
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -139,7 +139,12 @@ def render_report(
                 ("detector", detector.name),
                 ("model folder", str(model_dir) if model_dir is not None else "-"),
                 ("test images", f"{len(s)} ({int(np.sum(y == 0))} good, {int(np.sum(y == 1))} defective)"),
-                ("pixel metrics", "yes (masks)" if result.pixel_curves is not None or "pixel_auroc" in result.metrics else "no (image labels only)"),
+                (
+                    "pixel metrics",
+                    "yes (masks)"
+                    if result.pixel_curves is not None or "pixel_auroc" in result.metrics
+                    else "no (image labels only)",
+                ),
                 ("time per image", f"{1000 * result.seconds_per_image:.1f} ms (prediction only)"),
                 ("date", now),
                 ("anomnet", __version__),
@@ -198,9 +203,8 @@ def _table(rows: Sequence[tuple[str, str]], header: tuple[str, ...] | None = Non
 def _metrics_table(metrics: dict[str, float]) -> str:
     rows = ["<table>", "<tr><th>metric</th><th>value (%)</th><th>meaning</th></tr>"]
     for key, value in metrics.items():
-        rows.append(
-            f'<tr><td>{_e(key)}</td><td class="num">{_e(format_metric(value))}</td><td>{_e(METRIC_NOTES.get(key, ""))}</td></tr>'
-        )
+        note = _e(METRIC_NOTES.get(key, ""))
+        rows.append(f'<tr><td>{_e(key)}</td><td class="num">{_e(format_metric(value))}</td><td>{note}</td></tr>')
     rows.append("</table>")
     return "\n".join(rows)
 
@@ -215,9 +219,18 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
     rows = [
         ("image threshold", _fmt_setting(thr) + " (score at or above it: defective)"),
         ("false-alarm rate asked for", f"{cal.max_false_alarm:.3g}"),
-        ("false-alarm rate the calibration supports", f"{cal.achieved_false_alarm:.3g} ({n_val} good validation images)"),
-        ("false alarms on the test set", f"{fp} of {tn + fp} good images" + (f" ({fp / (tn + fp):.3g})" if tn + fp else "")),
-        ("misses on the test set", f"{fn} of {fn + tp} defective images" + (f" ({fn / (fn + tp):.3g})" if fn + tp else "")),
+        (
+            "false-alarm rate the calibration supports",
+            f"{cal.achieved_false_alarm:.3g} ({n_val} good validation images)",
+        ),
+        (
+            "false alarms on the test set",
+            f"{fp} of {tn + fp} good images" + (f" ({fp / (tn + fp):.3g})" if tn + fp else ""),
+        ),
+        (
+            "misses on the test set",
+            f"{fn} of {fn + tp} defective images" + (f" ({fn / (fn + tp):.3g})" if fn + tp else ""),
+        ),
         ("confusion (TP / FP / FN / TN)", f"{tp} / {fp} / {fn} / {tn}"),
     ]
     if cal.note:
@@ -248,7 +261,11 @@ def _curves_section(result: EvaluationResult) -> str:
     both = bool(np.any(y == 0) and np.any(y == 1))
     px = result.pixel_curves
     imgs = [_img(_roc_png(s, y, m, px) if both else None, "ROC curve", " (needs good and defective test images)")]
-    imgs.append(_img(_pr_png(s, y, m, px) if np.any(y == 1) else None, "precision-recall curve", " (needs defective test images)"))
+    imgs.append(
+        _img(
+            _pr_png(s, y, m, px) if np.any(y == 1) else None, "precision-recall curve", " (needs defective test images)"
+        )
+    )
     if px is not None:
         imgs.append(_img(_pro_png(px, m), "PRO curve"))
     note = "" if px is not None else '<p class="note">No ground-truth masks: image-level curves only.</p>'
@@ -273,7 +290,11 @@ def _pr_png(s: np.ndarray, y: np.ndarray, m: dict[str, float], px: Any) -> bytes
     fig = Figure(figsize=(5, 4.2))
     ax = fig.add_subplot()
     precision, recall, _ = precision_recall_curve(s, y)
-    ax.plot(np.concatenate(([0.0], recall)), np.concatenate(([precision[0]], precision)), label=f"image (F1-max {format_metric(m.get('image_f1_max'))} %)")
+    ax.plot(
+        np.concatenate(([0.0], recall)),
+        np.concatenate(([precision[0]], precision)),
+        label=f"image (F1-max {format_metric(m.get('image_f1_max'))} %)",
+    )
     if "precision" in m and "recall" in m:
         ax.plot([m["recall"]], [m["precision"]], "o", color="C3", label="image, at the model's threshold")
     if px is not None:
@@ -293,8 +314,16 @@ def _pro_png(px: Any, m: dict[str, float]) -> bytes:
     if x[-1] < lim:  # close the curve at the limit as AU-PRO does (linear interpolation)
         x, yv = np.append(x, lim), np.append(yv, np.interp(lim, px.fpr, px.pro))
     ax.plot(x, yv, label=f"AU-PRO@0.3 {format_metric(m.get('au_pro@0.3'))} %")
-    ax.axvline(0.05, ls=":", color="gray", lw=1, label=f"FPR 0.05 (AU-PRO@0.05 {format_metric(m.get('au_pro@0.05'))} %)")
-    ax.set(xlabel="false positive rate (pixels)", ylabel="per-region overlap", title="PRO curve", xlim=(0, lim), ylim=(0, 1.01))
+    ax.axvline(
+        0.05, ls=":", color="gray", lw=1, label=f"FPR 0.05 (AU-PRO@0.05 {format_metric(m.get('au_pro@0.05'))} %)"
+    )
+    ax.set(
+        xlabel="false positive rate (pixels)",
+        ylabel="per-region overlap",
+        title="PRO curve",
+        xlim=(0, lim),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right")
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.92)
     return _png(fig)
@@ -311,7 +340,7 @@ def _histogram_png(s: np.ndarray, y: np.ndarray, cal: Any) -> bytes | None:
         lo, hi = min(lo, thr), max(hi, thr)
     if hi <= lo:
         hi = lo + 1.0
-    bins = np.linspace(lo, hi, 31)
+    bins = np.linspace(lo, hi, 31).tolist()
     fig = Figure(figsize=(9, 3.6))
     ax = fig.add_subplot()
     if np.any(y == 0):
@@ -321,7 +350,13 @@ def _histogram_png(s: np.ndarray, y: np.ndarray, cal: Any) -> bytes | None:
     if val.size:
         ax.hist(val, bins=bins, histtype="step", color="k", lw=1.2, label=f"good validation images ({val.size})")
     if math.isfinite(thr):
-        ax.axvline(thr, color="k", ls="--", lw=1.5, label=f"threshold {thr:.4g} (false-alarm rate {cal.achieved_false_alarm:.3g})")
+        ax.axvline(
+            thr,
+            color="k",
+            ls="--",
+            lw=1.5,
+            label=f"threshold {thr:.4g} (false-alarm rate {cal.achieved_false_alarm:.3g})",
+        )
     ax.set(xlabel="image anomaly score", ylabel="images", title="Image scores")
     ax.legend(loc="best", fontsize="small")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.91)
@@ -332,21 +367,30 @@ def _worst_section(heading: str, kept: Sequence[KeptImage], detector: Detector) 
     if not kept:
         return ""
     cal = detector.calibration
-    out = [f"<h2>{_e(heading)}</h2>", '<p class="note">image | heat map over the image | heat map (the model\'s fixed colour scale)'
-           + ("; white outline: ground truth" if any(k.mask is not None for k in kept) else "") + "</p>"]
+    out = [
+        f"<h2>{_e(heading)}</h2>",
+        '<p class="note">image | heat map over the image | heat map (the model\'s fixed colour scale)'
+        + ("; white outline: ground truth" if any(k.mask is not None for k in kept) else "")
+        + "</p>",
+    ]
     for k in kept:
         p_value = float(cal.p_values(np.array([k.score]))[0])
         decision = "DEFECTIVE" if bool(cal.decide(np.array([k.score]))[0]) else "good"
         truth = "good" if k.sample.label == 0 else f"defective ({k.sample.defect_type})"
         caption = f"{k.sample.path} — truth: {truth}; score {k.score:.5g}, p-value {p_value:.3g}, called {decision}"
-        out.append(f'<figure class="case">{_img(_case_png(k, detector), k.sample.path.name)}<figcaption>{_e(caption)}</figcaption></figure>')
+        figure = _img(_case_png(k, detector), k.sample.path.name)
+        out.append(f'<figure class="case">{figure}<figcaption>{_e(caption)}</figcaption></figure>')
     return "\n".join(out)
 
 
 def _case_png(k: KeptImage, detector: Detector) -> bytes:
     """image | overlay | heat map side by side (numpy panels, no plotting), ground truth outlined in white."""
     image = k.image.astype(np.float32) / 255.0
-    panels = [k.image, overlay(image, k.anomaly_map, detector.calibration), heatmap(k.anomaly_map, detector.calibration)]
+    panels = [
+        k.image,
+        overlay(image, k.anomaly_map, detector.calibration),
+        heatmap(k.anomaly_map, detector.calibration),
+    ]
     if k.mask is not None:
         panels = [draw_contour(p, k.mask) for p in panels]
     gap = np.full((k.image.shape[0], 4, 3), 255, dtype=np.uint8)

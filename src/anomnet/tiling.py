@@ -102,7 +102,7 @@ def iter_tiles(image: torch.Tensor, tiling: Tiling) -> Iterator[tuple[float, tup
     hw = (int(image.shape[-2]), int(image.shape[-1]))
     for s in tiling.scales:
         scaled = resize(image[None], scaled_size(hw, s))[0]
-        for box in tile_grid(tuple(scaled.shape[-2:]), tiling.tile, tiling.overlap):
+        for box in tile_grid((int(scaled.shape[-2]), int(scaled.shape[-1])), tiling.tile, tiling.overlap):
             y, x, th, tw = box
             yield s, box, scaled[:, y : y + th, x : x + tw]
 
@@ -110,7 +110,7 @@ def iter_tiles(image: torch.Tensor, tiling: Tiling) -> Iterator[tuple[float, tup
 def training_batches(
     samples: Sequence[Sample], tiling: Tiling, preprocess: Preprocess, batch_size: int, progress: str | None = None
 ) -> Iterator[torch.Tensor]:
-    """Preprocessed tiles ``[b,3,S,S]`` of every sample, ``batch_size`` at a time (streamed: one image read at a time)."""
+    """Preprocessed tiles ``[b,3,S,S]`` of every sample, ``batch_size`` at a time (streamed: one image at a time)."""
     pending: list[torch.Tensor] = []
     for batch in iter_batches(samples, 1, size=None, progress=progress):
         for _, _, tile in iter_tiles(batch.images[0], tiling):

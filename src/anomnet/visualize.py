@@ -39,7 +39,9 @@ def overlay(image: np.ndarray, amap: np.ndarray, calibration: Calibration, alpha
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def draw_contour(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255), width: int | None = None) -> np.ndarray:
+def draw_contour(
+    rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255), width: int | None = None
+) -> np.ndarray:
     """Copy of a uint8 HxWx3 image with the outline of a boolean mask drawn in ``color``.
 
     The outline is the mask minus its erosion, ``width`` pixels thick (default: about 1/300 of
