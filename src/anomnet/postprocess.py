@@ -62,8 +62,11 @@ class MaskPostprocess:
         return self.closing > 0 or bool(self.fill_holes) or self.min_area > 0
 
     def describe(self) -> str:
-        parts = [f"closing r={self.closing}" if self.closing else "", "hole filling" if self.fill_holes else "",
-                 f"min area {self.min_area} px" if self.min_area else ""]
+        parts = [
+            f"closing r={self.closing}" if self.closing else "",
+            "hole filling" if self.fill_holes else "",
+            f"min area {self.min_area} px" if self.min_area else "",
+        ]
         return ", ".join(p for p in parts if p) or "none"
 
     def apply(self, mask: np.ndarray) -> np.ndarray:
