@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomnet.coreset import greedy_coreset, random_projection
+from anomnet.components.coreset import greedy_coreset, random_projection
 from anomnet.errors import ConfigError
-from anomnet.nn_search import NearestNeighbors, faiss_available
+from anomnet.components.nn_search import NearestNeighbors, faiss_available
 
 
 def _radius(x: torch.Tensor, centers: torch.Tensor) -> float:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from anomnet.errors import ConfigError
-from anomnet.transforms import Preprocess, gaussian_blur, resize
+from anomnet.components.blur import gaussian_blur
+from anomnet.transforms import Preprocess, resize
 
 
 def test_resize_and_crop_shapes() -> None:

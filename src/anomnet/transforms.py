@@ -30,25 +30,6 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``[B,H,W]`` maps, kernel radius ``4*sigma``, reflect padding."""
-    if sigma <= 0:
-        return maps
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = maps[:, None]
-    pad_h = min(radius, out.shape[-2] - 1)
-    pad_w = min(radius, out.shape[-1] - 1)
-    out = F.pad(out, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
-    kh = kernel[radius - pad_h : radius + pad_h + 1] if pad_h < radius else kernel
-    kw = kernel[radius - pad_w : radius + pad_w + 1] if pad_w < radius else kernel
-    out = F.conv2d(out, (kh / kh.sum()).view(1, 1, -1, 1))
-    out = F.conv2d(out, (kw / kw.sum()).view(1, 1, 1, -1))
-    return out[:, 0]
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """Resize to ``image_size`` (square), then optionally centre-crop to ``crop``."""

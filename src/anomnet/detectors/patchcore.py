@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from anomnet.backbones import DEFAULT_BACKBONE, FeatureExtractor, available_backbones, create_backbone
-from anomnet.coreset import greedy_coreset
+from anomnet.components.coreset import greedy_coreset
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, DetectorConfig, register
 from anomnet.errors import ConfigError
-from anomnet.nn_search import NearestNeighbors, faiss_available
-from anomnet.transforms import gaussian_blur, upsample_maps
+from anomnet.components.nn_search import NearestNeighbors, faiss_available
+from anomnet.components.blur import gaussian_blur
+from anomnet.transforms import upsample_maps
 
 
 @dataclass

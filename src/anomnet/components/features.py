@@ -1,0 +1,60 @@
+"""Multi-level patch features: backbone levels -> local patch average -> one grid -> concatenation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomnet.backbones import FeatureExtractor
+
+
+class PatchFeatures(nn.Module):
+    """Backbone levels -> locally aware patch features ``[B, D, h, w]`` on one grid.
+
+    Each level is averaged over a ``patch_size`` x ``patch_size`` neighbourhood (1: none; the
+    border average counts only the pixels inside the map). The grid rule: ``grid_stride = 0``
+    is the finest level's grid (PatchCore), else ``ceil(input / grid_stride)`` (AnomNet, 8).
+    Levels finer than the grid are brought to it by adaptive average pooling, coarser ones by
+    bilinear interpolation. The levels are concatenated; ``embed_dim`` (if smaller than the
+    channel count) average-pools the channels of each location down to that many.
+    """
+
+    def __init__(
+        self, backbone: FeatureExtractor, patch_size: int = 3, grid_stride: int = 0, embed_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = patch_size
+        self.grid_stride = grid_stride
+        self.embed_dim = embed_dim
+        strides = backbone.strides()
+        self.finest = min(range(len(strides)), key=lambda i: strides[i])
+
+    @property
+    def channels(self) -> int:
+        total = sum(self.backbone.channels())
+        return self.embed_dim if self.embed_dim and self.embed_dim < total else total
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        levels = self.backbone(images)
+        if self.grid_stride > 0:
+            size = tuple(-(-s // self.grid_stride) for s in images.shape[-2:])
+        else:
+            size = tuple(levels[self.finest].shape[-2:])
+        pad = self.patch_size // 2
+        out = []
+        for f in levels:
+            if self.patch_size > 1:
+                f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=False)
+            if f.shape[-2] > size[0] or f.shape[-1] > size[1]:
+                f = F.adaptive_avg_pool2d(f, size)
+            elif f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            out.append(f)
+        feats = torch.cat(out, dim=1)
+        if self.embed_dim and self.embed_dim < feats.shape[1]:
+            b, c, h, w = feats.shape
+            flat = feats.permute(0, 2, 3, 1).reshape(-1, 1, c)
+            feats = F.adaptive_avg_pool1d(flat, self.embed_dim).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return feats
