@@ -61,3 +61,188 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_missing_folder_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError):
         io.list_images(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ fitted-model cases
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from anomnet import api  # noqa: E402
+from anomnet.cli import EXIT_INPUT, EXIT_OK, main  # noqa: E402
+from anomnet.detectors.base import Detector  # noqa: E402
+from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
+from anomnet.model_io import META_FILE, TENSOR_FILE  # noqa: E402
+from anomnet.outputs import expand_inputs  # noqa: E402
+
+SMALL = {"image_size": 64}
+
+
+@pytest.fixture
+def fitted(folder_dataset: Path, tmp_path: Path) -> Path:
+    api.fit("patchcore", folder_dataset, tmp_path / "model", settings=SMALL, progress=False)
+    return tmp_path / "model"
+
+
+def test_suffixed_names_never_equal_a_real_name(tmp_path: Path) -> None:
+    a = _png(tmp_path / "a" / "x.png")
+    b = _png(tmp_path / "b" / "x.png")
+    real = _png(tmp_path / "c" / "x__2.png")
+    names = [i.name for i in expand_inputs([a, b, real])]
+    assert len(set(names)) == 3 and "x__2" in names
+    assert dict(zip(names, [a, b, real]))["x__2"] == real  # the real x__2 keeps its own name
+
+
+def test_reused_out_folder_keeps_no_stale_files(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    good = sorted((folder_dataset / "test" / "good").iterdir())
+    api.predict(fitted, good[:2], out_dir=out)
+    keep = out / "mine.txt"
+    keep.write_text("user file")
+    api.predict(fitted, good[2:3], out_dir=out)
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert heatmaps == [good[2].stem + ".png"]
+    assert keep.read_text() == "user file"  # never delete what anomnet did not write
+    assert len((out / "results.csv").read_text().splitlines()) == 2
+
+
+def test_model_folder_checksums(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    api.fit("patchcore", folder_dataset, other, settings={**SMALL, "coreset_ratio": 0.5}, progress=False)
+    shutil.copy(other / TENSOR_FILE, fitted / TENSOR_FILE)
+    with pytest.raises(ModelFormatError, match="checksum"):
+        Detector.load(fitted)
+    raw = bytearray((other / TENSOR_FILE).read_bytes())
+    raw[-1] ^= 0xFF
+    (other / TENSOR_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ModelFormatError, match="checksum"):
+        Detector.load(other)
+
+
+def test_model_written_whole_and_never_half(fitted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)}
+    det = Detector.load(fitted)
+    det.calibration = det.calibration.rethreshold()
+
+    import anomnet.model_io as model_io
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # a kill between the weights and the settings
+
+    monkeypatch.setattr(model_io, "_replace_folder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        det.save(fitted)
+    assert {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)} == before
+    assert [p.name for p in fitted.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_fit_refuses_existing_model_without_overwrite(fitted: Path, folder_dataset: Path, capsys) -> None:
+    args = ["fit", "--data", str(folder_dataset), "--out", str(fitted), "--image-size", "64", "--quiet"]
+    assert main(args) == EXIT_INPUT
+    assert "already holds a model" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == EXIT_OK
+
+
+def test_outputs_never_overwrite_inputs(fitted: Path, folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    image = folder_dataset / "test" / "good" / "g000.png"
+    original = image.read_bytes()
+    assert main(["predict", "--model-dir", str(fitted), str(image), "--csv", str(image), "--quiet"]) == EXIT_INPUT
+    assert image.read_bytes() == original and "is also an input" in capsys.readouterr().err
+    scanned = folder_dataset / "test"
+    assert main(["predict", "--model-dir", str(fitted), str(scanned), "--out", str(scanned / "o"), "--quiet"]) == EXIT_INPUT
+    assert "inside the input folder" in capsys.readouterr().err and not (scanned / "o").exists()
+    meta = (fitted / META_FILE).read_bytes()
+    args = ["test", "--model-dir", str(fitted), "--data", str(folder_dataset), "--quiet"]
+    assert main([*args, "--json", str(fitted / META_FILE)]) == EXIT_INPUT
+    assert (fitted / META_FILE).read_bytes() == meta
+
+
+def test_unwritable_out_fails_before_the_fit(folder_dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    called = []
+    monkeypatch.setattr("anomnet.api.create_detector", lambda *a, **k: called.append(1))
+    code = main(["fit", "--data", str(folder_dataset), "--out", str(blocker / "model"), "--quiet"])
+    assert code == EXIT_INPUT and not called and "not a folder" in capsys.readouterr().err
+
+
+def test_read_only_model_folder_test_fails_early(fitted: Path, folder_dataset: Path, capsys, monkeypatch) -> None:
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == fitted else real_access(p, m))
+    called = []
+    monkeypatch.setattr("anomnet.api.evaluate", lambda *a, **k: called.append(1))
+    assert main(["test", "--model-dir", str(fitted), "--data", str(folder_dataset), "--quiet"]) == EXIT_INPUT
+    assert not called and "not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", "abc"), ("threshold", None), ("threshold", float("nan")), ("image_method", 3)],
+)
+def test_hand_edited_calibration_is_refused(fitted: Path, field: str, value: object) -> None:
+    meta = json.loads((fitted / META_FILE).read_text())
+    meta["calibration"][field] = value
+    (fitted / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=field):
+        Detector.load(fitted)
+
+
+def test_hand_edited_settings_are_refused(fitted: Path) -> None:
+    meta = json.loads((fitted / META_FILE).read_text())
+    meta["config"]["image_size"] = 512
+    (fitted / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="settings were changed"):
+        Detector.load(fitted)
+
+
+def test_non_utf8_file_names(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(b"part-\xff.png")
+    shutil.copy(folder_dataset / "test" / "good" / "g000.png", folder / name)
+    results = api.predict(fitted, [folder], out_dir=tmp_path / "pred")
+    assert len(results) == 1 and results[0].error is None
+    assert (tmp_path / "pred" / "results.csv").read_bytes()  # written (surrogates escaped, no crash)
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--threads", "-3"]])
+def test_thread_counts_are_checked(argv: list[str], capsys) -> None:
+    assert main([*argv, "models"]) == EXIT_INPUT
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_image_size_upper_bound(folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    code = main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--image-size", "100000"])
+    assert code == EXIT_INPUT and "image_size=100000 is out of range" in capsys.readouterr().err
+
+
+def test_closing_upper_bound(fitted: Path, capsys) -> None:
+    assert main(["calibrate", "--model-dir", str(fitted), "--closing", "1000000000"]) == EXIT_INPUT
+    assert "closing" in capsys.readouterr().err
+    Detector.load(fitted)  # nothing was saved
+
+
+def test_defective_images_without_masks_leave_pixel_metrics(folder_dataset: Path, fitted: Path, tmp_path: Path, capsys) -> None:
+    for m in sorted((folder_dataset / "masks").iterdir())[:2]:
+        m.unlink()
+    out = tmp_path / "metrics.json"
+    res = api.test(fitted, folder_dataset, json_out=out, progress=False)
+    payload = json.loads(out.read_text())
+    assert payload["pixel_metrics_images"] == 8 - 2 and len(payload["pixel_metrics_skipped"]) == 2
+    assert res.pixel_skipped == payload["pixel_metrics_skipped"]
+    assert "have no mask" in capsys.readouterr().err
+
+
+def test_zero_validation_fraction_is_refused(folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    code = main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0", "--quiet"])
+    assert code == EXIT_INPUT and "no good validation images" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        api.fit("patchcore", folder_dataset, val_fraction=0.0, settings=SMALL, progress=False)
+
+
+def test_model_and_output_files_share_permissions(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    api.predict(fitted, [folder_dataset / "test" / "good" / "g000.png"], out_dir=out)
+    modes = {oct((fitted / n).stat().st_mode & 0o777) for n in (META_FILE, TENSOR_FILE)}
+    modes.add(oct((out / "results.csv").stat().st_mode & 0o777))
+    assert len(modes) == 1 and modes != {oct(0o600)}

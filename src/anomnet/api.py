@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def fit(
     if out is not None:
         check_model_target(out, overwrite)
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
+    _print_warnings(split)
     train = list(split.train)
     if max_train is not None and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train), key=lambda s: str(s.path))
@@ -97,6 +99,7 @@ def test(
         _report.check_report_path(report)  # a bad path fails now, not after the evaluation
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout)
+    _print_warnings(split)
     if not split.test:
         raise AnomnetError(f"{split.name}: no test images to evaluate")
     # A report also needs the curves and the worst cases, recorded by the same evaluation pass.
@@ -112,6 +115,8 @@ def test(
             "threshold": detector.calibration.threshold,
             "pixel_threshold": detector.calibration.pixel_threshold if np.isfinite(detector.calibration.pixel_threshold) else None,
             "test_images": len(split.test),
+            "pixel_metrics_images": result.pixel_images,
+            "pixel_metrics_skipped": result.pixel_skipped,  # defective images without a mask: image metrics only
             "seconds_per_image": result.seconds_per_image,
             "metrics": {k: (None if v != v else v) for k, v in result.metrics.items()},  # NaN -> null
         }
@@ -207,6 +212,11 @@ def _showcase(test: Sequence[Sample], n: int) -> list[Sample]:
                 picked.append(by_type[t][i])
         i += 1
     return picked
+
+
+def _print_warnings(split: DatasetSplit) -> None:
+    for warning in split.warnings:
+        print(f"anomnet: note: {warning}", file=sys.stderr)
 
 
 def _json_default(obj: Any) -> Any:

@@ -66,6 +66,10 @@ class EvaluationResult:
     """The ``keep_worst`` highest-scoring good images, highest first (the likeliest false alarms)."""
     worst_defective: list[KeptImage] = field(default_factory=list)
     """The ``keep_worst`` lowest-scoring defective images, lowest first (the likeliest misses)."""
+    pixel_images: int = 0
+    """Test images the pixel metrics used (0 without masks)."""
+    pixel_skipped: list[str] = field(default_factory=list)
+    """Defective test images left out of the pixel metrics because they have no mask."""
 
 
 class _WorstKeeper:
@@ -125,6 +129,10 @@ def evaluate(
     acc = PixelMetricAccumulator() if has_masks else None
     seg = SegmentationCounts() if has_masks else None  # masks at the model's pixel threshold, post-processed
     keeper = _WorstKeeper(keep_worst, KEEP_SIDE) if keep_worst > 0 else None
+    # A defective image without a mask says nothing about its pixels: counting it as all-good
+    # would turn its defect into false alarms. Such images count for image metrics only.
+    pixel_skipped = [str(smp.path) for smp in samples if smp.label == 1 and smp.mask_path is None] if has_masks else []
+    pixel_images = (len(samples) - len(pixel_skipped)) if has_masks else 0
     scores: list[float] = []
     labels: list[int] = []
     paths: list[str] = []
@@ -137,9 +145,9 @@ def evaluate(
         paths.extend(str(s.path) for s in batch.samples)
         if keeper is not None:
             keeper.add(batch, pred)
-        if acc is not None:
-            assert batch.masks is not None
-            maps, masks = pred.maps, batch.masks
+        if acc is not None and batch.masks is not None:
+            keep = [i for i, smp in enumerate(batch.samples) if not (smp.label == 1 and smp.mask_path is None)]
+            maps, masks = pred.maps[keep], batch.masks[keep]
             if eval_size:
                 maps = F.interpolate(maps[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
                 masks = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0] > 0.5
@@ -165,5 +173,6 @@ def evaluate(
             metrics[f"au_pro@{limit:g}"] = value
     n = max(1, len(scores))
     worst_good, worst_defective = keeper.result() if keeper is not None else ([], [])
-    return EvaluationResult(metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective)
+    return EvaluationResult(metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective,
+                            pixel_images, pixel_skipped)
 

@@ -221,7 +221,7 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
-    data = text.encode("utf-8")
+    data = text.encode("utf-8", errors="surrogateescape")  # non-UTF-8 file names keep their bytes
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
