@@ -103,8 +103,9 @@ def test(
     if not split.test:
         raise AnomnetError(f"{split.name}: no test images to evaluate")
     # A report also needs the curves and the worst cases, recorded by the same evaluation pass.
-    for_report = {} if report is None else {"keep_worst": _report.WORST_CASES, "curve_points": _report.CURVE_POINTS}
-    result = evaluate(detector, split.test, batch_size, eval_size, progress, **for_report)
+    keep_worst, curve_points = (0, 0) if report is None else (_report.WORST_CASES, _report.CURVE_POINTS)
+    result = evaluate(detector, split.test, batch_size, eval_size, progress,
+                      keep_worst=keep_worst, curve_points=curve_points)
     if report is not None:
         _report.write_report(result, detector, report, split.name, None if isinstance(model_dir, Detector) else model_dir)
     if json_out is not None:

@@ -262,7 +262,7 @@ def calibrate(
     if map_values is not None and len(map_values):
         pixels = np.asarray(map_values, dtype=np.float32).ravel()
         cal.map_low = float(np.median(pixels))
-        cal.map_high = float(max(np.max(pixels), cal.map_low + 1e-12))
+        cal.map_high = max(float(np.max(pixels)), cal.map_low + 1e-12)
         cal.pixel_count = int(pixels.size)
         cal.pixel_tail = tail_table(pixels)
     return cal.rethreshold(options, labelled)

@@ -141,7 +141,10 @@ def load_dataset(
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder (a dataset is a folder, see the accepted layouts in the docs)")
     if layout == "mvtec":
-        return load_mvtec(_mvtec_category_dir(root, category, strict=True), val_fraction, seed)
+        category_dir = _mvtec_category_dir(root, category, strict=True)
+        if category_dir is None:
+            raise DatasetError(f"{root}: not an MVTec AD category folder or root")
+        return load_mvtec(category_dir, val_fraction, seed)
     if layout == "folder":
         return load_folder(root, val_fraction, seed)
     return _load_auto(root, category, val_fraction, seed, cell_type)
@@ -515,7 +518,7 @@ def iter_batches(
 def _size_pair(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
-    pair = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
+    pair: tuple[int, ...] = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 for v in pair):
         raise ConfigError(f"size must be a positive int or (height, width), got {size!r}")
     return (int(pair[0]), int(pair[1]))
@@ -536,7 +539,7 @@ def _batch_key(item: _Loaded, with_masks: bool) -> tuple:
 
 def _make_batch(items: list[_Loaded], with_masks: bool) -> Batch:
     images = torch.stack([it.image for it in items]).contiguous()
-    masks = torch.stack([it.mask for it in items]) if with_masks else None
+    masks = torch.stack([it.mask for it in items if it.mask is not None]) if with_masks else None
     return Batch(images, [it.sample for it in items], masks, [it.original_hw for it in items])
 
 

@@ -103,7 +103,7 @@ def calibrate_detector(
     progress: bool = False,
 ) -> Calibration:
     """Set ``detector.calibration`` from its good validation images (and a labelled set) and return it."""
-    bs = batch_size or getattr(detector.config, "batch_size", 8)
+    bs: int = batch_size or int(getattr(detector.config, "batch_size", 8))
     scores, pixels = validation_pixel_statistics(detector, validation, bs, progress=progress)
     lab = _labelled(detector, labelled, bs, progress)
     detector.calibration = calibrate(scores, map_values=pixels, options=options or ThresholdOptions(),

@@ -140,7 +140,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
+                page = tif.pages.first
                 return int(page.imagelength), int(page.imagewidth)
         except Exception:  # noqa: BLE001 - PIL gets a try and reports the problem
             pass
@@ -523,7 +523,7 @@ def _read_tiff(path: Path) -> tuple[_Pixels | None, str]:
         if not tif.pages:
             raise ImageReadError(path, "TIFF file holds no image")
         try:
-            page = tif.pages[0]
+            page = tif.pages.first
             height, width = int(page.imagelength), int(page.imagewidth)
             spp = int(page.samplesperpixel)
             photometric = int(page.photometric)
@@ -648,17 +648,17 @@ def _unfilter(filtered: np.ndarray, filters: np.ndarray) -> np.ndarray:
     # of whose pixels needs only pixels of earlier diagonals (left, up, up-left).
     padded = np.zeros((height + 1, width + 1, bpp), dtype=np.int32)
     for d in range(height + width - 1):
-        r = np.arange(max(0, d - width + 1), min(height - 1, d) + 1)
-        x = d - r
-        a = padded[r + 1, x]
-        b = padded[r, x + 1]
-        c = padded[r, x]
+        rows = np.arange(max(0, d - width + 1), min(height - 1, d) + 1)
+        cols = d - rows
+        a = padded[rows + 1, cols]
+        b = padded[rows, cols + 1]
+        c = padded[rows, cols]
         p = a + b - c
         pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
         paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        kind = filters[r][:, None]
+        kind = filters[rows][:, None]
         pred = np.select([kind == 1, kind == 2, kind == 3, kind == 4], [a, b, (a + b) >> 1, paeth], 0)
-        padded[r + 1, x + 1] = (filtered[r, x] + pred) & 0xFF
+        padded[rows + 1, cols + 1] = (filtered[rows, cols] + pred) & 0xFF
     return padded[1:, 1:]
 
 

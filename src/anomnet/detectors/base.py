@@ -178,7 +178,8 @@ class Detector(ABC):
             scores, maps = tiling.predict_tiled(self.predict_preprocessed, self.preprocess, images, self.tiling, self.config.batch_size)
             return Prediction(scores, maps)
         scores, maps = self.predict_preprocessed(self.preprocess(images))
-        return Prediction(scores.float(), self.preprocess.restore(maps.float(), tuple(images.shape[-2:])))
+        height, width = images.shape[-2:]
+        return Prediction(scores.float(), self.preprocess.restore(maps.float(), (int(height), int(width))))
 
     def training_batches(self, samples: Sequence[Sample], progress: str | None = None) -> Iterator[torch.Tensor]:
         """What the network trains on, preprocessed, ``batch_size`` at a time: ``[b,3,S,S]``.
