@@ -40,7 +40,7 @@ def test_patch_features_grid_rule() -> None:
     finest = PatchFeatures(backbone, 3, grid_stride=0)
     assert finest(x).shape == (1, 128 + 256, 8, 8) and finest.channels == 384
     assert PatchFeatures(backbone, 3, grid_stride=16)(x).shape[-2:] == (4, 4)
-    pooled = PatchFeatures(backbone, 1, embed_dim=100)
+    pooled = PatchFeatures(backbone, 1, 100)
     assert pooled(x).shape[1] == 100 == pooled.channels
 
 

@@ -8,7 +8,7 @@ import torch
 from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.detectors import Detector, create_detector
-from anomnet.errors import BackboneWeightsError, ConfigError
+from anomnet.errors import BackboneWeightsError, ConfigError, NotFittedError
 from anomnet.evaluate import evaluate
 
 SMALL = {"image_size": 64, "batch_size": 4}
@@ -92,8 +92,26 @@ def test_bad_settings_are_refused() -> None:
         create_detector("nope")
     with pytest.raises(ConfigError):
         create_detector("patchcore", {"backbone": "vgg"})
-    with pytest.raises(ConfigError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         create_detector("patchcore", SMALL).predict(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="patch_size=4"):
+        create_detector("patchcore", {"patch_size": "4"})
+    with pytest.raises(ConfigError, match="nn_backend='hnsw'"):
+        create_detector("patchcore", {"nn_backend": "hnsw"})
+
+
+def test_resnet_features_refuse_to_run_before_weights_exist() -> None:
+    det = create_detector("patchcore", {**SMALL, "backbone": "resnet18"})
+    with pytest.raises(NotFittedError, match="weights"):
+        det.extract(torch.rand(1, 3, 64, 64))
+
+
+def test_fit_records_its_phases(folder_dataset) -> None:
+    split = load_dataset(folder_dataset)
+    det = create_detector("patchcore", SMALL)
+    det.fit(split.train, split.validation, progress=False)
+    assert [p.name for p in det.fit_record.phases] == ["features", "coreset", "index"]
+    assert det.fit_record.seed == 0
 
 
 def test_chunked_coreset_bounds_the_buffer(folder_dataset) -> None:

@@ -21,7 +21,7 @@ class PatchFeatures(nn.Module):
     """
 
     def __init__(
-        self, backbone: FeatureExtractor, patch_size: int = 3, grid_stride: int = 0, embed_dim: int | None = None
+        self, backbone: FeatureExtractor, patch_size: int = 3, embed_dim: int | None = None, *, grid_stride: int = 0
     ) -> None:
         super().__init__()
         self.backbone = backbone
