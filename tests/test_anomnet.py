@@ -11,7 +11,8 @@ from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.detectors import Detector, create_detector
 from anomnet.detectors import anomnet as am
-from anomnet.detectors.anomnet_losses import (
+from anomnet.detectors.anomnet import detector as am_detector
+from anomnet.detectors.anomnet.losses import (
     attraction_loss,
     centroid_entropy,
     contrastive_losses,
@@ -21,11 +22,11 @@ from anomnet.detectors.anomnet_losses import (
     separation_loss,
     squared_distances,
 )
-from anomnet.errors import ConfigError
+from anomnet.errors import ConfigError, NotFittedError
 from anomnet.evaluate import evaluate
-from anomnet.transforms import gaussian_blur
 
-SMALL = {"image_size": 64, "batch_size": 4, "num_centroids": 16, "epochs1": 2, "epochs2": 2, "init_samples": 2000}
+SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "num_centroids": 16, "stage1_epochs": 2, "stage2_epochs": 2,
+         "init_samples": 2000}
 
 # The paper's Table 1 variants (and the lambda sweep) as settings; the same table is in docs/anomnet.md.
 VARIANTS = {
@@ -107,7 +108,7 @@ def test_entropy_is_finite_when_there_are_fewer_centroids_than_dimensions() -> N
         assert math.isfinite(centroid_entropy(c, est).item())
     spread = centroid_entropy(2 * c, "logdet") - centroid_entropy(c, "logdet")
     assert spread.item() > 0  # wider sets have more entropy
-    with pytest.raises(ValueError, match="entropy"):
+    with pytest.raises(ConfigError, match="entropy"):
         centroid_entropy(c, "nope")
 
 
@@ -141,15 +142,15 @@ def test_sample_rows_bounds_the_contrastive_batch() -> None:
 
 def test_training_never_builds_a_larger_similarity_matrix(folder_dataset, monkeypatch) -> None:
     sizes: list[int] = []
-    real = am.contrastive_losses
+    real = am_detector.contrastive_losses
 
     def spy(feats, labels, margin=0.1):
         sizes.append(feats.shape[0])
         return real(feats, labels, margin)
 
-    monkeypatch.setattr(am, "contrastive_losses", spy)
+    monkeypatch.setattr(am_detector, "contrastive_losses", spy)
     split = load_dataset(folder_dataset)
-    det = create_detector("anomnet", {**SMALL, "con_samples": 100, "epochs1": 1, "epochs2": 1})
+    det = create_detector("anomnet", {**SMALL, "con_samples": 100, "stage1_epochs": 1, "stage2_epochs": 1})
     det.fit(split.train, split.validation, progress=False)
     assert sizes and max(sizes) == 100  # a batch holds 4 * 8 * 8 = 256 features
 
@@ -190,7 +191,7 @@ def _collapse_run(folder_dataset, adapter: str) -> list[dict]:
     """Attraction only, at a high learning rate: the setting that invites collapse."""
     split = load_dataset(folder_dataset)
     settings = {**SMALL, "adapter": adapter, "stages": 1, "use_sep": False, "use_ent": False, "use_con": False,
-                "lr": 0.01, "epochs1": 30, "num_centroids": 4}
+                "lr": 0.01, "stage1_epochs": 30, "num_centroids": 4}
     det = create_detector("anomnet", settings)
     det.fit(split.train, split.validation, progress=False)
     return det.history
@@ -210,7 +211,7 @@ def test_collapse_guard_keeps_the_feature_variance(folder_dataset) -> None:
 def test_ablation_variants_build_and_train(folder_dataset, variant) -> None:
     split = load_dataset(folder_dataset)
     settings = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in VARIANTS[variant].items()}  # as --set gives them
-    det = create_detector("anomnet", {**SMALL, **settings, "epochs1": 1, "epochs2": 1})
+    det = create_detector("anomnet", {**SMALL, **settings, "stage1_epochs": 1, "stage2_epochs": 1})
     det.fit(split.train[:6], split.validation, progress=False)
     pred = det.predict(torch.rand(1, 3, 64, 64))
     assert torch.isfinite(pred.maps).all()
@@ -240,13 +241,6 @@ def test_row_and_map_paths_agree(folder_dataset) -> None:
     assert torch.allclose(plain(f), plain.conv(grid).permute(0, 2, 3, 1).reshape(-1, 6), atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,sigma", [((256, 256), 4.0), ((7, 300), 4.0), ((64, 33), 2.0), ((3, 5), 1.0)])
-def test_matrix_blur_equals_the_shared_gaussian_blur(shape, sigma) -> None:
-    maps = torch.rand(2, *shape, generator=torch.Generator().manual_seed(2))
-    fast = am.blur_matrix(shape[0], sigma).T @ maps @ am.blur_matrix(shape[1], sigma)
-    assert torch.allclose(fast, gaussian_blur(maps, sigma), atol=1e-6)
-
-
 def test_default_layers_per_backbone_family() -> None:
     assert create_detector("anomnet").features.backbone.layers == ("stage2", "stage3", "stage4")
     assert create_detector("anomnet", {"backbone": "resnet18"}).features.backbone.layers == ("layer1", "layer2", "layer3")
@@ -268,5 +262,25 @@ def test_bad_settings_are_refused() -> None:
                 {"centroid_init": "random"}, {"adapter_kernel": "2"}, {"max_residual": "1"}, {"normalize": "l2"}):
         with pytest.raises(ConfigError):
             create_detector("anomnet", bad)
-    with pytest.raises(ConfigError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         create_detector("anomnet", SMALL).predict(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="max_residual=1.0"):
+        create_detector("anomnet", {"max_residual": "1"})
+
+
+def test_old_setting_names_keep_their_meaning() -> None:
+    """Before the naming scheme: epochs1/epochs2, and batch_size was the training batch."""
+    old = create_detector("anomnet", {"epochs1": "3", "epochs2": "4", "batch_size": "8"}).config
+    assert (old.stage1_epochs, old.stage2_epochs, old.train_batch_size, old.batch_size) == (3, 4, 8, 8)
+    new = create_detector("anomnet", {"batch_size": "8"}).config
+    assert (new.batch_size, new.train_batch_size) == (8, 32)
+
+
+def test_fit_record_holds_the_stages(folder_dataset, tmp_path) -> None:
+    det = api.fit("anomnet", folder_dataset, tmp_path / "m", settings=SMALL, progress=False)
+    names = [p.name for p in det.fit_record.phases]
+    assert names == ["features", "init", "stage1", "stage2", "normalisation"]
+    stage1 = det.fit_record.phase("stage1")
+    assert stage1 is not None and stage1.steps == 2 and "att" in stage1.loss_last
+    loaded = Detector.load(tmp_path / "m")
+    assert [p.name for p in loaded.fit_record.phases] == names and len(loaded.history) == 5

@@ -18,33 +18,34 @@ from __future__ import annotations
 
 import math
 
+from typing import Literal, get_args
+
 import torch
 
-ENTROPY_ESTIMATORS = ("diag", "logdet")
+from anomnet.components.kmeans import nearest_centroid
+from anomnet.errors import ConfigError
+
+Entropy = Literal["diag", "logdet"]
+ENTROPY_ESTIMATORS: tuple[str, ...] = get_args(Entropy)
+
+__all__ = [
+    "ENTROPY_ESTIMATORS",
+    "attraction_loss",
+    "centroid_distances",
+    "centroid_entropy",
+    "contrastive_losses",
+    "nearest_centroid",
+    "pseudo_labels",
+    "sample_rows",
+    "separation_loss",
+    "squared_distances",
+]
 
 
 def squared_distances(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` squared Euclidean distances, clamped at 0 (matrix-product form: O(N K D))."""
     d2 = (feats * feats).sum(1, keepdim=True) - 2.0 * feats @ centroids.T + (centroids * centroids).sum(1)[None]
     return d2.clamp_min_(0.0) if not d2.requires_grad else d2.clamp_min(0.0)
-
-
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to the nearest centroid ``[N]`` and its index ``[N]``, without autograd.
-
-    ``min_k ||f||^2 - 2 f.C_k + ||C_k||^2`` row chunk by row chunk (one fused ``addmm`` per chunk,
-    the ``[chunk, K]`` block stays in cache): several times faster than :func:`squared_distances`.
-    """
-    with torch.no_grad():
-        c2 = (centroids * centroids).sum(1)[None]
-        dist = torch.empty(feats.shape[0], dtype=feats.dtype, device=feats.device)
-        index = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
-        for start in range(0, feats.shape[0], chunk):
-            f = feats[start : start + chunk]
-            best = torch.addmm(c2, f, centroids.T, beta=1.0, alpha=-2.0).min(1)
-            dist[start : start + chunk] = best.values + (f * f).sum(1)
-            index[start : start + chunk] = best.indices
-        return dist.clamp_min_(0.0), index
 
 
 def attraction_loss(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def centroid_entropy(centroids: torch.Tensor, estimator: str = "diag", eps: floa
         cov = centred.T @ centred / denom
         cov = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
         return 0.5 * (const + torch.linalg.slogdet(cov).logabsdet)
-    raise ValueError(f"unknown entropy estimator {estimator!r}; use one of {', '.join(ENTROPY_ESTIMATORS)}")
+    raise ConfigError(f"unknown entropy estimator {estimator!r}; use one of {', '.join(ENTROPY_ESTIMATORS)}")
 
 
 def pseudo_labels(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -129,16 +130,3 @@ def sample_rows(n: int, max_rows: int, generator: torch.Generator | None = None)
         return None
     return torch.randperm(n, generator=generator)[:max_rows]
 
-
-__all__ = [
-    "ENTROPY_ESTIMATORS",
-    "attraction_loss",
-    "centroid_distances",
-    "centroid_entropy",
-    "contrastive_losses",
-    "nearest_centroid",
-    "pseudo_labels",
-    "sample_rows",
-    "separation_loss",
-    "squared_distances",
-]
