@@ -25,8 +25,15 @@ from anomnet.detectors.anomnet.losses import (
 from anomnet.errors import ConfigError, NotFittedError
 from anomnet.evaluate import evaluate
 
-SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "num_centroids": 16, "stage1_epochs": 2, "stage2_epochs": 2,
-         "init_samples": 2000}
+SMALL = {
+    "image_size": 64,
+    "batch_size": 4,
+    "train_batch_size": 4,
+    "num_centroids": 16,
+    "stage1_epochs": 2,
+    "stage2_epochs": 2,
+    "init_samples": 2000,
+}
 
 # The paper's Table 1 variants (and the lambda sweep) as settings; the same table is in docs/anomnet.md.
 VARIANTS = {
@@ -98,8 +105,12 @@ def test_gaussian_entropy_of_a_known_centroid_set() -> None:
     assert centroid_entropy(c, "logdet", eps=0.0).item() == pytest.approx(expected)
     # correlated set: the full covariance sees the correlation, the diagonal does not
     c = t((0, 0), (2, 0), (0, 2))  # variances 4/3, covariance -2/3, det 4/3
-    assert centroid_entropy(c, "logdet", eps=0.0).item() == pytest.approx(0.5 * (2 * math.log(2 * math.pi * math.e) + math.log(4 / 3)))
-    assert centroid_entropy(c, "diag", eps=0.0).item() == pytest.approx(0.5 * (2 * math.log(2 * math.pi * math.e) + 2 * math.log(4 / 3)))
+    assert centroid_entropy(c, "logdet", eps=0.0).item() == pytest.approx(
+        0.5 * (2 * math.log(2 * math.pi * math.e) + math.log(4 / 3))
+    )
+    assert centroid_entropy(c, "diag", eps=0.0).item() == pytest.approx(
+        0.5 * (2 * math.log(2 * math.pi * math.e) + 2 * math.log(4 / 3))
+    )
 
 
 def test_entropy_is_finite_when_there_are_fewer_centroids_than_dimensions() -> None:
@@ -166,7 +177,7 @@ def test_fit_predict_finds_the_defects(folder_dataset, tmp_path) -> None:
     assert res.metrics["pixel_auroc"] > 0.9
     assert det.centroids is not None and det.centroids.shape[0] == 16
     # min-max normalised with the validation maps: good validation images lie in [0, 1]
-    assert (det.calibration.validation_scores and max(det.calibration.validation_scores) <= 1.0 + 1e-6)
+    assert det.calibration.validation_scores and max(det.calibration.validation_scores) <= 1.0 + 1e-6
     assert min(det.calibration.validation_scores) >= 0.0
 
 
@@ -190,8 +201,17 @@ def test_save_load_gives_bit_identical_scores(folder_dataset, tmp_path) -> None:
 def _collapse_run(folder_dataset, adapter: str) -> list[dict]:
     """Attraction only, at a high learning rate: the setting that invites collapse."""
     split = load_dataset(folder_dataset)
-    settings = {**SMALL, "adapter": adapter, "stages": 1, "use_sep": False, "use_ent": False, "use_con": False,
-                "lr": 0.01, "stage1_epochs": 30, "num_centroids": 4}
+    settings = {
+        **SMALL,
+        "adapter": adapter,
+        "stages": 1,
+        "use_sep": False,
+        "use_ent": False,
+        "use_con": False,
+        "lr": 0.01,
+        "stage1_epochs": 30,
+        "num_centroids": 4,
+    }
     det = create_detector("anomnet", settings)
     det.fit(split.train, split.validation, progress=False)
     return det.history
@@ -210,7 +230,9 @@ def test_collapse_guard_keeps_the_feature_variance(folder_dataset) -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_ablation_variants_build_and_train(folder_dataset, variant) -> None:
     split = load_dataset(folder_dataset)
-    settings = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in VARIANTS[variant].items()}  # as --set gives them
+    settings = {
+        k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in VARIANTS[variant].items()
+    }  # as --set gives them
     det = create_detector("anomnet", {**SMALL, **settings, "stage1_epochs": 1, "stage2_epochs": 1})
     det.fit(split.train[:6], split.validation, progress=False)
     pred = det.predict(torch.rand(1, 3, 64, 64))
@@ -243,7 +265,11 @@ def test_row_and_map_paths_agree(folder_dataset) -> None:
 
 def test_default_layers_per_backbone_family() -> None:
     assert create_detector("anomnet").features.backbone.layers == ("stage2", "stage3", "stage4")
-    assert create_detector("anomnet", {"backbone": "resnet18"}).features.backbone.layers == ("layer1", "layer2", "layer3")
+    assert create_detector("anomnet", {"backbone": "resnet18"}).features.backbone.layers == (
+        "layer1",
+        "layer2",
+        "layer3",
+    )
     assert create_detector("anomnet", {"layers": "stage3,stage5"}).features.backbone.layers == ("stage3", "stage5")
 
 
@@ -258,8 +284,16 @@ def test_feature_normalisations_train_and_reload(folder_dataset, tmp_path, norma
 
 
 def test_bad_settings_are_refused() -> None:
-    for bad in ({"adapter": "mlp"}, {"entropy": "knn"}, {"stages": "3"}, {"num_centroids": "0"},
-                {"centroid_init": "random"}, {"adapter_kernel": "2"}, {"max_residual": "1"}, {"normalize": "l2"}):
+    for bad in (
+        {"adapter": "mlp"},
+        {"entropy": "knn"},
+        {"stages": "3"},
+        {"num_centroids": "0"},
+        {"centroid_init": "random"},
+        {"adapter_kernel": "2"},
+        {"max_residual": "1"},
+        {"normalize": "l2"},
+    ):
         with pytest.raises(ConfigError):
             create_detector("anomnet", bad)
     with pytest.raises(NotFittedError, match="not fitted"):
@@ -284,3 +318,19 @@ def test_fit_record_holds_the_stages(folder_dataset, tmp_path) -> None:
     assert stage1 is not None and stage1.steps == 2 and "att" in stage1.loss_last
     loaded = Detector.load(tmp_path / "m")
     assert [p.name for p in loaded.fit_record.phases] == names and len(loaded.history) == 5
+
+
+def test_resnet_weights_travel_inside_the_model(folder_dataset, tmp_path, monkeypatch) -> None:
+    from anomnet.backbones import create_backbone
+
+    net = create_backbone("resnet18", ("layer1", "layer2", "layer3"), "random")
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    settings = {**SMALL, "backbone": "resnet18", "weights": str(tmp_path / "r18.pth")}
+    det = api.fit("anomnet", folder_dataset, tmp_path / "m", settings=settings, progress=False)
+    (tmp_path / "r18.pth").unlink()  # the saved model must not need the file any more
+    monkeypatch.setenv("ANOMNET_WEIGHTS_DIR", str(tmp_path / "elsewhere"))  # nor the weights folder
+    loaded = Detector.load(tmp_path / "m")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+    with pytest.raises(NotFittedError, match="weights"):
+        create_detector("anomnet", settings).extract(x)

@@ -410,9 +410,7 @@ def _package_stage_outputs(net: torch.nn.Module, x_normalized: torch.Tensor) -> 
         idx += net._blocks[idx]._block_args.num_repeat
         ends.append(idx - 1)
     captured: dict[int, torch.Tensor] = {}
-    handles = [
-        net._blocks[e].register_forward_hook(lambda m, i, o, e=e: captured.__setitem__(e, o)) for e in ends
-    ]
+    handles = [net._blocks[e].register_forward_hook(lambda m, i, o, e=e: captured.__setitem__(e, o)) for e in ends]
     try:
         net.extract_features(x_normalized)
     finally:

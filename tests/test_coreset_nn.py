@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomnet.components.coreset import greedy_coreset, random_projection
-from anomnet.errors import ConfigError
 from anomnet.components.nn_search import NearestNeighbors, faiss_available
+from anomnet.errors import ConfigError
 
 
 def _radius(x: torch.Tensor, centers: torch.Tensor) -> float:
@@ -66,7 +66,10 @@ def _nn_reference(bank: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Te
     return v.float(), i
 
 
-@pytest.mark.parametrize("backend", ["exact", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    ["exact", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed"))],
+)
 def test_search_matches_brute_force(backend: str) -> None:
     g = torch.Generator().manual_seed(0)
     bank, q = torch.randn(2000, 40, generator=g), torch.randn(300, 40, generator=g)

@@ -72,7 +72,13 @@ def test_resnet_weights_travel_inside_the_model(folder_dataset, tmp_path) -> Non
     # a torchvision-format state dict (no wrapper) written to a user file
     sd = {k.split("net.", 1)[-1]: v for k, v in net.state_dict().items()}
     torch.save(sd, tmp_path / "r18.pth")
-    det = api.fit("patchcore", folder_dataset, tmp_path / "m", settings={**SMALL, "backbone": "resnet18", "weights": str(tmp_path / "r18.pth")}, progress=False)
+    det = api.fit(
+        "patchcore",
+        folder_dataset,
+        tmp_path / "m",
+        settings={**SMALL, "backbone": "resnet18", "weights": str(tmp_path / "r18.pth")},
+        progress=False,
+    )
     (tmp_path / "r18.pth").unlink()  # the saved model must not need the file any more
     loaded = Detector.load(tmp_path / "m")
     x = torch.rand(1, 3, 64, 64)
@@ -82,7 +88,13 @@ def test_resnet_weights_travel_inside_the_model(folder_dataset, tmp_path) -> Non
 def test_wrong_weights_file_is_a_clear_error(folder_dataset, tmp_path) -> None:
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(BackboneWeightsError, match="bad.pth"):
-        api.fit("patchcore", folder_dataset, None, settings={**SMALL, "backbone": "wide_resnet50_2", "weights": str(tmp_path / "bad.pth")}, progress=False)
+        api.fit(
+            "patchcore",
+            folder_dataset,
+            None,
+            settings={**SMALL, "backbone": "wide_resnet50_2", "weights": str(tmp_path / "bad.pth")},
+            progress=False,
+        )
 
 
 def test_bad_settings_are_refused() -> None:

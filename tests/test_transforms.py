@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomnet.errors import ConfigError
 from anomnet.components.blur import gaussian_blur
+from anomnet.errors import ConfigError
 from anomnet.transforms import Preprocess, resize
 
 

@@ -129,9 +129,7 @@ def _spec(name: str) -> _Spec:
     try:
         return _SPECS[name]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"Unknown backbone {name!r}; valid backbones: {', '.join(_SPECS)}"
-        ) from None
+        raise ConfigError(f"Unknown backbone {name!r}; valid backbones: {', '.join(_SPECS)}") from None
 
 
 def get_backbone_info(name: str) -> BackboneInfo:
@@ -214,9 +212,7 @@ def _guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
         expected = _expected_shapes(name)
         got = drop_ignored(state, spec.ignore_prefixes)
         required = {k for k in expected if not k.endswith("num_batches_tracked")}
-        if required <= got.keys() <= expected.keys() and all(
-            tuple(got[k].shape) == expected[k] for k in got
-        ):
+        if required <= got.keys() <= expected.keys() and all(tuple(got[k].shape) == expected[k] for k in got):
             return name
     family = guess_resnet_family(state)
     if family is not None:
@@ -271,9 +267,7 @@ def load_backbone_state(extractor: FeatureExtractor, tensors: Mapping[str, torch
         extractor.ready = True
         return
     if not tensors:
-        raise ModelFormatError(
-            f"The saved model holds no tensors for its backbone {extractor.name}, which needs them"
-        )
+        raise ModelFormatError(f"The saved model holds no tensors for its backbone {extractor.name}, which needs them")
     expected = extractor.state_dict()
     state = check_state_dict(
         tensors,

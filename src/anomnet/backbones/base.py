@@ -143,6 +143,8 @@ class FeatureExtractor(nn.Module):
     name: str
     layers: tuple[str, ...]
     ready: bool = True
+    input_scale: torch.Tensor
+    input_shift: torch.Tensor
     """False while a file-backed backbone waits for its weights (see ``anomnet.backbones.build_backbone``)."""
 
     def __init__(
@@ -217,13 +219,9 @@ class FeatureExtractor(nn.Module):
         the deepest selected layer.
         """
         if not self.ready:
-            raise NotFittedError(
-                f"Backbone {self.name} needs its weights file (--set weights=PATH) or a fitted model"
-            )
+            raise NotFittedError(f"Backbone {self.name} needs its weights file (--set weights=PATH) or a fitted model")
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(
-                f"{self.name} expects images of shape [B, 3, H, W], got {tuple(images.shape)}"
-            )
+            raise ConfigError(f"{self.name} expects images of shape [B, 3, H, W], got {tuple(images.shape)}")
         self._sync_folding()
         x = self.normalize(images)
         if self.channels_last:
@@ -261,8 +259,7 @@ def resolve_layers(info: BackboneInfo, layers: Sequence[str] | str | None) -> tu
     unknown = [name for name in requested if name not in info.layers]
     if unknown:
         raise ConfigError(
-            f"Unknown layer name(s) {', '.join(map(repr, unknown))} for backbone {info.name}; "
-            f"valid layers: {valid}"
+            f"Unknown layer name(s) {', '.join(map(repr, unknown))} for backbone {info.name}; valid layers: {valid}"
         )
     dupes = sorted({name for name in requested if requested.count(name) > 1})
     if dupes:
@@ -301,7 +298,9 @@ def find_weights_file(name: str, hint: str = "") -> Path:
     else:
         where = f"folder {folder} (which does not exist)"
     source = (
-        f"${WEIGHTS_DIR_ENV}" if os.environ.get(WEIGHTS_DIR_ENV) else f"the default; set ${WEIGHTS_DIR_ENV} to use another folder"
+        f"${WEIGHTS_DIR_ENV}"
+        if os.environ.get(WEIGHTS_DIR_ENV)
+        else f"the default; set ${WEIGHTS_DIR_ENV} to use another folder"
     )
     raise BackboneWeightsError(
         f"No weights file found for backbone {name}. Searched {where} ({source}) "
@@ -383,10 +382,9 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise BackboneWeightsError(
-            f"Weights file {path} is not a state dict: {len(bad)} entries are not tensors "
-            f"({_list_keys(bad)})"
+            f"Weights file {path} is not a state dict: {len(bad)} entries are not tensors ({_list_keys(bad)})"
         )
-    state: dict[str, torch.Tensor] = dict(obj)  # type: ignore[arg-type]
+    state: dict[str, torch.Tensor] = dict(obj)
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
@@ -438,9 +436,7 @@ def check_state_dict(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_list_keys(unexpected)}")
         if mismatched:
-            items = [
-                f"{k} expected {_shape(expected[k])} found {_shape(state[k].shape)}" for k in mismatched
-            ]
+            items = [f"{k} expected {_shape(expected[k])} found {_shape(state[k].shape)}" for k in mismatched]
             parts.append(f"{len(mismatched)} shape mismatch(es): {_list_keys(items)}")
         guessed = guess(state) if guess is not None else None
         looks_like = f" (the file looks like {guessed} weights)" if guessed and guessed != arch else ""

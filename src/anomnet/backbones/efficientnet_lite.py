@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def packaged_weights_file(name: str) -> Path:
 
 
 def _stride_of(block: nn.Module) -> int:
-    s = block._block_args.stride  # type: ignore[union-attr]
+    s = cast(Any, block)._block_args.stride
     return int(s[0] if isinstance(s, (list, tuple)) else s)
 
 
@@ -132,20 +133,18 @@ def _convert_modules(module: nn.Module) -> None:
                 new = cls(
                     child.in_channels,
                     child.out_channels,
-                    k,  # type: ignore[arg-type]
-                    stride=tuple(child.stride),  # type: ignore[arg-type]
+                    k,
+                    stride=tuple(child.stride),
                     padding=padding,
-                    dilation=child.dilation,  # type: ignore[arg-type]
+                    dilation=child.dilation,
                     groups=child.groups,
                     bias=child.bias is not None,
                     device="meta",  # no allocation: the parameters are taken over
                 )
             elif isinstance(child, nn.BatchNorm2d):
-                new = FoldableBatchNorm2d(
-                    child.num_features, eps=child.eps, momentum=child.momentum, device="meta"
-                )
+                new = FoldableBatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum, device="meta")
             elif isinstance(child, nn.Conv2d):  # pragma: no cover - not in the Lite models
-                raise RuntimeError(f"unexpected convolution type {type(child).__name__}")
+                raise BackboneWeightsError(f"unexpected convolution type {type(child).__name__}")
             if new is not None:
                 setattr(parent, child_name, _adopt(new, child))
 
@@ -174,26 +173,26 @@ class EfficientNetLiteExtractor(FeatureExtractor):
 
         # Group the blocks as the constructor made them: each group starts with a block whose
         # (replaced) block args carry the group's repeat count.
-        channels = {"stem": int(self._conv_stem.out_channels)}  # type: ignore[arg-type]
+        channels = {"stem": int(self._conv_stem.out_channels)}
         strides = {"stem": 2}
         stage_end: dict[str, int] = {"stem": -1}
         stride, idx, stage = 2, 0, 0
         while idx < len(self._blocks):
             first = self._blocks[idx]
-            repeats = int(first._block_args.num_repeat)  # type: ignore[union-attr]
+            repeats = int(cast(Any, first)._block_args.num_repeat)
             stage += 1
             stride *= _stride_of(first)
             last = idx + repeats - 1
-            out_filters = int(first._block_args.output_filters)  # type: ignore[union-attr]
+            out_filters = int(cast(Any, first)._block_args.output_filters)
             for b in self._blocks[idx : last + 1]:
                 if int(b._block_args.output_filters) != out_filters:  # pragma: no cover
-                    raise RuntimeError(f"unexpected block layout in {name}")
+                    raise BackboneWeightsError(f"unexpected block layout in {name}")
             channels[f"stage{stage}"] = out_filters
             strides[f"stage{stage}"] = stride
             stage_end[f"stage{stage}"] = last
             idx = last + 1
         if stage != 7:  # pragma: no cover - guards against a different package version
-            raise RuntimeError(f"{name}: expected 7 block groups, found {stage}")
+            raise BackboneWeightsError(f"{name}: expected 7 block groups, found {stage}")
         self._channels = channels
         self._strides = strides
         self._stage_end = stage_end

@@ -21,6 +21,7 @@ from anomnet.backbones.base import (
     FoldableBatchNorm2d,
     FoldableConv2d,
 )
+from anomnet.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,7 +52,7 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         if base_width != 64:
-            raise ValueError("BasicBlock only supports base_width=64")
+            raise ConfigError("BasicBlock only supports base_width=64")
         self.conv1 = _conv3x3(inplanes, planes, stride)
         self.bn1 = FoldableBatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -149,9 +150,7 @@ TORCHVISION_FILES: dict[str, str] = {
 _DESCRIPTIONS = {
     "resnet18": "ResNet-18 (11.7M params, torchvision layout); weights file needed",
     "resnet50": "ResNet-50 (25.6M params, torchvision layout); weights file needed",
-    "wide_resnet50_2": (
-        "Wide-ResNet-50-2 (68.9M params), the PatchCore/PaDiM paper backbone; weights file needed"
-    ),
+    "wide_resnet50_2": ("Wide-ResNet-50-2 (68.9M params), the PatchCore/PaDiM paper backbone; weights file needed"),
     "wide_resnet101_2": "Wide-ResNet-101-2 (126.9M params); weights file needed",
 }
 
@@ -186,9 +185,7 @@ class ResNetExtractor(FeatureExtractor):
         self.layer2 = self._make_layer(cfg.block, 128, cfg.blocks_per_layer[1], stride=2)
         self.layer3 = self._make_layer(cfg.block, 256, cfg.blocks_per_layer[2], stride=2)
         self.layer4 = self._make_layer(cfg.block, 512, cfg.blocks_per_layer[3], stride=2)
-        self._channels = {
-            n: c * cfg.block.expansion for n, c in zip(RESNET_LAYERS, (64, 128, 256, 512))
-        }
+        self._channels = {n: c * cfg.block.expansion for n, c in zip(RESNET_LAYERS, (64, 128, 256, 512))}
         self._strides = dict(zip(RESNET_LAYERS, (4, 8, 16, 32)))
         self._wanted = frozenset(self.layers)
         deepest = max(RESNET_LAYERS.index(n) for n in self.layers)

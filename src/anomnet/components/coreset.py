@@ -40,7 +40,7 @@ def greedy_coreset(
     drawn at random with ``seed``. Returns int64 indices in selection order.
     """
     n = features.shape[0]
-    if not 1 <= count:
+    if not count >= 1:
         raise ConfigError(f"coreset size must be at least 1, got {count}")
     if count >= n:
         return torch.arange(n)

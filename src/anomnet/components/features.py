@@ -39,9 +39,9 @@ class PatchFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         levels = self.backbone(images)
         if self.grid_stride > 0:
-            size = tuple(-(-s // self.grid_stride) for s in images.shape[-2:])
+            size = (-(-int(images.shape[-2]) // self.grid_stride), -(-int(images.shape[-1]) // self.grid_stride))
         else:
-            size = tuple(levels[self.finest].shape[-2:])
+            size = (int(levels[self.finest].shape[-2]), int(levels[self.finest].shape[-1]))
         pad = self.patch_size // 2
         out = []
         for f in levels:

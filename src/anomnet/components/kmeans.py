@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroid(
+    feats: torch.Tensor, centroids: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance to the nearest centroid ``[N]`` and its index ``[N]``, without autograd.
 
     ``min_k ||f||^2 - 2 f.C_k + ||C_k||^2`` row chunk by row chunk (one fused ``addmm`` per chunk,

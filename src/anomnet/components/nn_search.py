@@ -15,6 +15,7 @@ Backends (all return Euclidean, not squared, distances sorted ascending, with in
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,14 +57,18 @@ class NearestNeighbors:
         if probe < 1:
             raise ConfigError(f"nn_probe must be at least 1, got {probe}")
         if backend == "auto":
-            backend = "exact" if not faiss_available() else ("ivf" if bank.shape[0] >= IVF_MIN_BANK or centroids is not None else "faiss")
+            backend = (
+                "exact"
+                if not faiss_available()
+                else ("ivf" if bank.shape[0] >= IVF_MIN_BANK or centroids is not None else "faiss")
+            )
         if backend in ("faiss", "ivf") and not faiss_available():
             raise ConfigError(f"nn_backend {backend!r} needs the faiss-cpu package (pip install faiss-cpu)")
         self.backend = backend
         self.bank = bank.detach().float().contiguous()
         self.chunk = chunk
         self.centroids: torch.Tensor | None = None
-        self._index = None
+        self._index: Any = None
         if backend == "ivf":
             self._build_ivf(probe, centroids)
         elif backend == "faiss":

@@ -98,7 +98,12 @@ class AnomNetConfig(DetectorConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
-        """Settings by name; old ones (``epochs1``/``epochs2`` present) also had ``batch_size`` as the training batch."""
-        if isinstance(data, dict) and cls.OLD_NAMES & set(data) and "train_batch_size" not in data and "batch_size" in data:
+        """Settings by name; in old ones (with ``epochs1``/``epochs2``) ``batch_size`` was also the training batch."""
+        if (
+            isinstance(data, dict)
+            and cls.OLD_NAMES & set(data)
+            and "train_batch_size" not in data
+            and "batch_size" in data
+        ):
             data = {**data, "train_batch_size": data["batch_size"]}
         return super().from_dict(data)

@@ -197,7 +197,12 @@ class AnomNet(Detector):
 
     @torch.no_grad()
     def _monitor(
-        self, cache: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor], stage: Any, epoch: int, losses: dict[str, float]
+        self,
+        cache: torch.Tensor,
+        probe: tuple[torch.Tensor, torch.Tensor],
+        stage: Any,
+        epoch: int,
+        losses: dict[str, float],
     ) -> dict[str, Any]:
         feats = self._adapted_rows(cache, *probe)
         entry: dict[str, Any] = {"stage": stage, "epoch": epoch, **losses}
@@ -328,7 +333,9 @@ class AnomNet(Detector):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         n = len(BACKBONE_PREFIX)
-        load_backbone_state(self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)})
+        load_backbone_state(
+            self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+        )
         m = len(ADAPTER_PREFIX)
         self.adapter.load_state_dict({k[m:]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)})
         self.adapter.requires_grad_(False)

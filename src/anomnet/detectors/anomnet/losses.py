@@ -17,7 +17,6 @@ Notation: ``feats`` are adapted features ``[N, D]``, ``centroids`` are ``[K, D]`
 from __future__ import annotations
 
 import math
-
 from typing import Literal, get_args
 
 import torch
@@ -107,7 +106,9 @@ def pseudo_labels(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return nearest_centroid(feats, centroids)[1]
 
 
-def contrastive_losses(feats: torch.Tensor, labels: torch.Tensor, margin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_losses(
+    feats: torch.Tensor, labels: torch.Tensor, margin: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_pos, L_neg)`` on L2-normalised features; a term with no pairs is 0."""
     z = torch.nn.functional.normalize(feats, dim=1)
     sim = z @ z.T
@@ -129,4 +130,3 @@ def sample_rows(n: int, max_rows: int, generator: torch.Generator | None = None)
     if max_rows <= 0 or n <= max_rows:
         return None
     return torch.randperm(n, generator=generator)[:max_rows]
-

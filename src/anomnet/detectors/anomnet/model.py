@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import cast, get_args
 
 import torch
 from torch import nn
@@ -48,7 +48,13 @@ class CoordConvAdapter(nn.Module):
     """
 
     def __init__(
-        self, dim: int, kind: str = "residual", rank: int = 32, kernel: int = 1, coord_weight: float = 0.0, max_residual: float = 0.5
+        self,
+        dim: int,
+        kind: str = "residual",
+        rank: int = 32,
+        kernel: int = 1,
+        coord_weight: float = 0.0,
+        max_residual: float = 0.5,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -68,7 +74,11 @@ class CoordConvAdapter(nn.Module):
     def residual_scale(self) -> torch.Tensor:
         """``s`` of the residual branch (1 while its operator norm is within ``max_residual``)."""
         up = self.up.weight[:, :, 0, 0]
-        taps = self.down.weight[:, :-2].permute(2, 3, 0, 1).reshape(-1, *self.down.weight.shape[:1], self.down.weight.shape[1] - 2)
+        taps = (
+            self.down.weight[:, :-2]
+            .permute(2, 3, 0, 1)
+            .reshape(-1, *self.down.weight.shape[:1], self.down.weight.shape[1] - 2)
+        )
         norm = torch.stack([torch.linalg.matrix_norm(up @ tap, ord=2) for tap in taps]).sum()
         return torch.clamp(self.max_residual / (norm + 1e-12), max=1.0)
 
@@ -85,7 +95,7 @@ class CoordConvAdapter(nn.Module):
             out = x + self.residual_scale() * (hidden @ self.up.weight[:, :, 0, 0].T)
         else:
             w = self.conv.weight[:, :, 0, 0]
-            out = torch.addmm(self.conv.bias, x, w[:, :-2].T) + xy @ w[:, -2:].T
+            out = torch.addmm(cast(torch.Tensor, self.conv.bias), x, w[:, :-2].T) + xy @ w[:, -2:].T
         return self._with_coords(out, xy)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:

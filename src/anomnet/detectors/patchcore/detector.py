@@ -157,7 +157,9 @@ class PatchCore(Detector):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         n = len(BACKBONE_PREFIX)
-        load_backbone_state(self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)})
+        load_backbone_state(
+            self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+        )
         bank = tensors["memory_bank"].float().contiguous()
         backend = self.config.nn_backend
         if backend == "auto":  # search the way the fitted model did: IVF cells saved, or an exact index

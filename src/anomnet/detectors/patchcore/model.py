@@ -26,9 +26,7 @@ class PatchCoreModel(nn.Module):
         with torch.inference_mode():
             return self.features(images).permute(0, 2, 3, 1).contiguous()
 
-    def set_bank(
-        self, bank: torch.Tensor, backend: str, probe: int, centroids: torch.Tensor | None = None
-    ) -> None:
+    def set_bank(self, bank: torch.Tensor, backend: str, probe: int, centroids: torch.Tensor | None = None) -> None:
         self.memory_bank = bank
         self.nn = NearestNeighbors(bank, backend, probe, centroids)
 
