@@ -1,10 +1,12 @@
 """Detectors. Importing this package registers every detector."""
 
-from anomnet.detectors.base import DETECTORS, Detector, DetectorConfig, Prediction, create_detector, register
-from anomnet.detectors import patchcore  # noqa: F401  (registers)
 from anomnet.detectors import anomnet as _anomnet  # noqa: F401  (registers)
-from anomnet.detectors import efficientad  # noqa: F401  (registers)
-from anomnet.detectors import tocoad  # noqa: F401  (registers)
+from anomnet.detectors import (
+    efficientad,  # noqa: F401  (registers)
+    patchcore,  # noqa: F401  (registers)
+    tocoad,  # noqa: F401  (registers)
+)
+from anomnet.detectors.base import DETECTORS, Detector, DetectorConfig, Prediction, create_detector, register
 
 DEFAULT_DETECTOR = "patchcore"
 
