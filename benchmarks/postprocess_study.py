@@ -1,4 +1,9 @@
-"""`anomnet bench --section postprocessing`: pixel thresholds and mask post-processing on a test set.
+"""The postprocessing study of BENCHMARKS.md: pixel thresholds and mask post-processing on a test set.
+
+Run from the repository root (the section's command)::
+
+    python benchmarks/postprocess_study.py --data ../shared/datasets/mvtec_ad/bottle --models patchcore,anomnet \
+        --work-dir runs/bench-pp --out benchmarks/postprocessing.json --markdown BENCHMARKS.md
 
 One detector is fitted per model (default settings, calibrated as ``anomnet fit`` does), the test
 maps are computed once at the masks' resolution, and then, for each post-processing variant:
@@ -21,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from anomnet.io import atomic_write_text
+from anomnet.bench import command_line, write_outputs
+from anomnet.errors import DatasetError
 from anomnet.postprocess import MaskPostprocess, SegmentationCounts, postprocess_map
 
 PRO_LIMITS = (0.3, 0.05)
@@ -62,7 +67,8 @@ def collect_maps(detector: Any, samples: list[Any], batch_size: int = 8) -> Test
 
     maps, masks, labels, types = [], [], [], []
     for batch, pred in run_predictions(detector, samples, batch_size, with_masks=True):
-        assert batch.masks is not None
+        if batch.masks is None:
+            raise DatasetError("the postprocessing study needs test masks")
         for amap, mask, s in zip(pred.maps, batch.masks, batch.samples):
             maps.append(amap.numpy().astype(np.float32, copy=False))
             masks.append(mask.numpy().astype(bool, copy=False))
@@ -160,7 +166,8 @@ def _region_sizes(tm: TestMaps) -> dict[str, float]:
             "image_pixels": int(tm.masks[0].size)}
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Fit each model, study its test maps and return the report."""
     from anomnet import api
     from anomnet.data import load_dataset
 
@@ -170,21 +177,37 @@ def main(args: argparse.Namespace) -> int:
     for model in models:
         print(f"[bench] postprocessing: fitting {model}", file=sys.stderr)
         t0 = time.perf_counter()
-        det = api.fit(model, split, Path(args.work_dir) / f"postprocessing-{model}", progress=False)
+        det = api.fit(model, split, work / f"postprocessing-{model}", progress=False)
         fit_s = time.perf_counter() - t0
         tm = collect_maps(det, split.test)
         results.append({"model": model, "fit_s": fit_s, "test_images": len(tm.maps), **study(det, tm)})
         del tm
-    command = "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "anomnet bench --section postprocessing"
-    report = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": args.data, "models": results}
-    text = render(report)
-    from anomnet.bench import write_section
+    return {"command": command_line(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "data": args.data, "models": results}
 
-    section = args.section or "postprocessing"
-    write_section(Path(args.out), section, text)
-    json_path = Path("benchmarks") / f"{section}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(report, indent=2))
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pixel thresholds and mask post-processing on a test set "
+                                            "(the postprocessing section of BENCHMARKS.md).")
+    p.add_argument("--data", required=True, help="dataset folder with test masks (e.g. an MVTec AD category)")
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
+    p.add_argument("--out", required=True, metavar="JSON", help="the JSON report to write")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the section into this Markdown file")
+    p.add_argument("--section", default="postprocessing", help="section name in the Markdown file (default postprocessing)")
+    p.add_argument("--work-dir", default=None, help="folder for the fitted models (default: a temporary folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.work_dir is not None:
+        report = run(args, Path(args.work_dir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="anomnet-pp-") as work:
+            report = run(args, Path(work))
+    text = render(report)
+    write_outputs(args, report, text)
     print(text)
     return 0
 
@@ -195,7 +218,7 @@ def _p(v: Any) -> str:
 
 def render(r: dict[str, Any]) -> str:
     lines = ["## postprocessing", "",
-             f"Produced by `{r['command']}` on {r['date']}. Data: `{r['data']}`. Definitions: `src/anomnet/postprocess_bench.py`,",
+             f"Produced by `{r['command']}` on {r['date']}. Data: `{r['data']}`. Definitions: `benchmarks/postprocess_study.py`,",
              "docs/decisions.md. SegF1 = pooled pixel F1 over all test images (percent); sizes in pixels of the 900 px masks.", ""]
     for m in r["models"]:
         reg = m["regions"]
@@ -217,3 +240,7 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {t['choice']} | {t['threshold']:.4g} | {_p(t['seg_f1'])}{extra} |")
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,12 @@
-"""The benchmark's Markdown sections: one command's table never overwrites another's."""
+"""The bench core: Markdown sections never overwrite each other, and a run writes only where it is told."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+
+import pytest
 
 from anomnet.bench import write_section
 
@@ -25,3 +29,56 @@ def test_without_section_the_whole_file_is_written(tmp_path: Path) -> None:
     path.write_text("old\n")
     write_section(path, None, "new\n")
     assert path.read_text() == "# Benchmarks\n\nnew\n"
+
+
+def _bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Path, *extra: str) -> int:
+    from anomnet.cli import main
+
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(sys, "argv", ["anomnet", "bench"])
+    return main(["bench", "--data", str(data), "--models", "", "--variant", "tiny:model=patchcore;image_size=64",
+                 "--out", str(tmp_path / "out" / "bench.json"), *extra])
+
+
+def test_bench_writes_only_the_json_it_is_told(folder_dataset: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cwd").mkdir()
+    assert _bench(tmp_path, monkeypatch, folder_dataset) == 0
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing relative to the working directory
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["bench.json"]
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["name"] == "tiny" and 0.0 <= row["metrics"]["image_auroc"] <= 1.0
+    record = row["fit_record"]  # the detector's fit record travels into the bench JSON
+    assert record is not None and record["phases"], record
+    assert "fit_info" not in row
+
+
+def test_bench_markdown_section_only_when_asked(folder_dataset: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cwd").mkdir()
+    md = tmp_path / "notes.md"
+    md.write_text("# Benchmarks\n\nkept text\n")
+    work = tmp_path / "models"
+    assert _bench(tmp_path, monkeypatch, folder_dataset, "--markdown", str(md), "--section", "tiny-run",
+                  "--work-dir", str(work)) == 0
+    text = md.read_text()
+    assert "kept text" in text and "<!-- bench:tiny-run -->" in text and "| tiny |" in text
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert (work / "tiny").is_dir()
+
+
+def test_fit_record_of_falls_back() -> None:
+    from anomnet.bench import fit_record_of
+
+    class Plain:
+        pass
+
+    class WithRecord:
+        class fit_record:  # noqa: N801 - a stand-in object with to_dict
+            @staticmethod
+            def to_dict() -> dict[str, object]:
+                return {"phases": []}
+
+    assert fit_record_of(Plain()) is None
+    assert fit_record_of(WithRecord()) == {"phases": []}

@@ -1,6 +1,8 @@
 """`anomnet bench`: speed, peak memory and accuracy of each detector in one run.
 
-Each configuration runs in its own process so its peak RSS is its own. Speeds are reported
+The run writes only where it is told: the JSON report (``--out``), optionally a Markdown table
+(``--markdown PATH``, the whole file or one ``--section`` of it) and the fitted models
+(``--work-dir``; without it a temporary folder that is removed afterwards). Each configuration runs in its own process so its peak RSS is its own. Speeds are reported
 in milliseconds per image and as a ratio to the backbone-only forward pass timed in the same
 run (the whole backbone trunk, no classifier head, same input size and batch).
 """
@@ -16,15 +18,17 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from anomnet.io import atomic_write_text
-
 import torch
+
+from anomnet.errors import AnomnetError
+from anomnet.io import atomic_write_text
 
 BATCHES = (1, 16)
 
@@ -125,9 +129,17 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["test_ms_per_image_full_res"] = 1000.0 * res.seconds_per_image
     out["peak_rss_mb"] = _peak_rss_mb()
     out["memory_bank"] = list(det.memory_bank.shape) if getattr(det, "memory_bank", None) is not None else None
-    out["fit_info"] = getattr(det, "fit_info", None)
+    out["fit_record"] = fit_record_of(det)
     out["rescored"] = [{"settings": extra, "metrics": rescore(det, split, extra)} for extra in spec.get("rescore", [])]
     return out
+
+
+def fit_record_of(det: Any) -> dict[str, Any] | None:
+    """The detector's fit record (phases, seconds, losses, data sources) as a dict, or None if it has none."""
+    record = getattr(det, "fit_record", None)
+    if record is None:
+        return None
+    return record.to_dict() if hasattr(record, "to_dict") else dict(record)
 
 
 def rescore(det: Any, split: Any, changes: dict[str, str]) -> dict[str, float]:
@@ -165,8 +177,12 @@ def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "anomnet.bench", kind, json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed ({kind}, {spec.get('name', spec.get('backbone'))}), exit {proc.returncode}")
+        raise BenchError(f"benchmark worker failed ({kind}, {spec.get('name', spec.get('backbone'))}), exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class BenchError(AnomnetError):
+    """A benchmark worker process failed."""
 
 
 def _accepts(det: Any, changes: str) -> bool:
@@ -186,27 +202,32 @@ def _parse_variant(text: str, default_model: str) -> tuple[str, str, dict[str, s
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``anomnet bench``: the JSON report to ``args.out``, the Markdown only to ``args.markdown`` if given."""
+    if args.work_dir is not None:
+        return run(args, Path(args.work_dir))
+    with tempfile.TemporaryDirectory(prefix="anomnet-bench-") as work:
+        return run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
     from anomnet.detectors import create_detector
-
-    if args.section == "postprocessing":  # pixel thresholds and mask post-processing: its own study
-        from anomnet.postprocess_bench import main as postprocessing_main
-
-        return postprocessing_main(args)
 
     configs = [(m, m, {}) for m in args.models.split(",") if m]
     configs += [_parse_variant(v, configs[0][1] if configs else "patchcore") for v in args.variant]
-    work = Path(args.work_dir)
     backbones: dict[tuple[str, int], dict[str, Any]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, (name, model, settings) in enumerate(configs):
         det = create_detector(model, settings)  # validates the settings before any long work
         key = (getattr(det.config, "backbone", "efficientnet_lite0"), det.config.image_size)
         if key not in backbones:
             print(f"[bench] backbone {key[0]} at {key[1]} px", file=sys.stderr)
-            backbones[key] = _run_worker("backbone", {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category})
+            spec = {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category}
+            backbones[key] = _run_worker("backbone", spec)
         print(f"[bench] {name}: fit, test, timing", file=sys.stderr)
-        spec = {"name": name, "model": model, "settings": settings, "data": args.data, "category": args.category, "out": str(work / name)}
-        spec["rescore"] = [_parse_variant(":" + r, model)[2] for r in getattr(args, "rescore", None) or [] if _accepts(det, r)]
+        spec = {"name": name, "model": model, "settings": settings, "data": args.data, "category": args.category,
+                "out": str(work / name)}
+        rescores = getattr(args, "rescore", None) or []
+        spec["rescore"] = [_parse_variant(":" + r, model)[2] for r in rescores if _accepts(det, r)]
         load_before = os.getloadavg()[0]
         result = _run_worker("detector", spec)
         result["load_avg"] = [load_before, os.getloadavg()[0]]  # 1-minute load average before / after this row
@@ -216,23 +237,41 @@ def main(args: argparse.Namespace) -> int:
         rows.append({"name": name, "model": model, "settings": settings, "backbone": key[0], **result})
         for extra in result.pop("rescored", None) or []:  # the same fitted model, scored with other settings
             label = ";".join(f"{k}={v}" for k, v in extra["settings"].items())
-            rows.append({**rows[-1], "name": f"{name} {label}", "settings": {**settings, **extra["settings"]}, "metrics": extra["metrics"], "rescored_from": name})
+            rows.append({**rows[-1], "name": f"{name} {label}", "settings": {**settings, **extra["settings"]},
+                         "metrics": extra["metrics"], "rescored_from": name})
         if i + 1 < len(configs):  # an interrupted run keeps the rows it has measured
             _write_report(args, backbones, rows, None, pending=[c[0] for c in configs[i + 1 :]])
     memory = None
     if args.memory_images:
         print(f"[bench] memory check: patchcore fit on {args.memory_images} images", file=sys.stderr)
-        memory = _run_worker("memory", {"model": "patchcore", "settings": {}, "images": args.memory_images, "data": args.data, "category": args.category})
+        spec = {"model": "patchcore", "settings": {}, "images": args.memory_images, "data": args.data,
+                "category": args.category}
+        memory = _run_worker("memory", spec)
     print(_write_report(args, backbones, rows, memory))
     return 0
 
 
+def command_line() -> str:
+    """The command as typed: ``anomnet bench ...`` or the script that ran (``python benchmarks/x.py ...``)."""
+    if sys.argv[1:2] == ["bench"]:
+        return "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+
+
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
+    """The JSON report to ``args.out``; the Markdown ``text`` to ``args.markdown`` (its ``args.section``) if given."""
+    json_path = Path(args.out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    if getattr(args, "markdown", None):
+        write_section(Path(args.markdown), getattr(args, "section", None), text)
+
+
 def _write_report(args: argparse.Namespace, backbones: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]],
                   memory: dict[str, Any] | None, pending: Sequence[str] = ()) -> str:
-    """Write the Markdown section and the JSON of the rows measured so far; ``pending``: configurations still to run."""
-    command = "anomnet bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "anomnet bench"
+    """Write the JSON (and the Markdown if asked) of the rows measured so far; ``pending``: configurations to run."""
     report = {
-        "command": command,
+        "command": command_line(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -244,11 +283,8 @@ def _write_report(args: argparse.Namespace, backbones: dict[tuple[str, int], dic
         "memory_check": memory,
         "pending": list(pending),
     }
-    text = render_markdown(report, args.section)
-    write_section(Path(args.out), args.section, text)
-    json_path = Path(args.out).with_suffix(".json") if args.section is None else Path("benchmarks") / f"{args.section}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(report, indent=2))
+    text = render_markdown(report, getattr(args, "section", None))
+    write_outputs(args, report, text)
     return text
 
 

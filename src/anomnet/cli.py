@@ -35,9 +35,48 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from anomnet.decisions import add_threshold_arguments
+# -- command-line options shared by fit and calibrate ---------------------------------------------
 
+
+def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alarm: bool) -> None:
+    """Threshold and mask post-processing options (default None = keep the default / current value)."""
+    from anomnet.calibration import DEFAULT_PIXEL_FALSE_ALARM, IMAGE_METHODS, PIXEL_METHODS
+
+    g = parser.add_argument_group("thresholds and masks (see README 'Thresholds')")
+    g.add_argument("--image-threshold", dest="image_method", choices=IMAGE_METHODS, default=None,
+                   help="how the image threshold is chosen: conformal (default; --max-false-alarm), mean-std (--std-k), "
+                        "fixed (--image-value) or f1 (F1-optimal on --labelled)")
+    if with_max_false_alarm:
+        g.add_argument("--max-false-alarm", type=float, default=None,
+                       help="target false-alarm rate of the conformal image threshold (default 0.01)")
+    g.add_argument("--std-k", type=float, default=None, help="k of the mean + k*std image threshold (default 3)")
+    g.add_argument("--image-value", type=float, default=None, help="the fixed image threshold")
+    g.add_argument("--pixel-threshold", dest="pixel_method", choices=PIXEL_METHODS, default=None,
+                   help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), "
+                        "f1 (F1-optimal on --labelled), fixed (--pixel-value)")
+    g.add_argument("--pixel-false-alarm", type=float, default=None,
+                   help=f"share of good validation pixels allowed above the pixel threshold (default {DEFAULT_PIXEL_FALSE_ALARM:g})")
+    g.add_argument("--pixel-value", type=float, default=None, help="the fixed pixel threshold")
+    g.add_argument("--labelled", default=None, metavar="PATH",
+                   help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ "
+                        "(see README)")
+    g.add_argument("--closing", type=int, default=None, metavar="PX",
+                   help="mask post-processing: closing with a disk of this radius (0 off)")
+    g.add_argument("--fill-holes", dest="fill_holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask post-processing: fill holes inside regions")
+    g.add_argument("--min-area", type=int, default=None, metavar="PX",
+                   help="mask post-processing: drop regions smaller than this many pixels (0 off)")
+
+
+def choices_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The threshold / post-processing values the user set on the command line."""
+    from anomnet.decisions import OPTION_FIELDS, POSTPROCESS_FIELDS
+
+    names = OPTION_FIELDS | POSTPROCESS_FIELDS
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomnet",
         description="Unsupervised visual anomaly detection: train on good images, then score, flag and locate defects.",
@@ -105,16 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=200, help="training cells used (default 200, keeps the demo to a few minutes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("bench", help="benchmark speed, memory and accuracy; writes BENCHMARKS.md", description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, measure peak memory and the metrics, and write a Markdown table and JSON.")
+    p = sub.add_parser("bench", help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
+                       description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, "
+                                   "measure peak memory and the metrics; write the JSON report to --out and, if asked, "
+                                   "a Markdown table to --markdown.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
     p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...", help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)")
-    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (default BENCHMARKS.md)")
-    p.add_argument("--section", default=None, metavar="NAME", help="replace only this named section of the Markdown file (JSON in benchmarks/NAME.json), so each detector family keeps its own table; without it the whole file is written (JSON beside it)")
-    p.add_argument("--work-dir", default="runs/bench", help="folder for the fitted models")
-    p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...", help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' (repeatable; only for models that have those settings)")
-    p.add_argument("--memory-images", type=int, default=0, help="also fit PatchCore on this many training images (the set repeated) and report peak memory, e.g. 1000 (default 0: skip)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                   help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)")
+    p.add_argument("--out", required=True, metavar="JSON", help="the JSON report to write (every row, its metrics and fit record)")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the Markdown table to this file (default: none)")
+    p.add_argument("--section", default=None, metavar="NAME",
+                   help="with --markdown: replace only this named section of the file, so several runs share one file; "
+                        "without it the whole file is written")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for the fitted models (default: a temporary folder, removed afterwards)")
+    p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...",
+                   help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' "
+                        "(repeatable; only for models that have those settings)")
+    p.add_argument("--memory-images", type=int, default=0,
+                   help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
+                        "e.g. 1000 (default 0: skip)")
     return parser
 
 
@@ -160,8 +211,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from anomnet.detectors import DEFAULT_DETECTOR
 
     model = args.model or DEFAULT_DETECTOR
-    from anomnet.decisions import choices_from_args
-
     det = api.fit(
         model, args.data, args.out, args.category, args.layout, _fit_settings(args), args.val_fraction,
         args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet, labelled=args.labelled,
@@ -175,8 +224,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from anomnet import api
-    from anomnet.decisions import choices_from_args
-
     det = api.calibrate(args.model_dir, args.data, args.category, args.val_fraction, args.labelled,
                         save=not args.dry_run, progress=not args.quiet, **choices_from_args(args))
     print("\n".join(det.calibration.summary()))

@@ -20,7 +20,6 @@ is then used -- only do that with a split that is not the one you report test re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -177,37 +176,6 @@ def load_labelled(path: str | Path) -> list[Sample]:
     if not any(s.label for s in samples):
         raise DatasetError(f"{root}: the labelled validation set has no defective images (one folder per defect type next to good/)")
     return samples
-
-
-# -- command-line options shared by fit and calibrate ---------------------------------------------
-
-
-def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alarm: bool) -> None:
-    """Threshold and mask post-processing options (default None = keep the default / current value)."""
-    g = parser.add_argument_group("thresholds and masks (see README 'Thresholds')")
-    g.add_argument("--image-threshold", dest="image_method", choices=IMAGE_METHODS, default=None,
-                   help="how the image threshold is chosen: conformal (default; --max-false-alarm), mean-std (--std-k), "
-                        "fixed (--image-value) or f1 (F1-optimal on --labelled)")
-    if with_max_false_alarm:
-        g.add_argument("--max-false-alarm", type=float, default=None, help="target false-alarm rate of the conformal image threshold (default 0.01)")
-    g.add_argument("--std-k", type=float, default=None, help="k of the mean + k*std image threshold (default 3)")
-    g.add_argument("--image-value", type=float, default=None, help="the fixed image threshold")
-    g.add_argument("--pixel-threshold", dest="pixel_method", choices=PIXEL_METHODS, default=None,
-                   help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), f1 (F1-optimal on --labelled), fixed (--pixel-value)")
-    g.add_argument("--pixel-false-alarm", type=float, default=None, help=f"share of good validation pixels allowed above the pixel threshold (default {DEFAULT_PIXEL_FALSE_ALARM:g})")
-    g.add_argument("--pixel-value", type=float, default=None, help="the fixed pixel threshold")
-    g.add_argument("--labelled", default=None, metavar="PATH",
-                   help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ (see README)")
-    g.add_argument("--closing", type=int, default=None, metavar="PX", help="mask post-processing: closing with a disk of this radius (0 off)")
-    g.add_argument("--fill-holes", dest="fill_holes", action=argparse.BooleanOptionalAction, default=None,
-                   help="mask post-processing: fill holes inside regions")
-    g.add_argument("--min-area", type=int, default=None, metavar="PX", help="mask post-processing: drop regions smaller than this many pixels (0 off)")
-
-
-def choices_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The threshold / post-processing values the user set on the command line."""
-    names = OPTION_FIELDS | POSTPROCESS_FIELDS
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def split_choices(choices: dict[str, Any], base: Calibration | None = None) -> tuple[ThresholdOptions, MaskPostprocess]:
