@@ -1,0 +1,96 @@
+"""Every module of the package imports, and the module import graph has no cycle.
+
+The graph counts every ``import`` statement found by walking each module's syntax tree, at module level and
+inside functions alike (a function-level import hides a cycle from Python but not from the design).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import anomnet
+
+PACKAGE_DIR = Path(anomnet.__file__).resolve().parent
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of the package."""
+    found = {"anomnet": PACKAGE_DIR / "__init__.py"}
+    for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="anomnet."):
+        rel = Path(*info.name.split(".")[1:])
+        path = PACKAGE_DIR / rel / "__init__.py" if info.ispkg else PACKAGE_DIR / rel.with_suffix(".py")
+        found[info.name] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that ``name`` imports anywhere in its source."""
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from pkg import sub` imports the submodule when there is one, else a name of pkg
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # `import anomnet.x.y` -> the deepest known module
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def test_every_module_imports() -> None:
+    for name in _modules():
+        importlib.import_module(name)
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles met by a depth-first walk of ``graph`` (each as the path that closes it)."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycle() -> None:
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_study_code_in_the_package() -> None:
+    modules = _modules()
+    assert "anomnet.postprocess_bench" not in modules
+    bench_imports = _imports("anomnet.bench", modules["anomnet.bench"], modules)
+    assert not any("postprocess" in m and m != "anomnet.postprocess" for m in bench_imports)
