@@ -31,23 +31,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The headline section of BENCHMARKS.md: PatchCore and AnomNet with AnomNet's ablation (about 15 min
-# on an idle 2-core machine). Every other section names the command that produced it.
+# The headline section of BENCHMARKS.md: PatchCore and AnomNet with AnomNet's ablation; its arguments live in
+# benchmarks/sections.py (`--dry-run` prints them). Every other section names the command that produced it.
 bench: $(STAMP)
-	$(BIN)/anomnet bench --data ../shared/datasets/mvtec_ad/bottle --section patchcore-anomnet --memory-images 1000 --models patchcore,anomnet \
- --variant 'a:model=anomnet;stages=1;use_att=false;use_sep=true;use_ent=true;use_con=false' \
- --variant 'b:model=anomnet;stages=1;use_att=false;use_sep=true;use_ent=true;use_con=true' \
- --variant 'c:model=anomnet;use_sep=false;use_ent=false;use_con=false' \
- --variant 'd:model=anomnet;use_sep=false;use_ent=true;use_con=false' \
- --variant 'e:model=anomnet;use_sep=true;use_ent=false;use_con=false' \
- --variant 'f:model=anomnet;use_sep=true;use_ent=true;use_con=false' \
- --variant 'lambda-0:model=anomnet;lambda_con=0' \
- --variant 'lambda-0.2:model=anomnet;lambda_con=0.2' \
- --variant 'lambda-2:model=anomnet;lambda_con=2' \
- --variant 'lambda-8:model=anomnet;lambda_con=8' \
- --variant 'no-training:model=anomnet;epochs1=0;epochs2=0' \
- --variant 'stress-residual:model=anomnet;stages=1;use_sep=false;use_ent=false;use_con=false;lr=1e-2;epochs1=60' \
- --variant 'stress-plain:model=anomnet;adapter=plain;stages=1;use_sep=false;use_ent=false;use_con=false;lr=1e-2;epochs1=60'
+	$(BIN)/python benchmarks/sections.py patchcore-anomnet
 
 clean:
 	rm -rf $(VENV) runs

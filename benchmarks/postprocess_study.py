@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         tm = collect_maps(det, split.test)
         results.append({"model": model, "fit_s": fit_s, "test_images": len(tm.maps), **study(det, tm)})
         del tm
-    return {"command": command_line(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"command": command_line(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "data": args.data, "models": results}
 
 

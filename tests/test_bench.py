@@ -82,3 +82,38 @@ def test_fit_record_of_falls_back() -> None:
 
     assert fit_record_of(Plain()) is None
     assert fit_record_of(WithRecord()) == {"phases": []}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS_SCRIPT = ROOT / "benchmarks" / "sections.py"
+
+
+def test_sections_script_help_and_dry_run() -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(SECTIONS_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(SECTIONS_SCRIPT), "tiling", "--dry-run", "--json-dir", "J"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("anomnet bench ") and "--out J/tiling.json" in proc.stdout
+    assert "--section tiling" in proc.stdout and "tiled-256-pyramid" in proc.stdout
+
+
+def test_every_benchmarks_section_names_its_driver() -> None:
+    import re
+
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    names = re.findall(r"<!-- bench:([\w.-]+) -->", text)
+    assert names
+    for name in names:
+        block = text.split(f"<!-- bench:{name} -->", 1)[1].split(f"<!-- /bench:{name} -->", 1)[0]
+        assert f"`python benchmarks/sections.py {name}`" in block, name
+        assert (ROOT / "benchmarks" / f"{name}.json").is_file(), name
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sections", SECTIONS_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(names) <= set(module.SECTIONS) | set(module.STUDIES)

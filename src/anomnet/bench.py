@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     det.fit(train, split.validation, progress=False)
     return {"model": spec["model"], "images": n, "fit_s": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
-            "rss_before_fit_mb": base_rss, "memory_bank": list(getattr(det, "memory_bank").shape)}
+            "rss_before_fit_mb": base_rss, "memory_bank": list(det.memory_bank.shape)}
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +272,7 @@ def _write_report(args: argparse.Namespace, backbones: dict[tuple[str, int], dic
     """Write the JSON (and the Markdown if asked) of the rows measured so far; ``pending``: configurations to run."""
     report = {
         "command": command_line(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
