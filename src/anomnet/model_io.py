@@ -51,6 +51,7 @@ def write_model(directory: str | Path, meta: dict[str, Any], tensors: dict[str, 
         (staging / META_FILE).write_text(json.dumps(header, indent=2, sort_keys=True))
         for name in (TENSOR_FILE, META_FILE):
             os.chmod(staging / name, file_mode())
+            _fsync(staging / name)  # on disk before the rename makes the folder the model
         _replace_folder(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -67,13 +68,32 @@ def _replace_folder(staging: Path, directory: Path) -> None:
     if not directory.exists():
         os.replace(staging, directory)
         return
-    for entry in directory.iterdir():
-        if entry.name not in (TENSOR_FILE, META_FILE) and not (staging / entry.name).exists():
-            os.replace(entry, staging / entry.name)
+    carried: list[str] = []
     aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    os.replace(directory, aside / directory.name)
-    os.replace(staging, directory)
+    try:
+        for entry in sorted(directory.iterdir()):
+            if entry.name not in (TENSOR_FILE, META_FILE) and not (staging / entry.name).exists():
+                os.replace(entry, staging / entry.name)
+                carried.append(entry.name)
+        os.replace(directory, aside / directory.name)
+        os.replace(staging, directory)
+    except BaseException:
+        # Interrupted before the new model was in place: the old one and the user's files go back.
+        if (aside / directory.name).exists() and not directory.exists():
+            os.replace(aside / directory.name, directory)
+        for name in reversed(carried):
+            os.replace(staging / name, directory / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
