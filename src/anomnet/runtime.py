@@ -14,8 +14,8 @@ def tune_allocator() -> bool:
     """Keep large activation buffers in the heap between forward passes (glibc only).
 
     By default glibc returns every buffer above a few MB to the OS and maps it again on the
-    next call; a batch-16 forward then spends a third of its time in page faults. Measured on
-    EfficientNet-Lite0 at 256 px: 10.2 -> 8.3 ms per image at batch 16. Returns True if applied.
+    next call; a batch-16 forward then spends much of its time in page faults (timed by hand during
+    development, no committed benchmark). Returns True if applied.
     """
     if not sys.platform.startswith("linux"):
         return False
