@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Before torch starts its OpenMP threads: idle threads sleep instead of spinning. With
-    # spinning, any other busy process on a 2-core machine made a batch-1 forward 70x slower
-    # (1100 ms instead of 15 ms, docs/design.md). A value the user set is kept.
+    # spinning, any other busy process on a 2-core machine made a batch-1 forward many times slower
+    # (timed by hand, docs/design.md). A value the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from anomnet.runtime import tune_allocator
