@@ -205,11 +205,15 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        if not isinstance(data, dict):
+            raise ConfigError(f"calibration must be a JSON object of fields, got {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown calibration field(s): {', '.join(unknown)}")
         values = dict(data)
+        if not isinstance(values.get("postprocess"), (dict, type(None))):
+            raise ConfigError(f"calibration field postprocess must be a JSON object, got {values['postprocess']!r}")
         values["postprocess"] = MaskPostprocess.from_dict(values.get("postprocess"))
         cal = cls(**values)
         cal.check_types()
@@ -237,6 +241,37 @@ class Calibration:
         for name, allowed in (("image_method", IMAGE_METHODS), ("pixel_method", PIXEL_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"calibration field {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """ConfigError naming the field for values no calibration produces (ranges, tables, infinite thresholds)."""
+        for name in ("max_false_alarm", "pixel_false_alarm"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"calibration field {name} must lie in (0, 1), got {getattr(self, name)!r}")
+        for name in ("std_k", "image_value", "pixel_value"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"calibration field {name} must be a finite number, got {value!r}")
+        if self.pixel_count < 0:
+            raise ConfigError(f"calibration field pixel_count must be >= 0, got {self.pixel_count}")
+        # Only an uncalibrated model (no validation data) has an infinite threshold; an edited one flags all or nothing.
+        if self.validation_scores and not math.isfinite(self.threshold):
+            raise ConfigError(f"calibration field threshold must be finite with validation scores, got {self.threshold}")
+        if self.pixel_tail and not math.isfinite(self.pixel_threshold):
+            raise ConfigError(f"calibration field pixel_threshold must be finite, got {self.pixel_threshold}")
+        if not isinstance(self.pixel_tail, list) or not all(
+            isinstance(row, list) and len(row) == 2 and all(_is_number(v) for v in row) for row in self.pixel_tail
+        ):
+            raise ConfigError("calibration field pixel_tail must be a list of [rank, value] number pairs")
+        if self.labelled is not None:
+            try:
+                LabelledStatistics(**self.labelled)
+            except TypeError:
+                raise ConfigError(f"calibration field labelled is not a labelled-set summary: {self.labelled!r}") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def calibrate(

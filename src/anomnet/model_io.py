@@ -143,6 +143,10 @@ def read_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
             f"{directory}: model format version {version} (written by anomnet {meta.get('anomnet_version', '?')}); "
             f"this anomnet {__version__} reads format version {FORMAT_VERSION}. Re-train the model with this version."
         )
+    for key, kind in (("detector", str), ("config", dict), ("calibration", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            shape = "text" if kind is str else "a JSON object"
+            raise ModelFormatError(f"{meta_path}: field {key!r} must be {shape}, got {meta[key]!r}")
     tensor_path = directory / TENSOR_FILE
     if not tensor_path.is_file():
         raise ModelFormatError(f"{tensor_path}: missing (the model folder is incomplete)")
