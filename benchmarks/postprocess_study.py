@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,23 @@ def study(detector: Any, tm: TestMaps, grid_size: int = 7) -> dict[str, Any]:
         at_opt = seg_f1(tm, t_opt, post)
         best = max((seg_f1(tm, t, post), t) for t in grid)
         pro = au_pro(tm, t_cal, post)
-        rows.append({"variant": name, "settings": post.to_dict(), "seg_f1_cal": at_cal, "seg_f1_opt": at_opt,
-                     "best_seg_f1": best[0], "best_threshold": best[1],
-                     **{f"au_pro@{k:g}": v for k, v in pro.items()}, "seconds": time.perf_counter() - t0})
-        print(f"[bench] postprocessing {name}: SegF1 {at_cal:.4f} @cal, {at_opt:.4f} @opt, best {best[0]:.4f}; "
-              f"AU-PRO {pro[0.3]:.4f} / {pro[0.05]:.4f}", file=sys.stderr)
+        rows.append(
+            {
+                "variant": name,
+                "settings": post.to_dict(),
+                "seg_f1_cal": at_cal,
+                "seg_f1_opt": at_opt,
+                "best_seg_f1": best[0],
+                "best_threshold": best[1],
+                **{f"au_pro@{k:g}": v for k, v in pro.items()},
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"[bench] postprocessing {name}: SegF1 {at_cal:.4f} @cal, {at_opt:.4f} @opt, best {best[0]:.4f}; "
+            f"AU-PRO {pro[0.3]:.4f} / {pro[0.05]:.4f}",
+            file=sys.stderr,
+        )
     thresholds = []
     for q in QUANTILE_TARGETS:
         t = cal.rethreshold(dataclasses.replace(cal.options, pixel_false_alarm=q)).pixel_threshold
@@ -143,12 +155,27 @@ def study(detector: Any, tm: TestMaps, grid_size: int = 7) -> dict[str, Any]:
         thresholds.append({"choice": label, "threshold": t, "seg_f1": seg_f1(tm, t, MaskPostprocess())})
     a, b = half_split(tm)
     f1_a, t_a = raw_f1_threshold(tm, a)
-    thresholds.append({"choice": "F1-optimal on half A, measured on half B", "threshold": t_a, "seg_f1": seg_f1(tm, t_a, MaskPostprocess(), b),
-                       "seg_f1_cal_on_b": seg_f1(tm, t_cal, MaskPostprocess(), b), "seg_f1_opt_on_b": raw_f1_threshold(tm, b)[0]})
+    thresholds.append(
+        {
+            "choice": "F1-optimal on half A, measured on half B",
+            "threshold": t_a,
+            "seg_f1": seg_f1(tm, t_a, MaskPostprocess(), b),
+            "seg_f1_cal_on_b": seg_f1(tm, t_cal, MaskPostprocess(), b),
+            "seg_f1_opt_on_b": raw_f1_threshold(tm, b)[0],
+        }
+    )
     thresholds.append({"choice": "F1-optimal on the whole test set (oracle)", "threshold": t_opt, "seg_f1": f1_opt})
-    return {"pixel_threshold": t_cal, "pixel_false_alarm": cal.pixel_false_alarm, "f1_opt_threshold": t_opt,
-            "pixel_count": cal.pixel_count, "pixel_max": cal.pixel_tail[0][1] if cal.pixel_tail else None,
-            "rows": rows, "thresholds": thresholds, "regions": regions, "halves": [len(a), len(b)]}
+    return {
+        "pixel_threshold": t_cal,
+        "pixel_false_alarm": cal.pixel_false_alarm,
+        "f1_opt_threshold": t_opt,
+        "pixel_count": cal.pixel_count,
+        "pixel_max": cal.pixel_tail[0][1] if cal.pixel_tail else None,
+        "rows": rows,
+        "thresholds": thresholds,
+        "regions": regions,
+        "halves": [len(a), len(b)],
+    }
 
 
 def _region_sizes(tm: TestMaps) -> dict[str, float]:
@@ -162,8 +189,13 @@ def _region_sizes(tm: TestMaps) -> dict[str, float]:
     s = np.asarray(sizes)
     if s.size == 0:
         return {"count": 0}
-    return {"count": int(s.size), "min": int(s.min()), "p5": float(np.percentile(s, 5)), "median": float(np.median(s)),
-            "image_pixels": int(tm.masks[0].size)}
+    return {
+        "count": int(s.size),
+        "min": int(s.min()),
+        "p5": float(np.percentile(s, 5)),
+        "median": float(np.median(s)),
+        "image_pixels": int(tm.masks[0].size),
+    }
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -182,19 +214,27 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         tm = collect_maps(det, split.test)
         results.append({"model": model, "fit_s": fit_s, "test_images": len(tm.maps), **study(det, tm)})
         del tm
-    return {"command": command_line(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "data": args.data, "models": results}
+    return {
+        "command": command_line(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "data": args.data,
+        "models": results,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pixel thresholds and mask post-processing on a test set "
-                                            "(the postprocessing section of BENCHMARKS.md).")
+    p = argparse.ArgumentParser(
+        description="Pixel thresholds and mask post-processing on a test set "
+        "(the postprocessing section of BENCHMARKS.md)."
+    )
     p.add_argument("--data", required=True, help="dataset folder with test masks (e.g. an MVTec AD category)")
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
     p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
     p.add_argument("--out", required=True, metavar="JSON", help="the JSON report to write")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the section into this Markdown file")
-    p.add_argument("--section", default="postprocessing", help="section name in the Markdown file (default postprocessing)")
+    p.add_argument(
+        "--section", default="postprocessing", help="section name in the Markdown file (default postprocessing)"
+    )
     p.add_argument("--work-dir", default=None, help="folder for the fitted models (default: a temporary folder)")
     return p
 
@@ -217,26 +257,52 @@ def _p(v: Any) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = ["## postprocessing", "",
-             f"Produced by `{r['command']}` on {r['date']}. Data: `{r['data']}`. Definitions: `benchmarks/postprocess_study.py`,",
-             "docs/decisions.md. SegF1 = pooled pixel F1 over all test images (percent); sizes in pixels of the 900 px masks.", ""]
+    lines = [
+        "## postprocessing",
+        "",
+        f"Produced by `{r['command']}` on {r['date']}. Data: `{r['data']}`. "
+        "Definitions: `benchmarks/postprocess_study.py`,",
+        "docs/decisions.md. SegF1 = pooled pixel F1 over all test images (percent); "
+        "sizes in pixels of the 900 px masks.",
+        "",
+    ]
     for m in r["models"]:
         reg = m["regions"]
-        lines += [f"### {m['model']} (default settings; fit {m['fit_s']:.0f} s; {m['test_images']} test images)", "",
-                  f"Calibrated pixel threshold {m['pixel_threshold']:.4g} (good-pixel false-alarm target {m['pixel_false_alarm']:g}, "
-                  f"{m.get('pixel_count', 0)} sampled good validation pixels, the highest {m.get('pixel_max', float('nan')):.4g}); "
-                  f"F1-optimal raw threshold on the test set {m['f1_opt_threshold']:.4g}. Ground-truth regions: {reg.get('count')}, "
-                  f"smallest {reg.get('min')} px, 5th percentile {reg.get('p5', float('nan')):.0f} px, median {reg.get('median', float('nan')):.0f} px.", "",
-                  "| post-processing | SegF1 @cal | SegF1 @F1-opt (oracle) | best SegF1 over thresholds (oracle) | AU-PRO@0.3 | AU-PRO@0.05 |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {m['model']} (default settings; fit {m['fit_s']:.0f} s; {m['test_images']} test images)",
+            "",
+            f"Calibrated pixel threshold {m['pixel_threshold']:.4g} "
+            f"(good-pixel false-alarm target {m['pixel_false_alarm']:g}, "
+            f"{m.get('pixel_count', 0)} sampled good validation pixels, "
+            f"the highest {m.get('pixel_max', float('nan')):.4g}); "
+            f"F1-optimal raw threshold on the test set {m['f1_opt_threshold']:.4g}. "
+            f"Ground-truth regions: {reg.get('count')}, "
+            f"smallest {reg.get('min')} px, 5th percentile {reg.get('p5', float('nan')):.0f} px, "
+            f"median {reg.get('median', float('nan')):.0f} px.",
+            "",
+            "| post-processing | SegF1 @cal | SegF1 @F1-opt (oracle) | best SegF1 over thresholds (oracle) "
+            "| AU-PRO@0.3 | AU-PRO@0.05 |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in m["rows"]:
-            lines.append(f"| {row['variant']} | {_p(row['seg_f1_cal'])} | {_p(row['seg_f1_opt'])} | {_p(row['best_seg_f1'])} | "
-                         f"{_p(row['au_pro@0.3'])} | {_p(row['au_pro@0.05'])} |")
-        lines += ["", "Pixel threshold choices, raw masks (no post-processing):", "", "| choice | threshold | SegF1 |", "|---|---|---|"]
+            lines.append(
+                f"| {row['variant']} | {_p(row['seg_f1_cal'])} | {_p(row['seg_f1_opt'])} | {_p(row['best_seg_f1'])} | "
+                f"{_p(row['au_pro@0.3'])} | {_p(row['au_pro@0.05'])} |"
+            )
+        lines += [
+            "",
+            "Pixel threshold choices, raw masks (no post-processing):",
+            "",
+            "| choice | threshold | SegF1 |",
+            "|---|---|---|",
+        ]
         for t in m["thresholds"]:
             extra = ""
             if "seg_f1_cal_on_b" in t:
-                extra = f" (half B at the calibrated threshold: {_p(t['seg_f1_cal_on_b'])}; best possible on half B: {_p(t['seg_f1_opt_on_b'])})"
+                extra = (
+                    f" (half B at the calibrated threshold: {_p(t['seg_f1_cal_on_b'])}; "
+                    f"best possible on half B: {_p(t['seg_f1_opt_on_b'])})"
+                )
             lines.append(f"| {t['choice']} | {t['threshold']:.4g} | {_p(t['seg_f1'])}{extra} |")
         lines.append("")
     return "\n".join(lines)

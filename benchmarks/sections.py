@@ -45,34 +45,67 @@ def _variants(items: list[str]) -> list[str]:
 # section -> (models, variants, extra arguments); "{runs}" is the repository's runs/ folder
 SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
     "patchcore-anomnet": ("patchcore,anomnet", ANOMNET_ABLATION, ["--memory-images", "1000"]),
-    "efficientad": ("patchcore", [
-        "s-cdo:model=efficientad;cache_dir={runs}/bench-ead/cache",
-        "s-original:model=efficientad;loss=original;cache_dir={runs}/bench-ead/cache",
-        "s-cdo-backbone-teacher:model=efficientad;teacher=backbone",
-        "m-cdo-equal-time:model=efficientad;model_size=m;steps=65;distill_steps=60;cache_dir={runs}/bench-ead/cache",
-        "m-original-equal-time:model=efficientad;model_size=m;steps=65;distill_steps=60;loss=original;"
-        "cache_dir={runs}/bench-ead/cache",
-    ], ["--work-dir", "{runs}/bench-ead", "--rescore", "alpha=0", "--rescore", "alpha=1"]),
-    "anomnet-choices": ("anomnet", [
-        "K-64:num_centroids=64", "K-256:num_centroids=256", "layers-stage3-4:layers=stage3,stage4",
-        "layers-stage2-5:layers=stage2,stage3,stage4,stage5", "init-mean:centroid_init=mean",
-        "entropy-logdet:entropy=logdet", "paper-lr:lr=1e-4", "adapter-plain:adapter=plain", "paper-crop:crop=224",
-    ], []),
-    "tocoad": ("patchcore,tocoad", ["stage1-only:model=tocoad;stage2=false", "stage2-only:model=tocoad;stage1=false"],
-               ["--work-dir", "{runs}/bench-tocoad"]),
-    "tiling": ("", [
-        "resize-256:model=patchcore", "resize-256-1pct:model=patchcore;coreset_ratio=0.01",
-        "tiled-512:model=patchcore;tile=512;coreset_ratio=0.01", "tiled-256:model=patchcore;tile=256;coreset_ratio=0.01",
-        "tiled-256-pyramid:model=patchcore;tile=256;tile_scales=1,0.5;coreset_ratio=0.01",
-    ], ["--work-dir", "{runs}/bench-tiling"]),
-    "tocoad-variants": ("", ["lr2-0.001:model=tocoad;lr2=0.001", "lambda-0.2:model=tocoad;lambda_sym=0.2"],
-                        ["--work-dir", "{runs}/bench-tocoad-var"]),
-    "efficientad-budget": ("", [
-        "s-cdo-backbone-teacher-400-steps:model=efficientad;teacher=backbone;steps=400",
-        "s-cdo-backbone-teacher-100-steps:model=efficientad;teacher=backbone;steps=100",
-    ], ["--work-dir", "{runs}/bench-ead-budget"]),
-    "efficientad-budget-800": ("", ["s-cdo-backbone-teacher-800-steps:model=efficientad;teacher=backbone;steps=800"],
-                               ["--work-dir", "{runs}/bench-ead-budget"]),
+    "efficientad": (
+        "patchcore",
+        [
+            "s-cdo:model=efficientad;cache_dir={runs}/bench-ead/cache",
+            "s-original:model=efficientad;loss=original;cache_dir={runs}/bench-ead/cache",
+            "s-cdo-backbone-teacher:model=efficientad;teacher=backbone",
+            "m-cdo-equal-time:model=efficientad;model_size=m;steps=65;distill_steps=60;cache_dir={runs}/bench-ead/cache",
+            "m-original-equal-time:model=efficientad;model_size=m;steps=65;distill_steps=60;loss=original;"
+            "cache_dir={runs}/bench-ead/cache",
+        ],
+        ["--work-dir", "{runs}/bench-ead", "--rescore", "alpha=0", "--rescore", "alpha=1"],
+    ),
+    "anomnet-choices": (
+        "anomnet",
+        [
+            "K-64:num_centroids=64",
+            "K-256:num_centroids=256",
+            "layers-stage3-4:layers=stage3,stage4",
+            "layers-stage2-5:layers=stage2,stage3,stage4,stage5",
+            "init-mean:centroid_init=mean",
+            "entropy-logdet:entropy=logdet",
+            "paper-lr:lr=1e-4",
+            "adapter-plain:adapter=plain",
+            "paper-crop:crop=224",
+        ],
+        [],
+    ),
+    "tocoad": (
+        "patchcore,tocoad",
+        ["stage1-only:model=tocoad;stage2=false", "stage2-only:model=tocoad;stage1=false"],
+        ["--work-dir", "{runs}/bench-tocoad"],
+    ),
+    "tiling": (
+        "",
+        [
+            "resize-256:model=patchcore",
+            "resize-256-1pct:model=patchcore;coreset_ratio=0.01",
+            "tiled-512:model=patchcore;tile=512;coreset_ratio=0.01",
+            "tiled-256:model=patchcore;tile=256;coreset_ratio=0.01",
+            "tiled-256-pyramid:model=patchcore;tile=256;tile_scales=1,0.5;coreset_ratio=0.01",
+        ],
+        ["--work-dir", "{runs}/bench-tiling"],
+    ),
+    "tocoad-variants": (
+        "",
+        ["lr2-0.001:model=tocoad;lr2=0.001", "lambda-0.2:model=tocoad;lambda_sym=0.2"],
+        ["--work-dir", "{runs}/bench-tocoad-var"],
+    ),
+    "efficientad-budget": (
+        "",
+        [
+            "s-cdo-backbone-teacher-400-steps:model=efficientad;teacher=backbone;steps=400",
+            "s-cdo-backbone-teacher-100-steps:model=efficientad;teacher=backbone;steps=100",
+        ],
+        ["--work-dir", "{runs}/bench-ead-budget"],
+    ),
+    "efficientad-budget-800": (
+        "",
+        ["s-cdo-backbone-teacher-800-steps:model=efficientad;teacher=backbone;steps=800"],
+        ["--work-dir", "{runs}/bench-ead-budget"],
+    ),
 }
 STUDIES = {"postprocessing": ("patchcore,anomnet", ["--work-dir", "{runs}/bench-pp"])}
 
@@ -95,7 +128,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(BOTTLE), help=f"dataset (default {BOTTLE})")
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="Markdown file (default the repository's)")
     p.add_argument("--json-dir", default=str(ROOT / "benchmarks"), help="folder for NAME.json (default benchmarks/)")
-    p.add_argument("--runs", default=str(ROOT / "runs"), help="folder for fitted models (default the repository's runs/)")
+    p.add_argument(
+        "--runs", default=str(ROOT / "runs"), help="folder for fitted models (default the repository's runs/)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p
 

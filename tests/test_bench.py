@@ -36,12 +36,25 @@ def _bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Path, *extra: 
 
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setattr(sys, "argv", ["anomnet", "bench"])
-    return main(["bench", "--data", str(data), "--models", "", "--variant", "tiny:model=patchcore;image_size=64",
-                 "--out", str(tmp_path / "out" / "bench.json"), *extra])
+    return main(
+        [
+            "bench",
+            "--data",
+            str(data),
+            "--models",
+            "",
+            "--variant",
+            "tiny:model=patchcore;image_size=64",
+            "--out",
+            str(tmp_path / "out" / "bench.json"),
+            *extra,
+        ]
+    )
 
 
-def test_bench_writes_only_the_json_it_is_told(folder_dataset: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_writes_only_the_json_it_is_told(
+    folder_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "cwd").mkdir()
     assert _bench(tmp_path, monkeypatch, folder_dataset) == 0
     assert list((tmp_path / "cwd").iterdir()) == []  # nothing relative to the working directory
@@ -54,14 +67,27 @@ def test_bench_writes_only_the_json_it_is_told(folder_dataset: Path, tmp_path: P
     assert "fit_info" not in row
 
 
-def test_bench_markdown_section_only_when_asked(folder_dataset: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_markdown_section_only_when_asked(
+    folder_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "cwd").mkdir()
     md = tmp_path / "notes.md"
     md.write_text("# Benchmarks\n\nkept text\n")
     work = tmp_path / "models"
-    assert _bench(tmp_path, monkeypatch, folder_dataset, "--markdown", str(md), "--section", "tiny-run",
-                  "--work-dir", str(work)) == 0
+    assert (
+        _bench(
+            tmp_path,
+            monkeypatch,
+            folder_dataset,
+            "--markdown",
+            str(md),
+            "--section",
+            "tiny-run",
+            "--work-dir",
+            str(work),
+        )
+        == 0
+    )
     text = md.read_text()
     assert "kept text" in text and "<!-- bench:tiny-run -->" in text and "| tiny |" in text
     assert list((tmp_path / "cwd").iterdir()) == []
@@ -93,8 +119,12 @@ def test_sections_script_help_and_dry_run() -> None:
 
     proc = subprocess.run([sys.executable, str(SECTIONS_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, str(SECTIONS_SCRIPT), "tiling", "--dry-run", "--json-dir", "J"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SECTIONS_SCRIPT), "tiling", "--dry-run", "--json-dir", "J"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("anomnet bench ") and "--out J/tiling.json" in proc.stdout
     assert "--section tiling" in proc.stdout and "tiled-256-pyramid" in proc.stdout

@@ -21,12 +21,20 @@ pp = importlib.util.module_from_spec(_spec)
 sys.modules["postprocess_study"] = pp  # dataclasses look their module up there
 _spec.loader.exec_module(pp)
 VARIANTS, collect_maps, half_split, render, seg_f1, study = (
-    pp.VARIANTS, pp.collect_maps, pp.half_split, pp.render, pp.seg_f1, pp.study)
+    pp.VARIANTS,
+    pp.collect_maps,
+    pp.half_split,
+    pp.render,
+    pp.seg_f1,
+    pp.study,
+)
 
 
 def test_study_on_a_tiny_model(folder_dataset: Path) -> None:
     split = load_dataset(folder_dataset, val_fraction=0.25)
-    det = api.fit("patchcore", split, None, settings={"image_size": 64, "batch_size": 4}, progress=False, pixel_false_alarm=0.01)
+    det = api.fit(
+        "patchcore", split, None, settings={"image_size": 64, "batch_size": 4}, progress=False, pixel_false_alarm=0.01
+    )
     tm = collect_maps(det, split.test)
     result = study(det, tm, grid_size=3)
     assert [r["variant"] for r in result["rows"]] == [name for name, _ in VARIANTS]
@@ -38,7 +46,14 @@ def test_study_on_a_tiny_model(folder_dataset: Path) -> None:
     a, b = half_split(tm)
     assert sorted(a + b) == list(range(len(tm.maps))) and abs(len(a) - len(b)) <= 2
     assert seg_f1(tm, math.inf, MaskPostprocess()) == 0.0
-    text = render({"command": "x", "date": "d", "data": "y", "models": [{"model": "patchcore", "fit_s": 1.0, "test_images": len(tm.maps), **result}]})
+    text = render(
+        {
+            "command": "x",
+            "date": "d",
+            "data": "y",
+            "models": [{"model": "patchcore", "fit_s": 1.0, "test_images": len(tm.maps), **result}],
+        }
+    )
     assert "| closing r=8 + fill + min area 1024 |" in text and "half A" in text
 
 
@@ -56,8 +71,13 @@ def test_script_writes_only_where_told(folder_dataset: Path, tmp_path: Path, mon
     from anomnet import api as api_mod
 
     real_fit = api_mod.fit
-    monkeypatch.setattr(api_mod, "fit", lambda model, split, out_dir, **kw: real_fit(
-        model, split, out_dir, settings={"image_size": 64, "batch_size": 4}, pixel_false_alarm=0.01, **kw))
+    monkeypatch.setattr(
+        api_mod,
+        "fit",
+        lambda model, split, out_dir, **kw: real_fit(
+            model, split, out_dir, settings={"image_size": 64, "batch_size": 4}, pixel_false_alarm=0.01, **kw
+        ),
+    )
     assert pp.main(["--data", str(folder_dataset), "--out", str(out), "--markdown", str(md)]) == 0
     report = json.loads(out.read_text())
     assert report["models"][0]["model"] == "patchcore"

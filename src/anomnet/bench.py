@@ -2,8 +2,9 @@
 
 The run writes only where it is told: the JSON report (``--out``), optionally a Markdown table
 (``--markdown PATH``, the whole file or one ``--section`` of it) and the fitted models
-(``--work-dir``; without it a temporary folder that is removed afterwards). Each configuration runs in its own process so its peak RSS is its own. Speeds are reported
-in milliseconds per image and as a ratio to the backbone-only forward pass timed in the same
+(``--work-dir``; without it a temporary folder that is removed afterwards). Each configuration
+runs in its own process so its peak RSS is its own. Speeds are reported in milliseconds per image
+and as a ratio to the backbone-only forward pass timed in the same
 run (the whole backbone trunk, no classifier head, same input size and batch).
 """
 
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def _time_interleaved(fn: Any, ref: Any, images: torch.Tensor, batch: int, repea
     with torch.inference_mode():
         fn(x)
         ref(x)
-        a, b = [], []
+        a: list[float] = []
+        b: list[float] = []
         for _ in range(repeats):
             for f, times in ((fn, a), (ref, b)):
                 t = time.perf_counter()
@@ -79,7 +81,7 @@ def _trunk_for(det: Any) -> Any:
     return create_backbone(info.name, (info.layers[-1],), "random" if info.needs_weights_file else None)
 
 
-def _timing_images(split: Any, size: int, n: int = 16) -> torch.Tensor:
+def _timing_images(split: Any, size: int | None, n: int = 16) -> torch.Tensor:
     from anomnet.data import iter_batches
 
     samples = list(split.test)[:n] or list(split.train)[:n]
@@ -128,7 +130,7 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
             out[f"predict_ms_b{b}"], out[f"trunk_ms_b{b}"] = _time_interleaved(det.predict, trunk, images, b, repeats)
     out["test_ms_per_image_full_res"] = 1000.0 * res.seconds_per_image
     out["peak_rss_mb"] = _peak_rss_mb()
-    out["memory_bank"] = list(det.memory_bank.shape) if getattr(det, "memory_bank", None) is not None else None
+    out["memory_bank"] = _bank_shape(det)
     out["fit_record"] = fit_record_of(det)
     out["rescored"] = [{"settings": extra, "metrics": rescore(det, split, extra)} for extra in spec.get("rescore", [])]
     return out
@@ -169,15 +171,28 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     det = create_detector(spec["model"], spec["settings"])
     t = time.perf_counter()
     det.fit(train, split.validation, progress=False)
-    return {"model": spec["model"], "images": n, "fit_s": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
-            "rss_before_fit_mb": base_rss, "memory_bank": list(det.memory_bank.shape)}
+    return {
+        "model": spec["model"],
+        "images": n,
+        "fit_s": time.perf_counter() - t,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_fit_mb": base_rss,
+        "memory_bank": _bank_shape(det),
+    }
+
+
+def _bank_shape(det: Any) -> list[int] | None:
+    bank = getattr(det, "memory_bank", None)
+    return list(bank.shape) if bank is not None else None
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "anomnet.bench", kind, json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise BenchError(f"benchmark worker failed ({kind}, {spec.get('name', spec.get('backbone'))}), exit {proc.returncode}")
+        raise BenchError(
+            f"benchmark worker failed ({kind}, {spec.get('name', spec.get('backbone'))}), exit {proc.returncode}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -212,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     from anomnet.detectors import create_detector
 
-    configs = [(m, m, {}) for m in args.models.split(",") if m]
+    configs: list[tuple[str, str, dict[str, str]]] = [(m, m, {}) for m in args.models.split(",") if m]
     configs += [_parse_variant(v, configs[0][1] if configs else "patchcore") for v in args.variant]
     backbones: dict[tuple[str, int], dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -224,8 +239,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
             spec = {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category}
             backbones[key] = _run_worker("backbone", spec)
         print(f"[bench] {name}: fit, test, timing", file=sys.stderr)
-        spec = {"name": name, "model": model, "settings": settings, "data": args.data, "category": args.category,
-                "out": str(work / name)}
+        spec = {
+            "name": name,
+            "model": model,
+            "settings": settings,
+            "data": args.data,
+            "category": args.category,
+            "out": str(work / name),
+        }
         rescores = getattr(args, "rescore", None) or []
         spec["rescore"] = [_parse_variant(":" + r, model)[2] for r in rescores if _accepts(det, r)]
         load_before = os.getloadavg()[0]
@@ -237,15 +258,27 @@ def run(args: argparse.Namespace, work: Path) -> int:
         rows.append({"name": name, "model": model, "settings": settings, "backbone": key[0], **result})
         for extra in result.pop("rescored", None) or []:  # the same fitted model, scored with other settings
             label = ";".join(f"{k}={v}" for k, v in extra["settings"].items())
-            rows.append({**rows[-1], "name": f"{name} {label}", "settings": {**settings, **extra["settings"]},
-                         "metrics": extra["metrics"], "rescored_from": name})
+            rows.append(
+                {
+                    **rows[-1],
+                    "name": f"{name} {label}",
+                    "settings": {**settings, **extra["settings"]},
+                    "metrics": extra["metrics"],
+                    "rescored_from": name,
+                }
+            )
         if i + 1 < len(configs):  # an interrupted run keeps the rows it has measured
             _write_report(args, backbones, rows, None, pending=[c[0] for c in configs[i + 1 :]])
     memory = None
     if args.memory_images:
         print(f"[bench] memory check: patchcore fit on {args.memory_images} images", file=sys.stderr)
-        spec = {"model": "patchcore", "settings": {}, "images": args.memory_images, "data": args.data,
-                "category": args.category}
+        spec = {
+            "model": "patchcore",
+            "settings": {},
+            "images": args.memory_images,
+            "data": args.data,
+            "category": args.category,
+        }
         memory = _run_worker("memory", spec)
     print(_write_report(args, backbones, rows, memory))
     return 0
@@ -267,8 +300,13 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], text: str) -
         write_section(Path(args.markdown), getattr(args, "section", None), text)
 
 
-def _write_report(args: argparse.Namespace, backbones: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]],
-                  memory: dict[str, Any] | None, pending: Sequence[str] = ()) -> str:
+def _write_report(
+    args: argparse.Namespace,
+    backbones: dict[tuple[str, int], dict[str, Any]],
+    rows: list[dict[str, Any]],
+    memory: dict[str, Any] | None,
+    pending: Sequence[str] = (),
+) -> str:
     """Write the JSON (and the Markdown if asked) of the rows measured so far; ``pending``: configurations to run."""
     report = {
         "command": command_line(),
@@ -333,8 +371,12 @@ def _load_note(r: dict[str, Any]) -> list[str]:
     busy = max(loads) > 0.5 * (r["cpu_cores"] or 1)
     return [
         f"1-minute load average around the rows: {min(loads):.1f} to {max(loads):.1f} on {r['cpu_cores']} cores"
-        + ("; other processes shared the cores, so absolute times are slower than on an idle machine (the predict"
-           " ratios time the trunk alternately with the detector and are less affected)." if busy else " (idle machine).")
+        + (
+            "; other processes shared the cores, so absolute times are slower than on an idle machine (the predict"
+            " ratios time the trunk alternately with the detector and are less affected)."
+            if busy
+            else " (idle machine)."
+        )
     ]
 
 
@@ -354,15 +396,18 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
     for b in r["backbones"]:
         lines.append(
             f"| {b['backbone']} | {b['image_size']} | {b['trunk_ms_b1']:.1f} | {b['trunk_ms_b16']:.1f} | "
-            f"{','.join(b['default_layers_layers'])} | {b['default_layers_ms_b1']:.1f} | {b['default_layers_ms_b16']:.1f} |"
+            f"{','.join(b['default_layers_layers'])} | {b['default_layers_ms_b1']:.1f} | "
+            f"{b['default_layers_ms_b16']:.1f} |"
         )
     lines += [
         "",
-        "'trunk' is the whole feature trunk (every block, no classifier head); 'layers' stops after the detector's deepest layer.",
+        "'trunk' is the whole feature trunk (every block, no classifier head); "
+        "'layers' stops after the detector's deepest layer.",
         "",
         f"{h} Detectors",
         "",
-        "Metrics in percent on the test split; AU-PRO as MVTec's official evaluation, maps at the masks' full resolution.",
+        "Metrics in percent on the test split; AU-PRO as MVTec's official evaluation, "
+        "maps at the masks' full resolution.",
         "Predict: ms per image at the detector's input size, and the ratio to the backbone trunk at the same batch",
         "(the trunk timed alternately with the detector in the same process, so a change of load hits both alike);",
         "for tiled models (`tile` set) on the full-resolution images, every tile included. Test: ms per image of",
@@ -370,7 +415,8 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
         "Fit RSS: peak resident memory of the process after fitting; peak RSS: after testing too (the exact pixel",
         "metrics hold 8 bytes per ground-truth pixel).",
         "",
-        "| config | settings | image AUROC | pixel AUROC | AU-PRO@0.3 | AU-PRO@0.05 | pixel F1-max | image F1-max | F1 @thr | fit s | predict b1 ms (x) | predict b16 ms (x) | test ms | fit RSS MB | peak RSS MB |",
+        "| config | settings | image AUROC | pixel AUROC | AU-PRO@0.3 | AU-PRO@0.05 | pixel F1-max | image F1-max "
+        "| F1 @thr | fit s | predict b1 ms (x) | predict b16 ms (x) | test ms | fit RSS MB | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
@@ -380,7 +426,8 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
             f"| {row['name']} | {settings} | {_pct(m.get('image_auroc'))} | {_pct(m.get('pixel_auroc'))} | "
             f"{_pct(m.get('au_pro@0.3'))} | {_pct(m.get('au_pro@0.05'))} | {_pct(m.get('pixel_f1_max'))} | "
             f"{_pct(m.get('image_f1_max'))} | {_pct(m.get('f1'))} | {row['fit_s']:.1f} | "
-            f"{row['predict_ms_b1']:.1f} ({row['ratio_b1']:.2f}x) | {row['predict_ms_b16']:.1f} ({row['ratio_b16']:.2f}x) | "
+            f"{row['predict_ms_b1']:.1f} ({row['ratio_b1']:.2f}x) | "
+            f"{row['predict_ms_b16']:.1f} ({row['ratio_b16']:.2f}x) | "
             f"{row.get('test_ms_per_image_full_res', float('nan')):.0f} | "
             f"{row['peak_rss_fit_mb']:.0f} | {row['peak_rss_mb']:.0f} |"
         )
@@ -388,13 +435,25 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
     if r.get("pending"):
         lines += ["", f"**Run in progress or interrupted**: not measured yet: {', '.join(r['pending'])}."]
     if any(row.get("rescored_from") for row in rows):
-        lines += ["", "Rows named '<config> KEY=VALUE' rescore the fitted model of `<config>` with a scoring-time setting changed "
-                  "(threshold recalibrated on the validation images): its fit and predict columns are that model's."]
+        lines += [
+            "",
+            "Rows named '<config> KEY=VALUE' rescore the fitted model of `<config>` "
+            "with a scoring-time setting changed "
+            "(threshold recalibrated on the validation images): its fit and predict columns are that model's.",
+        ]
     if len(rows) > 1 and rows[0]["model"] == "patchcore":
         ref = rows[0]
-        lines += ["", f"Predict time as a multiple of the first row's ({ref['name']}, same run), batch 1 / batch 16: "
-                  + ", ".join(f"{row['name']} {row['predict_ms_b1'] / ref['predict_ms_b1']:.1f}x / {row['predict_ms_b16'] / ref['predict_ms_b16']:.1f}x"
-                              for row in rows[1:] if not row.get("rescored_from")) + "."]
+        lines += [
+            "",
+            f"Predict time as a multiple of the first row's ({ref['name']}, same run), batch 1 / batch 16: "
+            + ", ".join(
+                f"{row['name']} {row['predict_ms_b1'] / ref['predict_ms_b1']:.1f}x / "
+                f"{row['predict_ms_b16'] / ref['predict_ms_b16']:.1f}x"
+                for row in rows[1:]
+                if not row.get("rescored_from")
+            )
+            + ".",
+        ]
     mem = r.get("memory_check")
     if mem:
         lines += [
@@ -402,7 +461,8 @@ def render_markdown(r: dict[str, Any], section: str | None = None) -> str:
             f"{h} Memory check",
             "",
             f"{mem['model']} fit on {mem['images']} training images at the default 256 px (the training set repeated): "
-            f"{mem['fit_s']:.0f} s, peak RSS {mem['peak_rss_mb']:.0f} MB (of which {mem['rss_before_fit_mb']:.0f} MB before fitting: "
+            f"{mem['fit_s']:.0f} s, peak RSS {mem['peak_rss_mb']:.0f} MB "
+            f"(of which {mem['rss_before_fit_mb']:.0f} MB before fitting: "
             f"libraries and data index), memory bank {mem['memory_bank'][0]} x {mem['memory_bank'][1]}.",
         ]
     return "\n".join(lines) + "\n"
