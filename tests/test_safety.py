@@ -246,3 +246,79 @@ def test_model_and_output_files_share_permissions(fitted: Path, folder_dataset: 
     modes = {oct((fitted / n).stat().st_mode & 0o777) for n in (META_FILE, TENSOR_FILE)}
     modes.add(oct((out / "results.csv").stat().st_mode & 0o777))
     assert len(modes) == 1 and modes != {oct(0o600)}
+
+
+@pytest.mark.parametrize("interrupted_call", [2, 3])
+def test_interrupted_replace_keeps_the_users_files(
+    fitted: Path, monkeypatch: pytest.MonkeyPatch, interrupted_call: int
+) -> None:
+    (fitted / "metrics.json").write_text("{}")  # a file of the user's next to the model
+    before = {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)}
+    det = Detector.load(fitted)
+    import anomnet.model_io as model_io
+
+    real_replace, calls = os.replace, []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append(1)
+        if len(calls) == interrupted_call:  # 2: before the old model moves aside, 3: before the new one moves in
+            raise KeyboardInterrupt
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        det.save(fitted)
+    monkeypatch.setattr(model_io.os, "replace", real_replace)
+    assert (fitted / "metrics.json").read_text() == "{}"
+    assert {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)} == before
+    assert [p.name for p in fitted.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", float("inf")),
+        ("threshold", float("-inf")),
+        ("max_false_alarm", 5),
+        ("pixel_count", -1),
+        ("pixel_tail", "abc"),
+        ("pixel_tail", [["a", 1.0]]),
+        ("labelled", "abc"),
+        ("labelled", {"x": 1}),
+        ("postprocess", [1]),
+    ],
+)
+def test_hand_edited_calibration_values_are_refused(fitted: Path, field: str, value: object) -> None:
+    meta = json.loads((fitted / META_FILE).read_text())
+    meta["calibration"][field] = value
+    (fitted / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=field):
+        Detector.load(fitted)
+
+
+@pytest.mark.parametrize(("field", "value"), [("calibration", []), ("calibration", None), ("detector", [1])])
+def test_hand_edited_model_fields_are_refused(fitted: Path, field: str, value: object) -> None:
+    meta = json.loads((fitted / META_FILE).read_text())
+    meta[field] = value
+    (fitted / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=field):
+        Detector.load(fitted)
+
+
+def test_test_outputs_never_land_in_the_data(fitted: Path, folder_dataset: Path, capsys) -> None:
+    hm = folder_dataset / "test" / "hm"
+    args = ["test", "--model-dir", str(fitted), "--data", str(folder_dataset), "--quiet"]
+    assert main([*args, "--heatmaps", str(hm)]) == EXIT_INPUT
+    assert "inside the input folder" in capsys.readouterr().err and not hm.exists()
+    image = folder_dataset / "test" / "good" / "g000.png"
+    original = image.read_bytes()
+    assert main([*args, "--json", str(image)]) == EXIT_INPUT
+    assert image.read_bytes() == original
+
+
+def test_fit_out_never_holds_the_data(folder_dataset: Path, capsys) -> None:
+    for out in (folder_dataset, folder_dataset.parent):
+        args = ["fit", "--data", str(folder_dataset), "--out", str(out), "--image-size", "64", "--quiet", "--overwrite"]
+        assert main(args) == EXIT_INPUT
+        assert "dataset" in capsys.readouterr().err
+    assert (folder_dataset / "train").is_dir()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,7 @@ def fit(
     hold a model yet unless ``overwrite``; it is checked before any work.
     """
     if out is not None:
+        _check_out_holds_no_data(out, data, labelled)
         check_model_target(out, overwrite)
     split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
     _print_warnings(split)
@@ -72,6 +74,16 @@ def fit(
     if out is not None:
         detector.save(out)
     return detector
+
+
+def _check_out_holds_no_data(out: str | Path, *sources: object) -> None:
+    """A model folder is replaced whole: it must not be, or hold, a dataset the command reads."""
+    target = Path(os.path.realpath(out))
+    for source in sources:
+        if isinstance(source, (str, Path)) and str(source) and Path(source).exists():
+            real = Path(os.path.realpath(source))
+            if real.is_relative_to(target):
+                raise ConfigError(f"model folder {out} holds the dataset {source}: choose an --out outside the data")
 
 
 def load(model_dir: str | Path) -> Detector:

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", default=None, help="detector (default patchcore)")
     p.add_argument("--max-train", type=int, default=200, help="training cells used (default 200, keeps the demo to a few minutes)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model an earlier demo left in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("bench", help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
@@ -246,7 +247,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from anomnet.model_io import model_files
 
     json_out = args.json or str(Path(args.model_dir) / "metrics.json")
-    protected = model_files(args.model_dir)
+    protected = model_files(args.model_dir) + ([Path(args.data)] if Path(args.data).exists() else [])
     for what, target, folder in (("--json", json_out, False), ("--report", args.report, False),
                                  ("--heatmaps", args.heatmaps, True)):
         if target:
@@ -331,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     split = load_dataset("elpv")
     print(f"ELPV solar cells: {len(split.train)} good training cells (using {min(args.max_train, len(split.train))}), "
           f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)")
-    det = api.fit(model, split, out / "model", max_train=args.max_train, progress=not args.quiet)
+    det = api.fit(model, split, out / "model", max_train=args.max_train, progress=not args.quiet, overwrite=args.overwrite)
     print(f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a {det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells")
     res = api.test(det, split, json_out=out / "metrics.json", heatmaps_dir=out / "heatmaps", heatmaps=8, progress=not args.quiet, report=out / "report.html")
     print(format_metrics(res.metrics) + "  (percent)")

@@ -294,6 +294,8 @@ def check_not_input(target: str | Path, inputs: list[Path], what: str, folder: b
             raise ConfigError(f"{what} {target} is also an input ({item}): refusing to overwrite it")
         if folder and src.is_dir() and out.is_relative_to(src):
             raise ConfigError(f"{what} {target} lies inside the input folder {item}: choose a folder outside it")
+        if not folder and src.is_dir() and out.is_relative_to(src) and out.suffix.lower() in IMAGE_EXTENSIONS:
+            raise ConfigError(f"{what} {target} would be read as an image of the input folder {item}: choose another path")
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
