@@ -48,6 +48,7 @@ from anomnet.errors import ConfigError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches
+from anomnet.training import seed_everything
 
 OUT_CHANNELS = 384
 TEACHERS = ("distilled", "backbone")
@@ -112,6 +113,7 @@ class EfficientAD(Detector):
             raise ConfigError(f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}")
         self.size = size
         self.n = output_size(size, c.padding)
+        seed_everything(c.seed)  # the networks' initial weights depend on the seed only
         self.teacher: nn.Module = (
             pdn(c.model_size, OUT_CHANNELS, c.padding).eval()
             if c.teacher == "distilled"
