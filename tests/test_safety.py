@@ -322,3 +322,14 @@ def test_fit_out_never_holds_the_data(folder_dataset: Path, capsys) -> None:
         assert main(args) == EXIT_INPUT
         assert "dataset" in capsys.readouterr().err
     assert (folder_dataset / "train").is_dir()
+
+
+@pytest.mark.parametrize("size", ["-5", "100000"])
+def test_eval_size_bounds(fitted: Path, folder_dataset: Path, size: str, capsys) -> None:
+    code = main(["test", "--model-dir", str(fitted), "--data", str(folder_dataset), "--eval-size", size, "--quiet"])
+    assert code == EXIT_INPUT and f"eval_size={size} is out of range" in capsys.readouterr().err
+
+
+def test_max_train_bound(folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    code = main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--max-train", "-1", "--quiet"])
+    assert code == EXIT_INPUT and "max_train must be at least 1" in capsys.readouterr().err

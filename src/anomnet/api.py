@@ -54,6 +54,8 @@ def fit(
     validation set for the ``f1`` methods (see :mod:`anomnet.decisions`). ``out`` must not
     hold a model yet unless ``overwrite``; it is checked before any work.
     """
+    if max_train is not None and max_train < 1:
+        raise ConfigError(f"max_train must be at least 1, got {max_train}")
     if out is not None:
         _check_out_holds_no_data(out, data, labelled)
         check_model_target(out, overwrite)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
+from anomnet.errors import ConfigError
 from anomnet.postprocess import SegmentationCounts
 from anomnet.metrics import PixelCurves, PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
 from anomnet.transforms import resize
@@ -109,6 +110,10 @@ class _WorstKeeper:
         return good, bad
 
 
+EVAL_SIZE_RANGE = (16, 4096)
+"""Sides ``eval_size`` may take (a larger one allocates gigabytes per batch of maps)."""
+
+
 def evaluate(
     detector: Detector,
     samples: Sequence[Sample],
@@ -125,6 +130,9 @@ def evaluate(
     images with their maps (shrunk to :data:`KEEP_SIDE`); ``curve_points`` records the pixel
     curves at that resolution (see :class:`~anomnet.metrics.PixelCurves`).
     """
+    low, high = EVAL_SIZE_RANGE
+    if eval_size not in (None, 0) and not (isinstance(eval_size, int) and low <= eval_size <= high):
+        raise ConfigError(f"eval_size={eval_size!r} is out of range: a side of {low} to {high} pixels (or 0: off)")
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
     seg = SegmentationCounts() if has_masks else None  # masks at the model's pixel threshold, post-processed
