@@ -333,3 +333,20 @@ def test_eval_size_bounds(fitted: Path, folder_dataset: Path, size: str, capsys)
 def test_max_train_bound(folder_dataset: Path, tmp_path: Path, capsys) -> None:
     code = main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--max-train", "-1", "--quiet"])
     assert code == EXIT_INPUT and "max_train must be at least 1" in capsys.readouterr().err
+
+
+def test_api_predict_out_is_checked_first(fitted: Path, folder_dataset: Path) -> None:
+    scanned = folder_dataset / "test"
+    with pytest.raises(ConfigError, match="inside the input folder"):
+        api.predict(fitted, [scanned], out_dir=scanned / "o")
+    assert not (scanned / "o").exists()
+
+
+def test_reused_out_folder_drops_emptied_subfolders(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    api.predict(fitted, [folder_dataset / "test"], out_dir=out)  # names keep the subfolders good/ and blob/
+    assert (out / "heatmaps" / "blob").is_dir()
+    (out / "masks" / "good" / "note.txt").write_text("user file")
+    api.predict(fitted, [folder_dataset / "test" / "good" / "g000.png"], out_dir=out)
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["g000.png"]
+    assert (out / "masks" / "good" / "note.txt").read_text() == "user file"

@@ -25,7 +25,7 @@ from anomnet.data import DatasetSplit, Sample, load_dataset
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
-from anomnet.model_io import check_model_target
+from anomnet.model_io import check_model_target, model_files
 from anomnet.outputs import ImagePrediction, predict_images
 from anomnet.visualize import heatmap, overlay
 
@@ -155,6 +155,13 @@ def predict(
     the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
     ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`).
     """
+    images = list(images)
+    if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
+        protected = [Path(i) for i in images if str(i) != "-"]
+        if not isinstance(model_dir, Detector):
+            protected += model_files(model_dir)
+        io.check_not_input(out_dir, protected, "out_dir", folder=True)
+        io.check_writable(out_dir, "out_dir", folder=True)
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
     return predict_images(detector, images, out_dir, raw_maps, keep_maps, progress)
 

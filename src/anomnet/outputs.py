@@ -133,10 +133,17 @@ def clear_previous_run(out: Path) -> None:
     except (OSError, ValueError):
         files = []
     root = Path(os.path.realpath(out))
+    folders: set[Path] = set()
     for rel in files:
         target = Path(os.path.realpath(out / rel))
         if target.is_relative_to(root) and target.is_file():
             target.unlink()
+            folders.update(p for p in target.parents if p.is_relative_to(root) and p != root)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
+        try:
+            folder.rmdir()  # only folders the run's files left empty; one holding anything else stays
+        except OSError:
+            pass
     manifest.unlink()
 
 
