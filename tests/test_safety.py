@@ -350,3 +350,14 @@ def test_reused_out_folder_drops_emptied_subfolders(fitted: Path, folder_dataset
     api.predict(fitted, [folder_dataset / "test" / "good" / "g000.png"], out_dir=out)
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["g000.png"]
     assert (out / "masks" / "good" / "note.txt").read_text() == "user file"
+
+
+def test_heatmap_names_of_nested_images_are_unique(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    from anomnet.data import Sample
+
+    image = folder_dataset / "test" / "good" / "g000.png"
+    other = tmp_path / "nested" / "g000.png"
+    other.parent.mkdir()
+    shutil.copy(folder_dataset / "test" / "good" / "g001.png", other)
+    written = api.write_heatmaps(Detector.load(fitted), [Sample(image, 0), Sample(other, 0)], tmp_path / "hm")
+    assert len(set(written)) == 2 and all(p.is_file() for p in written)

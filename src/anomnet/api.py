@@ -26,7 +26,7 @@ from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
 from anomnet.model_io import check_model_target, model_files
-from anomnet.outputs import ImagePrediction, predict_images
+from anomnet.outputs import ImagePrediction, predict_images, unique_names
 from anomnet.visualize import heatmap, overlay
 
 
@@ -207,14 +207,15 @@ def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for s in samples:
+    names = unique_names([(s.path, f"{s.defect_type}_{s.path.stem}") for s in samples])
+    for s, named in zip(samples, names):
         image = io.read_image(s.path)
         amap = detector.predict(io.to_tensor(image)[None]).maps[0].numpy()
         panels = [(image * 255 + 0.5).astype(np.uint8), overlay(image, amap, detector.calibration), heatmap(amap, detector.calibration)]
         if s.mask_path is not None:
             mask = io.read_mask(s.mask_path, image.shape[:2])
             panels.append(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))
-        target = out_dir / f"{s.defect_type}_{s.path.stem}.png"
+        target = out_dir / f"{named.name}.png"  # two images of one stem (nested folders) keep one file each
         io.write_png(target, np.concatenate(panels, axis=1))
         written.append(target)
     return written

@@ -101,10 +101,10 @@ def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> l
                 add(f, f.relative_to(p).with_suffix("").as_posix())
         else:
             add(p, p.stem)
-    return _unique_names(found)
+    return unique_names(found)
 
 
-def _unique_names(found: list[tuple[Path, str]]) -> list[InputImage]:
+def unique_names(found: list[tuple[Path, str]]) -> list[InputImage]:
     """Give every input an output name no other input has (a suffix never equals a real name)."""
     wanted = {name for _, name in found}
     taken: set[str] = set()
