@@ -361,3 +361,10 @@ def test_heatmap_names_of_nested_images_are_unique(fitted: Path, folder_dataset:
     shutil.copy(folder_dataset / "test" / "good" / "g001.png", other)
     written = api.write_heatmaps(Detector.load(fitted), [Sample(image, 0), Sample(other, 0)], tmp_path / "hm")
     assert len(set(written)) == 2 and all(p.is_file() for p in written)
+
+
+def test_calibrate_with_zero_validation_fraction_is_refused(fitted: Path, folder_dataset: Path, capsys) -> None:
+    before = (fitted / META_FILE).read_bytes()
+    args = ["calibrate", "--model-dir", str(fitted), "--data", str(folder_dataset), "--val-fraction", "0", "--quiet"]
+    assert main(args) == EXIT_INPUT and "no good validation images" in capsys.readouterr().err
+    assert (fitted / META_FILE).read_bytes() == before

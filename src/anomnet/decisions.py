@@ -144,6 +144,13 @@ def recalibrate(
     options = dataclasses.replace(old.options, **{k: v for k, v in changes.items() if k in OPTION_FIELDS})
     post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
     if validation is not None:
+        if not validation and options.image_method != "fixed":
+            from anomnet.errors import ConfigError
+
+            raise ConfigError(
+                "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training "
+                "images): hold some out (--val-fraction 0.1), or give a fixed threshold (--image-threshold fixed)"
+            )
         return calibrate_detector(detector, validation, options, labelled, post, progress=progress)
     bs = getattr(detector.config, "batch_size", 8)
     detector.calibration = old.rethreshold(options, _labelled(detector, labelled, bs, progress), post)
