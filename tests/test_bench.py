@@ -147,3 +147,11 @@ def test_every_benchmarks_section_names_its_driver() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert set(names) <= set(module.SECTIONS) | set(module.STUDIES)
+
+
+def test_section_without_markdown_is_refused(
+    folder_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd").mkdir()
+    assert _bench(tmp_path, monkeypatch, folder_dataset, "--section", "x") == 2  # a clear input error, no run
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from anomnet.errors import AnomnetError
+from anomnet.errors import AnomnetError, ConfigError
 from anomnet.io import atomic_write_text
 
 BATCHES = (1, 16)
@@ -218,6 +218,8 @@ def _parse_variant(text: str, default_model: str) -> tuple[str, str, dict[str, s
 
 def main(args: argparse.Namespace) -> int:
     """Run ``anomnet bench``: the JSON report to ``args.out``, the Markdown only to ``args.markdown`` if given."""
+    if getattr(args, "section", None) and not getattr(args, "markdown", None):
+        raise ConfigError("--section names a section of the --markdown file: give --markdown PATH too")
     if args.work_dir is not None:
         return run(args, Path(args.work_dir))
     with tempfile.TemporaryDirectory(prefix="anomnet-bench-") as work:
