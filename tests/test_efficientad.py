@@ -175,7 +175,7 @@ def test_settings_are_checked() -> None:
 def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
     settings = {**TINY, "teacher": "distilled", "cache_dir": str(tmp_path / "cache")}
     det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings=settings, progress=False)
-    assert det.fit_info["distill"]["cached"] is False
+    assert det.fit_record.phase("distill").extra["cached"] is False
     res = api.test(tmp_path / "m", folder_dataset, progress=False)
     assert 0.0 <= res.metrics["image_auroc"] <= 1.0 and "au_pro@0.3" in res.metrics
     loaded = api.load(tmp_path / "m")
@@ -189,7 +189,7 @@ def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
     # a second fit with the same settings reads the distilled teacher from the cache
     again = create_detector("efficientad", {**settings, "steps": 1})
     again.fit(list(load_dataset(folder_dataset).train), [], progress=False)
-    assert again.fit_info["distill"]["cached"] is True
+    assert again.fit_record.phase("distill").extra["cached"] is True
     for k, v in det.teacher.state_dict().items():
         assert torch.equal(v, again.teacher.state_dict()[k])
 
@@ -216,7 +216,7 @@ def test_bench_rescore_changes_alpha_and_restores(folder_dataset: Path, tmp_path
 
 def _fit_on_blobs(folder: Path, steps: int):
     split = load_dataset(make_folder_dataset(folder, n_train=12, n_good=6, n_bad=6))
-    det = create_detector("efficientad", {"image_size": 64, "batch_size": 4, "steps": steps, "train_batch": 4})
+    det = create_detector("efficientad", {"image_size": 64, "batch_size": 4, "steps": steps, "train_batch_size": 4})
     det.fit(split.train, split.validation, progress=False)
     return det, split
 

@@ -18,21 +18,18 @@ convolutions run in bfloat16 (``bf16``).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from anomnet.backbones import DEFAULT_BACKBONE
 from anomnet.data import Sample
-from anomnet.detectors.base import Detector, DetectorConfig, register
+from anomnet.detectors.base import Detector, register
 from anomnet.detectors.efficientad.autoencoder import Autoencoder
+from anomnet.detectors.efficientad.config import EfficientADConfig
 from anomnet.detectors.efficientad.distill import (
     BackboneTeacher,
     DistillSettings,
@@ -43,47 +40,14 @@ from anomnet.detectors.efficientad.distill import (
     _random_crop,
 )
 from anomnet.detectors.efficientad.losses import cdo_loss, hard_feature_loss, penalty_loss, quantile_value
-from anomnet.detectors.efficientad.pdn import SIZES, map_padding, output_size, pdn
+from anomnet.detectors.efficientad.pdn import map_padding, output_size, pdn
 from anomnet.errors import ConfigError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches
-from anomnet.training import seed_everything
+from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
 
 OUT_CHANNELS = 384
-TEACHERS = ("distilled", "backbone")
-LOSSES = ("cdo", "original")
-
-
-@dataclass
-class EfficientADConfig(DetectorConfig):
-    batch_size: int = 8  # images per forward pass at prediction and for statistics
-    model_size: str = "s"  # s | m (EfficientAD-S / -M PDNs)
-    padding: bool = False  # PDN paddings (the authors' code: none)
-    teacher: str = "backbone"  # backbone (its features directly; better at CPU budgets, measured) | distilled (a PDN distilled from it)
-    backbone: str = DEFAULT_BACKBONE
-    teacher_layers: tuple[str, ...] | None = None  # None: the backbone's default layers
-    loss: str = "cdo"  # cdo: hard + CDO + AE + ST-AE | original: hard + generic-image penalty + AE + ST-AE
-    steps: int = 800  # student + autoencoder training steps (bottle: 100 / 200 / 400 / 800 -> AU-PRO 29 / 61 / 89 / 94; ~10 min idle)
-    train_batch: int = 2  # training images per step
-    lr: float = 1e-3
-    hard_quantile: float = 0.999
-    cdo_gamma: float = 2.0
-    synth_probability: float = 0.4  # share of training images given noise patches (CDO)
-    avoid_background: bool = True
-    penalty: bool = True  # the generic-image penalty of the original losses
-    distill_steps: int = 200  # about 1 min on 2 idle cores; cached
-    distill_batch: int = 8
-    distill_crop: int = 128
-    distill_lr: float = 1e-3
-    distill_on_train: bool = True  # distil on the training images too (else on the generic pool only)
-    pool_dir: str | None = None  # generic image folder (default: $ANOMNET_TEXTURE_DIR or the DTD subset)
-    pool_limit: int | None = 200
-    cache_dir: str | None = None  # distilled-teacher cache (default ~/.cache/anomnet/efficientad; "off": none)
-    alpha: float = 0.5  # weight of the local (student-teacher) map; used at scoring time
-    q_a: float = 0.9
-    q_b: float = 0.995
-    bf16: bool = True  # bfloat16 convolutions (about 2x faster on CPUs with AVX512-BF16 / AMX)
 
 
 @register
@@ -96,18 +60,8 @@ class EfficientAD(Detector):
     def __init__(self, config: EfficientADConfig | None = None) -> None:
         super().__init__(config)
         c = self.config
-        if c.model_size not in SIZES:
-            raise ConfigError(f"model_size must be one of {', '.join(SIZES)}, got {c.model_size!r}")
-        if c.teacher not in TEACHERS:
-            raise ConfigError(f"teacher must be one of {', '.join(TEACHERS)}, got {c.teacher!r}")
-        if c.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
-        if not 0.0 <= c.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {c.alpha}")
-        if not 0.0 <= c.q_a < c.q_b <= 1.0:
-            raise ConfigError(f"need 0 <= q_a < q_b <= 1, got q_a={c.q_a}, q_b={c.q_b}")
-        if c.steps < 0 or c.distill_steps < 0 or c.train_batch < 1 or c.distill_batch < 1:
-            raise ConfigError("steps and distill_steps must be >= 0, train_batch and distill_batch >= 1")
+        if not c.q_a < c.q_b:
+            raise ConfigError(f"need q_a < q_b, got q_a={c.q_a}, q_b={c.q_b}")
         size = self.preprocess.output_size
         if size % 32:
             raise ConfigError(f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}")
@@ -126,7 +80,11 @@ class EfficientAD(Detector):
         self.teacher_std = torch.ones(1, OUT_CHANNELS, 1, 1)
         self.quantiles = torch.tensor([0.0, 1.0, 0.0, 1.0])  # st q_a, st q_b, ae q_a, ae q_b
         self.fitted = False
-        self.fit_info: dict[str, Any] = {}
+
+    @property
+    def fit_info(self) -> dict[str, Any]:
+        """Read-only, for older callers: the fit record as a dict."""
+        return self.fit_record.to_dict()
 
     # -- networks ------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
@@ -172,14 +130,14 @@ class EfficientAD(Detector):
         if not train:
             raise ConfigError("EfficientAD needs at least one training image")
         c = self.config
-        t_start = time.perf_counter()
-        torch.manual_seed(c.seed)
+        seed_everything(c.seed)
+        self.fit_record = FitRecord(seed=c.seed)
         g = torch.Generator().manual_seed(c.seed)
-        images = self._load_images(train, "load train" if progress else None)
+        with timed_phase(self.fit_record, "load"):
+            images = self._load_images(train, "load train" if progress else None)
         needs_pool = c.teacher == "distilled" or (c.loss == "original" and c.penalty)
         pool_u8, pool_id = self._pool() if needs_pool else ([], "")
         pool = _FloatView(pool_u8)
-        info: dict[str, Any] = {}
         if c.teacher == "distilled":
             settings = DistillSettings(
                 c.model_size, c.padding, OUT_CHANNELS, c.backbone, tuple(c.teacher_layers) if c.teacher_layers else None,
@@ -188,19 +146,16 @@ class EfficientAD(Detector):
             )
             cache = None if (c.cache_dir or "").lower() in ("off", "none", "false") else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
             target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed)
-            self.teacher, record = distill_teacher(
-                settings, target, images if c.distill_on_train else None, pool, cache, c.bf16, progress
+            self.teacher = distill_teacher(
+                settings, target, images if c.distill_on_train else None, pool, cache, self.fit_record, c.bf16, progress
             )
             self.teacher.requires_grad_(False)
-            info["distill"] = record
-        self._teacher_statistics(images)
-        t_train = time.perf_counter()
-        info["train_losses"] = self._train(images, pool, g, progress)
-        info["train_seconds"] = time.perf_counter() - t_train
-        val_images = self._load_images(validation, None) if validation else images[: max(1, len(images) // 10)]
-        self._map_quantiles(val_images)
-        info["fit_seconds"] = time.perf_counter() - t_start
-        self.fit_info = info
+        with timed_phase(self.fit_record, "teacher_statistics"):
+            self._teacher_statistics(images)
+        self._train(images, pool, g, progress)
+        with timed_phase(self.fit_record, "map_quantiles"):
+            val_images = self._load_images(validation, None) if validation else images[: max(1, len(images) // 10)]
+            self._map_quantiles(val_images)
         self.fitted = True
 
     @torch.no_grad()
@@ -226,7 +181,7 @@ class EfficientAD(Detector):
         cells = F.max_pool2d(masks[:, None].float(), 4, 4)[:, 0]  # [B,S/4,S/4], cell k = rows 4k..4k+3
         return cells[:, before : before + self.n, before : before + self.n] > 0.5
 
-    def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> dict[str, float]:
+    def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> None:
         c = self.config
         self.student.train().to(memory_format=torch.channels_last)
         self.autoencoder.train()
@@ -237,11 +192,11 @@ class EfficientAD(Detector):
         synth = NoisePatches(avoid_background=c.avoid_background)
         order = torch.randperm(len(images), generator=g)
         pos = 0
-        sums: dict[str, float] = {}
-        bar = tqdm(range(c.steps), desc="train student+AE", disable=not progress, leave=False)
-        for _ in bar:
+
+        def step(_: int) -> dict[str, float]:
+            nonlocal order, pos
             idx = []
-            for _ in range(c.train_batch):
+            for _ in range(c.train_batch_size):
                 if pos == len(order):
                     order, pos = torch.randperm(len(images), generator=g), 0
                 idx.append(int(order[pos]))
@@ -263,24 +218,27 @@ class EfficientAD(Detector):
             if c.loss == "cdo":
                 losses["cdo"] = cdo_loss(t, s_st, anomalous, c.cdo_gamma)
             elif c.penalty and len(pool):
-                p = torch.stack([_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True) for _ in idx])
+                p = torch.stack(
+                    [_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True) for _ in idx]
+                )
                 with self._autocast():
                     sp = self.student(p.contiguous(memory_format=torch.channels_last)).float()
                 losses["penalty"] = penalty_loss(sp[:, :OUT_CHANNELS])
             keep = normal[:, None].expand_as(a)  # synthetic defects are left out of the reconstruction terms
             losses["ae"] = (t - a).pow(2)[keep].mean()
             losses["stae"] = (a - s_ae).pow(2)[keep].mean()
-            total = sum(losses.values())
+            total = losses["hard"]
+            for name in list(losses)[1:]:
+                total = total + losses[name]
             opt.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[union-attr]
+            total.backward()
             opt.step()
             sched.step()
-            for k, v in losses.items():
-                sums[k] = 0.9 * sums.get(k, v.item()) + 0.1 * v.item()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+            return {"total": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+        train_phase(self.fit_record, "train", step, c.steps, progress=progress)
         self.student.eval().to(memory_format=torch.contiguous_format)
         self.autoencoder.eval()
-        return sums
 
     @torch.no_grad()
     def _map_quantiles(self, images: torch.Tensor) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from anomnet.backbones import create_backbone
+from anomnet.components.features import PatchFeatures
 from anomnet.detectors.efficientad.pdn import map_padding, output_size, pdn
-from anomnet.detectors.patchcore import PatchFeatures
+from anomnet.training import FitRecord, timed_phase, train_phase
 
 CACHE_ENV = "ANOMNET_CACHE_DIR"
 
@@ -138,22 +137,23 @@ def distill_teacher(
     train_images: torch.Tensor | None,
     pool: Sequence[torch.Tensor],
     cache_dir: Path | None,
+    record: FitRecord,
     bf16: bool = True,
     progress: bool = True,
-) -> tuple[nn.Sequential, dict[str, float | bool | str]]:
+) -> nn.Sequential:
     """Train (or load from the cache) a PDN that regresses ``target``'s channel-standardised features.
 
     Each step takes ``batch`` random ``crop`` px crops, half from ``train_images`` ``[N,3,S,S]``
-    (when given) and half from ``pool`` (random scale, flips). Returns the teacher and a small
-    record (time, cache hit, final loss).
+    (when given) and half from ``pool`` (random scale, flips). The phase ``distill`` goes into
+    ``record`` (its ``extra`` says whether the cache served it, and the cache key).
     """
     teacher = pdn(settings.model_size, settings.out_channels, settings.padding)
     key = settings.key()
     path = cache_dir / f"teacher-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        teacher.load_state_dict(load_file(str(path)))
-        return teacher.eval(), {"cached": True, "key": key, "seconds": 0.0, "loss": float("nan")}
-    t0 = time.perf_counter()
+        with timed_phase(record, "distill", cached=True, key=key):
+            teacher.load_state_dict(load_file(str(path)))
+        return teacher.eval()
     g = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
 
@@ -161,8 +161,7 @@ def distill_teacher(
         crops = []
         for i in range(settings.batch):
             from_train = train_images is not None and (not pool or i % 2 == 0)
-            if from_train:
-                assert train_images is not None
+            if from_train and train_images is not None:
                 crops.append(_random_crop(train_images[int(torch.randint(len(train_images), (1,), generator=g))], settings.crop, g, False))
             else:
                 crops.append(_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], settings.crop, g, True))
@@ -176,9 +175,8 @@ def distill_teacher(
     teacher.train().to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
-    bar = tqdm(range(settings.steps), desc="distil teacher", disable=not progress, leave=False)
-    loss_value = float("nan")
-    for _ in bar:
+
+    def step(_: int) -> float:
         x = batch()
         with torch.no_grad():
             y = (target(x) - mean) / std
@@ -189,15 +187,17 @@ def distill_teacher(
         loss.backward()
         opt.step()
         sched.step()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
+        return loss.item()
+
+    phase = train_phase(record, "distill", step, settings.steps, progress=progress)
+    phase.extra.update(cached=False, key=key)
     teacher.eval()
     teacher = teacher.to(memory_format=torch.contiguous_format)
-    record: dict[str, float | bool | str] = {"cached": False, "key": key, "seconds": time.perf_counter() - t0, "loss": loss_value}
+    summary = {"cached": False, "key": key, "seconds": phase.seconds, "loss": phase.loss_last.get("loss", float("nan"))}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
         os.replace(tmp, path)
-        (path.with_suffix(".json")).write_text(json.dumps({**asdict(settings), **record}, indent=2))
-    return teacher, record
+        (path.with_suffix(".json")).write_text(json.dumps({**asdict(settings), **summary}, indent=2))
+    return teacher

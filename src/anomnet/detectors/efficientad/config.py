@@ -1,0 +1,61 @@
+"""EfficientAD settings: Literal choices and RANGES are checked once by :class:`DetectorConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from anomnet.backbones import DEFAULT_BACKBONE
+from anomnet.detectors.base import DetectorConfig
+
+
+@dataclass
+class EfficientADConfig(DetectorConfig):
+    batch_size: int = 8  # prediction batch (images per forward pass at prediction and for statistics)
+    model_size: Literal["s", "m"] = "s"  # EfficientAD-S / -M PDNs
+    padding: bool = False  # PDN paddings (the authors' code: none)
+    # backbone: its features directly (better at CPU budgets, measured) | distilled: a PDN distilled from it
+    teacher: Literal["backbone", "distilled"] = "backbone"
+    backbone: str = DEFAULT_BACKBONE
+    teacher_layers: tuple[str, ...] | None = None  # None: the backbone's default layers
+    # cdo: hard + CDO + AE + ST-AE | original: hard + generic-image penalty + AE + ST-AE
+    loss: Literal["cdo", "original"] = "cdo"
+    # student + autoencoder training steps (bottle: 100 / 200 / 400 / 800 -> AU-PRO 29 / 61 / 89 / 94)
+    steps: int = 800
+    train_batch_size: int = 2  # training images per step
+    lr: float = 1e-3
+    hard_quantile: float = 0.999
+    cdo_gamma: float = 2.0
+    synth_probability: float = 0.4  # share of training images given noise patches (CDO)
+    avoid_background: bool = True
+    penalty: bool = True  # the generic-image penalty of the original losses
+    distill_steps: int = 200  # about 1 min on 2 idle cores; cached
+    distill_batch: int = 8
+    distill_crop: int = 128
+    distill_lr: float = 1e-3
+    distill_on_train: bool = True  # distil on the training images too (else on the generic pool only)
+    pool_dir: str | None = None  # generic image folder (default: anomnet.image_pool's default source)
+    pool_limit: int | None = 200
+    cache_dir: str | None = None  # distilled-teacher cache (default ~/.cache/anomnet/efficientad; "off": none)
+    alpha: float = 0.5  # weight of the local (student-teacher) map; used at scoring time
+    q_a: float = 0.9
+    q_b: float = 0.995
+    bf16: bool = True  # bfloat16 convolutions (about 2x faster on CPUs with AVX512-BF16 / AMX)
+
+    ALIASES: ClassVar[dict[str, str]] = {"train_batch": "train_batch_size"}
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "steps": (0, 10_000_000),
+        "train_batch_size": (1, 4096),
+        "lr": (0.0, None),
+        "hard_quantile": (0.0, 1.0),
+        "cdo_gamma": (0.0, None),
+        "synth_probability": (0.0, 1.0),
+        "distill_steps": (0, 10_000_000),
+        "distill_batch": (1, 4096),
+        "distill_crop": (16, 4096),
+        "distill_lr": (0.0, None),
+        "pool_limit": (1, None),
+        "alpha": (0.0, 1.0),
+        "q_a": (0.0, 1.0),
+        "q_b": (0.0, 1.0),
+    }
