@@ -19,7 +19,7 @@ from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
 from anomnet.errors import ConfigError
 from anomnet.evaluate import evaluate
 
-SMALL = {"image_size": 64, "batch_size": 4, "train_batch": 4, "steps1": 15, "steps2": 8}
+SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "stage1_steps": 15, "stage2_steps": 8}
 
 
 def test_focal_loss_hand_computed() -> None:
@@ -70,9 +70,13 @@ def test_default_decoder_layers() -> None:
 
 
 def test_bad_settings_are_config_errors() -> None:
-    for bad in ({"generator": "noise"}, {"lambda_sym": "1.5"}, {"train_batch": "1"}, {"steps1": "-1"}):
+    for bad in ({"generator": "noise"}, {"lambda_sym": "1.5"}, {"train_batch_size": "1"}, {"stage1_steps": "-1"}):
         with pytest.raises(ConfigError):
             create_detector("tocoad", bad)
+    with pytest.raises(ConfigError, match="-1"):  # the old names are aliases: still checked
+        create_detector("tocoad", {"steps1": "-1"})
+    old = create_detector("tocoad", {"steps1": "3", "steps2": "2", "train_batch": "4"}).config
+    assert (old.stage1_steps, old.stage2_steps, old.train_batch_size) == (3, 2, 4)
 
 
 def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
@@ -80,7 +84,9 @@ def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
     split = load_dataset(folder_dataset)
     res = evaluate(det, split.test, progress=False)
     assert res.metrics["image_auroc"] == 1.0 and res.metrics["pixel_auroc"] > 0.9
-    assert set(det.history) == {"stage1", "stage2"} and det.history["stage2"]["lambda"] == 0.5
+    names = [p.name for p in det.fit_record.phases]
+    assert "stage1" in names and "stage2" in names and det.fit_record.phase("stage2").extra["lambda"] == 0.5
+    assert Detector.load(tmp_path / "m").fit_record.phase("stage1").steps == SMALL["stage1_steps"]
     # the backbone was fine-tuned, and the fine-tuned weights are what the model saves
     pretrained = create_detector("patchcore", {"image_size": 64}).features.backbone.state_dict()
     tuned = det.features.backbone.state_dict()
@@ -98,7 +104,7 @@ def test_stage_one_alone_leaves_the_backbone_as_patchcore(folder_dataset) -> Non
     split = load_dataset(folder_dataset)
     toco = create_detector("tocoad", {**SMALL, "stage2": "false"})
     toco.fit(split.train, split.validation, progress=False)
-    assert "stage1" in toco.history and "stage2" not in toco.history
+    assert toco.fit_record.phase("stage1") is not None and toco.fit_record.phase("stage2") is None
     pc = create_detector("patchcore", {"image_size": 64, "batch_size": 4})
     pc.fit(split.train, split.validation, progress=False)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -110,7 +116,9 @@ def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:
     split = load_dataset(folder_dataset)
     det = create_detector("tocoad", {**SMALL, "stage1": "false", "generator": "cutpaste"})
     det.fit(split.train[:6], split.validation, progress=False)
-    assert "stage1" not in det.history and det.history["stage2"]["lambda"] == 1.0 and "neg" not in det.history["stage2"]
+    stage2 = det.fit_record.phase("stage2")
+    assert det.fit_record.phase("stage1") is None and stage2 is not None and stage2.extra["lambda"] == 1.0
+    assert "neg" not in stage2.loss_last
 
 
 def test_cli_fit_test_predict(folder_dataset, tmp_path) -> None:
