@@ -149,7 +149,10 @@ def test_outputs_never_overwrite_inputs(fitted: Path, folder_dataset: Path, tmp_
     assert main(["predict", "--model-dir", str(fitted), str(image), "--csv", str(image), "--quiet"]) == EXIT_INPUT
     assert image.read_bytes() == original and "is also an input" in capsys.readouterr().err
     scanned = folder_dataset / "test"
-    assert main(["predict", "--model-dir", str(fitted), str(scanned), "--out", str(scanned / "o"), "--quiet"]) == EXIT_INPUT
+    assert (
+        main(["predict", "--model-dir", str(fitted), str(scanned), "--out", str(scanned / "o"), "--quiet"])
+        == EXIT_INPUT
+    )
     assert "inside the input folder" in capsys.readouterr().err and not (scanned / "o").exists()
     meta = (fitted / META_FILE).read_bytes()
     args = ["test", "--model-dir", str(fitted), "--data", str(folder_dataset), "--quiet"]
@@ -222,7 +225,9 @@ def test_closing_upper_bound(fitted: Path, capsys) -> None:
     Detector.load(fitted)  # nothing was saved
 
 
-def test_defective_images_without_masks_leave_pixel_metrics(folder_dataset: Path, fitted: Path, tmp_path: Path, capsys) -> None:
+def test_defective_images_without_masks_leave_pixel_metrics(
+    folder_dataset: Path, fitted: Path, tmp_path: Path, capsys
+) -> None:
     for m in sorted((folder_dataset / "masks").iterdir())[:2]:
         m.unlink()
     out = tmp_path / "metrics.json"

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from anomnet import io
-from anomnet.decisions import calibrate_detector, recalibrate, split_choices
 from anomnet.data import DatasetSplit, Sample, load_dataset
+from anomnet.decisions import calibrate_detector, recalibrate, split_choices
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
@@ -118,17 +118,22 @@ def test(
         raise AnomnetError(f"{split.name}: no test images to evaluate")
     # A report also needs the curves and the worst cases, recorded by the same evaluation pass.
     keep_worst, curve_points = (0, 0) if report is None else (_report.WORST_CASES, _report.CURVE_POINTS)
-    result = evaluate(detector, split.test, batch_size, eval_size, progress,
-                      keep_worst=keep_worst, curve_points=curve_points)
+    result = evaluate(
+        detector, split.test, batch_size, eval_size, progress, keep_worst=keep_worst, curve_points=curve_points
+    )
     if report is not None:
-        _report.write_report(result, detector, report, split.name, None if isinstance(model_dir, Detector) else model_dir)
+        _report.write_report(
+            result, detector, report, split.name, None if isinstance(model_dir, Detector) else model_dir
+        )
     if json_out is not None:
         payload = {
             "dataset": split.name,
             "detector": detector.name,
             "config": detector.config.to_dict(),
             "threshold": detector.calibration.threshold,
-            "pixel_threshold": detector.calibration.pixel_threshold if np.isfinite(detector.calibration.pixel_threshold) else None,
+            "pixel_threshold": detector.calibration.pixel_threshold
+            if np.isfinite(detector.calibration.pixel_threshold)
+            else None,
             "test_images": len(split.test),
             "pixel_metrics_images": result.pixel_images,
             "pixel_metrics_skipped": result.pixel_skipped,  # defective images without a mask: image metrics only
@@ -185,7 +190,11 @@ def calibrate(
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
     validation = None
     if data is not None:
-        split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, "auto", val_fraction, detector.config.seed)
+        split = (
+            data
+            if isinstance(data, DatasetSplit)
+            else load_dataset(data, category, "auto", val_fraction, detector.config.seed)
+        )
         validation = split.validation
     recalibrate(detector, choices, validation, labelled, progress)
     if save and not isinstance(model_dir, Detector):
@@ -211,7 +220,11 @@ def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str |
     for s, named in zip(samples, names):
         image = io.read_image(s.path)
         amap = detector.predict(io.to_tensor(image)[None]).maps[0].numpy()
-        panels = [(image * 255 + 0.5).astype(np.uint8), overlay(image, amap, detector.calibration), heatmap(amap, detector.calibration)]
+        panels = [
+            (image * 255 + 0.5).astype(np.uint8),
+            overlay(image, amap, detector.calibration),
+            heatmap(amap, detector.calibration),
+        ]
         if s.mask_path is not None:
             mask = io.read_mask(s.mask_path, image.shape[:2])
             panels.append(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))

@@ -65,9 +65,13 @@ class ThresholdOptions:
 
     def __post_init__(self) -> None:
         if self.image_method not in IMAGE_METHODS:
-            raise ConfigError(f"image threshold method {self.image_method!r} unknown; use one of: {', '.join(IMAGE_METHODS)}")
+            raise ConfigError(
+                f"image threshold method {self.image_method!r} unknown; use one of: {', '.join(IMAGE_METHODS)}"
+            )
         if self.pixel_method not in PIXEL_METHODS:
-            raise ConfigError(f"pixel threshold method {self.pixel_method!r} unknown; use one of: {', '.join(PIXEL_METHODS)}")
+            raise ConfigError(
+                f"pixel threshold method {self.pixel_method!r} unknown; use one of: {', '.join(PIXEL_METHODS)}"
+            )
         if not 0.0 < self.max_false_alarm < 1.0:
             raise ConfigError(f"max_false_alarm must be in (0, 1), got {self.max_false_alarm}")
         if not 0.0 < self.pixel_false_alarm < 1.0:
@@ -94,14 +98,23 @@ class LabelledStatistics:
     pixel_f1_threshold: float = math.nan
 
     @classmethod
-    def from_scores(cls, source: str, scores: np.ndarray, labels: np.ndarray, pixel_f1: float = math.nan,
-                    pixel_f1_threshold: float = math.nan, masks: int = 0) -> LabelledStatistics:
+    def from_scores(
+        cls,
+        source: str,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        pixel_f1: float = math.nan,
+        pixel_f1_threshold: float = math.nan,
+        masks: int = 0,
+    ) -> LabelledStatistics:
         from anomnet.metrics import f1_max
 
         labels = np.asarray(labels, dtype=np.int64)
         n_bad = int(labels.sum())
         f1, thr = f1_max(np.asarray(scores, dtype=np.float64), labels) if n_bad else (math.nan, math.nan)
-        return cls(source, int(labels.size), n_bad, float(f1), float(thr), masks, float(pixel_f1), float(pixel_f1_threshold))
+        return cls(
+            source, int(labels.size), n_bad, float(f1), float(thr), masks, float(pixel_f1), float(pixel_f1_threshold)
+        )
 
 
 @dataclass
@@ -127,7 +140,9 @@ class Calibration:
     pixel_achieved_false_alarm: float = math.nan  # share of sampled good validation pixels >= pixel_threshold
     pixel_note: str = ""
     pixel_count: int = 0  # sampled good validation pixels
-    pixel_tail: list[list[float]] = field(default_factory=list)  # [rank, value]: value of the rank-th highest sampled pixel
+    pixel_tail: list[list[float]] = field(
+        default_factory=list
+    )  # [rank, value]: value of the rank-th highest sampled pixel
     labelled: dict[str, Any] | None = None  # LabelledStatistics as a dict, when one was given
     postprocess: MaskPostprocess = field(default_factory=MaskPostprocess)
 
@@ -150,8 +165,15 @@ class Calibration:
 
     @property
     def options(self) -> ThresholdOptions:
-        return ThresholdOptions(self.image_method, self.max_false_alarm, self.std_k, self.image_value,
-                                self.pixel_method, self.pixel_false_alarm, self.pixel_value)
+        return ThresholdOptions(
+            self.image_method,
+            self.max_false_alarm,
+            self.std_k,
+            self.image_value,
+            self.pixel_method,
+            self.pixel_false_alarm,
+            self.pixel_value,
+        )
 
     def summary(self) -> list[str]:
         """Human-readable lines: both thresholds, how they were chosen, what they mean."""
@@ -162,16 +184,23 @@ class Calibration:
             "fixed": "fixed value",
             "f1": "F1-optimal on the labelled set",
         }[self.image_method]
-        lines = [f"image threshold {self.threshold:.6g} ({how}); false-alarm rate supported by {n} good validation "
-                 f"images: {self.achieved_false_alarm:.3g} (finest possible {1 / (n + 1):.3g})"]
+        lines = [
+            f"image threshold {self.threshold:.6g} ({how}); false-alarm rate supported by {n} good validation "
+            f"images: {self.achieved_false_alarm:.3g} (finest possible {1 / (n + 1):.3g})"
+        ]
         if self.note:
             lines.append(f"note: {self.note}")
         phow = {
-            "quantile": f"per-pixel false-alarm target {self.pixel_false_alarm:g} on {self.pixel_count} good validation pixels",
+            "quantile": f"per-pixel false-alarm target {self.pixel_false_alarm:g} "
+            f"on {self.pixel_count} good validation pixels",
             "fixed": "fixed value",
             "f1": "F1-optimal segmentation on the labelled set",
         }[self.pixel_method]
-        rate = "" if math.isnan(self.pixel_achieved_false_alarm) else f"; {self.pixel_achieved_false_alarm:.3g} of good validation pixels are above it"
+        rate = (
+            ""
+            if math.isnan(self.pixel_achieved_false_alarm)
+            else f"; {self.pixel_achieved_false_alarm:.3g} of good validation pixels are above it"
+        )
         lines.append(f"pixel threshold {self.pixel_threshold:.6g} ({phow}){rate}")
         if self.pixel_note:
             lines.append(f"note: {self.pixel_note}")
@@ -190,8 +219,11 @@ class Calibration:
         The ``f1`` methods use ``labelled`` when given, else the labelled statistics stored earlier.
         """
         options = options or self.options
-        cal = replace(self, labelled=asdict(labelled) if labelled is not None else self.labelled,
-                      postprocess=postprocess if postprocess is not None else self.postprocess)
+        cal = replace(
+            self,
+            labelled=asdict(labelled) if labelled is not None else self.labelled,
+            postprocess=postprocess if postprocess is not None else self.postprocess,
+        )
         lab = LabelledStatistics(**cal.labelled) if cal.labelled else None
         _set_image_threshold(cal, options, lab)
         _set_pixel_threshold(cal, options, lab)
@@ -226,7 +258,7 @@ class Calibration:
             value, hint = getattr(self, f.name), hints[f.name]
             nan_ok = isinstance(f.default, float) and math.isnan(f.default)
             if hint is float or hint == (float | None):
-                if value is None and hint != float:
+                if value is None and hint is not float:
                     continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or (value != value and not nan_ok):
                     raise ConfigError(f"calibration field {f.name} must be a number, got {value!r}")
@@ -240,7 +272,9 @@ class Calibration:
             raise ConfigError("calibration field validation_scores must be a list of numbers")
         for name, allowed in (("image_method", IMAGE_METHODS), ("pixel_method", PIXEL_METHODS)):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"calibration field {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(
+                    f"calibration field {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
         self._check_values()
 
     def _check_values(self) -> None:
@@ -256,7 +290,9 @@ class Calibration:
             raise ConfigError(f"calibration field pixel_count must be >= 0, got {self.pixel_count}")
         # Only an uncalibrated model (no validation data) has an infinite threshold; an edited one flags all or nothing.
         if self.validation_scores and not math.isfinite(self.threshold):
-            raise ConfigError(f"calibration field threshold must be finite with validation scores, got {self.threshold}")
+            raise ConfigError(
+                f"calibration field threshold must be finite with validation scores, got {self.threshold}"
+            )
         if self.pixel_tail and not math.isfinite(self.pixel_threshold):
             raise ConfigError(f"calibration field pixel_threshold must be finite, got {self.pixel_threshold}")
         if not isinstance(self.pixel_tail, list) or not all(
@@ -267,7 +303,9 @@ class Calibration:
             try:
                 LabelledStatistics(**self.labelled)
             except TypeError:
-                raise ConfigError(f"calibration field labelled is not a labelled-set summary: {self.labelled!r}") from None
+                raise ConfigError(
+                    f"calibration field labelled is not a labelled-set summary: {self.labelled!r}"
+                ) from None
 
 
 def _is_number(value: object) -> bool:
@@ -309,7 +347,12 @@ def calibrate(
 def _set_image_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledStatistics | None) -> None:
     v = np.asarray(cal.validation_scores, dtype=np.float64)
     n = v.size
-    cal.image_method, cal.max_false_alarm, cal.std_k, cal.image_value = o.image_method, o.max_false_alarm, o.std_k, o.image_value
+    cal.image_method, cal.max_false_alarm, cal.std_k, cal.image_value = (
+        o.image_method,
+        o.max_false_alarm,
+        o.std_k,
+        o.image_value,
+    )
     cal.note = ""
     if o.image_method == "conformal":
         cal.threshold, cal.achieved_false_alarm, cal.note = _conformal(v, o.max_false_alarm)
@@ -322,13 +365,19 @@ def _set_image_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledSta
         cal.threshold = float(o.image_value)  # type: ignore[arg-type]
     else:  # f1
         if lab is None or lab.defective == 0 or math.isnan(lab.image_f1_threshold):
-            raise ConfigError("the f1 image threshold needs a labelled validation set with defective images (--labelled PATH)")
+            raise ConfigError(
+                "the f1 image threshold needs a labelled validation set with defective images (--labelled PATH)"
+            )
         cal.threshold = float(lab.image_f1_threshold)
-        cal.note = f"F1 {lab.image_f1:.3f} on the labelled set {lab.source} ({lab.images} images, {lab.defective} defective)"
+        cal.note = (
+            f"F1 {lab.image_f1:.3f} on the labelled set {lab.source} ({lab.images} images, {lab.defective} defective)"
+        )
     cal.achieved_false_alarm = float((1 + np.count_nonzero(v >= cal.threshold)) / (n + 1))
     if n and cal.achieved_false_alarm > cal.max_false_alarm:
-        extra = (f"{np.count_nonzero(v >= cal.threshold)} of {n} good validation images score at or above it "
-                 f"(supported false-alarm rate {cal.achieved_false_alarm:.3g} > {cal.max_false_alarm:g})")
+        extra = (
+            f"{np.count_nonzero(v >= cal.threshold)} of {n} good validation images score at or above it "
+            f"(supported false-alarm rate {cal.achieved_false_alarm:.3g} > {cal.max_false_alarm:g})"
+        )
         cal.note = f"{cal.note}; {extra}" if cal.note else extra
 
 
@@ -379,14 +428,13 @@ def pixel_quantile_threshold(tail: list[list[float]], count: int, target: float)
     k = int(math.floor(target * count + 1e-9))
     note = ""
     if k == 0:
-        note = (f"{count} sampled good validation pixels support a per-pixel false-alarm rate of at best 1/{count} = "
-                f"{1 / count:.3g}; {target:g} was asked for, the threshold lies just above the highest one")
+        note = (
+            f"{count} sampled good validation pixels support a per-pixel false-alarm rate of at best 1/{count} = "
+            f"{1 / count:.3g}; {target:g} was asked for, the threshold lies just above the highest one"
+        )
     ranks = np.array([r for r, _ in tail], dtype=np.float64)
     values = np.array([v for _, v in tail], dtype=np.float64)
-    if k >= ranks[-1]:
-        value = values[-1]
-    else:
-        value = float(np.interp(np.log1p(k), np.log1p(ranks), values))
+    value = values[-1] if k >= ranks[-1] else float(np.interp(np.log1p(k), np.log1p(ranks), values))
     exact = k in set(ranks.astype(np.int64).tolist())
     # Pixels strictly above the k-th highest value are flagged: k of them (fewer with ties).
     threshold = float(np.nextafter(np.float32(value), np.float32(np.inf))) if exact else value
@@ -398,13 +446,17 @@ def _set_pixel_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledSta
     cal.pixel_note = ""
     if o.pixel_method == "quantile":
         cal.pixel_threshold, cal.pixel_achieved_false_alarm, cal.pixel_note = pixel_quantile_threshold(
-            cal.pixel_tail, cal.pixel_count, o.pixel_false_alarm)
+            cal.pixel_tail, cal.pixel_count, o.pixel_false_alarm
+        )
         return
     if o.pixel_method == "fixed":
         cal.pixel_threshold = float(o.pixel_value)  # type: ignore[arg-type]
     else:  # f1
         if lab is None or lab.masks == 0 or math.isnan(lab.pixel_f1_threshold):
-            raise ConfigError("the f1 pixel threshold needs a labelled validation set with masks of its defective images (--labelled PATH)")
+            raise ConfigError(
+                "the f1 pixel threshold needs a labelled validation set with masks of its defective images "
+                "(--labelled PATH)"
+            )
         cal.pixel_threshold = float(lab.pixel_f1_threshold)
         cal.pixel_note = f"segmentation F1 {lab.pixel_f1:.3f} on the labelled set {lab.source} ({lab.masks} masks)"
     cal.pixel_achieved_false_alarm = _share_at_or_above(cal.pixel_tail, cal.pixel_count, cal.pixel_threshold)

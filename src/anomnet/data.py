@@ -49,8 +49,8 @@ import importlib.util
 import math
 import numbers
 import sys
-from collections.abc import Iterator, Sequence
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +255,9 @@ def _mvtec_category_dir(root: Path, category: str | None, strict: bool) -> Path 
         return None
     found = _mvtec_categories(root)
     if found:
-        raise DatasetError(f"{root}: an MVTec-style root; choose a category (--category / category=): {', '.join(found)}")
+        raise DatasetError(
+            f"{root}: an MVTec-style root; choose a category (--category / category=): {', '.join(found)}"
+        )
     raise DatasetError(f"{root}: not an MVTec-style category folder (needs train/good/ and test/<defect>/ folders)")
 
 
@@ -336,7 +338,9 @@ def load_folder(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> D
     root = Path(root)
     if not (root / "train").is_dir():
         raise DatasetError(f"{root}: no train/ folder (a generic dataset needs train/ with good images)")
-    train, validation = split_validation([Sample(p, 0) for p in list_images(root / "train", recursive=True)], val_fraction, seed)
+    train, validation = split_validation(
+        [Sample(p, 0) for p in list_images(root / "train", recursive=True)], val_fraction, seed
+    )
     test: list[Sample] = []
     warnings: list[str] = []
     test_dir = root / "test"
@@ -447,7 +451,9 @@ def _read_elpv_labels(labels: Path) -> list[tuple[str, float, str]]:
             path, prob, kind = fields
             rows.append((path, float(prob), kind))
         except ValueError:
-            raise DatasetError(f"{labels}, line {number}: expected 'images/<file> <probability> <type>', got {line!r}") from None
+            raise DatasetError(
+                f"{labels}, line {number}: expected 'images/<file> <probability> <type>', got {line!r}"
+            ) from None
     return rows
 
 

@@ -30,9 +30,6 @@ import numpy as np
 import torch
 
 from anomnet.calibration import (
-    DEFAULT_PIXEL_FALSE_ALARM,
-    IMAGE_METHODS,
-    PIXEL_METHODS,
     PIXELS_PER_IMAGE,
     Calibration,
     LabelledStatistics,
@@ -52,7 +49,10 @@ POSTPROCESS_FIELDS = {f.name for f in dataclasses.fields(MaskPostprocess)}
 
 
 def validation_pixel_statistics(
-    detector: Detector, validation: Sequence[Sample], batch_size: int = 8, per_image: int = PIXELS_PER_IMAGE,
+    detector: Detector,
+    validation: Sequence[Sample],
+    batch_size: int = 8,
+    per_image: int = PIXELS_PER_IMAGE,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores of the good validation images and a seeded sample of up to ``per_image`` map values each."""
@@ -69,14 +69,17 @@ def validation_pixel_statistics(
     return np.asarray(scores, dtype=np.float64), (np.concatenate(pixels) if pixels else np.zeros(0, np.float32))
 
 
-def labelled_statistics(detector: Detector, samples: Sequence[Sample], source: str, batch_size: int = 8,
-                        progress: bool = False) -> LabelledStatistics:
+def labelled_statistics(
+    detector: Detector, samples: Sequence[Sample], source: str, batch_size: int = 8, progress: bool = False
+) -> LabelledStatistics:
     """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set."""
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
     scores: list[float] = []
     labels: list[int] = []
-    for batch, pred in run_predictions(detector, samples, batch_size, with_masks=has_masks, progress="labelled" if progress else None):
+    for batch, pred in run_predictions(
+        detector, samples, batch_size, with_masks=has_masks, progress="labelled" if progress else None
+    ):
         scores.extend(pred.scores.tolist())
         labels.extend(s.label for s in batch.samples)
         if acc is not None:
@@ -105,13 +108,15 @@ def calibrate_detector(
     bs: int = batch_size or int(getattr(detector.config, "batch_size", 8))
     scores, pixels = validation_pixel_statistics(detector, validation, bs, progress=progress)
     lab = _labelled(detector, labelled, bs, progress)
-    detector.calibration = calibrate(scores, map_values=pixels, options=options or ThresholdOptions(),
-                                     labelled=lab, postprocess=postprocess)
+    detector.calibration = calibrate(
+        scores, map_values=pixels, options=options or ThresholdOptions(), labelled=lab, postprocess=postprocess
+    )
     return detector.calibration
 
 
-def _labelled(detector: Detector, labelled: Sequence[Sample] | str | Path | None, batch_size: int,
-              progress: bool) -> LabelledStatistics | None:
+def _labelled(
+    detector: Detector, labelled: Sequence[Sample] | str | Path | None, batch_size: int, progress: bool
+) -> LabelledStatistics | None:
     if labelled is None:
         return None
     if isinstance(labelled, (str, Path)):
@@ -138,8 +143,10 @@ def recalibrate(
     if unknown:
         from anomnet.errors import ConfigError
 
-        raise ConfigError(f"unknown threshold / post-processing choice(s): {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(OPTION_FIELDS | POSTPROCESS_FIELDS))}")
+        raise ConfigError(
+            f"unknown threshold / post-processing choice(s): {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(OPTION_FIELDS | POSTPROCESS_FIELDS))}"
+        )
     old = detector.calibration
     options = dataclasses.replace(old.options, **{k: v for k, v in changes.items() if k in OPTION_FIELDS})
     post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
@@ -176,12 +183,16 @@ def load_labelled(path: str | Path) -> list[Sample]:
                 continue
             per_defect = _MaskIndex(mask_root / folder.name, recursive=True) if mask_root is not None else None
             for image in images:
-                mask = (per_defect.find(image.stem) if per_defect else None) or (flat.find(image.stem) if flat else None)
+                mask = (per_defect.find(image.stem) if per_defect else None) or (
+                    flat.find(image.stem) if flat else None
+                )
                 samples.append(Sample(image, 1, mask, folder.name))
     if not samples:
         raise DatasetError(f"{root}: no images in the labelled validation set (expected good/ and <defect>/ folders)")
     if not any(s.label for s in samples):
-        raise DatasetError(f"{root}: the labelled validation set has no defective images (one folder per defect type next to good/)")
+        raise DatasetError(
+            f"{root}: the labelled validation set has no defective images (one folder per defect type next to good/)"
+        )
     return samples
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
 from anomnet.errors import ConfigError
-from anomnet.postprocess import SegmentationCounts
 from anomnet.metrics import PixelCurves, PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
+from anomnet.postprocess import SegmentationCounts
 from anomnet.transforms import resize
 
 PRO_LIMITS = (0.3, 0.05)
@@ -146,7 +146,9 @@ def evaluate(
     paths: list[str] = []
     elapsed = 0.0
     t0 = time.perf_counter()
-    for batch, pred in run_predictions(detector, samples, batch_size, with_masks=has_masks, progress="test" if progress else None):
+    for batch, pred in run_predictions(
+        detector, samples, batch_size, with_masks=has_masks, progress="test" if progress else None
+    ):
         elapsed += time.perf_counter() - t0
         scores.extend(pred.scores.tolist())
         labels.extend(s.label for s in batch.samples)
@@ -157,7 +159,9 @@ def evaluate(
             keep = [i for i, smp in enumerate(batch.samples) if not (smp.label == 1 and smp.mask_path is None)]
             maps, masks = pred.maps[keep], batch.masks[keep]
             if eval_size:
-                maps = F.interpolate(maps[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
+                maps = F.interpolate(maps[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[
+                    :, 0
+                ]
                 masks = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0] > 0.5
             for amap, mask in zip(maps, masks):
                 acc.add(amap.numpy(), mask.numpy())
@@ -181,6 +185,6 @@ def evaluate(
             metrics[f"au_pro@{limit:g}"] = value
     n = max(1, len(scores))
     worst_good, worst_defective = keeper.result() if keeper is not None else ([], [])
-    return EvaluationResult(metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective,
-                            pixel_images, pixel_skipped)
-
+    return EvaluationResult(
+        metrics, paths, y, s, elapsed / n, pixel_curves, worst_good, worst_defective, pixel_images, pixel_skipped
+    )

@@ -29,7 +29,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -174,9 +174,7 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     images = sorted(p for p in _walk(folder, recursive) if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         where = "in it or its subfolders" if recursive else "directly in it"
-        raise DatasetError(
-            f"{folder}: no image files {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
+        raise DatasetError(f"{folder}: no image files {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
 
 
@@ -295,7 +293,9 @@ def check_not_input(target: str | Path, inputs: list[Path], what: str, folder: b
         if folder and src.is_dir() and out.is_relative_to(src):
             raise ConfigError(f"{what} {target} lies inside the input folder {item}: choose a folder outside it")
         if not folder and src.is_dir() and out.is_relative_to(src) and out.suffix.lower() in IMAGE_EXTENSIONS:
-            raise ConfigError(f"{what} {target} would be read as an image of the input folder {item}: choose another path")
+            raise ConfigError(
+                f"{what} {target} would be read as an image of the input folder {item}: choose another path"
+            )
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -309,10 +309,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with suppress(OSError):
             os.unlink(tmp_name)
-        except OSError:
-            pass
         raise
 
 

@@ -44,8 +44,13 @@ def write_model(directory: str | Path, meta: dict[str, Any], tensors: dict[str, 
     try:
         os.chmod(staging, folder_mode())  # mkdtemp's 0700 would hide the model from the team
         save_file(contiguous, str(staging / TENSOR_FILE))
-        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "anomnet_version": __version__,
-                  **meta, "weights_sha256": _sha256(staging / TENSOR_FILE)}
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "anomnet_version": __version__,
+            **meta,
+            "weights_sha256": _sha256(staging / TENSOR_FILE),
+        }
         if "config" in meta:
             header["config_sha256"] = _config_hash(meta["config"])
         (staging / META_FILE).write_text(json.dumps(header, indent=2, sort_keys=True))

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -90,7 +91,7 @@ def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> l
 
     for item in items:
         if str(item) == "-":
-            for line in (stdin or sys.stdin):
+            for line in stdin or sys.stdin:
                 line = line.strip()
                 if line:
                     add(Path(line), Path(line).stem)
@@ -140,10 +141,8 @@ def clear_previous_run(out: Path) -> None:
             target.unlink()
             folders.update(p for p in target.parents if p.is_relative_to(root) and p != root)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
-        try:
+        with suppress(OSError):
             folder.rmdir()  # only folders the run's files left empty; one holding anything else stays
-        except OSError:
-            pass
     manifest.unlink()
 
 
@@ -213,8 +212,14 @@ def _predict_one(detector: Detector, item: InputImage, out: Path | None, raw_map
     amap = pred.maps[0].numpy()
     mask = cal.mask(amap)
     result = ImagePrediction(
-        str(item.path), score, float(cal.p_values(np.array([score]))[0]), bool(cal.decide(np.array([score]))[0]),
-        anomaly_map=amap, mask=mask, defect_pixels=int(mask.sum()), regions=count_regions(mask),
+        str(item.path),
+        score,
+        float(cal.p_values(np.array([score]))[0]),
+        bool(cal.decide(np.array([score]))[0]),
+        anomaly_map=amap,
+        mask=mask,
+        defect_pixels=int(mask.sum()),
+        regions=count_regions(mask),
     )
     if out is not None:
         try:
@@ -224,8 +229,9 @@ def _predict_one(detector: Detector, item: InputImage, out: Path | None, raw_map
     return result
 
 
-def write_image_outputs(out: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray,
-                        detector: Detector, raw_maps: bool) -> dict[str, str]:
+def write_image_outputs(
+    out: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray, detector: Detector, raw_maps: bool
+) -> dict[str, str]:
     """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
     cal = detector.calibration
     files = output_files(out, name, raw_maps)
