@@ -20,16 +20,43 @@ def model_dir(folder_dataset, tmp_path):
 
 def test_fit_test_predict(folder_dataset, model_dir, tmp_path, capsys) -> None:
     assert (model_dir / "anomnet.json").is_file() and (model_dir / "weights.safetensors").is_file()
-    assert main(["test", "--model-dir", str(model_dir), "--data", str(folder_dataset), "--quiet", "--heatmaps", str(tmp_path / "h")]) == EXIT_OK
+    assert (
+        main(
+            [
+                "test",
+                "--model-dir",
+                str(model_dir),
+                "--data",
+                str(folder_dataset),
+                "--quiet",
+                "--heatmaps",
+                str(tmp_path / "h"),
+            ]
+        )
+        == EXIT_OK
+    )
     out = capsys.readouterr().out
-    for key in ("image_auroc", "pixel_auroc", "au_pro@0.3", "au_pro@0.05", "pixel_f1_max", "image_f1_max", "precision", "recall", "f1"):
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "au_pro@0.3",
+        "au_pro@0.05",
+        "pixel_f1_max",
+        "image_f1_max",
+        "precision",
+        "recall",
+        "f1",
+    ):
         assert key in out
     metrics = json.loads((model_dir / "metrics.json").read_text())["metrics"]
     assert metrics["image_auroc"] == 1.0
     assert len(list((tmp_path / "h").glob("*.png"))) == 6
 
     csv_path = tmp_path / "r.csv"
-    assert main(["predict", "--model-dir", str(model_dir), str(folder_dataset / "test"), "--csv", str(csv_path)]) == EXIT_OK
+    assert (
+        main(["predict", "--model-dir", str(model_dir), str(folder_dataset / "test"), "--csv", str(csv_path)])
+        == EXIT_OK
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 8
     assert sum("DEFECTIVE" in line for line in lines if "/blob/" in line) == 4
@@ -94,8 +121,35 @@ def test_help_explains_every_option(capsys) -> None:
 def test_bottle_metrics_json(bottle, tmp_path, capsys) -> None:
     """`anomnet test` on the shared bottle data prints and writes every metric (few training images: fast)."""
     out = tmp_path / "m"
-    assert main(["fit", "--data", str(bottle), "--out", str(out), "--max-train", "10", "--quiet", "--set", "coreset_ratio=0.02"]) == EXIT_OK
-    assert main(["test", "--model-dir", str(out), "--data", str(bottle), "--quiet", "--json", str(tmp_path / "m.json")]) == EXIT_OK
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(bottle),
+                "--out",
+                str(out),
+                "--max-train",
+                "10",
+                "--quiet",
+                "--set",
+                "coreset_ratio=0.02",
+            ]
+        )
+        == EXIT_OK
+    )
+    assert (
+        main(["test", "--model-dir", str(out), "--data", str(bottle), "--quiet", "--json", str(tmp_path / "m.json")])
+        == EXIT_OK
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
-    assert set(metrics) >= {"image_auroc", "pixel_auroc", "au_pro@0.3", "au_pro@0.05", "pixel_f1_max", "image_f1_max", "f1"}
+    assert set(metrics) >= {
+        "image_auroc",
+        "pixel_auroc",
+        "au_pro@0.3",
+        "au_pro@0.05",
+        "pixel_f1_max",
+        "image_f1_max",
+        "f1",
+    }
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.9

@@ -273,7 +273,9 @@ def test_split_validation_seed_matters_and_bounds() -> None:
 
 # ------------------------------------------------------------------ ELPV
 
-elpv_installed = pytest.mark.skipif(importlib.util.find_spec("elpv_dataset") is None, reason="elpv-dataset not installed")
+elpv_installed = pytest.mark.skipif(
+    importlib.util.find_spec("elpv_dataset") is None, reason="elpv-dataset not installed"
+)
 
 
 @elpv_installed
@@ -312,7 +314,9 @@ def test_elpv_cell_type() -> None:
 
 def test_elpv_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "elpv_dataset" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "elpv_dataset" else real(name, *a)
+    )
     with pytest.raises(DatasetError, match="pip install elpv-dataset"):
         load_dataset("elpv")
 

@@ -50,7 +50,9 @@ def _png16(values: np.ndarray, color_type: int, filters: np.ndarray) -> bytes:
     pad[1:, 1:] = raw
     a, b, c = pad[1:, :-1], pad[:-1, 1:], pad[:-1, :-1]
     preds = [np.zeros_like(a), a, b, (a + b) >> 1, _paeth(a, b, c)]
-    rows = b"".join(bytes([f]) + ((raw[r] - preds[f][r]) & 0xFF).astype(np.uint8).tobytes() for r, f in enumerate(filters))
+    rows = b"".join(
+        bytes([f]) + ((raw[r] - preds[f][r]) & 0xFF).astype(np.uint8).tobytes() for r, f in enumerate(filters)
+    )
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -61,11 +63,14 @@ def _png16(values: np.ndarray, color_type: int, filters: np.ndarray) -> bytes:
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` (the data is a stub)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -73,7 +78,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_extensions() -> None:
-    assert io.IMAGE_EXTENSIONS == frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+    assert frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) == io.IMAGE_EXTENSIONS
 
 
 @pytest.mark.parametrize("ext", [".png", ".bmp", ".tif"])

@@ -22,7 +22,23 @@ SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
 @pytest.fixture
 def model_dir(folder_dataset: Path, tmp_path: Path) -> Path:
     out = tmp_path / "model"
-    assert main(["fit", "--data", str(folder_dataset), "--out", str(out), "--pixel-false-alarm", "0.01", "--min-area", "3", *SMALL]) == EXIT_OK
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(folder_dataset),
+                "--out",
+                str(out),
+                "--pixel-false-alarm",
+                "0.01",
+                "--min-area",
+                "3",
+                *SMALL,
+            ]
+        )
+        == EXIT_OK
+    )
     return out
 
 
@@ -77,7 +93,9 @@ def test_predict_folder_with_one_corrupt_file(model_dir: Path, folder_dataset: P
     assert direct.score == pytest.approx(float(one["score"]))
 
 
-def test_paths_from_stdin_and_name_clashes(model_dir: Path, folder_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_paths_from_stdin_and_name_clashes(
+    model_dir: Path, folder_dataset: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     a = next((folder_dataset / "test" / "good").glob("*.png"))
     other = tmp_path / "other"
     other.mkdir()

@@ -11,7 +11,15 @@ import pytest
 from PIL import Image
 
 from anomnet import api
-from anomnet.calibration import DEFAULT_PIXEL_FALSE_ALARM, Calibration, LabelledStatistics, ThresholdOptions, calibrate, pixel_quantile_threshold, tail_table
+from anomnet.calibration import (
+    DEFAULT_PIXEL_FALSE_ALARM,
+    Calibration,
+    LabelledStatistics,
+    ThresholdOptions,
+    calibrate,
+    pixel_quantile_threshold,
+    tail_table,
+)
 from anomnet.decisions import load_labelled
 from anomnet.errors import ConfigError, DatasetError
 from anomnet.postprocess import MaskPostprocess
@@ -38,7 +46,11 @@ def test_conformal_false_alarm_rate_over_many_seeds(dist: str, n: int, alpha: fl
 
 def test_p_values_are_reported_for_every_method() -> None:
     v = np.arange(1.0, 21.0)  # 20 validation scores
-    for opts in (ThresholdOptions(), ThresholdOptions("mean-std", std_k=2.0), ThresholdOptions("fixed", image_value=15.5)):
+    for opts in (
+        ThresholdOptions(),
+        ThresholdOptions("mean-std", std_k=2.0),
+        ThresholdOptions("fixed", image_value=15.5),
+    ):
         cal = calibrate(v, options=opts)
         assert cal.p_values(np.array([21.0, 20.0, 0.0])).tolist() == pytest.approx([1 / 21, 2 / 21, 1.0])
 
@@ -61,8 +73,14 @@ def test_mean_std_and_fixed_thresholds() -> None:
 
 
 def test_f1_thresholds_come_from_the_labelled_set() -> None:
-    lab = LabelledStatistics.from_scores("lab", np.array([0.1, 0.2, 0.9, 0.8, 0.15]), np.array([0, 0, 1, 1, 1]),
-                                         pixel_f1=0.7, pixel_f1_threshold=0.33, masks=3)
+    lab = LabelledStatistics.from_scores(
+        "lab",
+        np.array([0.1, 0.2, 0.9, 0.8, 0.15]),
+        np.array([0, 0, 1, 1, 1]),
+        pixel_f1=0.7,
+        pixel_f1_threshold=0.33,
+        masks=3,
+    )
     # at 0.15: TP 3, FP 1 (0.2), FN 0 -> F1 6/7 beats 0.8 (TP 2, FN 1 -> F1 0.8)
     assert lab.image_f1_threshold == 0.15 and lab.image_f1 == pytest.approx(6 / 7)
     cal = calibrate(np.array([0.1, 0.2]), options=ThresholdOptions("f1", pixel_method="f1"), labelled=lab)
@@ -99,15 +117,30 @@ def test_calibration_changes_without_the_data_match_a_fresh_calibration() -> Non
     fresh = calibrate(scores, map_values=pixels, options=opts)
     repicked = calibrate(scores, map_values=pixels).rethreshold(opts)
     assert fresh.to_dict() == repicked.to_dict()
-    assert calibrate(scores, map_values=pixels).pixel_false_alarm == DEFAULT_PIXEL_FALSE_ALARM == ThresholdOptions().pixel_false_alarm
+    assert (
+        calibrate(scores, map_values=pixels).pixel_false_alarm
+        == DEFAULT_PIXEL_FALSE_ALARM
+        == ThresholdOptions().pixel_false_alarm
+    )
 
 
 def test_saved_and_loaded_model_applies_the_same_thresholds(folder_dataset: Path, tmp_path: Path) -> None:
     post = {"closing": 2, "fill_holes": True, "min_area": 4}
-    det = api.fit("patchcore", folder_dataset, tmp_path / "m", settings=SMALL, progress=False,
-                  image_method="mean-std", std_k=2.0, pixel_false_alarm=0.02, **post)
+    det = api.fit(
+        "patchcore",
+        folder_dataset,
+        tmp_path / "m",
+        settings=SMALL,
+        progress=False,
+        image_method="mean-std",
+        std_k=2.0,
+        pixel_false_alarm=0.02,
+        **post,
+    )
     cal = det.calibration
-    assert cal.image_method == "mean-std" and cal.pixel_false_alarm == 0.02 and cal.postprocess == MaskPostprocess(**post)
+    assert (
+        cal.image_method == "mean-std" and cal.pixel_false_alarm == 0.02 and cal.postprocess == MaskPostprocess(**post)
+    )
     assert cal.pixel_count > 0 and math.isfinite(cal.pixel_threshold)
     loaded = api.load(tmp_path / "m")
     assert json.dumps(loaded.calibration.to_dict()) == json.dumps(cal.to_dict())
@@ -125,7 +158,9 @@ def test_saved_and_loaded_model_applies_the_same_thresholds(folder_dataset: Path
 def test_recalibrating_a_saved_model(folder_dataset: Path, tmp_path: Path) -> None:
     det = api.fit("patchcore", folder_dataset, tmp_path / "m", settings=SMALL, progress=False)
     assert det.calibration.image_method == "conformal"
-    api.calibrate(tmp_path / "m", image_method="fixed", image_value=123.0, pixel_false_alarm=0.05, min_area=10, progress=False)
+    api.calibrate(
+        tmp_path / "m", image_method="fixed", image_value=123.0, pixel_false_alarm=0.05, min_area=10, progress=False
+    )
     cal = api.load(tmp_path / "m").calibration
     assert cal.threshold == 123.0 and cal.pixel_false_alarm == 0.05 and cal.postprocess.min_area == 10
     assert not any(r.defective for r in api.predict(tmp_path / "m", [folder_dataset / "test"]))
@@ -144,7 +179,9 @@ def test_recalibrating_a_saved_model(folder_dataset: Path, tmp_path: Path) -> No
     lab = det.calibration.labelled
     assert lab is not None and lab["defective"] == 4 and lab["masks"] == 4 and lab["image_f1"] == 1.0
     assert det.calibration.pixel_threshold == lab["pixel_f1_threshold"]
-    assert all(r.defective == ("blob" in r.path) for r in api.predict(tmp_path / "m", [labelled / "good", labelled / "blob"]))
+    assert all(
+        r.defective == ("blob" in r.path) for r in api.predict(tmp_path / "m", [labelled / "good", labelled / "blob"])
+    )
     with pytest.raises(ConfigError, match="unknown"):
         api.calibrate(tmp_path / "m", threshold_method="x", progress=False)
 
@@ -162,21 +199,48 @@ def test_calibrate_command_dry_run_and_recomputed_statistics(folder_dataset: Pat
     from anomnet.cli import EXIT_INPUT, EXIT_OK, main
 
     small = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
-    assert main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0.25", *small]) == EXIT_OK
+    assert (
+        main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0.25", *small])
+        == EXIT_OK
+    )
     assert "pixel threshold" in capsys.readouterr().out
     before = (tmp_path / "m" / "anomnet.json").read_text()
-    assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--image-threshold", "mean-std", "--dry-run", "--quiet"]) == EXIT_OK
+    assert (
+        main(["calibrate", "--model-dir", str(tmp_path / "m"), "--image-threshold", "mean-std", "--dry-run", "--quiet"])
+        == EXIT_OK
+    )
     assert "mean + 3 std" in capsys.readouterr().out and (tmp_path / "m" / "anomnet.json").read_text() == before
     # recomputing the statistics from the same validation split gives the same calibration
-    assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--data", str(folder_dataset), "--val-fraction", "0.25", "--quiet"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model-dir",
+                str(tmp_path / "m"),
+                "--data",
+                str(folder_dataset),
+                "--val-fraction",
+                "0.25",
+                "--quiet",
+            ]
+        )
+        == EXIT_OK
+    )
     assert json.loads((tmp_path / "m" / "anomnet.json").read_text())["calibration"] == json.loads(before)["calibration"]
     assert main(["calibrate", "--model-dir", str(tmp_path / "m"), "--image-threshold", "fixed"]) == EXIT_INPUT
     assert "image-value" in capsys.readouterr().err
 
 
 def test_a_calibration_saved_before_pixel_thresholds_still_loads() -> None:
-    old = {"validation_scores": [1.0, 2.0], "max_false_alarm": 0.01, "threshold": 2.5, "achieved_false_alarm": 0.33,
-           "note": "", "map_low": 0.1, "map_high": 0.9}
+    old = {
+        "validation_scores": [1.0, 2.0],
+        "max_false_alarm": 0.01,
+        "threshold": 2.5,
+        "achieved_false_alarm": 0.33,
+        "note": "",
+        "map_low": 0.1,
+        "map_high": 0.9,
+    }
     cal = Calibration.from_dict(old)
     assert cal.threshold == 2.5 and cal.pixel_threshold == math.inf and not cal.mask(np.full((3, 3), 1e9)).any()
     with pytest.raises(ConfigError, match="unknown calibration"):
