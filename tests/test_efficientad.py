@@ -229,3 +229,14 @@ def test_finds_the_defects(tmp_path: Path) -> None:
     metrics = evaluate(det, split.test, progress=False).metrics
     assert metrics["image_auroc"] >= 0.95
     assert metrics["pixel_auroc"] >= 0.9
+
+
+def test_generic_image_source_is_explicit_and_recorded(folder_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    split = load_dataset(folder_dataset)
+    settings = {**TINY, "steps": 1, "loss": "original", "teacher": "backbone"}
+    with pytest.raises(ConfigError, match="missing"):
+        create_detector("efficientad", {**settings, "pool_dir": str(tmp_path / "missing")}).fit(split.train, [], progress=False)
+    monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
+    det = create_detector("efficientad", settings)
+    det.fit(split.train, [], progress=False)
+    assert det.fit_record.data_sources["generic_images"].startswith("scikit-image sample photos")

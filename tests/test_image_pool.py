@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet.errors import DatasetError
-from anomnet.image_pool import builtin_images, generic_images, texture_paths
+from anomnet.errors import ConfigError
+from anomnet.image_pool import builtin_images, describe_source, generic_images, texture_paths
 
 
 def _write(folder: Path, n: int) -> None:
@@ -36,15 +36,39 @@ def test_user_folder_recursive_and_seeded_limit(tmp_path: Path) -> None:
     assert len(pool) == 6 and pool[0].shape == (8, 10, 3)
 
 
-def test_named_folder_must_exist_and_hold_images(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="texture folder"):
+def test_named_folder_must_exist_and_hold_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="texture folder.*missing"):
         texture_paths(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="texture folder"):
+    with pytest.raises(ConfigError, match="texture folder.*empty"):
         texture_paths(tmp_path / "empty")
+    monkeypatch.setenv("ANOMNET_TEXTURE_DIR", str(tmp_path / "gone"))  # a configured default: no silent fallback
+    with pytest.raises(ConfigError, match="ANOMNET_TEXTURE_DIR.*gone"):
+        generic_images()
 
 
-def test_without_any_folder_the_builtin_photos_remain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("anomnet.image_pool.default_texture_dir", lambda: None)
+def test_without_any_folder_the_builtin_photos_remain_with_a_notice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
+    monkeypatch.setattr("anomnet.image_pool._notice_shown", False)
     assert texture_paths() == []
     assert len(generic_images()) >= 10
+    assert "bundled sample photos" in capsys.readouterr().err
+    generic_images()
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_the_default_source_does_not_depend_on_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
+    shared = tmp_path / "shared" / "datasets" / "dtd_subset"  # where the old lookup searched, seen from the cwd
+    _write(shared, 3)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert texture_paths() == [] and describe_source(None, 16).startswith("scikit-image")
+    monkeypatch.setenv("ANOMNET_TEXTURE_DIR", str(shared))
+    here = describe_source(None, 19)
+    monkeypatch.chdir(tmp_path)
+    assert describe_source(None, 19) == here and str(shared.resolve()) in here and "(3 files)" in here

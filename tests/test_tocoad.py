@@ -127,3 +127,19 @@ def test_cli_fit_test_predict(folder_dataset, tmp_path) -> None:
     assert main(["fit", "--model", "tocoad", "--data", str(folder_dataset), "--out", str(out), "--image-size", "64", *sets, "--quiet"]) == EXIT_OK
     assert main(["test", "--model-dir", str(out), "--data", str(folder_dataset), "--quiet"]) == EXIT_OK
     assert main(["predict", "--model-dir", str(out), str(folder_dataset / "test")]) == EXIT_OK
+
+
+def test_texture_source_is_explicit_and_recorded(folder_dataset, tmp_path, monkeypatch) -> None:
+    split = load_dataset(folder_dataset)
+    tiny = {**SMALL, "stage1_steps": 1, "stage2_steps": 0}
+    with pytest.raises(ConfigError, match="missing"):
+        create_detector("tocoad", {**tiny, "textures": str(tmp_path / "missing")}).fit(split.train[:4], [], progress=False)
+    monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
+    sources = []
+    for cwd in (tmp_path, folder_dataset):  # the same settings from another working directory: the same source
+        monkeypatch.chdir(cwd)
+        det = create_detector("tocoad", {**tiny, "textures": str(folder_dataset / "train")})
+        det.fit(split.train[:4], [], progress=False)
+        sources.append(det.fit_record.data_sources["textures"])
+    assert sources[0] == sources[1] and str((folder_dataset / "train").resolve()) in sources[0]
+    assert "files)" in sources[0]

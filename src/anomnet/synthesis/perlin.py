@@ -81,23 +81,22 @@ def perlin_mask(
 
 def load_textures(folder: str | Path | None = None, limit: int | None = 100, seed: int = 0, size: int = 256) -> list[torch.Tensor]:
     """Texture images ``[3, h, w]`` (short side at most ``size``) from :mod:`anomnet.image_pool`:
-    the named folder or the DTD subset when present (a seeded subset of ``limit`` files), plus
-    scikit-image's bundled photos. An empty list only when there is nothing at all (the
-    generator then uses the image itself, shifted and recoloured)."""
+    the named folder or ``$ANOMNET_TEXTURE_DIR`` (a seeded subset of ``limit`` files; missing or
+    empty: ConfigError), plus scikit-image's bundled photos. An empty list only when there is
+    nothing at all (the generator then uses the image itself, shifted and recoloured)."""
     from anomnet.image_pool import generic_images
     from anomnet.io import to_tensor
     from anomnet.transforms import resize
 
     try:
         arrays = generic_images(folder, include_builtin=True, limit=limit, seed=seed)
-    except DatasetError:
-        if folder is not None:
-            raise
+    except DatasetError:  # no folder and no bundled photos
         return []
     except ImportError:  # no scikit-image: folder images only
-        if folder is None:
+        try:
+            arrays = generic_images(folder, include_builtin=False, limit=limit, seed=seed)
+        except DatasetError:
             return []
-        arrays = generic_images(folder, include_builtin=False, limit=limit, seed=seed)
     out = []
     for a in arrays:
         t = to_tensor(a)

@@ -112,7 +112,7 @@ class EfficientAD(Detector):
         return torch.cat(parts) if parts else torch.zeros(0, 3, self.size, self.size)
 
     def _pool(self) -> tuple[list[torch.Tensor], str]:
-        from anomnet.image_pool import BUILTIN_NAMES, generic_images, texture_paths
+        from anomnet.image_pool import BUILTIN_NAMES, describe_source, generic_images, texture_paths
 
         c = self.config
         images = generic_images(c.pool_dir, limit=c.pool_limit, seed=c.seed)
@@ -124,6 +124,7 @@ class EfficientAD(Detector):
                 im = F.interpolate(im[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)[0]
             pool.append((im.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
         identity = files_identity(texture_paths(c.pool_dir, c.pool_limit, c.seed), BUILTIN_NAMES)
+        self.fit_record.data_sources["generic_images"] = describe_source(c.pool_dir, len(pool), c.pool_limit, c.seed)
         return pool, identity
 
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:

@@ -35,6 +35,7 @@ from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
 from anomnet.errors import ConfigError
+from anomnet.image_pool import describe_source
 from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
 from anomnet.synthesis import CutPaste, PerlinAnomaly, load_textures, synthesize_batch
 from anomnet.synthesis.base import AnomalyGenerator
@@ -96,6 +97,7 @@ class ToCoAD(PatchCore):
         if c.generator == "cutpaste":
             return CutPaste(rotate=c.rotate, max_angle=c.max_angle)
         textures = load_textures(c.textures, c.texture_limit, c.seed, self.preprocess.output_size)
+        self.fit_record.data_sources["textures"] = describe_source(c.textures, len(textures), c.texture_limit, c.seed)
         return PerlinAnomaly(textures, rotate=c.rotate, max_angle=c.max_angle)
 
     def _batch(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
