@@ -1,5 +1,10 @@
-"""EfficientAD: PDN student-teacher + autoencoder, with an optional CDO loss. Importing registers ``efficientad``."""
+"""EfficientAD: PDN student-teacher + autoencoder, with an optional CDO loss. Importing registers ``efficientad``.
 
-from anomnet.detectors.efficientad.detector import EfficientAD, EfficientADConfig
+``config`` (settings), ``model`` (the predict-time networks), ``losses``, ``detector`` (fit and persistence);
+``pdn``, ``autoencoder`` and ``distill`` (the backbone teacher and its distillation) hold the method's parts.
+"""
+
+from anomnet.detectors.efficientad.config import EfficientADConfig
+from anomnet.detectors.efficientad.detector import EfficientAD
 
 __all__ = ["EfficientAD", "EfficientADConfig"]

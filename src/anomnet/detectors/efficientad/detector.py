@@ -17,37 +17,33 @@ convolutions run in bfloat16 (``bf16``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
-from anomnet.detectors.efficientad.autoencoder import Autoencoder
 from anomnet.detectors.efficientad.config import EfficientADConfig
 from anomnet.detectors.efficientad.distill import (
     BackboneTeacher,
     DistillSettings,
+    _random_crop,
     default_cache_dir,
     distill_teacher,
     files_identity,
     pool_tensors,
-    _random_crop,
 )
 from anomnet.detectors.efficientad.losses import cdo_loss, hard_feature_loss, penalty_loss, quantile_value
-from anomnet.detectors.efficientad.pdn import map_padding, output_size, pdn
-from anomnet.errors import ConfigError
+from anomnet.detectors.efficientad.model import OUT_CHANNELS, build_networks
+from anomnet.detectors.efficientad.pdn import map_padding, output_size
+from anomnet.errors import ConfigError, NotFittedError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches
 from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
-
-OUT_CHANNELS = 384
 
 
 @register
@@ -68,14 +64,7 @@ class EfficientAD(Detector):
         self.size = size
         self.n = output_size(size, c.padding)
         seed_everything(c.seed)  # the networks' initial weights depend on the seed only
-        self.teacher: nn.Module = (
-            pdn(c.model_size, OUT_CHANNELS, c.padding).eval()
-            if c.teacher == "distilled"
-            else BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed)
-        )
-        self.teacher.requires_grad_(False)
-        self.student = pdn(c.model_size, 2 * OUT_CHANNELS, c.padding).eval()
-        self.autoencoder = Autoencoder(size, self.n, OUT_CHANNELS).eval()
+        self.teacher, self.student, self.autoencoder = build_networks(c, size, self.n)
         self.teacher_mean = torch.zeros(1, OUT_CHANNELS, 1, 1)
         self.teacher_std = torch.ones(1, OUT_CHANNELS, 1, 1)
         self.quantiles = torch.tensor([0.0, 1.0, 0.0, 1.0])  # st q_a, st q_b, ae q_a, ae q_b
@@ -265,7 +254,7 @@ class EfficientAD(Detector):
 
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
-            raise ConfigError("EfficientAD is not fitted: call fit() or load a saved model")
+            raise NotFittedError("EfficientAD is not fitted: call fit() or load a saved model")
         maps = []
         for i in range(0, len(images), self.config.batch_size):
             maps.append(self.combined_map(images[i : i + self.config.batch_size]))
@@ -279,7 +268,7 @@ class EfficientAD(Detector):
     # -- persistence ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if not self.fitted:
-            raise ConfigError("EfficientAD is not fitted: nothing to save")
+            raise NotFittedError("EfficientAD is not fitted: nothing to save")
         out = {f"student.{k}": v for k, v in self.student.state_dict().items()}
         out.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
         if self.config.teacher == "distilled":

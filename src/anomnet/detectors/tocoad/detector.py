@@ -29,16 +29,17 @@ from anomnet.backbones.base import freeze, resolve_layers
 from anomnet.data import Sample
 from anomnet.detectors.base import register
 from anomnet.detectors.patchcore import PatchCore
-from anomnet.detectors.tocoad.config import ToCoADConfig
 from anomnet.detectors.tocoad.augment import two_view_augment
+from anomnet.detectors.tocoad.config import ToCoADConfig
 from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
 from anomnet.errors import ConfigError
 from anomnet.image_pool import describe_source
-from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
 from anomnet.synthesis import CutPaste, PerlinAnomaly, load_textures, synthesize_batch
 from anomnet.synthesis.base import AnomalyGenerator
+from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
+
 
 def default_decoder_layers(backbone: str, bank_layers: Sequence[str]) -> tuple[str, ...]:
     """Up to four backbone levels ending at the deepest memory-bank layer (the stem excluded)."""
