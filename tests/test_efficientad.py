@@ -240,3 +240,27 @@ def test_generic_image_source_is_explicit_and_recorded(folder_dataset: Path, tmp
     det = create_detector("efficientad", settings)
     det.fit(split.train, [], progress=False)
     assert det.fit_record.data_sources["generic_images"].startswith("scikit-image sample photos")
+
+
+def test_resnet_teacher_weights_travel_inside_the_model(folder_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """A saved ResNet-backed EfficientAD does not re-read $ANOMNET_WEIGHTS_DIR when it is loaded."""
+    from anomnet.backbones import create_backbone
+    from anomnet.detectors import Detector
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.manual_seed(3)
+    torch.save(create_backbone("resnet18", ("layer2", "layer3"), "random").state_dict(), weights / "resnet18.pth")
+    monkeypatch.setenv("ANOMNET_WEIGHTS_DIR", str(weights))
+    settings = {**TINY, "steps": 1, "backbone": "resnet18", "teacher_layers": "layer2,layer3"}
+    det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings=settings, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(4)
+    torch.save(create_backbone("resnet18", ("layer2", "layer3"), "random").state_dict(), other / "resnet18.pth")
+    monkeypatch.setenv("ANOMNET_WEIGHTS_DIR", str(other))  # a different file: must not be read
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    loaded = Detector.load(tmp_path / "m")
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+    monkeypatch.setenv("ANOMNET_WEIGHTS_DIR", str(tmp_path / "empty"))
+    assert torch.equal(det.predict(x).scores, Detector.load(tmp_path / "m").predict(x).scores)

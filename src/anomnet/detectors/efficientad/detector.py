@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from anomnet.backbones import backbone_state, load_backbone_state
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.efficientad.config import EfficientADConfig
@@ -125,6 +126,10 @@ class EfficientAD(Detector):
         g = torch.Generator().manual_seed(c.seed)
         with timed_phase(self.fit_record, "load"):
             images = self._load_images(train, "load train" if progress else None)
+        if isinstance(self.teacher, BackboneTeacher) and not self.teacher.features.backbone.ready:
+            # file-backed (ResNet) weights are read here, once; then they travel inside the saved model
+            self.teacher = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
+            self.teacher.requires_grad_(False)
         needs_pool = c.teacher == "distilled" or (c.loss == "original" and c.penalty)
         pool_u8, pool_id = self._pool() if needs_pool else ([], "")
         pool = _FloatView(pool_u8)
@@ -135,7 +140,7 @@ class EfficientAD(Detector):
                 files_identity([s.path for s in train]) if c.distill_on_train else "",
             )
             cache = None if (c.cache_dir or "").lower() in ("off", "none", "false") else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
-            target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed)
+            target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
             self.teacher = distill_teacher(
                 settings, target, images if c.distill_on_train else None, pool, cache, self.fit_record, c.bf16, progress
             )
@@ -273,8 +278,10 @@ class EfficientAD(Detector):
         out.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
         if self.config.teacher == "distilled":
             out.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        else:  # the backbone's weights ship with anomnet; only the projection is ours
+        else:  # the projection, and the backbone's tensors when they come from a user file (none for package weights)
             out["teacher.projection"] = self.teacher.projection  # type: ignore[union-attr]
+            backbone = self.teacher.features.backbone  # type: ignore[union-attr]
+            out.update({f"teacher.backbone.{k}": v for k, v in backbone_state(backbone).items()})
         out.update(teacher_mean=self.teacher_mean, teacher_std=self.teacher_std, quantiles=self.quantiles)
         return {k: v.detach().contiguous() for k, v in out.items()}
 
@@ -288,6 +295,7 @@ class EfficientAD(Detector):
             self.teacher.load_state_dict(part("teacher."))
         else:
             self.teacher.projection.copy_(tensors["teacher.projection"])  # type: ignore[union-attr, operator]
+            load_backbone_state(self.teacher.features.backbone, part("teacher.backbone."))  # type: ignore[union-attr]
         self.teacher_mean = tensors["teacher_mean"].float()
         self.teacher_std = tensors["teacher_std"].float()
         self.quantiles = tensors["quantiles"].float()

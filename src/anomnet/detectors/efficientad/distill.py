@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anomnet.backbones import create_backbone
+from anomnet.backbones import build_backbone
 from anomnet.components.features import PatchFeatures
 from anomnet.detectors.efficientad.pdn import map_padding, output_size, pdn
 from anomnet.training import FitRecord, timed_phase, train_phase
@@ -53,12 +53,14 @@ def orthonormal_projection(in_channels: int, out_channels: int, seed: int) -> to
 class BackboneTeacher(nn.Module):
     """Images ``[B,3,S,S]`` -> backbone features ``[B,out_channels,n,n]`` on the PDN's ``n x n`` output grid."""
 
-    def __init__(self, backbone: str, layers: Sequence[str] | None, out_channels: int, padding: bool, seed: int) -> None:
+    def __init__(
+        self, backbone: str, layers: Sequence[str] | None, out_channels: int, padding: bool, seed: int, search: bool = False
+    ) -> None:
         super().__init__()
-        self.features = PatchFeatures(create_backbone(backbone, layers), 3, None).eval()
+        # a file-backed backbone reads the weights folder only with ``search`` (fit); else it waits for saved tensors
+        self.features = PatchFeatures(build_backbone(backbone, layers, None, search=search), 3, None).eval()
         self.padding = padding
-        with torch.inference_mode():
-            channels = self.features(torch.zeros(1, 3, 64, 64)).shape[1]
+        channels = self.features.channels
         self.register_buffer("projection", orthonormal_projection(channels, out_channels, seed))
 
     @torch.no_grad()
