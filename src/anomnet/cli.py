@@ -7,7 +7,6 @@ Exit codes: 0 success; 2 bad input or settings (the message says which file or v
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -43,29 +42,68 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alar
     from anomnet.calibration import DEFAULT_PIXEL_FALSE_ALARM, IMAGE_METHODS, PIXEL_METHODS
 
     g = parser.add_argument_group("thresholds and masks (see README 'Thresholds')")
-    g.add_argument("--image-threshold", dest="image_method", choices=IMAGE_METHODS, default=None,
-                   help="how the image threshold is chosen: conformal (default; --max-false-alarm), mean-std (--std-k), "
-                        "fixed (--image-value) or f1 (F1-optimal on --labelled)")
+    g.add_argument(
+        "--image-threshold",
+        dest="image_method",
+        choices=IMAGE_METHODS,
+        default=None,
+        help="how the image threshold is chosen: conformal (default; --max-false-alarm), mean-std (--std-k), "
+        "fixed (--image-value) or f1 (F1-optimal on --labelled)",
+    )
     if with_max_false_alarm:
-        g.add_argument("--max-false-alarm", type=float, default=None,
-                       help="target false-alarm rate of the conformal image threshold (default 0.01)")
+        g.add_argument(
+            "--max-false-alarm",
+            type=float,
+            default=None,
+            help="target false-alarm rate of the conformal image threshold (default 0.01)",
+        )
     g.add_argument("--std-k", type=float, default=None, help="k of the mean + k*std image threshold (default 3)")
     g.add_argument("--image-value", type=float, default=None, help="the fixed image threshold")
-    g.add_argument("--pixel-threshold", dest="pixel_method", choices=PIXEL_METHODS, default=None,
-                   help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), "
-                        "f1 (F1-optimal on --labelled), fixed (--pixel-value)")
-    g.add_argument("--pixel-false-alarm", type=float, default=None,
-                   help=f"share of good validation pixels allowed above the pixel threshold (default {DEFAULT_PIXEL_FALSE_ALARM:g})")
+    g.add_argument(
+        "--pixel-threshold",
+        dest="pixel_method",
+        choices=PIXEL_METHODS,
+        default=None,
+        help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), "
+        "f1 (F1-optimal on --labelled), fixed (--pixel-value)",
+    )
+    g.add_argument(
+        "--pixel-false-alarm",
+        type=float,
+        default=None,
+        help=(
+            f"share of good validation pixels allowed above the pixel threshold (default {DEFAULT_PIXEL_FALSE_ALARM:g})"
+        ),
+    )
     g.add_argument("--pixel-value", type=float, default=None, help="the fixed pixel threshold")
-    g.add_argument("--labelled", default=None, metavar="PATH",
-                   help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ "
-                        "(see README)")
-    g.add_argument("--closing", type=int, default=None, metavar="PX",
-                   help="mask post-processing: closing with a disk of this radius (0 off)")
-    g.add_argument("--fill-holes", dest="fill_holes", action=argparse.BooleanOptionalAction, default=None,
-                   help="mask post-processing: fill holes inside regions")
-    g.add_argument("--min-area", type=int, default=None, metavar="PX",
-                   help="mask post-processing: drop regions smaller than this many pixels (0 off)")
+    g.add_argument(
+        "--labelled",
+        default=None,
+        metavar="PATH",
+        help="labelled validation set for the f1 methods: a folder with good/, <defect>/ and optional masks/ "
+        "(see README)",
+    )
+    g.add_argument(
+        "--closing",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="mask post-processing: closing with a disk of this radius (0 off)",
+    )
+    g.add_argument(
+        "--fill-holes",
+        dest="fill_holes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mask post-processing: fill holes inside regions",
+    )
+    g.add_argument(
+        "--min-area",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="mask post-processing: drop regions smaller than this many pixels (0 off)",
+    )
 
 
 def choices_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,88 +123,249 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("fit", help="train a detector on good images and save it", description="Train on the good training images, calibrate the threshold on a held-out validation split of them, save the model folder.")
+    p = sub.add_parser(
+        "fit",
+        help="train a detector on good images and save it",
+        description=(
+            "Train on the good training images, calibrate the threshold on a held-out validation split "
+            "of them, save the model folder."
+        ),
+    )
     p.add_argument("--model", default=None, help="detector name (see 'anomnet models'; default: patchcore)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder (e.g. bottle)")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)")
-    p.add_argument("--out", required=True, help="folder to write the model into (must not hold a model yet, unless --overwrite)")
+    p.add_argument(
+        "--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)"
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write the model into (must not hold a model yet, unless --overwrite)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
-    p.add_argument("--weights", default=None, help="backbone weights file (torchvision-format state dict; needed for the ResNet family)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights file (torchvision-format state dict; needed for the ResNet family)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
-    p.add_argument("--tile", type=int, default=None, metavar="PX", help="high-resolution tiling: train and predict on overlapping tiles of PX pixels, each resized to --image-size (default: off); see docs/tiling.md")
-    p.add_argument("--tile-scales", default=None, metavar="S,...", help="pyramid scales the image is resized by before tiling, e.g. 1,0.5 (default 1)")
-    p.add_argument("--tile-overlap", type=float, default=None, metavar="F", help="least share of a tile that neighbouring tiles overlap (default 0.25)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any detector setting, e.g. --set coreset_ratio=0.05 (repeatable; see 'anomnet models --settings')")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of good training images held out for calibration (default 0.1)")
-    p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate of the image threshold on good images (default 0.01)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help=(
+            "high-resolution tiling: train and predict on overlapping tiles of PX pixels, each resized to "
+            "--image-size (default: off); see docs/tiling.md"
+        ),
+    )
+    p.add_argument(
+        "--tile-scales",
+        default=None,
+        metavar="S,...",
+        help="pyramid scales the image is resized by before tiling, e.g. 1,0.5 (default 1)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=None,
+        metavar="F",
+        help="least share of a tile that neighbouring tiles overlap (default 0.25)",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any detector setting, e.g. --set coreset_ratio=0.05 (repeatable; see 'anomnet models --settings')",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of good training images held out for calibration (default 0.1)",
+    )
+    p.add_argument(
+        "--max-false-alarm",
+        type=float,
+        default=0.01,
+        help="target false-alarm rate of the image threshold on good images (default 0.01)",
+    )
     add_threshold_arguments(p, with_max_false_alarm=False)
-    p.add_argument("--max-train", type=int, default=None, help="use at most this many training images (seeded random subset)")
+    p.add_argument(
+        "--max-train", type=int, default=None, help="use at most this many training images (seeded random subset)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed for splits and sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("test", help="evaluate a saved model on a test set", description="Score the test split, print image AUROC, pixel AUROC, AU-PRO and F1 values, and write them as JSON.")
+    p = sub.add_parser(
+        "test",
+        help="evaluate a saved model on a test set",
+        description=(
+            "Score the test split, print image AUROC, pixel AUROC, AU-PRO and F1 values, and write them as JSON."
+        ),
+    )
     p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)")
+    p.add_argument(
+        "--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)"
+    )
     p.add_argument("--json", default=None, help="metrics JSON path (default: <model-dir>/metrics.json)")
-    p.add_argument("--eval-size", type=int, default=None, help="compare maps and masks at this fixed size instead of each mask's own resolution")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="compare maps and masks at this fixed size instead of each mask's own resolution",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)")
-    p.add_argument("--report", default=None, metavar="PATH.html", help="also write one self-contained HTML report: metrics, ROC / PR / PRO curves, score histograms with the threshold, the worst false alarms and misses with heat maps")
+    p.add_argument(
+        "--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)"
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH.html",
+        help=(
+            "also write one self-contained HTML report: metrics, ROC / PR / PRO curves, score histograms with "
+            "the threshold, the worst false alarms and misses with heat maps"
+        ),
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("predict", help="score images with a saved model", description="Print each image's anomaly score, conformal p-value and decision; with --out also write heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that cannot be read is listed with its reason; the others are still scored (exit code 3).")
+    p = sub.add_parser(
+        "predict",
+        help="score images with a saved model",
+        description=(
+            "Print each image's anomaly score, conformal p-value and decision; with --out also write "
+            "heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that "
+            "cannot be read is listed with its reason; the others are still scored (exit code 3)."
+        ),
+    )
     p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively); '-' reads paths from stdin, one per line")
-    p.add_argument("--out", default=None, help="output folder: heatmaps/, overlays/, masks/ (maps/ with --raw-maps), results.csv, results.jsonl")
-    p.add_argument("--raw-maps", action="store_true", help="with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 submission format)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files or folders (searched recursively); '-' reads paths from stdin, one per line",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder: heatmaps/, overlays/, masks/ (maps/ with --raw-maps), results.csv, results.jsonl",
+    )
+    p.add_argument(
+        "--raw-maps",
+        action="store_true",
+        help=(
+            "with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 "
+            "submission format)"
+        ),
+    )
     p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("calibrate", help="choose other thresholds / mask post-processing for a fitted model", description="Re-pick the image and pixel thresholds and the mask post-processing of a saved model without refitting, from its saved validation statistics (or, with --data, recomputed from the dataset's validation split), then save the model again.")
+    p = sub.add_parser(
+        "calibrate",
+        help="choose other thresholds / mask post-processing for a fitted model",
+        description=(
+            "Re-pick the image and pixel thresholds and the mask post-processing of a saved model "
+            "without refitting, from its saved validation statistics (or, with --data, recomputed from "
+            "the dataset's validation split), then save the model again."
+        ),
+    )
     p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
-    p.add_argument("--data", default=None, help="recompute the validation statistics from this dataset's validation split (same --val-fraction and the model's seed as at fit)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=(
+            "recompute the validation statistics from this dataset's validation split (same --val-fraction and "
+            "the model's seed as at fit)"
+        ),
+    )
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="with --data: share of good training images held out (default 0.1)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="with --data: share of good training images held out (default 0.1)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, do not save them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_threshold_arguments(p, with_max_false_alarm=True)
 
-    p = sub.add_parser("models", help="list detectors and backbones", description="List the detectors and backbones this anomnet provides.")
+    p = sub.add_parser(
+        "models",
+        help="list detectors and backbones",
+        description="List the detectors and backbones this anomnet provides.",
+    )
     p.add_argument("--settings", action="store_true", help="also list each detector's settings with defaults")
 
-    p = sub.add_parser("demo", help="the built-in example: fit and test PatchCore on ELPV solar cells", description="Fit the default detector on good ELPV solar cells (installed with anomnet), test it on held-out good and defective cells, print the metrics and write heat maps.")
+    p = sub.add_parser(
+        "demo",
+        help="the built-in example: fit and test PatchCore on ELPV solar cells",
+        description=(
+            "Fit the default detector on good ELPV solar cells (installed with anomnet), test it on "
+            "held-out good and defective cells, print the metrics and write heat maps."
+        ),
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", default=None, help="detector (default patchcore)")
-    p.add_argument("--max-train", type=int, default=200, help="training cells used (default 200, keeps the demo to a few minutes)")
+    p.add_argument(
+        "--max-train", type=int, default=200, help="training cells used (default 200, keeps the demo to a few minutes)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the model an earlier demo left in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("bench", help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
-                       description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, "
-                                   "measure peak memory and the metrics; write the JSON report to --out and, if asked, "
-                                   "a Markdown table to --markdown.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
+        description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, "
+        "measure peak memory and the metrics; write the JSON report to --out and, if asked, "
+        "a Markdown table to --markdown.",
+    )
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
     p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
-                   help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)")
-    p.add_argument("--out", required=True, metavar="JSON", help="the JSON report to write (every row, its metrics and fit record)")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the Markdown table to this file (default: none)")
-    p.add_argument("--section", default=None, metavar="NAME",
-                   help="with --markdown: replace only this named section of the file, so several runs share one file; "
-                        "without it the whole file is written")
-    p.add_argument("--work-dir", default=None,
-                   help="folder for the fitted models (default: a temporary folder, removed afterwards)")
-    p.add_argument("--rescore", action="append", default=[], metavar="KEY=VALUE;...",
-                   help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' "
-                        "(repeatable; only for models that have those settings)")
-    p.add_argument("--memory-images", type=int, default=0,
-                   help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
-                        "e.g. 1000 (default 0: skip)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE;...",
+        help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="JSON", help="the JSON report to write (every row, its metrics and fit record)"
+    )
+    p.add_argument(
+        "--markdown", default=None, metavar="PATH", help="also write the Markdown table to this file (default: none)"
+    )
+    p.add_argument(
+        "--section",
+        default=None,
+        metavar="NAME",
+        help="with --markdown: replace only this named section of the file, so several runs share one file; "
+        "without it the whole file is written",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="folder for the fitted models (default: a temporary folder, removed afterwards)",
+    )
+    p.add_argument(
+        "--rescore",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE;...",
+        help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' "
+        "(repeatable; only for models that have those settings)",
+    )
+    p.add_argument(
+        "--memory-images",
+        type=int,
+        default=0,
+        help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
+        "e.g. 1000 (default 0: skip)",
+    )
     return parser
 
 
@@ -200,8 +399,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = dict(_parse_settings(args.settings))
-    for key, value in (("backbone", args.backbone), ("weights", args.weights), ("image_size", args.image_size),
-                       ("tile", args.tile), ("tile_scales", args.tile_scales), ("tile_overlap", args.tile_overlap)):
+    for key, value in (
+        ("backbone", args.backbone),
+        ("weights", args.weights),
+        ("image_size", args.image_size),
+        ("tile", args.tile),
+        ("tile_scales", args.tile_scales),
+        ("tile_overlap", args.tile_overlap),
+    ):
         if value is not None:
             settings[key] = value
     return settings
@@ -213,8 +418,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     model = args.model or DEFAULT_DETECTOR
     det = api.fit(
-        model, args.data, args.out, args.category, args.layout, _fit_settings(args), args.val_fraction,
-        args.seed, args.max_false_alarm, args.max_train, progress=not args.quiet, labelled=args.labelled,
+        model,
+        args.data,
+        args.out,
+        args.category,
+        args.layout,
+        _fit_settings(args),
+        args.val_fraction,
+        args.seed,
+        args.max_false_alarm,
+        args.max_train,
+        progress=not args.quiet,
+        labelled=args.labelled,
         overwrite=args.overwrite,
         **{k: v for k, v in choices_from_args(args).items() if k != "max_false_alarm"},
     )
@@ -225,8 +440,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from anomnet import api
-    det = api.calibrate(args.model_dir, args.data, args.category, args.val_fraction, args.labelled,
-                        save=not args.dry_run, progress=not args.quiet, **choices_from_args(args))
+
+    det = api.calibrate(
+        args.model_dir,
+        args.data,
+        args.category,
+        args.val_fraction,
+        args.labelled,
+        save=not args.dry_run,
+        progress=not args.quiet,
+        **choices_from_args(args),
+    )
     print("\n".join(det.calibration.summary()))
     print("not saved (--dry-run)" if args.dry_run else f"saved to {args.model_dir}")
     return EXIT_OK
@@ -236,26 +460,42 @@ def format_metrics(metrics: dict[str, float]) -> str:
     width = max(len(k) for k in metrics)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for k, v in metrics.items():
-        lines.append(f"{k:<{width}}  {'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{100 * v:6.2f}'}")
+        lines.append(
+            f"{k:<{width}}  {'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{100 * v:6.2f}'}"
+        )
     return "\n".join(lines)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from anomnet import api
-
-    from anomnet import io
+    from anomnet import api, io
     from anomnet.model_io import model_files
 
     json_out = args.json or str(Path(args.model_dir) / "metrics.json")
     protected = model_files(args.model_dir) + ([Path(args.data)] if Path(args.data).exists() else [])
-    for what, target, folder in (("--json", json_out, False), ("--report", args.report, False),
-                                 ("--heatmaps", args.heatmaps, True)):
+    for what, target, folder in (
+        ("--json", json_out, False),
+        ("--report", args.report, False),
+        ("--heatmaps", args.heatmaps, True),
+    ):
         if target:
             io.check_not_input(target, protected, what, folder)
             io.check_writable(target, what, folder)
-    res = api.test(args.model_dir, args.data, args.category, args.layout, json_out, args.eval_size, args.batch_size, args.heatmaps, progress=not args.quiet, report=args.report)
+    res = api.test(
+        args.model_dir,
+        args.data,
+        args.category,
+        args.layout,
+        json_out,
+        args.eval_size,
+        args.batch_size,
+        args.heatmaps,
+        progress=not args.quiet,
+        report=args.report,
+    )
     print(format_metrics(res.metrics) + "  (percent)")
-    print(f"{len(res.scores)} test images, {1000 * res.seconds_per_image:.1f} ms per image; metrics written to {json_out}")
+    print(
+        f"{len(res.scores)} test images, {1000 * res.seconds_per_image:.1f} ms per image; metrics written to {json_out}"
+    )
     if args.heatmaps:
         print(f"heat maps written to {args.heatmaps}")
     if args.report:
@@ -274,7 +514,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.csv:
         io.check_not_input(args.csv, inputs, "--csv")
         io.check_writable(args.csv, "--csv")
-    results = api.predict(args.model_dir, args.images, out_dir=args.out, raw_maps=args.raw_maps, progress=not args.quiet)
+    results = api.predict(
+        args.model_dir, args.images, out_dir=args.out, raw_maps=args.raw_maps, progress=not args.quiet
+    )
     unread = [r for r in results if r.error and r.score != r.score]
     unwritten = [r for r in results if r.error and r.score == r.score]
     print("path\tscore\tp_value\tdecision\tdefect_pixels")
@@ -283,7 +525,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r.path}\t-\t-\terror: {r.error}\t-")
         else:
             decision = "DEFECTIVE" if r.defective else "good"
-            print(f"{r.path}\t{r.score:.6g}\t{r.p_value:.4g}\t{decision}\t{r.defect_pixels}" + (f"\terror: {r.error}" if r.error else ""))
+            print(
+                f"{r.path}\t{r.score:.6g}\t{r.p_value:.4g}\t{decision}\t{r.defect_pixels}"
+                + (f"\terror: {r.error}" if r.error else "")
+            )
     if args.csv:
         from anomnet import io
         from anomnet.outputs import csv_text
@@ -292,11 +537,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.raw_maps and not args.out:
         print("anomnet: --raw-maps writes nothing without --out", file=sys.stderr)
     if args.out:
-        print(f"outputs written to {args.out} (results.csv, results.jsonl, heatmaps/, overlays/, masks/{', maps/' if args.raw_maps else ''})")
+        maps = ", maps/" if args.raw_maps else ""
+        print(f"outputs written to {args.out} (results.csv, results.jsonl, heatmaps/, overlays/, masks/{maps})")
     if unread:
-        print(f"anomnet: {len(unread)} of {len(results)} images could not be read (see the error column)", file=sys.stderr)
+        print(
+            f"anomnet: {len(unread)} of {len(results)} images could not be read (see the error column)", file=sys.stderr
+        )
     if unwritten:
-        print(f"anomnet: the outputs of {len(unwritten)} of {len(results)} images could not be written", file=sys.stderr)
+        print(
+            f"anomnet: the outputs of {len(unwritten)} of {len(results)} images could not be written", file=sys.stderr
+        )
     if unread or unwritten:
         return EXIT_SOME_FAILED
     return EXIT_OK
@@ -312,13 +562,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, cls in sorted(DETECTORS.items()):
         print(f"  {name:<12} {cls.description}{'  [default]' if name == DEFAULT_DETECTOR else ''}")
         if args.settings:
+            defaults = cls.config_class().to_dict()
             for f in dataclasses.fields(cls.config_class):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                print(f"      {f.name} = {default!r}")
+                print(f"      {f.name} = {defaults[f.name]!r}")
     print("backbones:")
     for b in available_backbones():
         extra = "  (needs --weights FILE)" if b.needs_weights_file else ""
-        print(f"  {b.name:<18} layers {','.join(b.default_layers)} of {','.join(b.layers)}{extra}{'  [default]' if b.name == DEFAULT_BACKBONE else ''}")
+        default = "  [default]" if b.name == DEFAULT_BACKBONE else ""
+        layers = f"layers {','.join(b.default_layers)} of {','.join(b.layers)}"
+        print(f"  {b.name:<18} {layers}{extra}{default}")
     return EXIT_OK
 
 
@@ -330,13 +582,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = args.model or DEFAULT_DETECTOR
     out = Path(args.out)
     split = load_dataset("elpv")
-    print(f"ELPV solar cells: {len(split.train)} good training cells (using {min(args.max_train, len(split.train))}), "
-          f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)")
-    det = api.fit(model, split, out / "model", max_train=args.max_train, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a {det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells")
-    res = api.test(det, split, json_out=out / "metrics.json", heatmaps_dir=out / "heatmaps", heatmaps=8, progress=not args.quiet, report=out / "report.html")
+    print(
+        f"ELPV solar cells: {len(split.train)} good training cells (using {min(args.max_train, len(split.train))}), "
+        f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)"
+    )
+    det = api.fit(
+        model, split, out / "model", max_train=args.max_train, progress=not args.quiet, overwrite=args.overwrite
+    )
+    print(
+        f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a "
+        f"{det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells"
+    )
+    res = api.test(
+        det,
+        split,
+        json_out=out / "metrics.json",
+        heatmaps_dir=out / "heatmaps",
+        heatmaps=8,
+        progress=not args.quiet,
+        report=out / "report.html",
+    )
     print(format_metrics(res.metrics) + "  (percent)")
-    print(f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/; report: {out / 'report.html'}")
+    print(
+        f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/; report: "
+        f"{out / 'report.html'}"
+    )
     return EXIT_OK
 
 
@@ -346,7 +616,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {
+    "calibrate": cmd_calibrate,
+    "fit": cmd_fit,
+    "test": cmd_test,
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

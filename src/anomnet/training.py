@@ -53,8 +53,12 @@ class FitRecord:
         return next((p for p in self.phases if p.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "seed": self.seed, "data_sources": dict(self.data_sources),
-                "phases": [asdict(p) for p in self.phases]}
+        return {
+            "seconds": self.seconds,
+            "seed": self.seed,
+            "data_sources": dict(self.data_sources),
+            "phases": [asdict(p) for p in self.phases],
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> FitRecord:
@@ -62,12 +66,18 @@ class FitRecord:
         if not isinstance(data, dict):
             return cls()
         known = set(PhaseRecord.__dataclass_fields__)
-        phases = [PhaseRecord(**{k: v for k, v in p.items() if k in known})
-                  for p in data.get("phases", []) if isinstance(p, dict) and isinstance(p.get("name"), str)]
+        phases = [
+            PhaseRecord(**{k: v for k, v in p.items() if k in known})
+            for p in data.get("phases", [])
+            if isinstance(p, dict) and isinstance(p.get("name"), str)
+        ]
         sources = data.get("data_sources", {})
         seed = data.get("seed")
-        return cls(phases, {str(k): str(v) for k, v in sources.items()} if isinstance(sources, dict) else {},
-                   seed if isinstance(seed, int) else None)
+        return cls(
+            phases,
+            {str(k): str(v) for k, v in sources.items()} if isinstance(sources, dict) else {},
+            seed if isinstance(seed, int) else None,
+        )
 
 
 def seed_everything(seed: int) -> None:

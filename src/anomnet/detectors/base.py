@@ -6,6 +6,7 @@ Every method plugs in by subclassing :class:`Detector` and registering itself wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -89,7 +90,9 @@ class DetectorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown setting(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown setting(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         values = {}
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
@@ -115,10 +118,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         kind = type(choices[0])
-        try:
-            value = kind(value) if isinstance(value, str) and kind is not str else value
-        except ValueError:
-            pass
+        if isinstance(value, str) and kind is not str:
+            with contextlib.suppress(ValueError):  # not convertible: _check_literal names the value
+                value = kind(value)
         _check_literal(name, value, hint)
         return value
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -175,7 +177,9 @@ class Detector(ABC):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
         if self.tiling is not None:
-            scores, maps = tiling.predict_tiled(self.predict_preprocessed, self.preprocess, images, self.tiling, self.config.batch_size)
+            scores, maps = tiling.predict_tiled(
+                self.predict_preprocessed, self.preprocess, images, self.tiling, self.config.batch_size
+            )
             return Prediction(scores, maps)
         scores, maps = self.predict_preprocessed(self.preprocess(images))
         height, width = images.shape[-2:]
@@ -224,7 +228,9 @@ class Detector(ABC):
         meta, tensors = read_model(directory)
         name = meta.get("detector")
         if name not in DETECTORS:
-            raise ModelFormatError(f"{directory}: unknown detector {name!r}; this anomnet has {', '.join(sorted(DETECTORS))}")
+            raise ModelFormatError(
+                f"{directory}: unknown detector {name!r}; this anomnet has {', '.join(sorted(DETECTORS))}"
+            )
         cls = DETECTORS[name]
         try:
             detector = cls(cls.config_class.from_dict(meta.get("config", {})))
