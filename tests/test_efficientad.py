@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import make_folder_dataset
 
 from anomnet import api
 from anomnet.data import load_dataset
@@ -18,7 +19,6 @@ from anomnet.errors import ConfigError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches, foreground_mask
-from tests.conftest import make_folder_dataset
 
 
 # -- PDN ---------------------------------------------------------------------------------------
@@ -163,11 +163,26 @@ def test_appearance_augment_is_seeded_and_in_range() -> None:
 
 
 # -- detector ----------------------------------------------------------------------------------
-TINY = {"image_size": 64, "steps": 4, "distill_steps": 2, "distill_crop": 64, "distill_batch": 4, "pool_limit": 4, "batch_size": 4}
+TINY = {
+    "image_size": 64,
+    "steps": 4,
+    "distill_steps": 2,
+    "distill_crop": 64,
+    "distill_batch": 4,
+    "pool_limit": 4,
+    "batch_size": 4,
+}
 
 
 def test_settings_are_checked() -> None:
-    for bad in ({"model_size": "l"}, {"teacher": "x"}, {"loss": "x"}, {"alpha": 2}, {"q_a": 0.99, "q_b": 0.9}, {"image_size": 80}):
+    for bad in (
+        {"model_size": "l"},
+        {"teacher": "x"},
+        {"loss": "x"},
+        {"alpha": 2},
+        {"q_a": 0.99, "q_b": 0.9},
+        {"image_size": 80},
+    ):
         with pytest.raises(ConfigError):
             create_detector("efficientad", bad)
 
@@ -194,9 +209,17 @@ def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
         assert torch.equal(v, again.teacher.state_dict()[k])
 
 
-@pytest.mark.parametrize("extra", [{"teacher": "backbone", "loss": "original"}, {"model_size": "m", "padding": True, "teacher": "distilled", "cache_dir": "off"}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"teacher": "backbone", "loss": "original"},
+        {"model_size": "m", "padding": True, "teacher": "distilled", "cache_dir": "off"},
+    ],
+)
 def test_variants_fit_and_reload(folder_dataset: Path, tmp_path: Path, extra: dict) -> None:
-    det = api.fit("efficientad", folder_dataset, out=tmp_path / "m", settings={**TINY, "steps": 2, **extra}, progress=False)
+    det = api.fit(
+        "efficientad", folder_dataset, out=tmp_path / "m", settings={**TINY, "steps": 2, **extra}, progress=False
+    )
     x = torch.rand(2, 3, 64, 64)
     assert torch.equal(det.predict(x).maps, api.load(tmp_path / "m").predict(x).maps)
 
@@ -235,7 +258,9 @@ def test_generic_image_source_is_explicit_and_recorded(folder_dataset: Path, tmp
     split = load_dataset(folder_dataset)
     settings = {**TINY, "steps": 1, "loss": "original", "teacher": "backbone"}
     with pytest.raises(ConfigError, match="missing"):
-        create_detector("efficientad", {**settings, "pool_dir": str(tmp_path / "missing")}).fit(split.train, [], progress=False)
+        create_detector("efficientad", {**settings, "pool_dir": str(tmp_path / "missing")}).fit(
+            split.train, [], progress=False
+        )
     monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
     det = create_detector("efficientad", settings)
     det.fit(split.train, [], progress=False)

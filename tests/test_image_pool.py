@@ -23,7 +23,7 @@ def test_builtin_photos_are_rgb_floats() -> None:
     assert len(images) == 2
     for img in images:
         assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.float32
-        assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
+        assert img.min() >= 0.0 and img.max() <= 1.0 and img.max() > 0.5
 
 
 def test_user_folder_recursive_and_seeded_limit(tmp_path: Path) -> None:

@@ -41,7 +41,10 @@ def test_perlin_mask_is_never_empty(seed: int) -> None:
     assert m.sum() >= 1
 
 
-@pytest.mark.parametrize("make", [lambda: PerlinAnomaly(_textures(), rotate=False), lambda: PerlinAnomaly([], rotate=False), lambda: CutPaste()])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: PerlinAnomaly(_textures(), rotate=False), lambda: PerlinAnomaly([], rotate=False), lambda: CutPaste()],
+)
 def test_mask_matches_the_altered_pixels(make) -> None:
     gen = make()
     for seed in range(10):
@@ -110,7 +113,9 @@ def test_textures_from_a_user_folder(tmp_path) -> None:
     folder = tmp_path / "tex"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray((np.random.default_rng(i).random((20, 30, 3)) * 255).astype(np.uint8)).save(folder / f"t{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((20, 30, 3)) * 255).astype(np.uint8)).save(
+            folder / f"t{i}.png"
+        )
     with_builtin = load_textures(folder, size=64)
     assert len(with_builtin) >= 3 and tuple(with_builtin[0].shape) == (3, 20, 30)
     with pytest.raises(ConfigError, match="missing"):

@@ -29,8 +29,12 @@ def test_focal_loss_hand_computed() -> None:
     a = 0.25**2 * -math.log(0.75)  # p_t = 0.75
     b = 0.75**2 * -math.log(0.25)  # p_t = 0.25
     assert focal_loss(logits, target, gamma=2.0).item() == pytest.approx((a + b) / 2, rel=1e-6)
-    assert focal_loss(logits, target, gamma=2.0, alpha=0.25).item() == pytest.approx((0.25 * a + 0.75 * b) / 2, rel=1e-6)
-    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(F.cross_entropy(logits, target.long()).item(), rel=1e-6)
+    assert focal_loss(logits, target, gamma=2.0, alpha=0.25).item() == pytest.approx(
+        (0.25 * a + 0.75 * b) / 2, rel=1e-6
+    )
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(
+        F.cross_entropy(logits, target.long()).item(), rel=1e-6
+    )
 
 
 def test_simsiam_stop_gradient_on_the_projection_targets() -> None:
@@ -41,7 +45,9 @@ def test_simsiam_stop_gradient_on_the_projection_targets() -> None:
     loss.backward()
     assert z1.grad is None and z2.grad is None  # no gradient reaches the targets
     assert p1.grad is not None and p1.grad.abs().sum() > 0 and p2.grad is not None
-    assert loss.item() == pytest.approx(-0.5 * (F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()).item())
+    assert loss.item() == pytest.approx(
+        -0.5 * (F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()).item()
+    )
 
 
 def test_simsiam_head_gradient_flows_only_through_the_predictor_branch() -> None:
@@ -65,7 +71,12 @@ def test_discriminator_output_at_input_resolution() -> None:
 
 
 def test_default_decoder_layers() -> None:
-    assert default_decoder_layers("efficientnet_lite0", ("stage3", "stage4")) == ("stage1", "stage2", "stage3", "stage4")
+    assert default_decoder_layers("efficientnet_lite0", ("stage3", "stage4")) == (
+        "stage1",
+        "stage2",
+        "stage3",
+        "stage4",
+    )
     assert default_decoder_layers("resnet18", ("layer2", "layer3")) == ("layer1", "layer2", "layer3")
 
 
@@ -124,7 +135,24 @@ def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:
 def test_cli_fit_test_predict(folder_dataset, tmp_path) -> None:
     out = tmp_path / "m"
     sets = [a for k, v in SMALL.items() if k != "image_size" for a in ("--set", f"{k}={v}")]
-    assert main(["fit", "--model", "tocoad", "--data", str(folder_dataset), "--out", str(out), "--image-size", "64", *sets, "--quiet"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                "tocoad",
+                "--data",
+                str(folder_dataset),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                *sets,
+                "--quiet",
+            ]
+        )
+        == EXIT_OK
+    )
     assert main(["test", "--model-dir", str(out), "--data", str(folder_dataset), "--quiet"]) == EXIT_OK
     assert main(["predict", "--model-dir", str(out), str(folder_dataset / "test")]) == EXIT_OK
 
@@ -133,7 +161,9 @@ def test_texture_source_is_explicit_and_recorded(folder_dataset, tmp_path, monke
     split = load_dataset(folder_dataset)
     tiny = {**SMALL, "stage1_steps": 1, "stage2_steps": 0}
     with pytest.raises(ConfigError, match="missing"):
-        create_detector("tocoad", {**tiny, "textures": str(tmp_path / "missing")}).fit(split.train[:4], [], progress=False)
+        create_detector("tocoad", {**tiny, "textures": str(tmp_path / "missing")}).fit(
+            split.train[:4], [], progress=False
+        )
     monkeypatch.delenv("ANOMNET_TEXTURE_DIR", raising=False)
     sources = []
     for cwd in (tmp_path, folder_dataset):  # the same settings from another working directory: the same source

@@ -27,8 +27,22 @@ from anomnet.io import list_images, read_image
 
 # Bundled with scikit-image (no download); textures first.
 BUILTIN_NAMES = (
-    "brick", "grass", "gravel", "coffee", "astronaut", "chelsea", "rocket", "camera",
-    "coins", "moon", "horse", "clock", "colorwheel", "immunohistochemistry", "cell", "hubble_deep_field",
+    "brick",
+    "grass",
+    "gravel",
+    "coffee",
+    "astronaut",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "horse",
+    "clock",
+    "colorwheel",
+    "immunohistochemistry",
+    "cell",
+    "hubble_deep_field",
 )
 
 

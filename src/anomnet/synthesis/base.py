@@ -28,7 +28,9 @@ def random_rotation(image: torch.Tensor, rng: torch.Generator, max_angle: float 
     if angle == 0.0:
         return out.contiguous()
     a = math.radians(angle)
-    theta = torch.tensor([[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]], dtype=image.dtype)
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]], dtype=image.dtype
+    )
     grid = F.affine_grid(theta[None], [1, 3, h, w], align_corners=False)
     return F.grid_sample(out[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
 

@@ -79,7 +79,9 @@ def perlin_mask(
     return (noise >= cut).float()
 
 
-def load_textures(folder: str | Path | None = None, limit: int | None = 100, seed: int = 0, size: int = 256) -> list[torch.Tensor]:
+def load_textures(
+    folder: str | Path | None = None, limit: int | None = 100, seed: int = 0, size: int = 256
+) -> list[torch.Tensor]:
     """Texture images ``[3, h, w]`` (short side at most ``size``) from :mod:`anomnet.image_pool`:
     the named folder or ``$ANOMNET_TEXTURE_DIR`` (a seeded subset of ``limit`` files; missing or
     empty: ConfigError), plus scikit-image's bundled photos. An empty list only when there is

@@ -23,7 +23,10 @@ class Autoencoder(nn.Module):
     def __init__(self, input_size: int, output_size: int, out_channels: int = 384, dropout: float = 0.2) -> None:
         super().__init__()
         if input_size % 32 or input_size < 64:
-            raise ConfigError(f"the EfficientAD autoencoder needs an input size that is a multiple of 32 (64 or more), got {input_size}")
+            raise ConfigError(
+                "the EfficientAD autoencoder needs an input size that is a multiple of 32 (64 or more), "
+                f"got {input_size}"
+            )
         self.output_size = output_size
         self.sizes = tuple(max(2, round(s * input_size / 256)) for s in _DECODER_SIZES_256)
         enc: list[nn.Module] = []
@@ -32,7 +35,9 @@ class Autoencoder(nn.Module):
             enc += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
         enc.append(nn.Conv2d(64, BOTTLENECK, input_size // 32))
         self.encoder = nn.Sequential(*enc)
-        self.decoder_convs = nn.ModuleList(nn.Conv2d(BOTTLENECK if i == 0 else 64, 64, 4, padding=2) for i in range(len(self.sizes)))
+        self.decoder_convs = nn.ModuleList(
+            nn.Conv2d(BOTTLENECK if i == 0 else 64, 64, 4, padding=2) for i in range(len(self.sizes))
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Sequential(
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, out_channels, 3, padding=1)

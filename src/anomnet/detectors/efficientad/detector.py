@@ -51,7 +51,9 @@ from anomnet.training import FitRecord, seed_everything, timed_phase, train_phas
 class EfficientAD(Detector):
     name = "efficientad"
     config_class = EfficientADConfig
-    description = "EfficientAD: PDN student-teacher + autoencoder, optional CDO loss (Batzner et al. 2024, Cao et al. 2023)"
+    description = (
+        "EfficientAD: PDN student-teacher + autoencoder, optional CDO loss (Batzner et al. 2024, Cao et al. 2023)"
+    )
     config: EfficientADConfig
 
     def __init__(self, config: EfficientADConfig | None = None) -> None:
@@ -61,7 +63,9 @@ class EfficientAD(Detector):
             raise ConfigError(f"need q_a < q_b, got q_a={c.q_a}, q_b={c.q_b}")
         size = self.preprocess.output_size
         if size % 32:
-            raise ConfigError(f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}")
+            raise ConfigError(
+                f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}"
+            )
         self.size = size
         self.n = output_size(size, c.padding)
         seed_everything(c.seed)  # the networks' initial weights depend on the seed only
@@ -111,7 +115,9 @@ class EfficientAD(Detector):
             short = min(im.shape[-2:])
             if short > 2 * self.size:
                 scale = 2 * self.size / short
-                im = F.interpolate(im[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)[0]
+                im = F.interpolate(im[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)[
+                    0
+                ]
             pool.append((im.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
         identity = files_identity(texture_paths(c.pool_dir, c.pool_limit, c.seed), BUILTIN_NAMES)
         self.fit_record.data_sources["generic_images"] = describe_source(c.pool_dir, len(pool), c.pool_limit, c.seed)
@@ -135,11 +141,25 @@ class EfficientAD(Detector):
         pool = _FloatView(pool_u8)
         if c.teacher == "distilled":
             settings = DistillSettings(
-                c.model_size, c.padding, OUT_CHANNELS, c.backbone, tuple(c.teacher_layers) if c.teacher_layers else None,
-                c.distill_steps, c.distill_batch, c.distill_crop, c.distill_lr, c.seed, self.size, pool_id,
+                c.model_size,
+                c.padding,
+                OUT_CHANNELS,
+                c.backbone,
+                tuple(c.teacher_layers) if c.teacher_layers else None,
+                c.distill_steps,
+                c.distill_batch,
+                c.distill_crop,
+                c.distill_lr,
+                c.seed,
+                self.size,
+                pool_id,
                 files_identity([s.path for s in train]) if c.distill_on_train else "",
             )
-            cache = None if (c.cache_dir or "").lower() in ("off", "none", "false") else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
+            cache = (
+                None
+                if (c.cache_dir or "").lower() in ("off", "none", "false")
+                else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
+            )
             target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
             self.teacher = distill_teacher(
                 settings, target, images if c.distill_on_train else None, pool, cache, self.fit_record, c.bf16, progress
@@ -178,7 +198,7 @@ class EfficientAD(Detector):
 
     def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> None:
         c = self.config
-        self.student.train().to(memory_format=torch.channels_last)
+        self.student.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.autoencoder.train()
         params = list(self.student.parameters()) + list(self.autoencoder.parameters())
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5)
@@ -214,7 +234,10 @@ class EfficientAD(Detector):
                 losses["cdo"] = cdo_loss(t, s_st, anomalous, c.cdo_gamma)
             elif c.penalty and len(pool):
                 p = torch.stack(
-                    [_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True) for _ in idx]
+                    [
+                        _random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True)
+                        for _ in idx
+                    ]
                 )
                 with self._autocast():
                     sp = self.student(p.contiguous(memory_format=torch.channels_last)).float()
@@ -232,7 +255,7 @@ class EfficientAD(Detector):
             return {"total": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
         train_phase(self.fit_record, "train", step, c.steps, progress=progress)
-        self.student.eval().to(memory_format=torch.contiguous_format)
+        self.student.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         self.autoencoder.eval()
 
     @torch.no_grad()
@@ -279,9 +302,14 @@ class EfficientAD(Detector):
         if self.config.teacher == "distilled":
             out.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         else:  # the projection, and the backbone's tensors when they come from a user file (none for package weights)
-            out["teacher.projection"] = self.teacher.projection  # type: ignore[union-attr]
-            backbone = self.teacher.features.backbone  # type: ignore[union-attr]
-            out.update({f"teacher.backbone.{k}": v for k, v in backbone_state(backbone).items()})
+            teacher = self.teacher
+            backbone_teacher = teacher if isinstance(teacher, BackboneTeacher) else None
+            if backbone_teacher is None:
+                raise NotFittedError("the EfficientAD teacher is not built")
+            out["teacher.projection"] = backbone_teacher.projection
+            out.update(
+                {f"teacher.backbone.{k}": v for k, v in backbone_state(backbone_teacher.features.backbone).items()}
+            )
         out.update(teacher_mean=self.teacher_mean, teacher_std=self.teacher_std, quantiles=self.quantiles)
         return {k: v.detach().contiguous() for k, v in out.items()}
 
@@ -294,8 +322,11 @@ class EfficientAD(Detector):
         if self.config.teacher == "distilled":
             self.teacher.load_state_dict(part("teacher."))
         else:
-            self.teacher.projection.copy_(tensors["teacher.projection"])  # type: ignore[union-attr, operator]
-            load_backbone_state(self.teacher.features.backbone, part("teacher.backbone."))  # type: ignore[union-attr]
+            teacher = self.teacher
+            if not isinstance(teacher, BackboneTeacher):
+                raise NotFittedError("the EfficientAD teacher is not built")
+            teacher.projection.copy_(tensors["teacher.projection"])
+            load_backbone_state(teacher.features.backbone, part("teacher.backbone."))
         self.teacher_mean = tensors["teacher_mean"].float()
         self.teacher_std = tensors["teacher_std"].float()
         self.quantiles = tensors["quantiles"].float()

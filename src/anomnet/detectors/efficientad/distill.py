@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -53,8 +54,16 @@ def orthonormal_projection(in_channels: int, out_channels: int, seed: int) -> to
 class BackboneTeacher(nn.Module):
     """Images ``[B,3,S,S]`` -> backbone features ``[B,out_channels,n,n]`` on the PDN's ``n x n`` output grid."""
 
+    projection: torch.Tensor
+
     def __init__(
-        self, backbone: str, layers: Sequence[str] | None, out_channels: int, padding: bool, seed: int, search: bool = False
+        self,
+        backbone: str,
+        layers: Sequence[str] | None,
+        out_channels: int,
+        padding: bool,
+        seed: int,
+        search: bool = False,
     ) -> None:
         super().__init__()
         # a file-backed backbone reads the weights folder only with ``search`` (fit); else it waits for saved tensors
@@ -123,7 +132,9 @@ def _random_crop(image: torch.Tensor, crop: int, g: torch.Generator, rescale: bo
     left = int(torch.randint(0, w - side + 1, (1,), generator=g))
     out = image[:, top : top + side, left : left + side]
     if side != crop:
-        out = F.interpolate(out[None], size=(crop, crop), mode="bilinear", antialias=side > crop, align_corners=False)[0]
+        out = F.interpolate(out[None], size=(crop, crop), mode="bilinear", antialias=side > crop, align_corners=False)[
+            0
+        ]
     if float(torch.rand((), generator=g)) < 0.5:
         out = out.flip(-1)
     return out
@@ -133,11 +144,19 @@ def pool_tensors(images: Sequence[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).float() for im in images]
 
 
+class ImageList(Protocol):
+    """Indexable images ``[3,H,W]`` (a list, or a view that converts on access)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+
 def distill_teacher(
     settings: DistillSettings,
     target: BackboneTeacher,
     train_images: torch.Tensor | None,
-    pool: Sequence[torch.Tensor],
+    pool: ImageList,
     cache_dir: Path | None,
     record: FitRecord,
     bf16: bool = True,
@@ -164,9 +183,15 @@ def distill_teacher(
         for i in range(settings.batch):
             from_train = train_images is not None and (not pool or i % 2 == 0)
             if from_train and train_images is not None:
-                crops.append(_random_crop(train_images[int(torch.randint(len(train_images), (1,), generator=g))], settings.crop, g, False))
+                crops.append(
+                    _random_crop(
+                        train_images[int(torch.randint(len(train_images), (1,), generator=g))], settings.crop, g, False
+                    )
+                )
             else:
-                crops.append(_random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], settings.crop, g, True))
+                crops.append(
+                    _random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], settings.crop, g, True)
+                )
         return torch.stack(crops)
 
     # channel statistics of the target, from a few batches
@@ -174,7 +199,7 @@ def distill_teacher(
         feats = torch.cat([target(batch()) for _ in range(max(1, min(64 // settings.batch, settings.steps)))])
         mean = feats.mean((0, 2, 3), keepdim=True)
         std = feats.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    teacher.train().to(memory_format=torch.channels_last)
+    teacher.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
 
@@ -194,7 +219,7 @@ def distill_teacher(
     phase = train_phase(record, "distill", step, settings.steps, progress=progress)
     phase.extra.update(cached=False, key=key)
     teacher.eval()
-    teacher = teacher.to(memory_format=torch.contiguous_format)
+    teacher = teacher.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     summary = {"cached": False, "key": key, "seconds": phase.seconds, "loss": phase.loss_last.get("loss", float("nan"))}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def hard_feature_loss(distance: torch.Tensor, quantile: float = 0.999, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hard_feature_loss(
+    distance: torch.Tensor, quantile: float = 0.999, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of the squared errors at or above their ``quantile`` (EfficientAD's hard-feature loss).
 
     ``distance``: ``[B,C,H,W]`` element-wise squared errors. ``mask`` (``[B,H,W]`` bool), when
@@ -39,7 +41,9 @@ def discrepancy(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (F.normalize(teacher, dim=1) - F.normalize(student, dim=1)).pow(2).sum(1)
 
 
-def cdo_loss(teacher: torch.Tensor, student: torch.Tensor, anomalous: torch.Tensor, gamma: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
+def cdo_loss(
+    teacher: torch.Tensor, student: torch.Tensor, anomalous: torch.Tensor, gamma: float = 2.0, eps: float = 1e-12
+) -> torch.Tensor:
     """CDO: ``(sum w_N d_N - sum w_A d_A) / (sum w_N + sum w_A)``.
 
     ``d`` = :func:`discrepancy`; ``anomalous`` (``[B,H,W]`` bool) marks synthetic-defect positions.

@@ -30,22 +30,30 @@ def pdn(size: str, out_channels: int, padding: bool = False) -> nn.Sequential:
     p = 1 if padding else 0
     if size == "s":
         layers: list[nn.Module] = [
-            nn.Conv2d(3, 128, 4, padding=3 * p), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 128, 4, padding=3 * p),
+            nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2, padding=p),
-            nn.Conv2d(128, 256, 4, padding=3 * p), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 256, 4, padding=3 * p),
+            nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2, padding=p),
-            nn.Conv2d(256, 256, 3, padding=p), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=p),
+            nn.ReLU(inplace=True),
             nn.Conv2d(256, out_channels, 4),
         ]
     elif size == "m":
         layers = [
-            nn.Conv2d(3, 256, 4, padding=3 * p), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 256, 4, padding=3 * p),
+            nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2, padding=p),
-            nn.Conv2d(256, 512, 4, padding=3 * p), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 512, 4, padding=3 * p),
+            nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2, padding=p),
-            nn.Conv2d(512, 512, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(512, 512, 3, padding=p), nn.ReLU(inplace=True),
-            nn.Conv2d(512, out_channels, 4), nn.ReLU(inplace=True),
+            nn.Conv2d(512, 512, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(512, 512, 3, padding=p),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(512, out_channels, 4),
+            nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 1),
         ]
     else:

@@ -12,7 +12,12 @@ from anomnet.synthesis.base import uniform
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
-def random_resized_crop(image: torch.Tensor, rng: torch.Generator, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3)) -> torch.Tensor:
+def random_resized_crop(
+    image: torch.Tensor,
+    rng: torch.Generator,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (0.75, 4 / 3),
+) -> torch.Tensor:
     """A crop of ``scale`` of the area and aspect ``ratio`` (log-uniform), resized back to the image's size."""
     h, w = image.shape[-2:]
     area = uniform(rng, *scale) * h * w
@@ -53,7 +58,9 @@ def _hue_rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", m, x)
 
 
-def two_view_augment(image: torch.Tensor, rng: torch.Generator, crop_scale: float = 0.6, jitter_p: float = 0.8, gray_p: float = 0.2) -> torch.Tensor:
+def two_view_augment(
+    image: torch.Tensor, rng: torch.Generator, crop_scale: float = 0.6, jitter_p: float = 0.8, gray_p: float = 0.2
+) -> torch.Tensor:
     """One augmented view of a ``[3,H,W]`` image in [0,1]."""
     x = random_resized_crop(image, rng, (crop_scale, 1.0))
     if float(torch.rand((), generator=rng)) < jitter_p:

@@ -13,7 +13,8 @@ The pretrained backbone is fine-tuned to the product, then scored like PatchCore
 * Scoring: PatchCore's memory bank (greedy coreset, nearest-neighbour search, re-weighted image
   score) on the memory-bank layers of the fine-tuned backbone (:class:`PatchCore` unchanged).
 
-Training is bounded by step budgets (``stage1_steps``, ``stage2_steps``; old names ``steps1``, ``steps2``), not the paper's 100 + 100 epochs.
+Training is bounded by step budgets (``stage1_steps``, ``stage2_steps``; old names ``steps1``, ``steps2``),
+not the paper's 100 + 100 epochs.
 The saved model holds the fine-tuned backbone weights and the bank; neither the discriminator
 nor the textures are needed to predict. Choices and measurements: docs/tocoad.md.
 """
@@ -52,7 +53,10 @@ def default_decoder_layers(backbone: str, bank_layers: Sequence[str]) -> tuple[s
 class ToCoAD(PatchCore):
     name = "tocoad"
     config_class = ToCoADConfig
-    description = "ToCoAD: synthetic anomalies, discriminator, SimSiam fine-tuning of the backbone, PatchCore memory bank (Liang et al.)"
+    description = (
+        "ToCoAD: synthetic anomalies, discriminator, SimSiam fine-tuning of the backbone, "
+        "PatchCore memory bank (Liang et al.)"
+    )
     config: ToCoADConfig
 
     def __init__(self, config: ToCoADConfig | None = None) -> None:
@@ -81,7 +85,11 @@ class ToCoAD(PatchCore):
             trunk.load_state_dict(self.features.backbone.state_dict())
             rng = torch.Generator().manual_seed(c.seed)
             generator = self._make_generator()
-            disc = self.train_discriminator(trunk, images, generator, rng, progress) if c.stage1 and c.stage1_steps else None
+            disc = (
+                self.train_discriminator(trunk, images, generator, rng, progress)
+                if c.stage1 and c.stage1_steps
+                else None
+            )
             if c.stage2 and c.stage2_steps:
                 self.finetune(trunk, disc, images, generator, rng, progress)
                 self.features.backbone.load_state_dict(trunk.state_dict())
@@ -109,7 +117,12 @@ class ToCoAD(PatchCore):
         return disc([levels[i] for i in self._dec_idx], size)
 
     def train_discriminator(
-        self, trunk: FeatureExtractor, images: torch.Tensor, generator: AnomalyGenerator, rng: torch.Generator, progress: bool
+        self,
+        trunk: FeatureExtractor,
+        images: torch.Tensor,
+        generator: AnomalyGenerator,
+        rng: torch.Generator,
+        progress: bool,
     ) -> Discriminator:
         """Stage I: the decoder learns the synthetic masks on the frozen backbone's levels."""
         c = self.config
@@ -120,7 +133,7 @@ class ToCoAD(PatchCore):
         steps = c.stage1_steps
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.8 * steps), int(0.9 * steps)], gamma=0.2)
         disc.train()
-        size = tuple(images.shape[-2:])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
 
         def step(_: int) -> dict[str, float]:
             x, masks = synthesize_batch(generator, self._batch(images, rng), rng, c.anomaly_prob)
@@ -141,7 +154,13 @@ class ToCoAD(PatchCore):
         return disc
 
     def _synthetic_auroc(
-        self, trunk: FeatureExtractor, disc: Discriminator, images: torch.Tensor, generator: AnomalyGenerator, rng: torch.Generator, batches: int = 4
+        self,
+        trunk: FeatureExtractor,
+        disc: Discriminator,
+        images: torch.Tensor,
+        generator: AnomalyGenerator,
+        rng: torch.Generator,
+        batches: int = 4,
     ) -> float:
         """Pixel AUROC of the discriminator on fresh synthetic anomalies (a sanity figure for the notes)."""
         from anomnet.metrics import image_auroc
@@ -150,7 +169,7 @@ class ToCoAD(PatchCore):
         with torch.no_grad():
             for _ in range(batches):
                 x, masks = synthesize_batch(generator, self._batch(images, rng), rng, 1.0)
-                prob = torch.softmax(self._decode(disc, trunk(x), tuple(x.shape[-2:])), dim=1)[:, 1]
+                prob = torch.softmax(self._decode(disc, trunk(x), (int(x.shape[-2]), int(x.shape[-1]))), dim=1)[:, 1]
                 scores.append(prob[:, ::4, ::4].flatten())
                 labels.append(masks[:, ::4, ::4].flatten() > 0.5)
         return float(image_auroc(torch.cat(scores).numpy(), torch.cat(labels).numpy()))
@@ -178,7 +197,7 @@ class ToCoAD(PatchCore):
         )  # fmt: skip
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.stage2_steps)
         head.train()
-        size = tuple(images.shape[-2:])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
 
         def step(_: int) -> dict[str, float]:
             x = self._batch(images, rng)

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None
+) -> torch.Tensor:
     """Mean over pixels of ``-a_t (1 - p_t)^gamma log p_t``.
 
     Args:

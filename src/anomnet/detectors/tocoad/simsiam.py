@@ -43,4 +43,6 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     The projections are the targets: the stop-gradient (``detach``) means no gradient reaches
     them (nor, through them, the projector branch); only the predictor branch is pulled.
     """
-    return -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean())
+    return -0.5 * (
+        F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()
+    )
