@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/anomnet demo
+	$(BIN)/anomnet demo --overwrite
 
 # Lint, format and type checks (settings in pyproject.toml); `make test` runs them before the tests.
 LINT_PATHS := src tests benchmarks
