@@ -23,7 +23,7 @@ from anomnet.calibration import Calibration
 from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.model_io import read_model, write_model
-from anomnet.training import FitRecord
+from anomnet.training import FitRecord, seed_everything
 from anomnet.transforms import Preprocess
 
 
@@ -168,6 +168,17 @@ class Detector(ABC):
     @abstractmethod
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
         """Learn from good images only (``validation`` may be used for normalisation, never the test set)."""
+
+    def start_fit(self, train: Sequence[Sample]) -> torch.Generator:
+        """What every fit begins with: a non-empty training set, every generator seeded, a fresh fit record.
+
+        Returns a ``torch.Generator`` seeded with the config's seed for the fit's own draws.
+        """
+        if not train:
+            raise ConfigError(f"{type(self).__name__} needs at least one training image")
+        seed_everything(self.config.seed)
+        self.fit_record = FitRecord(seed=self.config.seed)
+        return torch.Generator().manual_seed(self.config.seed)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:

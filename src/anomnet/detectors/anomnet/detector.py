@@ -30,7 +30,7 @@ from anomnet.detectors.anomnet.losses import (
 from anomnet.detectors.anomnet.model import AnomNetModel, CoordConvAdapter, coordinates, default_layers
 from anomnet.detectors.base import Detector, register
 from anomnet.errors import ConfigError, NotFittedError
-from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
+from anomnet.training import timed_phase, train_phase
 
 BACKBONE_PREFIX = "backbone."
 ADAPTER_PREFIX = "adapter."
@@ -152,12 +152,8 @@ class AnomNet(Detector):
         return torch.cat(parts)[torch.cat(order).argsort()]
 
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
-        if not train:
-            raise ConfigError("AnomNet needs at least one training image")
+        gen = self.start_fit(train)
         c = self.config
-        seed_everything(c.seed)
-        self.fit_record = FitRecord(seed=c.seed)
-        gen = torch.Generator().manual_seed(c.seed)
         if not self.features.backbone.ready:
             self.model.features = self._build_features(c.weights, search=True)
         with timed_phase(self.fit_record, "features"):

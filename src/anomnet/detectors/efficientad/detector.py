@@ -44,7 +44,7 @@ from anomnet.errors import ConfigError, NotFittedError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches
-from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
+from anomnet.training import seed_everything, timed_phase, train_phase
 
 
 @register
@@ -124,12 +124,8 @@ class EfficientAD(Detector):
         return pool, identity
 
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
-        if not train:
-            raise ConfigError("EfficientAD needs at least one training image")
+        g = self.start_fit(train)
         c = self.config
-        seed_everything(c.seed)
-        self.fit_record = FitRecord(seed=c.seed)
-        g = torch.Generator().manual_seed(c.seed)
         with timed_phase(self.fit_record, "load"):
             images = self._load_images(train, "load train" if progress else None)
         if isinstance(self.teacher, BackboneTeacher) and not self.teacher.features.backbone.ready:

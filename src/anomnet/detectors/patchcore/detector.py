@@ -22,7 +22,7 @@ from anomnet.detectors.base import Detector, register
 from anomnet.detectors.patchcore.config import PatchCoreConfig
 from anomnet.detectors.patchcore.model import PatchCoreModel
 from anomnet.errors import ConfigError, NotFittedError
-from anomnet.training import FitRecord, PhaseRecord, seed_everything, timed_phase
+from anomnet.training import PhaseRecord, timed_phase
 
 BACKBONE_PREFIX = "backbone."
 
@@ -69,10 +69,7 @@ class PatchCore(Detector):
         return self.model.extract(images)
 
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
-        if not train:
-            raise ConfigError("PatchCore needs at least one training image")
-        seed_everything(self.config.seed)
-        self.fit_record = FitRecord(seed=self.config.seed)
+        self.start_fit(train)
         self.ensure_backbone()
         self.build_memory_bank(train, progress)
 

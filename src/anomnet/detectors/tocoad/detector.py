@@ -35,11 +35,10 @@ from anomnet.detectors.tocoad.config import ToCoADConfig
 from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
-from anomnet.errors import ConfigError
 from anomnet.image_pool import describe_source
 from anomnet.synthesis import CutPaste, PerlinAnomaly, load_textures, synthesize_batch
 from anomnet.synthesis.base import AnomalyGenerator
-from anomnet.training import FitRecord, seed_everything, timed_phase, train_phase
+from anomnet.training import timed_phase, train_phase
 
 
 def default_decoder_layers(backbone: str, bank_layers: Sequence[str]) -> tuple[str, ...]:
@@ -72,11 +71,8 @@ class ToCoAD(PatchCore):
 
     # -- training ----------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
-        if not train:
-            raise ConfigError("ToCoAD needs at least one training image")
+        self.start_fit(train)
         c = self.config
-        seed_everything(c.seed)
-        self.fit_record = FitRecord(seed=c.seed)
         self.ensure_backbone()
         if (c.stage1 and c.stage1_steps) or (c.stage2 and c.stage2_steps):
             with timed_phase(self.fit_record, "load"):
