@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFile
 
 from anomnet import io
-from anomnet.errors import DatasetError, ImageReadError
+from anomnet.errors import ConfigError, DatasetError, ImageReadError
 
 RNG = np.random.default_rng(0)
 
@@ -413,7 +413,7 @@ def test_to_tensor() -> None:
     t = io.to_tensor(image)
     assert t.shape == (3, 4, 5) and t.dtype == torch.float32 and t.is_contiguous()
     np.testing.assert_array_equal(t.numpy(), image.transpose(2, 0, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         io.to_tensor(np.zeros((4, 5), np.float32))
 
 
@@ -431,7 +431,7 @@ def test_write_png_round_trip(tmp_path: Path, shape: tuple[int, ...]) -> None:
 
 def test_write_png_rejects_bad_arrays(tmp_path: Path) -> None:
     for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             io.write_png(tmp_path / "x.png", bad)
     assert not list(tmp_path.iterdir())
 

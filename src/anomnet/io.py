@@ -181,7 +181,7 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``HxWx3`` float image -> contiguous ``[3,H,W]`` float32 tensor (a copy)."""
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+        raise ConfigError(f"expected an HxWx3 image, got shape {image.shape}")
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 
@@ -198,7 +198,7 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     """
     array = np.asarray(array)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(f"write_png needs a uint8 HxW or HxWx3 array, got {array.dtype} of shape {array.shape}")
+        raise ConfigError(f"write_png needs a uint8 HxW or HxWx3 array, got {array.dtype} of shape {array.shape}")
     image = Image.fromarray(np.ascontiguousarray(array))
     _atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
 
@@ -211,7 +211,7 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
 
     array = np.asarray(array)
     if array.ndim != 2 or array.dtype != np.float32:
-        raise ValueError(f"write_tiff needs a float32 HxW array, got {array.dtype} of shape {array.shape}")
+        raise ConfigError(f"write_tiff needs a float32 HxW array, got {array.dtype} of shape {array.shape}")
     buf = _BytesIO()
     tifffile.imwrite(buf, np.ascontiguousarray(array))
     _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))

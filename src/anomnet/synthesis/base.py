@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from anomnet.errors import ConfigError
+
 
 def uniform(rng: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=rng))
@@ -53,7 +55,7 @@ class AnomalyGenerator(ABC):
     def __call__(self, image: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``[3,H,W]`` in [0,1] -> (altered image ``[3,H,W]``, mask ``[H,W]`` float in {0,1}, never empty)."""
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected one [3,H,W] image, got {tuple(image.shape)}")
+            raise ConfigError(f"expected one [3,H,W] image, got {tuple(image.shape)}")
         base = self.normal(image.float(), rng)
         out, mask = self.alter(base, rng)
         return out.clamp(0.0, 1.0), mask

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from anomnet.errors import ConfigError
 from anomnet.synthesis.base import AnomalyGenerator, randint, uniform
 
 
@@ -48,9 +49,9 @@ class NoisePatches(AnomalyGenerator):
     ) -> None:
         super().__init__(rotate=False)
         if not 1 <= min_patches <= max_patches:
-            raise ValueError(f"need 1 <= min_patches <= max_patches, got {min_patches}, {max_patches}")
+            raise ConfigError(f"need 1 <= min_patches <= max_patches, got {min_patches}, {max_patches}")
         if not 0.0 < min_side <= max_side <= 1.0:
-            raise ValueError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
+            raise ConfigError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
         self.min_patches, self.max_patches = min_patches, max_patches
         self.min_side, self.max_side = min_side, max_side
         self.avoid_background = avoid_background

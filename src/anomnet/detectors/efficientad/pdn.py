@@ -98,13 +98,15 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
 
     def conv_hook(module: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
-        assert isinstance(module, nn.Conv2d)
+        if not isinstance(module, nn.Conv2d):  # hooks are registered on Conv2d modules only
+            return
         kh, kw = module.kernel_size
         total += out.numel() // out.shape[0] * (module.in_channels // module.groups) * kh * kw
 
     def linear_hook(module: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
-        assert isinstance(module, nn.Linear)
+        if not isinstance(module, nn.Linear):  # hooks are registered on Linear modules only
+            return
         total += out.numel() // out.shape[0] * module.in_features
 
     hooks: list[Callable[[], None]] = []
