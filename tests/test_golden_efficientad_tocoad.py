@@ -14,9 +14,7 @@ import os
 
 import pytest
 from tests.conftest import SHARED
-
-from anomnet.data import iter_batches, load_dataset
-from anomnet.detectors import create_detector
+from tests.test_golden import golden_scores
 
 SIZE = {"image_size": 64, "crop": 64, "batch_size": 4, "seed": 0}
 DTD = SHARED / "dtd_subset"
@@ -61,22 +59,12 @@ GOLDEN: dict[str, list[float]] = {
 }
 
 
-def _scores(bottle, name: str) -> list[float]:
-    split = load_dataset(bottle)
-    test = split.test[:6] + split.test[-6:]  # some broken, some good
-    det = create_detector(name, SETTINGS[name])
-    det.fit(split.train[:20], split.validation[:4], progress=False)
-    batch = next(iter(iter_batches(test, len(test), size=64)))
-    pred = det.predict(batch.images)
-    return [float(v) for v in pred.scores] + [float(pred.maps.mean()), float(pred.maps.amax())]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_image_scores_are_unchanged(bottle, name) -> None:
     if name == "tocoad" and not DTD.is_dir():
         pytest.skip("shared DTD texture subset not present")
-    got = _scores(bottle, name)
+    got = golden_scores(bottle, name, SETTINGS[name])
     if os.environ.get("ANOMNET_GOLDEN_PRINT"):
         print(name, got)
     assert got == pytest.approx(GOLDEN[name], rel=1e-4)
