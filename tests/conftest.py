@@ -11,6 +11,7 @@ from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = SHARED / "mvtec_ad" / "bottle"
+PIPED = SHARED / "piped"
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +60,10 @@ def bottle() -> Path:
     if not BOTTLE.is_dir():
         pytest.skip("shared MVTec bottle data not present")
     return BOTTLE
+
+
+@pytest.fixture
+def piped() -> Path:
+    if not PIPED.is_dir():
+        pytest.skip("shared PIPED data not present")
+    return PIPED
