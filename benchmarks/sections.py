@@ -22,12 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 
 ANOMNET_ABLATION = [
-    "a:model=anomnet;stages=1;use_att=false;use_sep=true;use_ent=true;use_con=false",
-    "b:model=anomnet;stages=1;use_att=false;use_sep=true;use_ent=true;use_con=true",
+    # the paper's Table 1: attraction is on in every row
+    "a:model=anomnet;stages=1;use_att=true;use_sep=true;use_ent=true;use_con=false",
+    "b:model=anomnet;stages=1;use_att=true;use_sep=true;use_ent=true;use_con=true",
     "c:model=anomnet;use_sep=false;use_ent=false;use_con=false",
     "d:model=anomnet;use_sep=false;use_ent=true;use_con=false",
     "e:model=anomnet;use_sep=true;use_ent=false;use_con=false",
     "f:model=anomnet;use_sep=true;use_ent=true;use_con=false",
+    # (c)-(f) again from the paper's mean initialisation (k-means already spreads the centroids)
+    "c-mean:model=anomnet;centroid_init=mean;use_sep=false;use_ent=false;use_con=false",
+    "d-mean:model=anomnet;centroid_init=mean;use_sep=false;use_ent=true;use_con=false",
+    "e-mean:model=anomnet;centroid_init=mean;use_sep=true;use_ent=false;use_con=false",
+    "f-mean:model=anomnet;centroid_init=mean;use_sep=true;use_ent=true;use_con=false",
     "lambda-0:model=anomnet;lambda_con=0",
     "lambda-0.2:model=anomnet;lambda_con=0.2",
     "lambda-2:model=anomnet;lambda_con=2",

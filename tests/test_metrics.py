@@ -19,6 +19,7 @@ from anomnet.metrics import (
     PixelMetricAccumulator,
     PixelMetrics,
     f1_max,
+    false_alarm_rate,
     image_auroc,
     precision_recall_f1,
 )
@@ -488,3 +489,10 @@ def test_image_metrics_small_cases():
     assert precision_recall_f1([0.1, 0.2], [0, 0], 0.5) == (0.0, 0.0, 0.0)  # 0/0 is 0
     assert f1_max([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx((0.8, 0.35))
     assert f1_max([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == (1.0, 0.8)
+
+
+def test_false_alarm_rate_counts_flagged_good_images_only() -> None:
+    scores, labels = [0.1, 0.5, 0.9, 0.7, 0.2], [0, 0, 0, 1, 1]
+    assert false_alarm_rate(scores, labels, 0.5) == pytest.approx(2 / 3)  # 0.5 and 0.9 flagged (>=)
+    assert false_alarm_rate(scores, labels, 0.95) == 0.0
+    assert math.isnan(false_alarm_rate([0.3], [1], 0.5))  # no good image

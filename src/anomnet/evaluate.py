@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
 from anomnet.errors import ConfigError
-from anomnet.metrics import PixelCurves, PixelMetricAccumulator, f1_max, image_auroc, precision_recall_f1
+from anomnet.metrics import (
+    PixelCurves,
+    PixelMetricAccumulator,
+    f1_max,
+    false_alarm_rate,
+    image_auroc,
+    precision_recall_f1,
+)
 from anomnet.postprocess import SegmentationCounts
 from anomnet.transforms import resize
 
@@ -174,6 +181,7 @@ def evaluate(
     metrics["image_f1_max"], _ = f1_max(s, y)
     thr = detector.calibration.threshold
     metrics["precision"], metrics["recall"], metrics["f1"] = precision_recall_f1(s, y, thr)
+    metrics["false_alarm_rate"] = false_alarm_rate(s, y, thr)
     pixel_curves = None
     if acc is not None:
         px = acc.compute(pro_limits=tuple(pro_limits), curve_points=curve_points)

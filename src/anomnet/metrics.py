@@ -182,6 +182,16 @@ def precision_recall_f1(scores: npt.ArrayLike, labels: npt.ArrayLike, threshold:
     return precision, recall, f1
 
 
+def false_alarm_rate(scores: npt.ArrayLike, labels: npt.ArrayLike, threshold: float) -> float:
+    """Share of the good images (label 0) with ``score >= threshold``: flagged although good (NaN without any)."""
+    s = _image_scores(scores)
+    y = _binary_labels(labels, s.shape[0])
+    good = ~y
+    if not good.any():
+        return float("nan")
+    return float(np.count_nonzero((s >= _check_threshold(threshold)) & good) / np.count_nonzero(good))
+
+
 def f1_max(scores: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[float, float]:
     """The best F1 over all thresholds ``score >= t`` and the threshold reaching it.
 
