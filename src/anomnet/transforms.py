@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +31,48 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``[B,C,H,W]`` turned counter-clockwise about the centre; multiples of 90 degrees exactly
+    (square images), other angles bilinearly with the corners filled by reflection."""
+    turns = degrees / 90.0
+    if turns == round(turns) and images.shape[-1] == images.shape[-2]:
+        return torch.rot90(images, int(round(turns)) % 4, dims=(-2, -1))
+    a = math.radians(degrees)
+    cos, sin = math.cos(a), math.sin(a)
+    theta = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rotation_angles(count: int) -> tuple[float, ...]:
+    """The ``count`` poses of the rotation augmentation: ``360 k / count`` degrees, 0 first."""
+    return tuple(360.0 * k / count for k in range(count))
+
+
+Aspect = Literal["stretch", "pad"]
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize to ``image_size`` (square), then optionally centre-crop to ``crop``."""
+    """Resize to ``image_size`` (square), then optionally centre-crop to ``crop``.
+
+    ``aspect="stretch"`` resizes every image to the square (a non-square image is stretched);
+    ``"pad"`` keeps its aspect ratio: the longer side becomes ``image_size`` and the shorter one
+    is filled to the square by mirroring the image, so texture is not stretched differently per
+    image. :meth:`restore` drops the filled band again.
+    """
 
     image_size: int = 256
     crop: int | None = None
+    aspect: Aspect = "stretch"
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
         if self.crop is not None and not 32 <= self.crop <= self.image_size:
             raise ConfigError(f"crop must be between 32 and image_size={self.image_size}, got {self.crop}")
+        if self.aspect not in ("stretch", "pad"):
+            raise ConfigError(f"aspect must be 'stretch' or 'pad', got {self.aspect!r}")
 
     @property
     def output_size(self) -> int:
@@ -52,11 +83,24 @@ class Preprocess:
         top = (self.image_size - self.output_size) // 2
         return top, top + self.output_size
 
+    def _content_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Top, left, height, width of the image inside the ``image_size`` square."""
+        s = self.image_size
+        if self.aspect == "stretch":
+            return 0, 0, s, s
+        h, w = size
+        scale = s / max(h, w)
+        ch, cw = max(1, min(s, round(h * scale))), max(1, min(s, round(w * scale)))
+        return (s - ch) // 2, (s - cw) // 2, ch, cw
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,3,S,S]`` with ``S = output_size``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"expected images of shape [B,3,H,W], got {tuple(images.shape)}")
-        out = resize(images.float(), (self.image_size, self.image_size))
+        top, left, ch, cw = self._content_box((int(images.shape[-2]), int(images.shape[-1])))
+        out = resize(images.float(), (ch, cw))
+        if (ch, cw) != (self.image_size, self.image_size):
+            out = _mirror_pad(out, top, self.image_size - ch - top, left, self.image_size - cw - left)
         if self.crop:
             a, b = self._crop_box()
             out = out[:, :, a:b, a:b]
@@ -66,12 +110,29 @@ class Preprocess:
         """Map ``[B,S,S]`` maps back onto images of ``size`` (H, W).
 
         With a crop, the border the network never saw takes the edge values of the map
-        (replicate padding), so it neither hides nor invents defects there.
+        (replicate padding), so it neither hides nor invents defects there. With
+        ``aspect="pad"`` the mirrored band is cut off first.
         """
         if self.crop:
             a, b = self._crop_box()
             maps = F.pad(maps[:, None], (a, self.image_size - b, a, self.image_size - b), mode="replicate")[:, 0]
+        top, left, ch, cw = self._content_box(size)
+        if (ch, cw) != (self.image_size, self.image_size):
+            maps = maps[:, top : top + ch, left : left + cw]
         return upsample_maps(maps, size)
+
+
+def _mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Fill to the padded size by mirroring (repeatedly where the pad is wider than the image)."""
+    while top or bottom or left or right:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        t, b = min(top, h - 1), min(bottom, h - 1)
+        lft, r = min(left, w - 1), min(right, w - 1)
+        if not (t or b or lft or r):  # a 1-pixel side cannot be mirrored: repeat it
+            return F.pad(x, (left, right, top, bottom), mode="replicate")
+        x = F.pad(x, (lft, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - lft, right - r
+    return x
 
 
 def feature_grid_size(image_size: int, stride: int) -> int:

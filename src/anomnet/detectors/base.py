@@ -24,7 +24,7 @@ from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
-from anomnet.transforms import Preprocess
+from anomnet.transforms import Aspect, Preprocess, rotate, rotation_angles
 
 
 @dataclass
@@ -48,6 +48,11 @@ class DetectorConfig:
     tile_overlap: float = 0.25  # least share of a tile its neighbours overlap
     tile_scales: tuple[float, ...] = (1.0,)  # pyramid scales the image is resized by before tiling
     tile_score: str = "map"  # image score: max of the stitched map ("map") or of the tile scores ("tile")
+    # Rotation augmentation of the training images: each is also seen turned by 360 k / n degrees
+    # (1 = off; 4 = the quarter turns). For parts whose pose varies on the line.
+    train_rotations: int = 1
+    # "stretch": every image resized to the square; "pad": aspect ratio kept, the rest mirrored (anomnet.transforms)
+    aspect: Aspect = "stretch"
 
     # Old setting names -> current ones (old model folders and old command lines keep working).
     ALIASES: ClassVar[dict[str, str]] = {}
@@ -58,6 +63,7 @@ class DetectorConfig:
         "batch_size": (1, 4096),
         "tile": (0, 16384),
         "tile_overlap": (0.0, 0.9),
+        "train_rotations": (1, 36),
     }
 
     def __post_init__(self) -> None:
@@ -158,7 +164,7 @@ class Detector(ABC):
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or self.config_class()
-        self.preprocess = Preprocess(self.config.image_size, self.config.crop)
+        self.preprocess = Preprocess(self.config.image_size, self.config.crop, self.config.aspect)
         c = self.config
         self.tiling = tiling.Tiling(c.tile, c.tile_overlap, tuple(c.tile_scales), c.tile_score) if c.tile else None
         self.calibration = Calibration()
@@ -196,21 +202,38 @@ class Detector(ABC):
         height, width = images.shape[-2:]
         return Prediction(scores.float(), self.preprocess.restore(maps.float(), (int(height), int(width))))
 
-    def training_batches(self, samples: Sequence[Sample], progress: str | None = None) -> Iterator[torch.Tensor]:
+    def training_batches(
+        self, samples: Sequence[Sample], progress: str | None = None, augment: bool = True
+    ) -> Iterator[torch.Tensor]:
         """What the network trains on, preprocessed, ``batch_size`` at a time: ``[b,3,S,S]``.
 
-        The whole images resized, or with tiling their tiles. Every detector's fit (and any
-        statistic it takes over images) reads its inputs here, so tiling works for all of them.
+        The whole images resized, or with tiling their tiles; with ``train_rotations`` > 1 (and
+        ``augment``) each batch also in its turned poses. Every detector's fit (and any statistic
+        it takes over images) reads its inputs here, so tiling and rotation work for all of them.
         """
+        angles = rotation_angles(self.config.train_rotations) if augment else (0.0,)
         if self.tiling is not None:
-            yield from tiling.training_batches(samples, self.tiling, self.preprocess, self.config.batch_size, progress)
-            return
-        for batch in iter_batches(samples, self.config.batch_size, size=self.config.image_size, progress=progress):
-            yield self.preprocess(batch.images)
+            batches: Iterator[torch.Tensor] = tiling.training_batches(
+                samples, self.tiling, self.preprocess, self.config.batch_size, progress
+            )
+        else:
+            batches = (
+                self.preprocess(b.images)
+                for b in iter_batches(samples, self.config.batch_size, size=self._load_size, progress=progress)
+            )
+        for images in batches:
+            for angle in angles:
+                yield images if angle == 0.0 else rotate(images, angle)
 
-    def training_count(self, samples: Sequence[Sample]) -> int:
-        """How many inputs :meth:`training_batches` yields for ``samples`` (images, or tiles)."""
-        return len(samples) if self.tiling is None else tiling.count_training_tiles(samples, self.tiling)
+    @property
+    def _load_size(self) -> int | None:
+        """Images are resized while read, except with ``aspect="pad"`` (which needs their own shape)."""
+        return self.config.image_size if self.config.aspect == "stretch" else None
+
+    def training_count(self, samples: Sequence[Sample], augment: bool = True) -> int:
+        """How many inputs :meth:`training_batches` yields for ``samples`` (images, or tiles, times the poses)."""
+        n = len(samples) if self.tiling is None else tiling.count_training_tiles(samples, self.tiling)
+        return n * (self.config.train_rotations if augment else 1)
 
     @abstractmethod
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -299,7 +299,7 @@ class AnomNet(Detector):
         lo, hi = float("inf"), float("-inf")
         self.model.norm = torch.tensor([0.0, 1.0])
         if validation:
-            for images in self.training_batches(validation):
+            for images in self.training_batches(validation, augment=False):
                 _, maps = self.predict_preprocessed(images)
                 lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
         else:
