@@ -37,8 +37,8 @@ SMALL = {
 
 # The paper's Table 1 variants (and the lambda sweep) as settings; the same table is in docs/anomnet.md.
 VARIANTS = {
-    "a": {"stages": 1, "use_att": False, "use_sep": True, "use_ent": True, "use_con": False},
-    "b": {"stages": 1, "use_att": False, "use_sep": True, "use_ent": True, "use_con": True},
+    "a": {"stages": 1, "use_att": True, "use_sep": True, "use_ent": True, "use_con": False},
+    "b": {"stages": 1, "use_att": True, "use_sep": True, "use_ent": True, "use_con": True},
     "c": {"stages": 2, "use_att": True, "use_sep": False, "use_ent": False, "use_con": False},
     "d": {"stages": 2, "use_att": True, "use_sep": False, "use_ent": True, "use_con": False},
     "e": {"stages": 2, "use_att": True, "use_sep": True, "use_ent": False, "use_con": False},
@@ -334,3 +334,14 @@ def test_resnet_weights_travel_inside_the_model(folder_dataset, tmp_path, monkey
     assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
     with pytest.raises(NotFittedError, match="weights"):
         create_detector("anomnet", settings).extract(x)
+
+
+def test_centroid_ratio_sets_the_count_and_coreset_init_picks_training_features(folder_dataset) -> None:
+    det = create_detector("anomnet", {**SMALL, "num_centroids": 8, "centroid_ratio": 0.05, "centroid_init": "coreset"})
+    assert det.centroid_count(1000) == 50 and det.centroid_count(100) == 8  # never below num_centroids
+    split = load_dataset(folder_dataset)
+    det.fit(split.train, split.validation, progress=False)
+    n_patches = det.training_count(split.train) * (SMALL["image_size"] // 8) ** 2
+    assert det.model.centroids.shape[0] == det.centroid_count(n_patches)
+    with pytest.raises(ConfigError):
+        create_detector("anomnet", {"centroid_ratio": 1.5})

@@ -17,7 +17,7 @@ from anomnet.detectors.base import DetectorConfig
 from anomnet.errors import ConfigError
 
 Adapter = Literal["residual", "plain"]
-CentroidInit = Literal["kmeans", "kmeans++", "mean"]
+CentroidInit = Literal["kmeans", "kmeans++", "mean", "coreset"]
 Normalization = Literal["none", "scale", "channel"]
 CacheDtype = Literal["float32", "float16"]
 
@@ -41,7 +41,10 @@ class AnomNetConfig(DetectorConfig):
     coord_weight: float = 0.0  # the x, y channels (times this) are also appended to the adapted features
     # centroids
     num_centroids: int = 1024
-    centroid_init: CentroidInit = "kmeans"  # "kmeans" (k-means++ seeds + Lloyd), "kmeans++" (seeds only), "mean"
+    # "kmeans" (k-means++ seeds + Lloyd), "kmeans++" (seeds only), "mean", "coreset" (greedy k-center, as PatchCore)
+    centroid_init: CentroidInit = "kmeans"
+    # > 0: the centroid count follows the data, max(num_centroids, centroid_ratio x training patches)
+    centroid_ratio: float = 0.0
     init_samples: int = 50_000  # features the initialisation sees
     init_noise: float = 0.1  # "mean" init: noise std relative to the features' per-dimension std
     # losses (stage 1: alpha, beta, gamma; stage 2: delta, lambda_con)
@@ -78,6 +81,7 @@ class AnomNetConfig(DetectorConfig):
         "max_residual": (0.0, 0.999999),
         "adapter_kernel": (1, 31),
         "num_centroids": (1, None),
+        "centroid_ratio": (0.0, 1.0),
         "init_samples": (1, None),
         "init_noise": (0.0, None),
         "con_samples": (0, None),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from anomnet.backbones import backbone_state, build_backbone, get_backbone_info, load_backbone_state
-from anomnet.components import PatchFeatures, kmeans, nearest_centroid
+from anomnet.components import PatchFeatures, greedy_coreset, kmeans, nearest_centroid
 from anomnet.data import Sample
 from anomnet.detectors.anomnet.config import AnomNetConfig
 from anomnet.detectors.anomnet.losses import (
@@ -210,13 +210,21 @@ class AnomNet(Detector):
     def _init_centroids(self, cache: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         c = self.config
         n, h, w, _ = cache.shape
-        count = min(c.init_samples, n * h * w)
+        k = self.centroid_count(n * h * w)
+        count = min(max(c.init_samples, 4 * k), n * h * w)  # an adaptive count gets enough features to choose from
         flat = torch.randperm(n * h * w, generator=gen)[:count]
         x = self._adapted_rows(cache, flat // (h * w), flat % (h * w))
         if c.centroid_init == "mean":
-            noise = torch.randn(c.num_centroids, x.shape[1], generator=gen) * x.std(0) * c.init_noise
+            noise = torch.randn(k, x.shape[1], generator=gen) * x.std(0) * c.init_noise
             return x.mean(0)[None] + noise
-        return kmeans(x, c.num_centroids, gen, iterations=10 if c.centroid_init == "kmeans" else 0)
+        if c.centroid_init == "coreset":
+            return x[greedy_coreset(x, min(k, x.shape[0]), projection_dim=32, seed=c.seed)].clone()
+        return kmeans(x, k, gen, iterations=10 if c.centroid_init == "kmeans" else 0)
+
+    def centroid_count(self, patches: int) -> int:
+        """K: ``num_centroids``, or with ``centroid_ratio`` that share of the training patches if larger."""
+        c = self.config
+        return max(c.num_centroids, round(c.centroid_ratio * patches)) if c.centroid_ratio > 0 else c.num_centroids
 
     def _train_stage(
         self,
