@@ -49,12 +49,13 @@ STRESS_KINDS = ("rotated", "crops")
 MODELS: dict[str, dict[str, str]] = {
     "patchcore": {},
     "anomnet": {},
-    "efficientad": {"steps": "200", "distill_steps": "200"},  # reduced budget (default 800 steps)
-    "tocoad": {},
+    "efficientad": {"steps": "100"},  # reduced budget (default 800 steps)
+    "tocoad": {"stage1_steps": "40", "stage2_steps": "20"},  # reduced budget (default 200 + 100)
 }
 BUDGET_NOTES = {
-    "efficientad": "reduced budget: 200 student/autoencoder steps (default 800), teacher distilled once "
-    "(200 steps) and cached for every dataset",
+    "efficientad": "reduced budget, 100 student/autoencoder steps (default 800); its teacher distilled once "
+    "and cached for every dataset",
+    "tocoad": "reduced budget, 40 + 20 steps (default 200 + 100)",
 }
 GROUPS = {"bottle": "bottle", "piped": "PIPED mean", "elpv": "ELPV", "stress": "stress"}
 
@@ -111,10 +112,16 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['cpu']}, {report['cpu_cores']} cores, torch {report['torch']}; "
         f"{report['started']}; whole run {report['seconds'] / 60:.0f} min; "
-        f"1-minute load average {report['load_min']:.1f}-{report['load_max']:.1f} during the run.",
+        f"1-minute load average {report['load_min']:.1f}-{report['load_max']:.1f} during the run"
+        f"{'' if report.get('complete') else ' (INCOMPLETE: the run stopped before its last row)'}.",
         "",
-        "Budgets: every detector at its defaults except "
-        + ("; ".join(f"{m}: {BUDGET_NOTES[m]}" for m in models if m in BUDGET_NOTES) or "none")
+        "Budgets: "
+        + (
+            "every detector at its defaults except "
+            + "; ".join(f"{m}: {BUDGET_NOTES[m]}" for m in models if m in BUDGET_NOTES)
+            if any(m in BUDGET_NOTES for m in models)
+            else "every detector at its defaults"
+        )
         + ". ELPV has image labels only: its pixel columns are n/a. recall@thr and false alarm@thr: "
         "defective images found and good test images flagged at the model's own threshold "
         "(1 % false alarms on its validation images). Time: fit in seconds; predict (batch 1) as a "
@@ -167,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         help="an extra row per dataset, e.g. 'anomnet-K4096:model=anomnet;num_centroids=4096' (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the rows and exit")
+    p.add_argument("--render", metavar="JSON", help="only write the table of an earlier run's JSON report")
     a = p.parse_args(argv)
+    if a.render:
+        text = render(json.loads(Path(a.render).read_text()))
+        print(text)
+        if a.markdown:
+            write_section_of(Path(a.markdown), text)
+        return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     runs = Path(a.runs)
     models = [m for m in a.models.split(",") if m]
@@ -196,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         _ensure_stress(runs)
     import torch
 
-    from anomnet.bench import _cpu_name, _run_worker, write_section
+    from anomnet.bench import _cpu_name, _run_worker
     from anomnet.io import atomic_write_text
 
     for model, cfg in configs.values():
@@ -207,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="anomnet-suite-")  # the fitted models; removed at the end
     command = "python benchmarks/suite.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     report: dict[str, Any] = {}
-    for d in chosen:
-        for m, (model, cfg) in configs.items():
+    # detector by detector, so an interrupted run still has whole detectors (its JSON is kept after each row)
+    for m, (model, cfg) in configs.items():
+        for d in chosen:
             print(f"[suite] {d['name']}: {m}", file=sys.stderr, flush=True)
             spec = {
                 "name": f"{d['name']}-{m}",
@@ -238,11 +253,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             atomic_write_text(a.out, json.dumps(report, indent=2, default=str))  # partial results survive
     shutil.rmtree(work, ignore_errors=True)
+    report["complete"] = True
+    atomic_write_text(a.out, json.dumps(report, indent=2, default=str))
     text = render(report)
     print(text)
     if a.markdown:
-        write_section(Path(a.markdown), "suite", text.replace("## suite\n", "", 1).lstrip("\n"))
+        write_section_of(Path(a.markdown), text)
     return 0
+
+
+def write_section_of(markdown: Path, text: str) -> None:
+    from anomnet.bench import write_section
+
+    write_section(markdown, "suite", text)
 
 
 if __name__ == "__main__":
