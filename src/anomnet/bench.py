@@ -114,7 +114,9 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     split = load_dataset(spec["data"], spec.get("category"))
     t = time.perf_counter()
-    det = api.fit(spec["model"], split, spec["out"], settings=spec["settings"], progress=False)
+    det = api.fit(
+        spec["model"], split, spec["out"], settings=spec["settings"], max_train=spec.get("max_train"), progress=False
+    )
     fit_s = time.perf_counter() - t
     rss_fit = _peak_rss_mb()
     res = api.test(det, split, progress=False)
