@@ -153,3 +153,15 @@ def test_bottle_metrics_json(bottle, tmp_path, capsys) -> None:
         "f1",
     }
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.9
+
+
+def test_demo_summary_says_found_and_flagged_in_counts() -> None:
+    from types import SimpleNamespace
+
+    from anomnet.cli import in_words
+
+    test = [SimpleNamespace(label=1)] * 40 + [SimpleNamespace(label=0)] * 60
+    text = in_words({"recall": 0.25, "false_alarm_rate": 0.05, "image_auroc": 0.9}, test)
+    assert "caught 10 of 40 defective cells (25.0 %)" in text
+    assert "wrongly flagged 3 of 60 good cells (5.0 %)" in text
+    assert "no threshold summary" in in_words({"recall": float("nan"), "false_alarm_rate": 0.0}, test)
