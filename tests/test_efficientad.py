@@ -13,7 +13,14 @@ from anomnet.data import load_dataset
 from anomnet.detectors import create_detector
 from anomnet.detectors.efficientad.autoencoder import Autoencoder
 from anomnet.detectors.efficientad.distill import orthonormal_projection
-from anomnet.detectors.efficientad.losses import cdo_loss, discrepancy, hard_feature_loss, quantile_value
+from anomnet.detectors.efficientad.losses import (
+    cdo_loss,
+    discrepancy,
+    hard_feature_loss,
+    quantile_value,
+    weighted_total,
+)
+from anomnet.detectors.efficientad.model import imagenet_normalize
 from anomnet.detectors.efficientad.pdn import count_macs, map_padding, output_size, patch_offset, pdn
 from anomnet.errors import ConfigError
 from anomnet.synthesis.appearance import appearance_augment
@@ -182,6 +189,11 @@ def test_settings_are_checked() -> None:
         {"alpha": 2},
         {"q_a": 0.99, "q_b": 0.9},
         {"image_size": 80},
+        {"coeff_hard": -0.1},
+        {"coeff_ood": 1001},
+        {"coeff_ae": float("nan")},
+        {"coeff_stae": "x"},
+        {"imagenet_norm": "maybe"},
     ):
         with pytest.raises(ConfigError):
             create_detector("efficientad", bad)
@@ -289,3 +301,102 @@ def test_resnet_teacher_weights_travel_inside_the_model(folder_dataset: Path, tm
     assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
     monkeypatch.setenv("ANOMNET_WEIGHTS_DIR", str(tmp_path / "empty"))
     assert torch.equal(det.predict(x).scores, Detector.load(tmp_path / "m").predict(x).scores)
+
+
+# -- loss coefficients and input normalisation ------------------------------------------------
+def test_weighted_total_weights_each_term() -> None:
+    terms = {"hard": torch.tensor(1.5), "cdo": torch.tensor(-0.25), "ae": torch.tensor(2.0)}
+    assert weighted_total(terms, {}).item() == pytest.approx(3.25)
+    assert weighted_total(terms, {"hard": 0.0, "cdo": 2.0, "ae": 0.5}).item() == pytest.approx(0.5)
+    # all-ones coefficients add the very same values as the plain sum
+    assert torch.equal(weighted_total(terms, dict.fromkeys(terms, 1.0)), terms["hard"] + terms["cdo"] + terms["ae"])
+
+
+def _first_step_losses(split, **settings) -> dict[str, float]:
+    """The losses of the first training step (before any update: the terms do not depend on the coefficients)."""
+    det = create_detector("efficientad", {**TINY, "steps": 1, "cache_dir": "off", **settings})
+    det.fit(split.train, [], progress=False)
+    return det.fit_record.phase("train").loss_first
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory: pytest.TempPathFactory):
+    return load_dataset(make_folder_dataset(tmp_path_factory.mktemp("coeff") / "data", n_train=4))
+
+
+@pytest.mark.parametrize("loss", ["cdo", "original"])
+def test_each_coefficient_reaches_the_loss(small_split, loss: str) -> None:
+    """Each coefficient scales its term in the total; 0 removes the term (every coefficient is 0 in one fit)."""
+    ood = "cdo" if loss == "cdo" else "penalty"
+    base = _first_step_losses(small_split, loss=loss)
+    assert set(base) == {"total", "hard", ood, "ae", "stae"}
+    assert base["total"] == pytest.approx(sum(base[k] for k in ("hard", ood, "ae", "stae")), rel=1e-5)
+    for weights in ({"hard": 0.0, ood: 2.5, "ae": 0.5, "stae": 3.0}, {"hard": 2.0, ood: 0.0, "ae": 0.0, "stae": 0.0}):
+        settings = {f"coeff_{'ood' if k == ood else k}": w for k, w in weights.items()}
+        got = _first_step_losses(small_split, loss=loss, **settings)
+        if loss == "original" and weights[ood] == 0.0:
+            assert "penalty" not in got  # coeff_ood 0 skips the penalty pass, as penalty=false does
+            got = {**got, "penalty": base["penalty"]}
+        for k in weights:  # the terms are recorded unweighted: the same as with the default coefficients
+            assert got[k] == pytest.approx(base[k], rel=1e-5), (weights, k)
+        expected = sum(w * base[k] for k, w in weights.items())
+        assert got["total"] == pytest.approx(expected, rel=1e-5, abs=1e-7), weights
+    if loss == "original":
+        assert "penalty" not in _first_step_losses(small_split, loss=loss, penalty=False)
+
+
+def test_imagenet_normalize_matches_the_paper_constants() -> None:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(imagenet_normalize(x), (x - mean) / std)
+    assert torch.allclose(imagenet_normalize(mean.expand(1, 3, 4, 4)), torch.zeros(1, 3, 4, 4), atol=1e-6)
+
+
+def test_imagenet_norm_feeds_student_and_autoencoder_only(small_split, tmp_path: Path) -> None:
+    from anomnet.detectors import Detector
+
+    det = create_detector("efficientad", {**TINY, "steps": 1, "imagenet_norm": True})
+    det.fit(small_split.train, [], progress=False)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) for m in (det.student, det.autoencoder)]
+    det.raw_maps(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and all(torch.allclose(s.float(), imagenet_normalize(x)) for s in seen)
+    t = det._teacher_features(x)
+    st, ae = det.raw_maps(x)
+    det.config.imagenet_norm = False  # the same weights on raw inputs: other maps, same teacher
+    st0, ae0 = det.raw_maps(x)
+    assert torch.equal(det._teacher_features(x), t)
+    assert not torch.allclose(st, st0) and not torch.allclose(ae, ae0)
+    det.config.imagenet_norm = True
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded.config.imagenet_norm is True
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+
+
+def test_models_saved_before_the_new_settings_still_load(small_split, tmp_path: Path) -> None:
+    """A model folder whose settings lack coeff_* and imagenet_norm loads with the old behaviour."""
+    import json
+
+    from anomnet.detectors import Detector
+    from anomnet.model_io import META_FILE, _config_hash
+
+    det = create_detector("efficientad", {**TINY, "steps": 2, "train_batch": 2})  # an old alias, old settings
+    det.fit(small_split.train, [], progress=False)
+    det.save(tmp_path / "m")
+    meta_path = tmp_path / "m" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    for key in ("coeff_hard", "coeff_ood", "coeff_ae", "coeff_stae", "imagenet_norm"):
+        del meta["config"][key]
+    meta["config_sha256"] = _config_hash(meta["config"])  # as an older anomnet wrote it
+    meta_path.write_text(json.dumps(meta))
+    loaded = Detector.load(tmp_path / "m")
+    c = loaded.config
+    assert (c.coeff_hard, c.coeff_ood, c.coeff_ae, c.coeff_stae, c.imagenet_norm) == (1.0, 1.0, 1.0, 1.0, False)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(det.predict(x).scores, loaded.predict(x).scores)
+    assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)

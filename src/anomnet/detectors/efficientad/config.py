@@ -29,6 +29,16 @@ class EfficientADConfig(DetectorConfig):
     synth_probability: float = 0.4  # share of training images given noise patches (CDO)
     avoid_background: bool = True
     penalty: bool = True  # the generic-image penalty of the original losses
+    # Loss coefficients: total = coeff_hard * hard + coeff_ood * (CDO | penalty) + coeff_ae * AE + coeff_stae * ST-AE.
+    # coeff_ood weights the out-of-distribution term of the chosen loss: CDO (loss=cdo) or the penalty
+    # (loss=original). All 1.0: the unweighted sum the detector used before these settings existed.
+    coeff_hard: float = 1.0
+    coeff_ood: float = 1.0
+    coeff_ae: float = 1.0
+    coeff_stae: float = 1.0
+    # Student and autoencoder inputs ImageNet mean/std normalised, as in the paper's code (the teacher
+    # normalises on its own). False (the default) keeps the [0, 1] inputs every earlier model was trained on.
+    imagenet_norm: bool = False
     distill_steps: int = 200  # about 1 min on 2 idle cores; cached
     distill_batch: int = 8
     distill_crop: int = 128
@@ -50,6 +60,10 @@ class EfficientADConfig(DetectorConfig):
         "hard_quantile": (0.0, 1.0),
         "cdo_gamma": (0.0, None),
         "synth_probability": (0.0, 1.0),
+        "coeff_hard": (0.0, 1000.0),
+        "coeff_ood": (0.0, 1000.0),
+        "coeff_ae": (0.0, 1000.0),
+        "coeff_stae": (0.0, 1000.0),
         "distill_steps": (0, 10_000_000),
         "distill_batch": (1, 4096),
         "distill_crop": (16, 4096),

@@ -37,8 +37,14 @@ from anomnet.detectors.efficientad.distill import (
     files_identity,
     pool_tensors,
 )
-from anomnet.detectors.efficientad.losses import cdo_loss, hard_feature_loss, penalty_loss, quantile_value
-from anomnet.detectors.efficientad.model import OUT_CHANNELS, build_networks
+from anomnet.detectors.efficientad.losses import (
+    cdo_loss,
+    hard_feature_loss,
+    penalty_loss,
+    quantile_value,
+    weighted_total,
+)
+from anomnet.detectors.efficientad.model import OUT_CHANNELS, build_networks, imagenet_normalize
 from anomnet.detectors.efficientad.pdn import map_padding, output_size
 from anomnet.errors import ConfigError, NotFittedError
 from anomnet.synthesis.appearance import appearance_augment
@@ -89,12 +95,17 @@ class EfficientAD(Detector):
             t = self.teacher(images)
         return (t.float() - self.teacher_mean) / self.teacher_std
 
+    def _student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's and autoencoder's input: ImageNet-normalised with ``imagenet_norm``, else as given."""
+        return imagenet_normalize(images) if self.config.imagenet_norm else images
+
     def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``."""
         t = self._teacher_features(images)
+        x = self._student_input(images)
         with self._autocast():
-            s = self.student(images)
-            a = self.autoencoder(images)
+            s = self.student(x)
+            a = self.autoencoder(x)
         s, a = s.float(), a.float()
         map_st = (t - s[:, :OUT_CHANNELS]).pow(2).mean(1)
         map_ae = (a - s[:, OUT_CHANNELS:]).pow(2).mean(1)
@@ -132,7 +143,7 @@ class EfficientAD(Detector):
             # file-backed (ResNet) weights are read here, once; then they travel inside the saved model
             self.teacher = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
             self.teacher.requires_grad_(False)
-        needs_pool = c.teacher == "distilled" or (c.loss == "original" and c.penalty)
+        needs_pool = c.teacher == "distilled" or self._uses_penalty()
         pool_u8, pool_id = self._pool() if needs_pool else ([], "")
         pool = _FloatView(pool_u8)
         if c.teacher == "distilled":
@@ -186,6 +197,11 @@ class EfficientAD(Detector):
         self.teacher_mean = mean.float().view(1, -1, 1, 1)
         self.teacher_std = var.sqrt().float().view(1, -1, 1, 1)
 
+    def _uses_penalty(self) -> bool:
+        """Whether training runs the generic-image penalty (loss=original, penalty on, coeff_ood above 0)."""
+        c = self.config
+        return c.loss == "original" and c.penalty and c.coeff_ood > 0
+
     def _anomaly_grid(self, masks: torch.Tensor) -> torch.Tensor:
         """Pixel masks ``[B,S,S]`` -> ``[B,n,n]`` bool: output cells whose 4x4 centre block holds an altered pixel."""
         before, _ = map_padding(self.size, self.config.padding)
@@ -201,6 +217,14 @@ class EfficientAD(Detector):
         # the paper drops the learning rate 10x for the last 5 % of the steps
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
         synth = NoisePatches(avoid_background=c.avoid_background)
+        # coeff_ood weights the out-of-distribution term of either loss: CDO or the generic-image penalty
+        coefficients = {
+            "hard": c.coeff_hard,
+            "cdo": c.coeff_ood,
+            "penalty": c.coeff_ood,
+            "ae": c.coeff_ae,
+            "stae": c.coeff_stae,
+        }
         order = torch.randperm(len(images), generator=g)
         pos = 0
 
@@ -220,30 +244,30 @@ class EfficientAD(Detector):
                 anomalous = torch.zeros(len(idx), self.n, self.n, dtype=torch.bool)
             normal = ~anomalous
             t = self._teacher_features(x)
-            xc = x.contiguous(memory_format=torch.channels_last)
+            xs = self._student_input(x)
+            xc = xs.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 s = self.student(xc).float()
-                a = self.autoencoder(x).float()
+                a = self.autoencoder(xs).float()
             s_st, s_ae = s[:, :OUT_CHANNELS], s[:, OUT_CHANNELS:]
             losses = {"hard": hard_feature_loss((t - s_st).pow(2), c.hard_quantile, normal)}
             if c.loss == "cdo":
                 losses["cdo"] = cdo_loss(t, s_st, anomalous, c.cdo_gamma)
-            elif c.penalty and len(pool):
+            elif self._uses_penalty() and len(pool):
                 p = torch.stack(
                     [
                         _random_crop(pool[int(torch.randint(len(pool), (1,), generator=g))], self.size, g, True)
                         for _ in idx
                     ]
                 )
+                p = self._student_input(p)
                 with self._autocast():
                     sp = self.student(p.contiguous(memory_format=torch.channels_last)).float()
                 losses["penalty"] = penalty_loss(sp[:, :OUT_CHANNELS])
             keep = normal[:, None].expand_as(a)  # synthetic defects are left out of the reconstruction terms
             losses["ae"] = (t - a).pow(2)[keep].mean()
             losses["stae"] = (a - s_ae).pow(2)[keep].mean()
-            total = losses["hard"]
-            for name in list(losses)[1:]:
-                total = total + losses[name]
+            total = weighted_total(losses, coefficients)  # the terms are recorded unweighted, the total weighted
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()

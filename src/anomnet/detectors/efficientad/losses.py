@@ -71,3 +71,19 @@ def cdo_loss(
 def penalty_loss(student_features: torch.Tensor) -> torch.Tensor:
     """EfficientAD's penalty on generic images: the mean squared student output (teacher half)."""
     return student_features.pow(2).mean()
+
+
+def weighted_total(losses: dict[str, torch.Tensor], coefficients: dict[str, float]) -> torch.Tensor:
+    """``sum coefficients[name] * losses[name]`` in the order of ``losses`` (a missing coefficient counts 1).
+
+    A coefficient of exactly 1 leaves its term as it is, so the all-ones default adds the very same
+    floating-point values as the unweighted sum.
+    """
+    total: torch.Tensor | None = None
+    for name, value in losses.items():
+        w = coefficients.get(name, 1.0)
+        term = value if w == 1.0 else value * w
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no loss terms")
+    return total
