@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomnet import api
 from anomnet.cli import EXIT_OK, main
@@ -15,7 +16,7 @@ from anomnet.detectors import Detector, create_detector
 from anomnet.detectors.tocoad.detector import default_decoder_layers
 from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
-from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
+from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_loss, simsiam_loss
 from anomnet.errors import ConfigError
 from anomnet.evaluate import evaluate
 
@@ -50,18 +51,46 @@ def test_simsiam_stop_gradient_on_the_projection_targets() -> None:
     )
 
 
-def test_simsiam_head_gradient_flows_only_through_the_predictor_branch() -> None:
+def test_simsiam_heads_one_per_level_gradient_only_through_the_predictor_branch() -> None:
     torch.manual_seed(0)
-    head = SimSiamHead(12, proj_dim=16, pred_dim=4)
+    head = SimSiamHead([5, 7], proj_dim=16)
+    assert len(head.levels) == 2 and all(isinstance(h.predictor, nn.Linear) for h in head.levels)  # one layer
+    assert isinstance(SimSiamHead([5], proj_dim=16, pred_dim=4).levels[0].predictor, nn.Sequential)
     levels1 = [torch.randn(4, 5, 3, 3), torch.randn(4, 7, 2, 2)]
     levels2 = [t + 0.1 * torch.randn_like(t) for t in levels1]
-    (z1, p1), (z2, p2) = head(levels1), head(levels2)
-    loss = simsiam_loss(p1, p2, z1, z2)
-    # the gradient a projection receives is exactly what flows back through its own prediction
-    g_p1, g_p2, g_z1, g_z2 = torch.autograd.grad(loss, [p1, p2, z1, z2], retain_graph=True)
-    via_p1 = torch.autograd.grad(p1, z1, g_p1, retain_graph=True)[0]
-    via_p2 = torch.autograd.grad(p2, z2, g_p2)[0]
-    assert torch.allclose(g_z1, via_p1, atol=1e-7) and torch.allclose(g_z2, via_p2, atol=1e-7)
+    out1, out2 = head(levels1), head(levels2)
+    loss = multilevel_simsiam_loss(out1, out2)
+    per_level = [simsiam_loss(p1, p2, z1, z2) for (z1, p1), (z2, p2) in zip(out1, out2)]
+    assert loss.item() == pytest.approx(sum(x.item() for x in per_level) / 2)
+    # each level's projection receives exactly what flows back through its own prediction
+    for (z1, p1), (z2, p2) in zip(out1, out2):
+        g_p1, g_p2, g_z1, g_z2 = torch.autograd.grad(loss, [p1, p2, z1, z2], retain_graph=True)
+        via_p1 = torch.autograd.grad(p1, z1, g_p1, retain_graph=True)[0]
+        via_p2 = torch.autograd.grad(p2, z2, g_p2, retain_graph=True)[0]
+        assert torch.allclose(g_z1, via_p1, atol=1e-7) and torch.allclose(g_z2, via_p2, atol=1e-7)
+    # a level's loss trains only its own head
+    per_level[0].backward()
+    assert all(p.grad is None for p in head.levels[1].parameters())
+    with pytest.raises(ValueError, match="2 level heads"):
+        head(levels1[:1])
+
+
+def test_patch_reweighting_is_eq9_on_every_patch() -> None:
+    from anomnet.components import NearestNeighbors
+    from anomnet.detectors.tocoad.model import ToCoADModel
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(30, 6, generator=g)
+    model = ToCoADModel(None, num_neighbors=4, chunk=3)  # type: ignore[arg-type]
+    model.memory_bank, model.nn = bank, NearestNeighbors(bank, "exact")
+    flat = torch.randn(7, 6, generator=g)
+    nearest = torch.cdist(flat, bank).argmin(1)
+    weights = model.patch_weights(flat, nearest)
+    for n in range(len(flat)):  # eq. 9 by hand: softmax over m* and its 3 nearest bank neighbours
+        support = torch.cdist(bank[nearest[n]][None], bank)[0].argsort()[:4]
+        dists = torch.linalg.vector_norm(flat[n] - bank[support], dim=-1)
+        assert weights[n].item() == pytest.approx(1.0 - torch.softmax(dists, 0)[0].item(), rel=1e-5)
+    assert ((weights > 0) & (weights < 1)).all()
 
 
 def test_discriminator_output_at_input_resolution() -> None:
@@ -81,13 +110,26 @@ def test_default_decoder_layers() -> None:
 
 
 def test_bad_settings_are_config_errors() -> None:
-    for bad in ({"generator": "noise"}, {"lambda_sym": "1.5"}, {"train_batch_size": "1"}, {"stage1_steps": "-1"}):
+    for bad in (
+        {"generator": "noise"},
+        {"lambda_sym": "1.5"},
+        {"train_batch_size": "1"},
+        {"stage1_steps": "-1"},
+        {"alpha": "1.5"},
+        {"warmup": "1.5"},
+        {"head_lr": "-0.1"},
+        {"pred_dim": "-1"},
+        {"reweight": "pixel"},
+    ):
         with pytest.raises(ConfigError):
             create_detector("tocoad", bad)
     with pytest.raises(ConfigError, match="-1"):  # the old names are aliases: still checked
         create_detector("tocoad", {"steps1": "-1"})
     old = create_detector("tocoad", {"steps1": "3", "steps2": "2", "train_batch": "4"}).config
     assert (old.stage1_steps, old.stage2_steps, old.train_batch_size) == (3, 2, 4)
+    new = create_detector("tocoad", {}).config
+    assert (new.alpha, new.warmup, new.head_lr, new.pred_dim, new.reweight) == (0.25, 0.2, 0.2, 0, "patch")
+    assert create_detector("tocoad", {"pred_dim": "64"}).config.pred_dim == 64  # saved settings still load
 
 
 def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
@@ -97,6 +139,7 @@ def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
     assert res.metrics["image_auroc"] == 1.0 and res.metrics["pixel_auroc"] > 0.9
     names = [p.name for p in det.fit_record.phases]
     assert "stage1" in names and "stage2" in names and det.fit_record.phase("stage2").extra["lambda"] == 0.5
+    assert "neg" in det.fit_record.phase("stage2").extra["curve"]  # L_neg after the warm-up
     assert Detector.load(tmp_path / "m").fit_record.phase("stage1").steps == SMALL["stage1_steps"]
     # the backbone was fine-tuned, and the fine-tuned weights are what the model saves
     pretrained = create_detector("patchcore", {"image_size": 64}).features.backbone.state_dict()
@@ -113,14 +156,22 @@ def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
 
 def test_stage_one_alone_leaves_the_backbone_as_patchcore(folder_dataset) -> None:
     split = load_dataset(folder_dataset)
-    toco = create_detector("tocoad", {**SMALL, "stage2": "false"})
-    toco.fit(split.train, split.validation, progress=False)
-    assert toco.fit_record.phase("stage1") is not None and toco.fit_record.phase("stage2") is None
     pc = create_detector("patchcore", {"image_size": 64, "batch_size": 4})
     pc.fit(split.train, split.validation, progress=False)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(toco.memory_bank, pc.memory_bank)
-    assert torch.equal(toco.predict(x).scores, pc.predict(x).scores)
+    expected = pc.predict(x)
+    for reweight in ("image", "patch"):
+        toco = create_detector("tocoad", {**SMALL, "stage2": "false", "reweight": reweight})
+        toco.fit(split.train, split.validation, progress=False)
+        assert toco.fit_record.phase("stage1") is not None and toco.fit_record.phase("stage2") is None
+        assert torch.equal(toco.memory_bank, pc.memory_bank)
+        got = toco.predict(x)
+        if reweight == "image":  # PatchCore's scoring: exactly PatchCore
+            assert torch.equal(got.scores, expected.scores)
+        else:  # eq. 9 on every patch: each patch shrinks by its weight in (0, 1), the map with it
+            assert (got.maps <= expected.maps + 1e-4).all() and not torch.equal(got.maps, expected.maps)
+            # the image score, the largest re-weighted patch, is at least PatchCore's re-weighted maximum
+            assert (got.scores >= expected.scores - 1e-4).all()
 
 
 def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:
@@ -130,6 +181,37 @@ def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:
     stage2 = det.fit_record.phase("stage2")
     assert det.fit_record.phase("stage1") is None and stage2 is not None and stage2.extra["lambda"] == 1.0
     assert "neg" not in stage2.loss_last
+
+
+def test_stage_two_simsiam_loss_learns_and_reaches_the_backbone() -> None:
+    """The regression: the SimSiam loss stayed near 0 for every step, so the backbone got no signal.
+
+    Images with structure that differs between images (smooth random colour patterns): views of
+    one image are predictable from each other, as on real parts (the near-uniform synthetic
+    test images are not). Measured: loss by tenths about 0 -> -0.13..-0.16; before, flat within 0.03.
+    """
+    from anomnet.backbones import RANDOM_WEIGHTS, create_backbone
+    from anomnet.synthesis import CutPaste
+
+    g = torch.Generator().manual_seed(0)
+    images = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear", align_corners=False)
+    settings = {"image_size": 64, "train_batch_size": 8, "stage1": "false", "stage2_steps": 20, "warmup": 0.4}
+    det = create_detector("tocoad", settings)
+    trunk = create_backbone(det.config.backbone, det.trunk_layers, RANDOM_WEIGHTS)
+    pretrained = det.features.backbone.state_dict()
+    trunk.load_state_dict(pretrained)
+    det.finetune(trunk, None, images, CutPaste(), torch.Generator().manual_seed(0), False)
+    stage2 = det.fit_record.phase("stage2")
+    assert stage2 is not None and stage2.steps == 20 and stage2.extra["warmup_steps"] == 8
+    assert stage2.extra["levels"] == ["stage3", "stage4"]
+    curve = stage2.extra["curve"]
+    sym = curve["sym"]
+    assert len(sym) == 10 and abs(sym[0]) < 0.1  # the untrained predictor: about orthogonal to the target
+    assert sum(sym[-3:]) / 3 < sum(sym[:3]) / 3 - 0.05, sym  # the loss falls, not flat near 0
+    # after the warm-up the gradient reaches the backbone (12 joint steps, by tenths), and moves it
+    assert len(curve["backbone_grad"]) == 10 and min(curve["backbone_grad"]) > 0
+    tuned = trunk.state_dict()
+    assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained if k in tuned)
 
 
 def test_cli_fit_test_predict(folder_dataset, tmp_path) -> None:

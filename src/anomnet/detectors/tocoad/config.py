@@ -21,15 +21,19 @@ class ToCoADConfig(PatchCoreConfig):
     max_angle: float = 10.0
     train_batch_size: int = 8  # images per training step (both stages; 2 or more for the SimSiam BatchNorm)
     stage1_steps: int = 200  # stage I budget (training steps of train_batch_size images)
-    stage2_steps: int = 100  # stage II budget
+    stage2_steps: int = 100  # stage II budget (the head warm-up included)
+    warmup: float = 0.2  # share of stage II's steps that first train only the SimSiam heads (backbone frozen)
     lr1: float = 1e-3  # Adam, stage I (the paper: 1e-4 for 100 epochs; measured too slow for this budget)
-    lr2: float = 0.001  # SGD, stage II (cosine to 0); 0.01 lowered AU-PRO on bottle (docs/tocoad.md)
+    lr2: float = 0.001  # SGD, stage II backbone (cosine to 0 after the warm-up); 0.01 lowered AU-PRO on bottle
+    head_lr: float = 0.2  # SGD, stage II SimSiam heads (constant, as SimSiam's predictor); 0.05 learned too slowly
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lambda_sym: float = 0.5  # L = lambda L_sym + (1 - lambda) L_neg
     focal_gamma: float = 2.0
+    alpha: float = 0.25  # focal loss class weight alpha_t: alpha for anomalous pixels, 1 - alpha for normal
     proj_dim: int = 256
-    pred_dim: int = 64
+    pred_dim: int = 0  # 0: the paper's one-layer predictor; > 0: SimSiam's bottleneck MLP of that width
+    reweight: Literal["patch", "image"] = "patch"  # eq. 9 on every patch (paper) or on the image score only
     crop_scale: float = 0.6  # smallest area fraction of the random resized crop of the views
 
     ALIASES: ClassVar[dict[str, str]] = {
@@ -45,13 +49,16 @@ class ToCoADConfig(PatchCoreConfig):
         "train_batch_size": (2, 4096),
         "stage1_steps": (0, 10_000_000),
         "stage2_steps": (0, 10_000_000),
+        "warmup": (0.0, 1.0),
         "lr1": (0.0, None),
         "lr2": (0.0, None),
+        "head_lr": (0.0, None),
         "momentum": (0.0, 1.0),
         "weight_decay": (0.0, None),
         "lambda_sym": (0.0, 1.0),
         "focal_gamma": (0.0, None),
+        "alpha": (0.0, 1.0),
         "proj_dim": (1, None),
-        "pred_dim": (1, None),
+        "pred_dim": (0, None),
         "crop_scale": (1e-6, 1.0),
     }

@@ -3,15 +3,19 @@
 The pretrained backbone is fine-tuned to the product, then scored like PatchCore:
 
 * Stage I (``stage1``): backbone frozen; a decoder over its levels (:class:`Discriminator`)
-  learns to segment synthetic anomalies (:mod:`anomnet.synthesis`), focal loss, Adam,
-  learning rate times 0.2 at 80 % and 90 % of the steps.
-* Stage II (``stage2``): discriminator fixed; backbone and a SimSiam head trained on two
-  augmented views of the good images, ``L = lambda L_sym + (1 - lambda) L_neg`` where ``L_neg``
-  is the fixed discriminator's focal loss on synthetic anomalies seen through the fine-tuned
-  backbone. SGD, momentum 0.9, weight decay 1e-4, cosine schedule. Without stage I there is no
-  discriminator and ``L = L_sym``. BatchNorm statistics stay frozen (small CPU batches).
-* Scoring: PatchCore's memory bank (greedy coreset, nearest-neighbour search, re-weighted image
-  score) on the memory-bank layers of the fine-tuned backbone (:class:`PatchCore` unchanged).
+  learns to segment synthetic anomalies (:mod:`anomnet.synthesis`), focal loss with class
+  weight ``alpha``, Adam, learning rate times 0.2 at 80 % and 90 % of the steps.
+* Stage II (``stage2``): discriminator fixed; one SimSiam head (projector, one-layer
+  predictor) per level on the two deepest memory-bank levels. The first ``warmup`` share of the steps train
+  the heads alone on the frozen backbone; then backbone and heads train on two augmented views
+  of the good images, ``L = lambda L_sym + (1 - lambda) L_neg`` where ``L_neg`` is the fixed
+  discriminator's focal loss on synthetic anomalies seen through the fine-tuned backbone. SGD,
+  momentum 0.9, weight decay 1e-4; the backbone's learning rate ``lr2`` on a cosine schedule
+  after the warm-up, the heads' ``head_lr`` constant. Without stage I there is no discriminator
+  and ``L = L_sym``. BatchNorm statistics stay frozen (small CPU batches).
+* Scoring: PatchCore's memory bank (greedy coreset, nearest-neighbour search) on the
+  memory-bank layers of the fine-tuned backbone, with eq. 9's re-weighting applied to every
+  patch (:class:`ToCoADModel`; ``reweight=image``: PatchCore's image-score-only re-weighting).
 
 Training is bounded by step budgets (``stage1_steps``, ``stage2_steps``; old names ``steps1``, ``steps2``),
 not the paper's 100 + 100 epochs.
@@ -21,6 +25,7 @@ nor the textures are needed to predict. Choices and measurements: docs/tocoad.md
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +39,8 @@ from anomnet.detectors.tocoad.augment import two_view_augment
 from anomnet.detectors.tocoad.config import ToCoADConfig
 from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
-from anomnet.detectors.tocoad.simsiam import SimSiamHead, simsiam_loss
+from anomnet.detectors.tocoad.model import ToCoADModel
+from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_loss
 from anomnet.image_pool import describe_source
 from anomnet.synthesis import CutPaste, PerlinAnomaly, load_textures, synthesize_batch
 from anomnet.synthesis.base import AnomalyGenerator
@@ -67,6 +73,8 @@ class ToCoAD(PatchCore):
         self.trunk_layers = tuple(n for n in info.layers if n in set(bank) | set(decoder))
         self._bank_idx = [self.trunk_layers.index(n) for n in bank]
         self._dec_idx = [self.trunk_layers.index(n) for n in decoder]
+        self._head_idx = sorted(self._bank_idx)[-2:]  # stage II heads: the two deepest memory-bank levels
+        self.model = ToCoADModel(self.model.features, c.num_neighbors, c.blur_sigma, c.reweight)
         self._saves_backbone = True  # the fine-tuned weights travel with the model
 
     # -- training ----------------------------------------------------------------------
@@ -135,7 +143,7 @@ class ToCoAD(PatchCore):
             x, masks = synthesize_batch(generator, self._batch(images, rng), rng, c.anomaly_prob)
             with torch.no_grad():
                 levels = trunk(x)
-            loss = focal_loss(self._decode(disc, levels, size), masks, c.focal_gamma)
+            loss = focal_loss(self._decode(disc, levels, size), masks, c.focal_gamma, c.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -179,43 +187,79 @@ class ToCoAD(PatchCore):
         rng: torch.Generator,
         progress: bool,
     ) -> None:
-        """Stage II: negative-guided contrastive fine-tuning of ``trunk`` (in place)."""
+        """Stage II: negative-guided contrastive fine-tuning of ``trunk`` (in place).
+
+        One SimSiam head per level on the two deepest memory-bank levels. For the first
+        ``warmup`` share of the steps only the heads train (the backbone frozen, run without gradients, no
+        negative loss); then backbone and heads train together on ``lambda L_sym + (1 - lambda) L_neg``.
+        """
         c = self.config
         lam = c.lambda_sym if disc is not None else 1.0
         channels = trunk.channels()
-        head = SimSiamHead(sum(channels[i] for i in self._bank_idx), c.proj_dim, c.pred_dim)
+        head = SimSiamHead([channels[i] for i in self._head_idx], c.proj_dim, c.pred_dim)
         trunk.eval()  # BatchNorm keeps its ImageNet statistics; weights and affine parameters train
-        for p in trunk.parameters():
-            p.requires_grad_(True)
+        backbone_params = list(trunk.parameters())
         opt = torch.optim.SGD(
-            [{"params": list(trunk.parameters())}, {"params": list(head.parameters())}],
+            [{"params": backbone_params, "lr": c.lr2}, {"params": list(head.parameters()), "lr": c.head_lr}],
             lr=c.lr2, momentum=c.momentum, weight_decay=c.weight_decay,
         )  # fmt: skip
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.stage2_steps)
+        steps = c.stage2_steps
+        warmup = int(c.warmup * steps)  # the head warm-up, part of the budget
+        joint = max(1, steps - warmup)
+
+        def backbone_factor(i: int) -> float:  # 0 in the warm-up, then cosine from 1 to 0 over the joint steps
+            return 0.0 if i < warmup else 0.5 * (1.0 + math.cos(math.pi * (i - warmup) / joint))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [backbone_factor, lambda _: 1.0])
         head.train()
         size = (int(images.shape[-2]), int(images.shape[-1]))
+        log: dict[str, list[float]] = {"sym": [], "neg": [], "backbone_grad": []}
 
-        def step(_: int) -> dict[str, float]:
+        def step(i: int) -> dict[str, float]:
+            warming = i < warmup
+            for p in backbone_params:
+                p.requires_grad_(not warming)
             x = self._batch(images, rng)
             v1 = torch.stack([two_view_augment(img, rng, c.crop_scale) for img in x])
             v2 = torch.stack([two_view_augment(img, rng, c.crop_scale) for img in x])
-            f1, f2 = trunk(v1), trunk(v2)
-            z1, p1 = head([f1[i] for i in self._bank_idx])
-            z2, p2 = head([f2[i] for i in self._bank_idx])
-            l_sym = simsiam_loss(p1, p2, z1, z2)
+            with torch.set_grad_enabled(not warming):
+                f1, f2 = trunk(v1), trunk(v2)
+            l_sym = multilevel_simsiam_loss(
+                head([f1[j] for j in self._head_idx]), head([f2[j] for j in self._head_idx])
+            )
             loss = lam * l_sym
             losses = {"sym": float(l_sym.detach())}
-            if disc is not None and lam < 1.0:
+            if disc is not None and lam < 1.0 and not warming:  # in the warm-up L_neg has nothing to train
                 xa, masks = synthesize_batch(generator, x, rng, c.anomaly_prob)
-                l_neg = focal_loss(self._decode(disc, trunk(xa), size), masks, c.focal_gamma)
+                l_neg = focal_loss(self._decode(disc, trunk(xa), size), masks, c.focal_gamma, c.alpha)
                 loss = loss + (1.0 - lam) * l_neg
                 losses["neg"] = float(l_neg.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not warming:
+                log["backbone_grad"].append(_grad_norm(backbone_params))
             opt.step()
             sched.step()
+            for key, value in losses.items():
+                log[key].append(value)
             return {"total": float(loss.detach()), **losses}
 
-        phase = train_phase(self.fit_record, "stage2", step, c.stage2_steps, progress=progress)
+        phase = train_phase(self.fit_record, "stage2", step, steps, progress=progress)
         phase.extra["lambda"] = lam
+        phase.extra["warmup_steps"] = warmup
+        phase.extra["levels"] = [self.trunk_layers[i] for i in self._head_idx]
+        # the loss curve: the mean of each tenth of the steps (the harness keeps only first and last)
+        phase.extra["curve"] = {k: _tenths(v) for k, v in log.items() if v}
         freeze(trunk)
+
+
+def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+
+
+def _tenths(values: Sequence[float], parts: int = 10) -> list[float]:
+    """Means of ``parts`` consecutive, nearly equal slices of ``values`` (fewer when there are fewer values)."""
+    n = len(values)
+    bounds = [round(j * n / min(parts, n)) for j in range(min(parts, n) + 1)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]

@@ -1,10 +1,69 @@
-"""ToCoAD's predict-time module is PatchCore's (memory bank + nearest-neighbour search) on the fine-tuned backbone.
+"""ToCoAD's predict-time module: PatchCore's memory bank and search on the fine-tuned backbone,
+with the paper's eq. 9 re-weighting applied to every patch.
 
-The discriminator (:mod:`.discriminator`) and the SimSiam head (:mod:`.simsiam`) are used only in fit.
+Eq. 9 is PatchCore's eq. 7: a test patch ``m`` with nearest bank patch ``m*`` and distance
+``s = ||m - m*||`` scores ``(1 - softmax_b(||m - m_b||)_{m*}) * s``, the softmax over ``m*``
+and its ``num_neighbors - 1`` nearest bank neighbours ``m_b``: a patch whose nearest bank patch
+lies in a dense, well-supported region of the bank is trusted more than one near an outlier of
+the bank. PatchCore applies this weight only to the most anomalous patch (the image score);
+ToCoAD (``reweight="patch"``, the default) applies it to every patch, so the map is re-weighted
+too and the image score is the maximum of the re-weighted patches. ``reweight="image"`` is
+PatchCore's scoring. The discriminator (:mod:`.discriminator`) and the SimSiam heads
+(:mod:`.simsiam`) are used only in fit.
 """
 
+from __future__ import annotations
+
+import torch
+
+from anomnet.components import PatchFeatures, gaussian_blur
 from anomnet.detectors.patchcore.model import PatchCoreModel
+from anomnet.errors import NotFittedError
+from anomnet.transforms import upsample_maps
 
-ToCoADModel = PatchCoreModel
 
-__all__ = ["ToCoADModel"]
+class ToCoADModel(PatchCoreModel):
+    """Images -> (image scores ``[B]``, smoothed re-weighted patch-distance maps ``[B, H, W]``)."""
+
+    def __init__(
+        self,
+        features: PatchFeatures,
+        num_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        reweight: str = "patch",
+        chunk: int = 2048,
+    ) -> None:
+        super().__init__(features, num_neighbors, blur_sigma)
+        self.reweight = reweight
+        self.chunk = chunk
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reweight != "patch":
+            return super().forward(images)
+        if self.nn is None or self.memory_bank is None:
+            raise NotFittedError("ToCoAD is not fitted: call fit() or load a saved model")
+        feats = self.extract(images)
+        b, h, w, d = feats.shape
+        flat = feats.reshape(-1, d)
+        dist, idx = self.nn.search(flat, 1)
+        patch_scores = (self.patch_weights(flat, idx[:, 0]) * dist[:, 0]).reshape(b, h * w)
+        scores = patch_scores.max(1).values
+        maps = upsample_maps(patch_scores.reshape(b, h, w), (int(images.shape[-2]), int(images.shape[-1])))
+        return scores, gaussian_blur(maps, self.blur_sigma)
+
+    def patch_weights(self, flat: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Eq. 9 weight ``[N]`` of every patch ``flat[n]`` whose nearest bank patch is ``nearest[n]``."""
+        assert self.nn is not None and self.memory_bank is not None
+        k = min(self.num_neighbors, len(self.nn))
+        if k < 2:
+            return torch.ones(flat.shape[0], dtype=flat.dtype)
+        # the neighbours of each distinct m* in the bank (m* itself first), searched once per m*
+        unique, inverse = torch.unique(nearest, return_inverse=True)
+        _, support = self.nn.search(self.memory_bank[unique], k)
+        weights = torch.empty(flat.shape[0], dtype=torch.float32)
+        for start in range(0, flat.shape[0], self.chunk):
+            part = slice(start, start + self.chunk)
+            neighbours = self.memory_bank[support[inverse[part]]]  # [n, k, D]
+            dists = torch.linalg.vector_norm(flat[part, None, :].float() - neighbours, dim=-1)
+            weights[part] = 1.0 - torch.softmax(dists, dim=1)[:, 0]
+        return weights
