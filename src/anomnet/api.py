@@ -26,7 +26,8 @@ from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
 from anomnet.model_io import check_model_target, model_files
-from anomnet.outputs import ImagePrediction, predict_images, unique_names
+from anomnet.outputs import predict_images, unique_names
+from anomnet.scoring import ImagePrediction, load_scorer
 from anomnet.visualize import heatmap, overlay
 
 
@@ -156,6 +157,8 @@ def predict(
 ) -> list[ImagePrediction]:
     """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
+    ``model_dir``: a fitted model folder, an exported model folder (``anomnet export``) or a detector.
+
     Each result has score, p_value, defective and the mask's size; a bad file gets ``error`` set,
     the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
     ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`).
@@ -164,11 +167,11 @@ def predict(
     if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
         protected = [Path(i) for i in images if str(i) != "-"]
         if not isinstance(model_dir, Detector):
-            protected += model_files(model_dir)
+            folder = Path(model_dir)
+            protected += model_files(folder) + (sorted(folder.iterdir()) if folder.is_dir() else [])
         io.check_not_input(out_dir, protected, "out_dir", folder=True)
         io.check_writable(out_dir, "out_dir", folder=True)
-    detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
-    return predict_images(detector, images, out_dir, raw_maps, keep_maps, progress)
+    return predict_images(load_scorer(model_dir), images, out_dir, raw_maps, keep_maps, progress)
 
 
 def calibrate(

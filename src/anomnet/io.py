@@ -31,13 +31,15 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from anomnet.errors import ConfigError, DatasetError, ImageReadError
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading images needs no torch (exported models)
+    import torch
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 """File name endings :func:`list_images` picks up (compared case-insensitively)."""
@@ -182,6 +184,8 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``HxWx3`` float image -> contiguous ``[3,H,W]`` float32 tensor (a copy)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ConfigError(f"expected an HxWx3 image, got shape {image.shape}")
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 

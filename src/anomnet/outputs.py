@@ -5,7 +5,8 @@ threshold (post-processed as the model's calibration says). With an output folde
 
     OUT/
       results.csv         one row per input: path, score, p_value, defective, defect_pixels, regions, error
-      results.jsonl       the same as JSON lines, plus the paths of the files written for the image
+      results.jsonl       the same as JSON lines, plus each region's bounding box and the paths of the
+                          files written for the image
       heatmaps/<name>.png colour heat map (the model's fixed scale, see visualize.py)
       overlays/<name>.png heat map blended over the image, the mask's contour drawn in white
       masks/<name>.png    binary mask, 0 / 255, at the image's original resolution
@@ -27,53 +28,26 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import json
-import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
 from anomnet import io
-from anomnet.detectors.base import Detector
-from anomnet.errors import AnomnetError, ImageReadError
-from anomnet.postprocess import count_regions
+from anomnet.calibration import Calibration
+from anomnet.errors import AnomnetError
+from anomnet.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 from anomnet.visualize import draw_contour, heatmap, overlay
 
+if TYPE_CHECKING:
+    from anomnet.detectors.base import Detector
+
 CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
-
-
-@dataclass
-class ImagePrediction:
-    """The result for one input image; ``error`` is set (and the numbers are NaN) when it failed."""
-
-    path: str
-    score: float = math.nan
-    p_value: float = math.nan
-    defective: bool | None = None
-    error: str | None = None
-    anomaly_map: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    defect_pixels: int | None = None
-    regions: int | None = None
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """JSON-ready summary (no arrays)."""
-        return {
-            "path": self.path,
-            "score": None if math.isnan(self.score) else self.score,
-            "p_value": None if math.isnan(self.p_value) else self.p_value,
-            "defective": self.defective,
-            "defect_pixels": self.defect_pixels,
-            "regions": self.regions,
-            "error": self.error,
-            "outputs": self.outputs,
-        }
 
 
 @dataclass(frozen=True)
@@ -167,7 +141,7 @@ def output_files(out: Path, name: str, raw_maps: bool) -> dict[str, Path]:
 
 
 def predict_images(
-    detector: Detector,
+    model: Detector | Scorer | str | Path,
     images: Iterable[str | Path],
     out_dir: str | Path | None = None,
     raw_maps: bool = False,
@@ -175,65 +149,54 @@ def predict_images(
     progress: bool = False,
     stdin: TextIO | None = None,
 ) -> list[ImagePrediction]:
-    """Score every image; with ``out_dir`` write the files described in this module's docstring."""
+    """Score every image (:func:`anomnet.scoring.score_refs`); with ``out_dir`` write the files described above.
+
+    ``model``: a fitted detector, a scorer, or a fitted or exported model folder.
+    """
+    scorer = load_scorer(model)
     inputs = expand_inputs(images, stdin)
     results: list[ImagePrediction] = []
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         clear_previous_run(out)
         _claim_outputs(out, inputs, raw_maps)
-    for item in _progress(inputs, progress):
-        result = _predict_one(detector, item, out, raw_maps)
-        if not keep_maps:
-            result.anomaly_map = result.mask = None
-        results.append(result)
+    bar = _progress_bar(len(inputs), progress)
+    for start in range(0, len(inputs), scorer.batch_size):
+        chunk = inputs[start : start + scorer.batch_size]
+        rows = score_refs(scorer, [ImageRef(str(item.path)) for item in chunk], keep_maps=True, keep_images=True)
+        for item, row in zip(chunk, rows):
+            if out is not None and row.image is not None and row.anomaly_map is not None and row.mask is not None:
+                try:
+                    row.outputs = write_image_outputs(
+                        out, item.name, row.image, row.anomaly_map, row.mask, scorer.calibration, raw_maps
+                    )
+                except (OSError, AnomnetError) as exc:
+                    row.error = f"outputs could not be written: {exc}"
+            row.image = None
+            if not keep_maps:
+                row.anomaly_map = row.mask = None
+            results.append(row)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     if out is not None:
         write_summaries(results, out)
     return results
 
 
-def _progress(items: list[InputImage], enabled: bool) -> Iterator[InputImage]:
+def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm or None
     if not enabled:
-        yield from items
-        return
+        return None
     from tqdm import tqdm
 
-    yield from tqdm(items, desc="predict", unit="img", file=sys.stderr, mininterval=1.0)
-
-
-def _predict_one(detector: Detector, item: InputImage, out: Path | None, raw_maps: bool) -> ImagePrediction:
-    cal = detector.calibration
-    try:
-        image = io.read_image(item.path)
-    except ImageReadError as exc:
-        return ImagePrediction(str(item.path), error=exc.problem)
-    pred = detector.predict(io.to_tensor(image)[None])
-    score = float(pred.scores[0])
-    amap = pred.maps[0].numpy()
-    mask = cal.mask(amap)
-    result = ImagePrediction(
-        str(item.path),
-        score,
-        float(cal.p_values(np.array([score]))[0]),
-        bool(cal.decide(np.array([score]))[0]),
-        anomaly_map=amap,
-        mask=mask,
-        defect_pixels=int(mask.sum()),
-        regions=count_regions(mask),
-    )
-    if out is not None:
-        try:
-            result.outputs = write_image_outputs(out, item.name, image, amap, mask, detector, raw_maps)
-        except (OSError, AnomnetError) as exc:
-            result.error = f"outputs could not be written: {exc}"
-    return result
+    return tqdm(total=total, desc="predict", unit="img", file=sys.stderr, mininterval=1.0)
 
 
 def write_image_outputs(
-    out: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray, detector: Detector, raw_maps: bool
+    out: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray, cal: Calibration, raw_maps: bool
 ) -> dict[str, str]:
     """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
-    cal = detector.calibration
     files = output_files(out, name, raw_maps)
     io.write_png(files["heatmap"], heatmap(amap, cal))
     io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask))

@@ -129,6 +129,15 @@ def count_regions(mask: np.ndarray) -> int:
     return int(ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT)[1]) if np.any(mask) else 0
 
 
+def region_boxes(mask: np.ndarray) -> list[list[int]]:
+    """Bounding box ``[x0, y0, x1, y1]`` (ends exclusive) of each 8-connected region, in label order."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return []
+    labels, _ = ndimage.label(mask, structure=_EIGHT)
+    return [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels) if s is not None]
+
+
 def postprocess_map(amap: np.ndarray, threshold: float, settings: MaskPostprocess) -> tuple[np.ndarray, np.ndarray]:
     """Cleaned mask and the anomaly map made consistent with it.
 
