@@ -11,7 +11,8 @@ from deep inside PIL, tifffile or zlib reaches the caller.
   EXIF orientation is ignored: pixels are used as stored, so masks stay aligned.
 * :func:`read_mask` -> ``bool`` ``HxW``; the file must hold 0 and at most one other value.
 * :func:`list_images`, :func:`image_size`, :func:`to_tensor`.
-* :func:`write_png`, :func:`atomic_write_text`: atomic writes (temporary file + ``os.replace``).
+* :func:`write_png`, :func:`atomic_write_text`, :func:`atomic_write_bytes`: atomic writes (temporary file +
+  ``os.replace``); :func:`encode_png` (PNG bytes, e.g. for HTTP).
 
 PIL does the decoding; two cases go around it because PIL would silently lose data:
 TIFFs whose pixels are plain gray/RGB samples of 8 bits or more are decoded with tifffile
@@ -200,11 +201,20 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     The data goes to a temporary file in the target folder which then replaces ``path``, so
     an error never leaves a half-written file. Missing parent folders are created.
     """
+    data = encode_png(array)
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """The PNG file bytes of a ``uint8`` ``HxW`` (gray) or ``HxWx3`` (RGB) array (e.g. to send over HTTP)."""
+    from io import BytesIO as _BytesIO
+
     array = np.asarray(array)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ConfigError(f"write_png needs a uint8 HxW or HxWx3 array, got {array.dtype} of shape {array.shape}")
-    image = Image.fromarray(np.ascontiguousarray(array))
-    _atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
+        raise ConfigError(f"a PNG needs a uint8 HxW or HxWx3 array, got {array.dtype} of shape {array.shape}")
+    buf = _BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_tiff(path: str | Path, array: np.ndarray) -> None:
@@ -224,6 +234,11 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
     data = text.encode("utf-8", errors="surrogateescape")  # non-UTF-8 file names keep their bytes
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + ``os.replace``), e.g. an image file kept as sent."""
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
