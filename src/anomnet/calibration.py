@@ -23,7 +23,12 @@ is the false-alarm rate the validation set supports for the chosen threshold:
   to 65,536 pixels per image is pooled; the top of its sorted values is kept as a table
   (``pixel_tail``: every rank below 256, then 256 log-spaced ranks), so the target can be changed
   later without the data.
+* ``mean-std``: ``mean + pixel_std_k * std`` of the pooled good validation pixels (population
+  std; ``pixel_std_k`` 3 is MVTec AD 2's baseline segmentation threshold).
 * ``f1``: the F1-optimal pixel threshold on a labelled validation set with masks.
+* ``segf1``: the pixel threshold searched jointly with the mask post-processing (closing radius,
+  hole filling, minimum area) for the best SegF1 on a labelled validation set with masks
+  (:mod:`anomnet.segsearch`); the chosen post-processing replaces the current one.
 * ``fixed``: a value the user gives.
 
 Mask post-processing settings (:class:`~anomnet.postprocess.MaskPostprocess`) are kept here too,
@@ -44,7 +49,7 @@ from anomnet.errors import ConfigError
 from anomnet.postprocess import MaskPostprocess
 
 IMAGE_METHODS = ("conformal", "mean-std", "fixed", "f1")
-PIXEL_METHODS = ("quantile", "f1", "fixed")
+PIXEL_METHODS = ("quantile", "mean-std", "f1", "segf1", "fixed")
 DEFAULT_PIXEL_FALSE_ALARM = 1e-4  # measured on bottle, docs/decisions.md
 PIXELS_PER_IMAGE = 65536
 _TAIL_DENSE = 256
@@ -62,6 +67,7 @@ class ThresholdOptions:
     pixel_method: str = "quantile"
     pixel_false_alarm: float = DEFAULT_PIXEL_FALSE_ALARM
     pixel_value: float | None = None
+    pixel_std_k: float = 3.0
 
     def __post_init__(self) -> None:
         if self.image_method not in IMAGE_METHODS:
@@ -76,8 +82,9 @@ class ThresholdOptions:
             raise ConfigError(f"max_false_alarm must be in (0, 1), got {self.max_false_alarm}")
         if not 0.0 < self.pixel_false_alarm < 1.0:
             raise ConfigError(f"pixel_false_alarm must be in (0, 1), got {self.pixel_false_alarm}")
-        if not math.isfinite(self.std_k):
-            raise ConfigError(f"std_k must be a finite number, got {self.std_k}")
+        for name in ("std_k", "pixel_std_k"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.image_method == "fixed" and (self.image_value is None or not math.isfinite(self.image_value)):
             raise ConfigError("the 'fixed' image threshold needs a finite value (--image-value / image_value=)")
         if self.pixel_method == "fixed" and (self.pixel_value is None or not math.isfinite(self.pixel_value)):
@@ -96,6 +103,17 @@ class LabelledStatistics:
     masks: int = 0
     pixel_f1: float = math.nan
     pixel_f1_threshold: float = math.nan
+    # the joint search of the ``segf1`` pixel method (anomnet.segsearch); NaN / 0 when not run
+    search_f1: float = math.nan
+    search_threshold: float = math.nan
+    search_closing: int = 0
+    search_fill_holes: bool = False
+    search_min_area: int = 0
+    search_candidates: int = 0
+
+    @property
+    def search_postprocess(self) -> MaskPostprocess:
+        return MaskPostprocess(int(self.search_closing), bool(self.search_fill_holes), int(self.search_min_area))
 
     @classmethod
     def from_scores(
@@ -139,6 +157,9 @@ class Calibration:
     pixel_threshold: float = math.inf
     pixel_achieved_false_alarm: float = math.nan  # share of sampled good validation pixels >= pixel_threshold
     pixel_note: str = ""
+    pixel_std_k: float = 3.0
+    pixel_mean: float = math.nan  # of the sampled good validation pixels (the mean-std pixel threshold)
+    pixel_std: float = math.nan  # their population standard deviation
     pixel_count: int = 0  # sampled good validation pixels
     pixel_tail: list[list[float]] = field(
         default_factory=list
@@ -173,6 +194,7 @@ class Calibration:
             self.pixel_method,
             self.pixel_false_alarm,
             self.pixel_value,
+            self.pixel_std_k,
         )
 
     def summary(self) -> list[str]:
@@ -193,8 +215,10 @@ class Calibration:
         phow = {
             "quantile": f"per-pixel false-alarm target {self.pixel_false_alarm:g} "
             f"on {self.pixel_count} good validation pixels",
+            "mean-std": f"mean + {self.pixel_std_k:g} std of {self.pixel_count} good validation pixels",
             "fixed": "fixed value",
             "f1": "F1-optimal segmentation on the labelled set",
+            "segf1": "searched with the mask post-processing for the best SegF1 on the labelled set",
         }[self.pixel_method]
         rate = (
             ""
@@ -282,7 +306,7 @@ class Calibration:
         for name in ("max_false_alarm", "pixel_false_alarm"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"calibration field {name} must lie in (0, 1), got {getattr(self, name)!r}")
-        for name in ("std_k", "image_value", "pixel_value"):
+        for name in ("std_k", "pixel_std_k", "image_value", "pixel_value"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"calibration field {name} must be a finite number, got {value!r}")
@@ -338,6 +362,8 @@ def calibrate(
         cal.map_high = max(float(np.max(pixels)), cal.map_low + 1e-12)
         cal.pixel_count = int(pixels.size)
         cal.pixel_tail = tail_table(pixels)
+        cal.pixel_mean = float(np.mean(pixels, dtype=np.float64))
+        cal.pixel_std = float(np.std(pixels, dtype=np.float64))
     return cal.rethreshold(options, labelled)
 
 
@@ -443,6 +469,7 @@ def pixel_quantile_threshold(tail: list[list[float]], count: int, target: float)
 
 def _set_pixel_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledStatistics | None) -> None:
     cal.pixel_method, cal.pixel_false_alarm, cal.pixel_value = o.pixel_method, o.pixel_false_alarm, o.pixel_value
+    cal.pixel_std_k = o.pixel_std_k
     cal.pixel_note = ""
     if o.pixel_method == "quantile":
         cal.pixel_threshold, cal.pixel_achieved_false_alarm, cal.pixel_note = pixel_quantile_threshold(
@@ -451,6 +478,25 @@ def _set_pixel_threshold(cal: Calibration, o: ThresholdOptions, lab: LabelledSta
         return
     if o.pixel_method == "fixed":
         cal.pixel_threshold = float(o.pixel_value)  # type: ignore[arg-type]
+    elif o.pixel_method == "mean-std":
+        if cal.pixel_count == 0 or math.isnan(cal.pixel_mean) or math.isnan(cal.pixel_std):
+            raise ConfigError(
+                "the mean-std pixel threshold needs the good validation pixels' mean and std, which this model has "
+                "not stored: recompute them with `anomnet calibrate --data DATASET` (or refit)"
+            )
+        cal.pixel_threshold = float(cal.pixel_mean + o.pixel_std_k * cal.pixel_std)
+    elif o.pixel_method == "segf1":
+        if lab is None or lab.masks == 0 or math.isnan(lab.search_threshold):
+            raise ConfigError(
+                "the segf1 pixel threshold needs a labelled validation set with masks of its defective images "
+                "(--labelled PATH); it searches the threshold together with the mask post-processing"
+            )
+        cal.pixel_threshold = float(lab.search_threshold)
+        cal.postprocess = lab.search_postprocess
+        cal.pixel_note = (
+            f"SegF1 {lab.search_f1:.3f} on the labelled set {lab.source} ({lab.masks} masks, best of "
+            f"{lab.search_candidates} threshold / post-processing combinations)"
+        )
     else:  # f1
         if lab is None or lab.masks == 0 or math.isnan(lab.pixel_f1_threshold):
             raise ConfigError(

@@ -64,9 +64,12 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alar
         dest="pixel_method",
         choices=PIXEL_METHODS,
         default=None,
-        help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), "
-        "f1 (F1-optimal on --labelled), fixed (--pixel-value)",
+        help="how the mask threshold is chosen: quantile (default; --pixel-false-alarm), mean-std (mean + "
+        "--pixel-std-k x std of the good validation pixels, MVTec AD 2's baseline), f1 (F1-optimal on --labelled), "
+        "segf1 (searched with closing / hole filling / min area for the best SegF1 on --labelled), "
+        "fixed (--pixel-value)",
     )
+    g.add_argument("--pixel-std-k", type=float, default=None, help="k of the mean + k*std pixel threshold (default 3)")
     g.add_argument(
         "--pixel-false-alarm",
         type=float,

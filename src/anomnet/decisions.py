@@ -43,6 +43,7 @@ from anomnet.evaluate import run_predictions
 from anomnet.io import list_images
 from anomnet.metrics import PixelMetricAccumulator
 from anomnet.postprocess import MaskPostprocess
+from anomnet.segsearch import search_segmentation
 
 OPTION_FIELDS = {f.name for f in dataclasses.fields(ThresholdOptions)}
 POSTPROCESS_FIELDS = {f.name for f in dataclasses.fields(MaskPostprocess)}
@@ -70,11 +71,22 @@ def validation_pixel_statistics(
 
 
 def labelled_statistics(
-    detector: Detector, samples: Sequence[Sample], source: str, batch_size: int = 8, progress: bool = False
+    detector: Detector,
+    samples: Sequence[Sample],
+    source: str,
+    batch_size: int = 8,
+    progress: bool = False,
+    search: bool = False,
 ) -> LabelledStatistics:
-    """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set."""
+    """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set.
+
+    ``search``: also search the pixel threshold jointly with the mask post-processing for the best
+    SegF1 (the ``segf1`` pixel method, :mod:`anomnet.segsearch`); the maps are kept for it.
+    """
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
+    kept_maps: list[np.ndarray] = []
+    kept_masks: list[np.ndarray] = []
     scores: list[float] = []
     labels: list[int] = []
     for batch, pred in run_predictions(
@@ -87,12 +99,28 @@ def labelled_statistics(
             for amap, mask, s in zip(pred.maps, batch.masks, batch.samples):
                 if s.label == 0 or s.mask_path is not None:  # a defective image without mask says nothing about pixels
                     acc.add(amap.numpy(), mask.numpy())
+                    if search:
+                        kept_maps.append(amap.numpy().astype(np.float32))
+                        kept_masks.append(mask.numpy().astype(bool))
     pixel_f1 = pixel_thr = math.nan
     n_masks = sum(1 for s in samples if s.mask_path is not None)
     if acc is not None:
         px = acc.compute(pro_limits=(0.3,))
         pixel_f1, pixel_thr = px.f1_max, px.f1_threshold
-    return LabelledStatistics.from_scores(source, np.asarray(scores), np.asarray(labels), pixel_f1, pixel_thr, n_masks)
+    stats = LabelledStatistics.from_scores(source, np.asarray(scores), np.asarray(labels), pixel_f1, pixel_thr, n_masks)
+    if search and n_masks and not math.isnan(pixel_thr):
+        found = search_segmentation(kept_maps, kept_masks, pixel_thr)
+        post = found.postprocess
+        stats = dataclasses.replace(
+            stats,
+            search_f1=found.f1,
+            search_threshold=found.threshold,
+            search_closing=post.closing,
+            search_fill_holes=bool(post.fill_holes),
+            search_min_area=post.min_area,
+            search_candidates=found.candidates,
+        )
+    return stats
 
 
 def calibrate_detector(
@@ -107,7 +135,8 @@ def calibrate_detector(
     """Set ``detector.calibration`` from its good validation images (and a labelled set) and return it."""
     bs: int = batch_size or int(getattr(detector.config, "batch_size", 8))
     scores, pixels = validation_pixel_statistics(detector, validation, bs, progress=progress)
-    lab = _labelled(detector, labelled, bs, progress)
+    search = options is not None and options.pixel_method == "segf1"
+    lab = _labelled(detector, labelled, bs, progress, search)
     detector.calibration = calibrate(
         scores, map_values=pixels, options=options or ThresholdOptions(), labelled=lab, postprocess=postprocess
     )
@@ -115,15 +144,23 @@ def calibrate_detector(
 
 
 def _labelled(
-    detector: Detector, labelled: Sequence[Sample] | str | Path | None, batch_size: int, progress: bool
+    detector: Detector,
+    labelled: Sequence[Sample] | str | Path | None,
+    batch_size: int,
+    progress: bool,
+    search: bool = False,
 ) -> LabelledStatistics | None:
     if labelled is None:
         return None
+    source, samples = labelled_samples(labelled)
+    return labelled_statistics(detector, samples, source, batch_size, progress, search)
+
+
+def labelled_samples(labelled: Sequence[Sample] | str | Path) -> tuple[str, list[Sample]]:
+    """``(source, samples)`` of a labelled validation set given as a folder or as samples."""
     if isinstance(labelled, (str, Path)):
-        source, samples = str(labelled), load_labelled(labelled)
-    else:
-        source, samples = "given samples", list(labelled)
-    return labelled_statistics(detector, samples, source, batch_size, progress)
+        return str(labelled), load_labelled(labelled)
+    return "given samples", list(labelled)
 
 
 def recalibrate(
@@ -160,7 +197,8 @@ def recalibrate(
             )
         return calibrate_detector(detector, validation, options, labelled, post, progress=progress)
     bs = getattr(detector.config, "batch_size", 8)
-    detector.calibration = old.rethreshold(options, _labelled(detector, labelled, bs, progress), post)
+    lab = _labelled(detector, labelled, bs, progress, options.pixel_method == "segf1")
+    detector.calibration = old.rethreshold(options, lab, post)
     return detector.calibration
 
 
