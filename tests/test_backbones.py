@@ -20,6 +20,7 @@ from anomnet.errors import BackboneWeightsError, ConfigError
 
 RESNETS = ["resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2"]
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+VITS = [f"dinov2_vit{s}14{r}" for s in "sbl" for r in ("", "_reg")]  # tests/test_vit_backbone.py
 ALL_RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ALL_LITE_LAYERS = ("stem",) + tuple(f"stage{i}" for i in range(1, 8))
 LITE0_CHANNELS = [32, 16, 24, 40, 80, 112, 192, 320]
@@ -52,21 +53,21 @@ def _torchvision_state(model: FeatureExtractor, num_classes: int = 1000) -> dict
 # ------------------------------------------------------------------------------------------
 
 
-def test_available_backbones_lists_all_seven() -> None:
+def test_available_backbones_lists_all() -> None:
     infos = available_backbones()
     assert all(isinstance(i, BackboneInfo) for i in infos)
-    assert [i.name for i in infos] == LITES + RESNETS
+    assert [i.name for i in infos] == LITES + RESNETS + VITS
     assert DEFAULT_BACKBONE == "efficientnet_lite0" == infos[0].name
     for info in infos:
         assert set(info.default_layers) <= set(info.layers)
-        assert info.needs_weights_file == (info.name in RESNETS)
+        assert info.needs_weights_file == (info.name in RESNETS + VITS)
         assert info.description
 
 
 def test_unknown_backbone_lists_valid_names() -> None:
     with pytest.raises(ConfigError) as exc:
         create_backbone("resnet152", weights="random")
-    for name in LITES + RESNETS:
+    for name in LITES + RESNETS + VITS:
         assert name in str(exc.value)
 
 

@@ -14,6 +14,11 @@ Backbones:
   weights folder: ``$ANOMNET_WEIGHTS_DIR`` if set, else ``~/.cache/anomnet/weights/``, under one
   of the names ``<name>.safetensors``, ``<name>.pth`` or torchvision's ``<name>-<hash>.pth``
   (e.g. ``wide_resnet50_2-95faca4d.pth``). The papers' WideResNet-50 numbers need that file.
+* ``dinov2_vits14``, ``dinov2_vitb14``, ``dinov2_vitl14`` and their ``_reg`` variants (4 register
+  tokens): DINOv2 vision transformers in our own code (:mod:`anomnet.backbones.vit`) that load the
+  release's state dict from a file the user supplies, the same way (the weights folder is also
+  searched for the release's file name, e.g. ``dinov2_vitb14_reg4_pretrain.pth``). Their layers are
+  the transformer blocks ``block0`` ... (patch tokens at stride 14).
 
 ``weights="random"`` builds any backbone with random weights; it is meant for tests only.
 
@@ -59,6 +64,7 @@ from anomnet.backbones.resnet import (
     guess_resnet_family,
     resnet_info,
 )
+from anomnet.backbones.vit import VIT_CONFIGS, VIT_IGNORED_PREFIXES, ViTExtractor, find_vit_weights, guess_vit, vit_info
 from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
 
 __all__ = [
@@ -114,9 +120,19 @@ def _efficientnet_spec(name: str) -> _Spec:
     )
 
 
+def _vit_spec(name: str) -> _Spec:
+    return _Spec(
+        info=vit_info(name),
+        build=functools.partial(ViTExtractor, name),
+        ignore_prefixes=VIT_IGNORED_PREFIXES,
+        default_weights=functools.partial(find_vit_weights, name),
+    )
+
+
 _SPECS: dict[str, _Spec] = {
     **{n: _efficientnet_spec(n) for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")},
     **{n: _resnet_spec(n) for n in RESNET_CONFIGS},
+    **{n: _vit_spec(n) for n in VIT_CONFIGS},
 }
 
 
@@ -214,7 +230,7 @@ def _guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
         required = {k for k in expected if not k.endswith("num_batches_tracked")}
         if required <= got.keys() <= expected.keys() and all(tuple(got[k].shape) == expected[k] for k in got):
             return name
-    family = guess_resnet_family(state)
+    family = guess_resnet_family(state) or guess_vit(state)
     if family is not None:
         return family
     if "_conv_stem.weight" in state:
