@@ -23,6 +23,7 @@ from anomnet import io
 from anomnet.data import DatasetSplit, Sample, load_dataset
 from anomnet.decisions import calibrate_detector, recalibrate, split_choices
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
+from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
 from anomnet.model_io import check_model_target, model_files
@@ -154,6 +155,7 @@ def predict(
     out_dir: str | Path | None = None,
     raw_maps: bool = False,
     progress: bool = False,
+    shard: str | Shard | None = None,
 ) -> list[ImagePrediction]:
     """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
@@ -161,9 +163,11 @@ def predict(
 
     Each result has score, p_value, defective and the mask's size; a bad file gets ``error`` set,
     the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
-    ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`).
+    ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`). ``shard``
+    (``"i/N"``): only shard ``i`` of ``N`` of the path-sorted inputs (see :mod:`anomnet.engine.shard`).
     """
     images = list(images)
+    picked = Shard.parse(shard) if isinstance(shard, str) else shard
     if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
         protected = [Path(i) for i in images if str(i) != "-"]
         if not isinstance(model_dir, Detector):
@@ -171,7 +175,7 @@ def predict(
             protected += model_files(folder) + (sorted(folder.iterdir()) if folder.is_dir() else [])
         io.check_not_input(out_dir, protected, "out_dir", folder=True)
         io.check_writable(out_dir, "out_dir", folder=True)
-    return predict_images(load_scorer(model_dir), images, out_dir, raw_maps, keep_maps, progress)
+    return predict_images(load_scorer(model_dir), images, out_dir, raw_maps, keep_maps, progress, shard=picked)
 
 
 def calibrate(

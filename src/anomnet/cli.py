@@ -266,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help="score only shard i (from 0) of N: every N-th image of the path-sorted input list, so N jobs "
+        "cover it once (output names as in the whole list)",
+    )
 
     p = sub.add_parser(
         "calibrate",
@@ -518,7 +525,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         io.check_not_input(args.csv, inputs, "--csv")
         io.check_writable(args.csv, "--csv")
     results = api.predict(
-        args.model_dir, args.images, out_dir=args.out, raw_maps=args.raw_maps, progress=not args.quiet
+        args.model_dir,
+        args.images,
+        out_dir=args.out,
+        raw_maps=args.raw_maps,
+        progress=not args.quiet,
+        shard=args.shard,
     )
     unread = [r for r in results if r.error and r.score != r.score]
     unwritten = [r for r in results if r.error and r.score == r.score]

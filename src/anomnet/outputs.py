@@ -46,6 +46,7 @@ from anomnet.visualize import draw_contour, heatmap, overlay
 
 if TYPE_CHECKING:
     from anomnet.detectors.base import Detector
+    from anomnet.engine.shard import Shard
 
 CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
 
@@ -120,9 +121,12 @@ def clear_previous_run(out: Path) -> None:
     manifest.unlink()
 
 
-def _claim_outputs(out: Path, inputs: list[InputImage], raw_maps: bool) -> None:
-    """List every file this run may write before writing any (a killed run's files are still known)."""
-    files = ["results.csv", "results.jsonl"]
+def claim_outputs(out: Path, inputs: list[InputImage], raw_maps: bool, summaries: Iterable[str] = ()) -> None:
+    """List every file this run may write before writing any (a killed run's files are still known).
+
+    ``summaries``: result files besides results.csv and results.jsonl (e.g. the batch engine's results.parquet).
+    """
+    files = ["results.csv", "results.jsonl", *summaries]
     for item in inputs:
         files.extend(str(f.relative_to(out)) for f in output_files(out, item.name, raw_maps).values())
     io.atomic_write_text(out / OWNED_FILES, json.dumps({"files": files}, indent=1))
@@ -148,34 +152,26 @@ def predict_images(
     keep_maps: bool = False,
     progress: bool = False,
     stdin: TextIO | None = None,
+    shard: Shard | None = None,
 ) -> list[ImagePrediction]:
     """Score every image (:func:`anomnet.scoring.score_refs`); with ``out_dir`` write the files described above.
 
-    ``model``: a fitted detector, a scorer, or a fitted or exported model folder.
+    ``model``: a fitted detector, a scorer, or a fitted or exported model folder. ``shard``: score only
+    this shard of the expanded inputs (:mod:`anomnet.engine.shard`; output names as in the whole list).
     """
     scorer = load_scorer(model)
     inputs = expand_inputs(images, stdin)
+    if shard is not None:
+        inputs = shard.select(inputs)
     results: list[ImagePrediction] = []
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         clear_previous_run(out)
-        _claim_outputs(out, inputs, raw_maps)
+        claim_outputs(out, inputs, raw_maps)
     bar = _progress_bar(len(inputs), progress)
     for start in range(0, len(inputs), scorer.batch_size):
         chunk = inputs[start : start + scorer.batch_size]
-        rows = score_refs(scorer, [ImageRef(str(item.path)) for item in chunk], keep_maps=True, keep_images=True)
-        for item, row in zip(chunk, rows):
-            if out is not None and row.image is not None and row.anomaly_map is not None and row.mask is not None:
-                try:
-                    row.outputs = write_image_outputs(
-                        out, item.name, row.image, row.anomaly_map, row.mask, scorer.calibration, raw_maps
-                    )
-                except (OSError, AnomnetError) as exc:
-                    row.error = f"outputs could not be written: {exc}"
-            row.image = None
-            if not keep_maps:
-                row.anomaly_map = row.mask = None
-            results.append(row)
+        results.extend(score_and_write(scorer, chunk, out, raw_maps, keep_maps))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -183,6 +179,29 @@ def predict_images(
     if out is not None:
         write_summaries(results, out)
     return results
+
+
+def score_and_write(
+    scorer: Scorer, inputs: list[InputImage], out: Path | None, raw_maps: bool = False, keep_maps: bool = False
+) -> list[ImagePrediction]:
+    """One row per input (:func:`~anomnet.scoring.score_refs`); with ``out``, each scored image's files too.
+
+    The step every batch path shares (``predict`` here, the batch engine's workers): outputs that
+    cannot be written put their reason in the row's ``error`` (the score stays).
+    """
+    rows = score_refs(scorer, [ImageRef(str(item.path)) for item in inputs], keep_maps=True, keep_images=True)
+    for item, row in zip(inputs, rows):
+        if out is not None and row.image is not None and row.anomaly_map is not None and row.mask is not None:
+            try:
+                row.outputs = write_image_outputs(
+                    out, item.name, row.image, row.anomaly_map, row.mask, scorer.calibration, raw_maps
+                )
+            except (OSError, AnomnetError) as exc:
+                row.error = f"outputs could not be written: {exc}"
+        row.image = None
+        if not keep_maps:
+            row.anomaly_map = row.mask = None
+    return rows
 
 
 def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm or None
