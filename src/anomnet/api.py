@@ -21,7 +21,7 @@ import torch
 
 from anomnet import io
 from anomnet.data import DatasetSplit, Sample, load_dataset
-from anomnet.decisions import calibrate_detector, recalibrate, split_choices
+from anomnet.decisions import calibrate_detector, labelled_samples, recalibrate, split_choices
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
@@ -72,6 +72,8 @@ def fit(
             "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training images): "
             "hold some out (--val-fraction 0.1) or give a fixed threshold (--image-threshold fixed --image-value V)"
         )
+    if labelled is not None and getattr(detector, "accepts_labelled", False):  # the hybrid chooses its branch on it
+        detector.labelled_validation = labelled_samples(labelled)[1]  # type: ignore[attr-defined]
     detector.fit(train, split.validation, progress=progress)
     options, post = split_choices({"max_false_alarm": max_false_alarm, **thresholds})
     calibrate_detector(detector, split.validation, options, labelled, post, progress=progress)
@@ -156,6 +158,7 @@ def predict(
     raw_maps: bool = False,
     progress: bool = False,
     shard: str | Shard | None = None,
+    out_layout: str = "anomnet",
 ) -> list[ImagePrediction]:
     """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
@@ -165,7 +168,15 @@ def predict(
     the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
     ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`). ``shard``
     (``"i/N"``): only shard ``i`` of ``N`` of the path-sorted inputs (see :mod:`anomnet.engine.shard`).
+    ``out_layout="mvtec-ad2"``: instead of those files only the float16 maps and the masks in MVTec AD 2's
+    submission layout (:mod:`anomnet.submission`).
     """
+    from anomnet.submission import LAYOUTS, predict_submission
+
+    if out_layout not in LAYOUTS:
+        raise ConfigError(f"unknown output layout {out_layout!r}; use one of: {', '.join(LAYOUTS)}")
+    if out_layout != "anomnet" and (out_dir is None or shard is not None):
+        raise ConfigError(f"the {out_layout} output layout needs an output folder (--out) and takes no --shard")
     images = list(images)
     picked = Shard.parse(shard) if isinstance(shard, str) else shard
     if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
@@ -175,6 +186,8 @@ def predict(
             protected += model_files(folder) + (sorted(folder.iterdir()) if folder.is_dir() else [])
         io.check_not_input(out_dir, protected, "out_dir", folder=True)
         io.check_writable(out_dir, "out_dir", folder=True)
+    if out_layout == "mvtec-ad2" and out_dir is not None:
+        return predict_submission(load_scorer(model_dir), images, out_dir, progress)
     return predict_images(load_scorer(model_dir), images, out_dir, raw_maps, keep_maps, progress, shard=picked)
 
 

@@ -15,9 +15,21 @@ Three layouts are understood (:func:`load_dataset` detects them with ``layout="a
       ground_truth/<defect>/<stem>_mask.png   (or <stem>.png / .bmp / .tif)
 
   Pass the category folder, or the dataset root together with ``category="bottle"``.
-  BTAD names the good folders ``ok`` instead of ``good``; MVTec AD 2 has ``test_public/``
-  (with its own ``ground_truth/``) instead of ``test/`` and a ``validation/good/`` folder,
-  which then is the validation set.
+  BTAD names the good folders ``ok`` instead of ``good``.
+
+**MVTec AD 2** is read by the same loader::
+
+    can/
+      train/good/                     good training images
+      validation/good/                good validation images: THE validation split (no training
+                                      image is held out; ``val_fraction=0`` turns validation off)
+      test_public/good/, test_public/bad/            the labelled test split
+      test_public/ground_truth/bad/<stem>_mask.png   its masks
+      test_private/, test_private_mixed/             unlabelled test images (flat folders)
+
+  ``test_public`` is the test set of ``anomnet test``; the unlabelled splits are listed in
+  :attr:`DatasetSplit.unlabelled` (``anomnet predict --out-layout mvtec-ad2`` writes their
+  maps for the evaluation server, see :mod:`anomnet.submission`).
 
 **Generic folders**::
 
@@ -64,6 +76,7 @@ from anomnet.io import IMAGE_EXTENSIONS, list_images, read_image, read_mask, to_
 LAYOUTS = ("auto", "mvtec", "folder", "elpv")
 GOOD = "good"
 _GOOD_NAMES = ("good", "ok")  # MVTec AD / MPDD / MVTec AD 2, BTAD
+UNLABELLED_SPLITS = ("test_private", "test_private_mixed")  # MVTec AD 2's test images without labels
 _MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 ELPV_FRACTIONS = (0.6, 0.1, 0.3)
 """Train / validation / test fractions of the good ELPV cells."""
@@ -89,6 +102,8 @@ class DatasetSplit:
     test: list[Sample]
     warnings: list[str] = field(default_factory=list)
     """Notes for the user, e.g. defective test images that have no mask."""
+    unlabelled: dict[str, list[Path]] = field(default_factory=dict)
+    """Test images without labels by split name (MVTec AD 2: ``test_private``, ``test_private_mixed``)."""
 
 
 @dataclass
@@ -294,7 +309,14 @@ def load_mvtec(category_dir: str | Path, val_fraction: float = 0.1, seed: int = 
     if missing:
         where = f"in {gt_root}" if gt_root is not None else f"(no ground_truth/ folder in {category_dir})"
         warnings.append(_missing_masks_note(missing, where))
-    return DatasetSplit(f"mvtec:{category_dir.name}", train, validation, test, warnings)
+    unlabelled: dict[str, list[Path]] = {}
+    for name in UNLABELLED_SPLITS:
+        if (category_dir / name).is_dir():
+            try:
+                unlabelled[name] = list_images(category_dir / name)
+            except DatasetError as exc:  # an empty unlabelled split does not stop fit or test
+                warnings.append(str(exc))
+    return DatasetSplit(f"mvtec:{category_dir.name}", train, validation, test, warnings, unlabelled)
 
 
 def _subfolders(folder: Path, skip: Sequence[str] = ()) -> list[Path]:
@@ -594,6 +616,7 @@ __all__ = [
     "DatasetSplit",
     "LAYOUTS",
     "Sample",
+    "UNLABELLED_SPLITS",
     "iter_batches",
     "load_dataset",
     "load_elpv",

@@ -218,14 +218,17 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def write_tiff(path: str | Path, array: np.ndarray) -> None:
-    """Write a 2-D ``float32`` array (e.g. a raw anomaly map) as a single-page TIFF, atomically."""
+    """Write a 2-D ``float32`` or ``float16`` array (a raw anomaly map) as a single-page TIFF, atomically.
+
+    ``float16`` is what MVTec AD 2's evaluation server accepts (:mod:`anomnet.submission`).
+    """
     from io import BytesIO as _BytesIO
 
     import tifffile
 
     array = np.asarray(array)
-    if array.ndim != 2 or array.dtype != np.float32:
-        raise ConfigError(f"write_tiff needs a float32 HxW array, got {array.dtype} of shape {array.shape}")
+    if array.ndim != 2 or array.dtype not in (np.float32, np.float16):
+        raise ConfigError(f"write_tiff needs a float32 or float16 HxW array, got {array.dtype} of shape {array.shape}")
     buf = _BytesIO()
     tifffile.imwrite(buf, np.ascontiguousarray(array))
     _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
