@@ -1,4 +1,4 @@
-"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench``.
+"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve``.
 
 Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
 3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
@@ -376,7 +376,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
         "e.g. 1000 (default 0: skip)",
     )
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub: Any) -> None:
+    """``anomnet serve``: the inspection service and review page (anomnet.serve, the serve extra)."""
+    p = sub.add_parser(
+        "serve",
+        help="run the inspection service (HTTP API + review page) for one or more models",
+        description="Serve fitted or exported models over HTTP: POST /v1/models/NAME/predict, GET /v1/models, "
+        "/healthz, /metrics, and the review page at /. Needs the serve extra: pip install 'anomnet[serve]'. "
+        "The API key, if any, comes from $ANOMNET_API_KEY or --api-key-file (never the command line).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a model folder (fitted or exported) served under NAME (repeatable: one per product)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--image-root", default=None, help="folder that JSON image paths are relative to (default: paths refused)"
+    )
+    p.add_argument("--review-dir", default=None, help="folder for the review page's marks (default: marks are refused)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    p.add_argument(
+        "--max-megapixels", type=float, default=40.0, help="largest image, read from its header (default 40)"
+    )
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    p.add_argument("--workers", type=int, default=1, help="scoring threads (default 1)")
+    p.add_argument("--queue", type=int, default=8, help="requests waiting for a worker before 429 (default 8)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60, then 504)")
+    p.add_argument("--api-key-file", default=None, help="file holding the API key clients send as X-API-Key")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,6 +683,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from anomnet.errors import ConfigError
+    from anomnet.serve import missing_extra
+
+    missing = missing_extra()
+    if missing:
+        raise ConfigError(missing)
+    from anomnet.serve.app import create_app, serve
+    from anomnet.serve.limits import Limits, MiB
+
+    models: dict[str, str] = {}
+    for item in args.model:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--model {item!r}: expected NAME=DIR, e.g. --model bottle=runs/bottle")
+        if name in models:
+            raise ConfigError(f"--model {name}: the name is given twice")
+        models[name] = folder
+    api_key = os.environ.get("ANOMNET_API_KEY") or None
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {args.api_key_file}: cannot be read ({exc.strerror or exc})") from None
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * MiB),
+        max_pixels=int(args.max_megapixels * 1e6),
+        max_images=args.max_images,
+        workers=args.workers,
+        queue=args.queue,
+        timeout_s=args.timeout,
+        api_key=api_key,
+    )
+    app = create_app(models, limits, args.image_root, args.review_dir)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"anomnet: note: listening on {args.host} without an API key ($ANOMNET_API_KEY)", file=sys.stderr)
+    print(f"serving {', '.join(sorted(models))} on http://{args.host}:{args.port}/ (review page at /)", flush=True)
+    serve(app, args.host, args.port, args.log_level)
+    return EXIT_OK
+
+
 COMMANDS = {
     "calibrate": cmd_calibrate,
     "fit": cmd_fit,
@@ -656,6 +732,7 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "serve": cmd_serve,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""The inspection service and its review page (``anomnet serve``; needs the ``serve`` extra).
+
+* :mod:`anomnet.serve.app` -- the FastAPI app (imports FastAPI: install ``anomnet[serve]``).
+* :mod:`anomnet.serve.limits` -- upload, pixel, path, pool and key limits (no FastAPI needed).
+* :mod:`anomnet.serve.metrics` -- request counts and the latency histogram, Prometheus text.
+* :mod:`anomnet.serve.review` -- the operator's marks, saved as a labelled validation folder.
+* ``static/`` -- the review page (plain HTML, CSS and JavaScript, every asset local).
+
+Importing this package imports none of them.
+"""
+
+from __future__ import annotations
+
+MISSING_EXTRA = (
+    "the inspection service needs the serve extra: pip install 'anomnet[serve]' (fastapi, uvicorn, python-multipart)"
+)
+
+
+def missing_extra() -> str | None:
+    """None when the serve extra is installed, else what to install."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    return f"{MISSING_EXTRA}; missing: {', '.join(missing)}" if missing else None
