@@ -1,4 +1,4 @@
-"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve``.
+"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve | watch``.
 
 Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
 3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
@@ -245,11 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
             "cannot be read is listed with its reason; the others are still scored (exit code 3)."
         ),
     )
-    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="model folder written by 'anomnet fit' (required unless --engine ray with --model / --model-root)",
+    )
     p.add_argument(
         "images",
         nargs="+",
-        help="image files or folders (searched recursively); '-' reads paths from stdin, one per line",
+        help="image files or folders (searched recursively); '-' reads paths from stdin, one per line; "
+        "with --engine ray also globs ('dir/**/*.png', quoted) and CSV/Parquet manifests (a 'path' column, "
+        "optionally 'product')",
     )
     p.add_argument(
         "--out",
@@ -273,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only shard i (from 0) of N: every N-th image of the path-sorted input list, so N jobs "
         "cover it once (output names as in the whole list)",
     )
+    from anomnet.engine.command import add_engine_arguments
+
+    add_engine_arguments(p)
 
     p = sub.add_parser(
         "calibrate",
@@ -377,7 +386,43 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 1000 (default 0: skip)",
     )
     add_serve_parser(sub)
+    add_watch_parser(sub)
     return parser
+
+
+def add_watch_parser(sub: Any) -> None:
+    """``anomnet watch``: the hot folder (anomnet.watch)."""
+    p = sub.add_parser(
+        "watch",
+        help="score images as they arrive in a folder (hot folder for camera stations)",
+        description="Score each image file that lands in INBOX once it is completely written (unchanged for "
+        "--settle seconds, or renamed in from a temporary name such as x.tmp / x.part); write its heat map, "
+        "overlay and mask into --out, append its row to OUT/results.csv and OUT/results.jsonl, and move it to "
+        "OUT/processed (or OUT/errors when it cannot be read). A restart (even after a kill) scores no file "
+        "twice and skips none. Stops on Ctrl-C / SIGTERM after the current batch. See docs/watch.md.",
+    )
+    p.add_argument("--model-dir", required=True, help="model folder (fitted, or exported by 'anomnet export')")
+    p.add_argument("inbox", help="the folder the camera station writes into")
+    p.add_argument("--out", required=True, help="output folder (outside INBOX; one watcher per folder)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a file is scored once its size and time stamp stayed the same this long (default 2; 0: at once, "
+        "for stations that write a temporary name and rename the finished file)",
+    )
+    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="seconds between scans (default 0.5)")
+    p.add_argument("--once", action="store_true", help="process what is in INBOX, then exit (3: some files failed)")
+    p.add_argument("--done", default=None, metavar="DIR", help="where scored files go (default OUT/processed)")
+    p.add_argument("--errors", default=None, metavar="DIR", help="where unreadable files go (default OUT/errors)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave files in INBOX; results.jsonl marks them done (a file whose content changes is scored again)",
+    )
+    p.add_argument("--recursive", action="store_true", help="also watch the subfolders of INBOX")
+    p.add_argument("--raw-maps", action="store_true", help="also write the raw float32 anomaly maps (maps/*.tiff)")
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -549,6 +594,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from anomnet.engine import command
+
+    if args.engine == "ray":
+        return command.predict_command(args)
+    command.check_local(args)
     from anomnet import api, io
     from anomnet.model_io import model_files
 
@@ -724,6 +774,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from anomnet import io
+    from anomnet.model_io import model_files
+    from anomnet.watch import WatchOptions, watch
+
+    io.check_not_input(args.out, [Path(args.inbox), *model_files(args.model_dir)], "--out", folder=True)
+    options = WatchOptions(
+        settle=args.settle,
+        poll=args.poll,
+        done_dir=Path(args.done) if args.done else None,
+        error_dir=Path(args.errors) if args.errors else None,
+        keep=args.keep,
+        recursive=args.recursive,
+        raw_maps=args.raw_maps,
+    )
+    summary = watch(args.model_dir, args.inbox, args.out, options, once=args.once)
+    return EXIT_SOME_FAILED if args.once and summary.errors else EXIT_OK
+
+
 COMMANDS = {
     "calibrate": cmd_calibrate,
     "fit": cmd_fit,
@@ -733,6 +802,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "bench": cmd_bench,
     "serve": cmd_serve,
+    "watch": cmd_watch,
 }
 
 if __name__ == "__main__":
