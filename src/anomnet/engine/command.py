@@ -1,0 +1,138 @@
+"""``anomnet predict --engine ray``: the command-line step (checks, run, summary, exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from anomnet.errors import ConfigError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_SOME_FAILED = 0, 1, 3
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``predict`` options of the batch engine (``--engine ray``)."""
+    g = parser.add_argument_group("batch engine (--engine ray; see docs/scaling.md)")
+    g.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: Ray Data workers on a local Ray or the cluster at --address, "
+        "inputs may also be globs and CSV/Parquet manifests, results also as results.parquet (needs --out and "
+        "the anomnet[ray] extra)",
+    )
+    g.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PRODUCT=DIR",
+        help="with --engine ray: the model of one product (repeatable); a manifest's 'product' column picks it",
+    )
+    g.add_argument(
+        "--model-root",
+        default=None,
+        metavar="DIR",
+        help="with --engine ray: one model per product, each a subfolder of DIR named after it (as fit-many writes)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --engine ray: keep the rows already in --out and score only the inputs without one",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the Ray cluster to use ('auto': the one 'ray start' runs here; "
+        "default: start a local Ray)",
+    )
+    g.add_argument("--workers", type=int, default=None, help="scorer workers (default: cluster CPUs / --worker-cpus)")
+    g.add_argument(
+        "--worker-cpus", type=float, default=1, help="CPUs (and torch threads) each scorer worker takes (default 1)"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=None, help="images a worker takes per call (default 16)", metavar="N"
+    )
+
+
+def check_local(args: argparse.Namespace) -> None:
+    """Refuse engine-only options with the local engine (before any work)."""
+    used = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--model-root", args.model_root),
+            ("--resume", args.resume),
+            ("--address", args.address),
+            ("--workers", args.workers),
+            ("--batch-size", args.batch_size),
+        )
+        if value
+    ]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: only with --engine ray (the local engine scores with --model-dir)")
+    if args.model_dir is None:
+        raise ConfigError("--model-dir is required (the model folder written by 'anomnet fit' or 'anomnet export')")
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Run ``predict --engine ray``; returns the exit code."""
+    from anomnet import io
+    from anomnet.engine.shard import Shard
+
+    if args.out is None:
+        raise ConfigError("--engine ray needs --out (the folder for results.parquet/.csv/.jsonl and the image files)")
+    if args.csv:
+        raise ConfigError("--csv: with --engine ray the CSV is OUT/results.csv")
+    shard = Shard.parse(args.shard) if args.shard else None
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'anomnet[ray]'") from None
+    from anomnet.engine.inputs import collect_inputs, resolve_models
+    from anomnet.engine.ray_predict import BATCH_SIZE, EngineFailed, predict_on_ray
+
+    models = resolve_models(args.model_dir, args.model, args.model_root)
+    protected = [Path(i) for i in args.images if i != "-" and Path(i).exists()] + [Path(m) for m in models.values()]
+    io.check_not_input(args.out, protected, "--out", folder=True)
+    io.check_writable(args.out, "--out", folder=True)
+    refs = collect_inputs(args.images)
+    if shard is not None:
+        refs = shard.select(refs)
+    try:
+        summary = predict_on_ray(
+            refs,
+            models,
+            args.out,
+            raw_maps=args.raw_maps,
+            resume=args.resume,
+            address=args.address,
+            workers=args.workers,
+            worker_cpus=args.worker_cpus,
+            batch_size=args.batch_size or BATCH_SIZE,
+            progress=not args.quiet,
+        )
+    except EngineFailed as exc:
+        print(f"anomnet: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    print("\n".join(summary.lines()))
+    maps = ", maps/" if args.raw_maps else ""
+    print(
+        f"outputs written to {args.out} (results.parquet, results.csv, results.jsonl, heatmaps/, overlays/, "
+        f"masks/{maps})"
+    )
+    if summary.missing:
+        print(
+            f"anomnet: {len(summary.missing)} of {summary.inputs} inputs have no row (the engine failed them "
+            "twice): run the same command with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    if summary.failed:
+        print(
+            f"anomnet: {summary.failed} of {summary.inputs} images failed (see the error column of results.csv)",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_FAILED
+    return EXIT_OK
