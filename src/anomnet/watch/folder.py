@@ -153,7 +153,7 @@ class HotFolder:
                 if not handled:
                     stop.wait(self.options.poll)
         s = self.summary
-        self.log(f"stopped: {s.processed} files processed ({s.defective} defective, {s.errors} errors)")
+        self.log(f"stopped: {s.processed} files processed, {s.defective} defective, {s.errors} failed")
         return s
 
     def poll(self, stop: threading.Event | None = None) -> tuple[int, int]:
@@ -360,7 +360,11 @@ class HotFolder:
                     claim.dest = None if self.options.keep else rec.get("path")
             self.state.jsonl_offset, self.state.csv_offset = self.journal.sizes()
             self.journal.save_state(self.state)
-        self.log(f"resuming: {len(self.state.claims)} files the last run did not finish")
+        again = sum(c.stage == CLAIMED for c in self.state.claims)
+        self.log(
+            f"resuming: {len(self.state.claims)} files the last run did not finish "
+            f"({again} to score again, {len(self.state.claims) - again} already recorded, to move)"
+        )
         self._score_and_record([c for c in self.state.claims if c.stage == CLAIMED])
         self._finish([c for c in self.state.claims if c.stage == RECORDED])
 
