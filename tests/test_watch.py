@@ -485,6 +485,21 @@ def test_a_failed_move_is_retried_at_the_next_start_without_scoring_again(
     assert len(check_journal(out)) == 1 and scorer.scored == 1
 
 
+def test_rows_that_cannot_be_appended_stop_the_watcher_with_a_clear_error_and_resume(tmp_path: Path) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for i in range(3):
+        (inbox / f"a{i}.png").write_bytes(png_bytes(i))
+    (out / "results.jsonl").mkdir(parents=True)  # stands for a full or broken disk: the append fails
+    with HotFolder(FakeScorer(), inbox, out, FAST, log=quiet) as folder, pytest.raises(WatchError, match="appended"):
+        folder.run(once=True)
+    (out / "results.jsonl").rmdir()
+    with HotFolder(FakeScorer(), inbox, out, FAST, log=quiet) as folder:
+        folder.run(once=True)
+    assert sources(out) == ["a0.png", "a1.png", "a2.png"] and list(inbox.iterdir()) == []
+    check_journal(out)
+
+
 # -- the command, a real model, real kills -----------------------------------------------------------
 
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]

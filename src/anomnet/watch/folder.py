@@ -88,12 +88,12 @@ class HotFolder:
         log: Log = print_log,
     ) -> None:
         self.scorer = scorer
-        self.inbox = Path(inbox)
-        self.out = Path(out)
+        self.inbox = Path(os.path.abspath(inbox))  # the state file's paths must not depend on the working folder
+        self.out = Path(os.path.abspath(out))
         self.options = options or WatchOptions()
         self.log = log
-        self.done_dir = self.options.done_dir or self.out / "processed"
-        self.error_dir = self.options.error_dir or self.out / "errors"
+        self.done_dir = Path(os.path.abspath(self.options.done_dir or self.out / "processed"))
+        self.error_dir = Path(os.path.abspath(self.options.error_dir or self.out / "errors"))
         self._check_folders()
         self.journal = Journal(self.out)
         self.state = self.journal.load_state()

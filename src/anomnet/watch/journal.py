@@ -106,7 +106,13 @@ class Journal:
             "jsonl_offset": state.jsonl_offset,
             "csv_offset": state.csv_offset,
         }
-        io.atomic_write_text(self.state_path, json.dumps(data, indent=1))
+        try:
+            io.atomic_write_text(self.state_path, json.dumps(data, indent=1))
+        except OSError as exc:
+            raise WatchError(
+                f"{self.state_path}: cannot be written ({exc.strerror or exc}); the watcher stops, and its next "
+                "start resumes where it stopped"
+            ) from None
 
     def sizes(self) -> tuple[int, int]:
         """Current sizes of results.jsonl and results.csv (0 when missing)."""
@@ -197,15 +203,21 @@ def csv_rows(records: list[dict[str, Any]], header: bool) -> str:
 
 def _append(path: Path, text: str) -> None:
     data = text.encode("utf-8", errors="surrogateescape")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, io.file_mode())
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, io.file_mode())
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WatchError(
+            f"{path}: rows cannot be appended ({exc.strerror or exc}); the watcher stops, and its next start "
+            "resumes where it stopped"
+        ) from None
 
 
 def _truncate(path: Path, size: int) -> None:
