@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,17 @@ def piped() -> Path:
     if not PIPED.is_dir():
         pytest.skip("shared PIPED data not present")
     return PIPED
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One local Ray with 2 CPUs for every Ray test of the session (it takes seconds to start)."""
+    ray = pytest.importorskip("ray", reason="the Ray tests need the anomnet[ray] extra: pip install 'anomnet[ray]'")
+    pytest.importorskip("ray.data", reason="the Ray tests need ray[data]: pip install 'anomnet[ray]'")
+    from anomnet.engine.ray_predict import ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -2,8 +2,8 @@
 `predict --engine ray` on a local Ray with 2 CPUs: one row per input (also after a killed worker), resume,
 bad files as error rows with exit code 3.
 
-The parts without Ray need pyarrow (installed with Ray by the anomnet[ray] extra); the Ray tests share one
-local Ray started once for this module.
+The parts without Ray need pyarrow (installed with Ray by the anomnet[ray] extra); the Ray tests share the
+session's local Ray (conftest.local_ray).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,20 +208,12 @@ def test_finalise_keeps_one_row_per_input_in_input_order(tmp_path: Path) -> None
 # -- on Ray ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray = pytest.importorskip("ray", reason="the Ray engine tests need the anomnet[ray] extra (ray[data])")
-    pytest.importorskip("ray.data", reason="the Ray engine tests need ray[data]")
+@pytest.fixture
+def ray_here(local_ray: None) -> None:
+    """The session's local Ray; this module's classes go to the workers by value (they cannot import it)."""
     from ray import cloudpickle
 
-    from anomnet.engine.ray_predict import ensure_ray
-
-    started = not ray.is_initialized()
-    ensure_ray(num_cpus=2)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    yield
-    if started:
-        ray.shutdown()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _killing_scorer(marker: Path) -> type[BatchScorer]:
@@ -247,7 +238,7 @@ def _killing_scorer(marker: Path) -> type[BatchScorer]:
     return KillsItsWorkerOnce
 
 
-def test_ray_every_input_one_row_after_a_killed_worker_and_per_product_models(local_ray: None, tmp_path: Path) -> None:
+def test_ray_every_input_one_row_after_a_killed_worker_and_per_product_models(ray_here: None, tmp_path: Path) -> None:
     from anomnet.engine.ray_predict import predict_on_ray
 
     paths = _images(tmp_path / "in", 40)

@@ -84,6 +84,8 @@ def predict_command(args: argparse.Namespace) -> int:
         raise ConfigError("--engine ray needs --out (the folder for results.parquet/.csv/.jsonl and the image files)")
     if args.csv:
         raise ConfigError("--csv: with --engine ray the CSV is OUT/results.csv")
+    if getattr(args, "out_layout", "anomnet") != "anomnet":
+        raise ConfigError(f"--out-layout {args.out_layout}: only with the local engine")
     shard = Shard.parse(args.shard) if args.shard else None
     try:
         import ray  # noqa: F401
