@@ -67,7 +67,8 @@
     if (!model) return;
     const n = model.validation_images;
     $("model-info").textContent =
-      `${model.image_method} threshold, ${n} good validation images, model rate ${percent(model.max_false_alarm)}`;
+      `${model.image_method} threshold, ${n} good validation images, ` +
+      `false-alarm rate ${percent(model.achieved_false_alarm)} (asked ${percent(model.max_false_alarm)})`;
     const rate = $("rate");
     rate.min = "1";
     rate.max = String(n + 1);
