@@ -28,10 +28,13 @@ from typing import Any
 
 import torch
 
+from anomnet.decisions import OPTION_FIELDS, POSTPROCESS_FIELDS, parse_choices
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.io import atomic_write_text
 
 BATCHES = (1, 16)
+CHOICES = OPTION_FIELDS | POSTPROCESS_FIELDS
+"""Variant keys that are threshold / mask post-processing choices (``pixel_method=mean-std``), not settings."""
 
 
 def _peak_rss_mb() -> float:
@@ -74,7 +77,7 @@ def _trunk_for(det: Any) -> Any:
     """The whole backbone trunk of the detector's backbone (random weights for the ResNets), or None."""
     from anomnet.backbones import available_backbones, create_backbone
 
-    name = getattr(det.config, "backbone", None)
+    name = getattr(det.config, "backbone", None) or getattr(det, "backbone_name", None)  # a hybrid: its branch's
     info = next((b for b in available_backbones() if b.name == name), None)
     if info is None:
         return None
@@ -113,9 +116,16 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from anomnet.data import load_dataset
 
     split = load_dataset(spec["data"], spec.get("category"))
+    choices = spec.get("thresholds", {})  # threshold / mask post-processing choices of the row, as text
     t = time.perf_counter()
     det = api.fit(
-        spec["model"], split, spec["out"], settings=spec["settings"], max_train=spec.get("max_train"), progress=False
+        spec["model"],
+        split,
+        spec["out"],
+        settings=spec["settings"],
+        max_train=spec.get("max_train"),
+        progress=False,
+        **parse_choices(choices),
     )
     fit_s = time.perf_counter() - t
     rss_fit = _peak_rss_mb()
@@ -135,7 +145,26 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["memory_bank"] = _bank_shape(det)
     out["fit_record"] = fit_record_of(det)
     out["rescored"] = [{"settings": extra, "metrics": rescore(det, split, extra)} for extra in spec.get("rescore", [])]
+    out["branches"] = branch_report(det, split, choices)
     return out
+
+
+def branch_report(det: Any, split: Any, choices: dict[str, str]) -> dict[str, Any] | None:
+    """For a detector made of branches (the hybrid): its choice and its evidence, and every fitted branch
+    calibrated on the validation images with the row's choices and evaluated on the test split, so the choice
+    can be judged in hindsight. None for other detectors."""
+    branches = getattr(det, "fitted_branches", None)
+    if branches is None:
+        return None
+    from anomnet import api
+    from anomnet.decisions import calibrate_detector, split_choices
+
+    options, post = split_choices(parse_choices(choices))
+    tested: dict[str, Any] = {}
+    for alias, branch in branches().items():
+        calibrate_detector(branch, split.validation, options, None, post)
+        tested[alias] = {"detector": branch.name, "metrics": api.test(branch, split, progress=False).metrics}
+    return {"choice": det.choice, "tested": tested}
 
 
 def fit_record_of(det: Any) -> dict[str, Any] | None:
@@ -147,15 +176,18 @@ def fit_record_of(det: Any) -> dict[str, Any] | None:
 
 
 def rescore(det: Any, split: Any, changes: dict[str, str]) -> dict[str, float]:
-    """Metrics of the fitted ``det`` with scoring-time settings changed (e.g. ``alpha``): the threshold
-    is recalibrated on the validation images, then the test split is evaluated; the settings are restored."""
+    """Metrics of the fitted ``det`` with scoring-time settings (e.g. ``alpha``) or threshold / post-processing
+    choices (e.g. ``pixel_method=mean-std``) changed: the thresholds are recalibrated on the validation
+    images, then the test split is evaluated; the settings and thresholds are restored."""
     from anomnet import api
     from anomnet.decisions import recalibrate
 
+    settings = {k: v for k, v in changes.items() if k not in CHOICES}
+    chosen = parse_choices({k: v for k, v in changes.items() if k in CHOICES})
     old_config, old_calibration = det.config, det.calibration
     try:
-        det.config = type(old_config).from_dict({**old_config.to_dict(), **changes})
-        recalibrate(det, {}, validation=split.validation)  # the same statistics and choices as fit
+        det.config = type(old_config).from_dict({**old_config.to_dict(), **settings})
+        recalibrate(det, chosen, validation=split.validation)  # the fit's statistics and choices, but ``chosen``
         return api.test(det, split, progress=False).metrics
     finally:
         det.config, det.calibration = old_config, old_calibration
@@ -205,7 +237,7 @@ class BenchError(AnomnetError):
 def _accepts(det: Any, changes: str) -> bool:
     """Whether every setting named in ``changes`` ('k=v;k=v') is one of ``det``'s settings."""
     names = {k.partition("=")[0].strip() for k in filter(None, changes.split(";"))}
-    return names <= set(det.config.to_dict())
+    return names <= set(det.config.to_dict()) | CHOICES
 
 
 def _parse_variant(text: str, default_model: str) -> tuple[str, str, dict[str, str]]:
@@ -235,7 +267,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
     configs += [_parse_variant(v, configs[0][1] if configs else "patchcore") for v in args.variant]
     backbones: dict[tuple[str, int], dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    for i, (name, model, settings) in enumerate(configs):
+    for i, (name, model, given) in enumerate(configs):
+        settings = {k: v for k, v in given.items() if k not in CHOICES}
+        thresholds = {k: v for k, v in given.items() if k in CHOICES}  # threshold / post-processing choices
+        parse_choices(thresholds)  # checked before any long work, as the settings are
         det = create_detector(model, settings)  # validates the settings before any long work
         key = (getattr(det.config, "backbone", "efficientnet_lite0"), det.config.image_size)
         if key not in backbones:
@@ -247,6 +282,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             "name": name,
             "model": model,
             "settings": settings,
+            "thresholds": thresholds,
             "data": args.data,
             "category": args.category,
             "out": str(work / name),
@@ -259,7 +295,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         bb = backbones[key]
         for b in BATCHES:  # the trunk timed beside this detector in its own process when there is one
             result[f"ratio_b{b}"] = result[f"predict_ms_b{b}"] / result.get(f"trunk_ms_b{b}", bb[f"trunk_ms_b{b}"])
-        rows.append({"name": name, "model": model, "settings": settings, "backbone": key[0], **result})
+        rows.append({"name": name, "model": model, "settings": given, "backbone": key[0], **result})
         for extra in result.pop("rescored", None) or []:  # the same fitted model, scored with other settings
             label = ";".join(f"{k}={v}" for k, v in extra["settings"].items())
             rows.append(

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction",
         type=float,
         default=0.1,
-        help="share of good training images held out for calibration (default 0.1)",
+        help="share of good training images held out for calibration (default 0.1; an MVTec AD 2 object's "
+        "validation/good/ is used instead, 0 turns validation off)",
     )
     p.add_argument(
         "--max-false-alarm",
@@ -269,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
             "with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 "
             "submission format)"
         ),
+    )
+    p.add_argument(
+        "--out-layout",
+        default="anomnet",
+        choices=["anomnet", "mvtec-ad2"],
+        help="with --out: anomnet's files (default), or mvtec-ad2: only anomaly_images/<object>/<split>/<stem>.tiff "
+        "(float16) and anomaly_images_thresholded/.../<stem>.png, the layout MVTec AD 2's evaluation server reads "
+        "(docs/mvtec_ad2.md)",
     )
     p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -524,6 +533,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         **{k: v for k, v in choices_from_args(args).items() if k != "max_false_alarm"},
     )
     print(f"saved {model} model to {args.out}")
+    describe = getattr(det, "describe_choice", None)  # the hybrid: which branch predicts, and why
+    if describe is not None:
+        print(describe())
     print("\n".join(det.calibration.summary()))
     return EXIT_OK
 
@@ -616,6 +628,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raw_maps=args.raw_maps,
         progress=not args.quiet,
         shard=args.shard,
+        out_layout=args.out_layout,
     )
     unread = [r for r in results if r.error and r.score != r.score]
     unwritten = [r for r in results if r.error and r.score == r.score]
@@ -636,7 +649,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         io.atomic_write_text(args.csv, csv_text(results))
     if args.raw_maps and not args.out:
         print("anomnet: --raw-maps writes nothing without --out", file=sys.stderr)
-    if args.out:
+    if args.out and args.out_layout == "mvtec-ad2":
+        print(f"outputs written to {args.out} (anomaly_images/, anomaly_images_thresholded/: MVTec AD 2 layout)")
+    elif args.out:
         maps = ", maps/" if args.raw_maps else ""
         print(f"outputs written to {args.out} (results.csv, results.jsonl, heatmaps/, overlays/, masks/{maps})")
     if unread:

@@ -38,7 +38,7 @@ from anomnet.calibration import (
 )
 from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _subfolders, load_dataset
 from anomnet.detectors.base import Detector
-from anomnet.errors import DatasetError
+from anomnet.errors import ConfigError, DatasetError
 from anomnet.evaluate import run_predictions
 from anomnet.io import list_images
 from anomnet.metrics import PixelMetricAccumulator
@@ -178,8 +178,6 @@ def recalibrate(
     """
     unknown = sorted(set(changes) - OPTION_FIELDS - POSTPROCESS_FIELDS)
     if unknown:
-        from anomnet.errors import ConfigError
-
         raise ConfigError(
             f"unknown threshold / post-processing choice(s): {', '.join(unknown)}; "
             f"known: {', '.join(sorted(OPTION_FIELDS | POSTPROCESS_FIELDS))}"
@@ -189,8 +187,6 @@ def recalibrate(
     post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
     if validation is not None:
         if not validation and options.image_method != "fixed":
-            from anomnet.errors import ConfigError
-
             raise ConfigError(
                 "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training "
                 "images): hold some out (--val-fraction 0.1), or give a fixed threshold (--image-threshold fixed)"
@@ -232,6 +228,30 @@ def load_labelled(path: str | Path) -> list[Sample]:
             f"{root}: the labelled validation set has no defective images (one folder per defect type next to good/)"
         )
     return samples
+
+
+def parse_choices(raw: dict[str, Any]) -> dict[str, Any]:
+    """Threshold / post-processing choices given as text (``{"pixel_method": "mean-std", "closing": "8"}``)
+    turned into their fields' types; ConfigError names an unknown choice or a bad value."""
+    types = {f.name: str(f.type) for cls in (ThresholdOptions, MaskPostprocess) for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in types:
+            raise ConfigError(f"unknown threshold / post-processing choice {key!r}; known: {', '.join(sorted(types))}")
+        kind = types[key].replace(" | None", "")
+        if not isinstance(value, str) or kind == "str":
+            out[key] = value
+            continue
+        try:
+            if kind == "bool":
+                if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("1", "true", "yes", "on")
+            else:
+                out[key] = {"int": int, "float": float}[kind](value)
+        except ValueError:
+            raise ConfigError(f"threshold choice {key}={value!r} is not a valid {kind}") from None
+    return out
 
 
 def split_choices(choices: dict[str, Any], base: Calibration | None = None) -> tuple[ThresholdOptions, MaskPostprocess]:

@@ -18,7 +18,8 @@ no other file or folder; maps single-channel float16; masks single-channel with 
 {0, 255}). See docs/mvtec_ad2.md.
 
 The object and split are read from each image's path: the last folder named ``test_public``,
-``test_private`` or ``test_private_mixed`` and the folder above it. Maps are written at the
+``test_private`` or ``test_private_mixed`` and the folder above it. Files below a split's
+``ground_truth/`` folder are masks and are skipped (``test_public`` can be given as a whole). Maps are written at the
 image's resolution, cast to float16 (values beyond its range are clipped to +-65504); masks are
 the model's pixel threshold and post-processing, as everywhere in anomnet. Nothing else is
 written into ``OUT`` (the server's checker refuses any other file), so one submission folder
@@ -46,6 +47,7 @@ LAYOUTS = ("anomnet", "mvtec-ad2")
 SPLITS = ("test_public", "test_private", "test_private_mixed")
 MAPS_DIR = "anomaly_images"
 MASKS_DIR = "anomaly_images_thresholded"
+GROUND_TRUTH = "ground_truth"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -82,7 +84,8 @@ def predict_submission(
     ``x.jpg``) would write one file, and an image outside a test split has no name.
     """
     scorer = load_scorer(model)
-    inputs = expand_inputs(images)
+    # a split's ground_truth/ folder holds masks, not test images (MVTec's own pattern takes good/ and bad/)
+    inputs = [item for item in expand_inputs(images) if GROUND_TRUTH not in relative_name(item.path).parts]
     names: dict[PurePosixPath, Path] = {}
     for item in inputs:
         name = relative_name(item.path)
