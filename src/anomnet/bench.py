@@ -77,11 +77,16 @@ def _trunk_for(det: Any) -> Any:
     """The whole backbone trunk of the detector's backbone (random weights for the ResNets), or None."""
     from anomnet.backbones import available_backbones, create_backbone
 
-    name = getattr(det.config, "backbone", None) or getattr(det, "backbone_name", None)  # a hybrid: its branch's
+    name = backbone_of(det)
     info = next((b for b in available_backbones() if b.name == name), None)
     if info is None:
         return None
     return create_backbone(info.name, (info.layers[-1],), "random" if info.needs_weights_file else None)
+
+
+def backbone_of(det: Any) -> str | None:
+    """The detector's backbone setting; a hybrid's: that of the branch it predicts with."""
+    return getattr(det.config, "backbone", None) or getattr(det, "backbone_name", None)
 
 
 def _timing_images(split: Any, size: int | None, n: int = 16) -> torch.Tensor:
@@ -272,7 +277,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         thresholds = {k: v for k, v in given.items() if k in CHOICES}  # threshold / post-processing choices
         parse_choices(thresholds)  # checked before any long work, as the settings are
         det = create_detector(model, settings)  # validates the settings before any long work
-        key = (getattr(det.config, "backbone", "efficientnet_lite0"), det.config.image_size)
+        key = (backbone_of(det) or "efficientnet_lite0", det.config.image_size)
         if key not in backbones:
             print(f"[bench] backbone {key[0]} at {key[1]} px", file=sys.stderr)
             spec = {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category}
