@@ -1,4 +1,4 @@
-"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve | watch``.
+"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve | watch | fit-many``.
 
 Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
 3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 1000 (default 0: skip)",
     )
     add_serve_parser(sub)
+    from anomnet.fit_many import add_parser as add_fit_many_parser
+
+    add_fit_many_parser(sub)
     add_watch_parser(sub)
     return parser
 
@@ -742,6 +745,12 @@ def in_words(metrics: dict[str, float], test: Any) -> str:
     )
 
 
+def cmd_fit_many(args: argparse.Namespace) -> int:
+    from anomnet import fit_many
+
+    return fit_many.command(args, _parse_settings(args.settings))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from anomnet import bench
 
@@ -816,6 +825,7 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "fit-many": cmd_fit_many,
     "serve": cmd_serve,
     "watch": cmd_watch,
 }
