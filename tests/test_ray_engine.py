@@ -326,3 +326,20 @@ def test_cli_engine_options_are_checked_before_any_work(tmp_path: Path, capsys: 
     assert "--model-dir is required" in capsys.readouterr().err
     assert main(["predict", "--model-dir", str(tmp_path), str(tmp_path), "--engine", "ray"]) == EXIT_INPUT
     assert "--engine ray needs --out" in capsys.readouterr().err
+
+
+def test_throughput_driver_reads_the_engines_summary_line() -> None:
+    import importlib.util
+
+    from anomnet.engine.ray_predict import RunSummary
+
+    spec = importlib.util.spec_from_file_location(
+        "ray_throughput", Path(__file__).resolve().parents[1] / "benchmarks" / "ray_throughput.py"
+    )
+    assert spec is not None and spec.loader is not None
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    summary = RunSummary(inputs=10, scored=10, startup_seconds=1.5, seconds=4.0, first_row_seconds=2.5, workers=2)
+    parsed = driver._ray_summary("\n".join(summary.lines()))
+    assert parsed == {"engine_s": 4.0, "workers": 2, "first_row_s": 2.5, "ray_start_s": 1.5, "engine_rate": 2.5}
+    assert driver.command_line(["--images", "5"]) == "python benchmarks/ray_throughput.py --images 5"
