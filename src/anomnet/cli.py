@@ -414,7 +414,7 @@ def add_watch_parser(sub: Any) -> None:
         "twice and skips none. Stops on Ctrl-C / SIGTERM after the current batch. See docs/watch.md.",
     )
     p.add_argument("--model-dir", required=True, help="model folder (fitted, or exported by 'anomnet export')")
-    p.add_argument("inbox", help="the folder the camera station writes into")
+    p.add_argument("inbox", metavar="INBOX", help="the folder the camera station writes into")
     p.add_argument("--out", required=True, help="output folder (outside INBOX; one watcher per folder)")
     p.add_argument(
         "--settle",
