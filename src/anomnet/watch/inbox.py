@@ -124,8 +124,3 @@ class SettleTracker:
     def forget(self, path: Path) -> None:
         """Start the wait for ``path`` over (it changed while it was being scored)."""
         self._since.pop(path, None)
-
-    @property
-    def waiting(self) -> int:
-        """How many candidates the last scan saw (settled or not)."""
-        return len(self._since)
