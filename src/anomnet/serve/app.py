@@ -84,9 +84,9 @@ class ServedModel:
     def info(self) -> dict[str, Any]:
         cal = self.scorer.calibration
         n = len(cal.validation_scores)
-        detector = getattr(getattr(self.scorer, "detector", None), "name", None) or getattr(
-            self.scorer, "detector_name", None
-        )
+        detector = getattr(self.scorer, "detector", None)  # a fitted Detector, or an exported model's detector name
+        if detector is not None and not isinstance(detector, str):
+            detector = getattr(detector, "name", None)
         return {
             "name": self.name,
             "detector": detector,
