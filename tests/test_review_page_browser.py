@@ -40,7 +40,7 @@ def _need(ok: bool, reason: str) -> None:
         return
     if os.environ.get("ANOMNET_BROWSER_TEST") == "required":
         pytest.fail(f"ANOMNET_BROWSER_TEST=required but {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 _need(CHROMIUM.is_file(), f"{CHROMIUM} not found (apt-get install chromium)")

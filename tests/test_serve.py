@@ -359,11 +359,3 @@ def test_cli_serve_checks_its_arguments(tmp_path: Path, capsys: pytest.CaptureFi
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--model", "a=x", "--workers", "0"]) == EXIT_INPUT
     assert "workers" in capsys.readouterr().err
-
-
-def test_cli_serve_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import anomnet.serve
-
-    monkeypatch.setattr(anomnet.serve, "missing_extra", lambda: anomnet.serve.MISSING_EXTRA + "; missing: fastapi")
-    assert main(["serve", "--model", "a=x"]) == EXIT_INPUT
-    assert "pip install 'anomnet[serve]'" in capsys.readouterr().err

@@ -242,3 +242,13 @@ def test_encode_png_and_atomic_write_bytes(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), array)
     with pytest.raises(ConfigError):
         io.encode_png(np.zeros((4, 4), np.float32))
+
+
+def test_cli_serve_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import anomnet.serve
+    from anomnet.cli import EXIT_INPUT
+    from anomnet.cli import main as cli_main
+
+    monkeypatch.setattr(anomnet.serve, "missing_extra", lambda: anomnet.serve.MISSING_EXTRA + "; missing: fastapi")
+    assert cli_main(["serve", "--model", "a=x"]) == EXIT_INPUT
+    assert "pip install 'anomnet[serve]'" in capsys.readouterr().err
