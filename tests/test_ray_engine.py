@@ -27,6 +27,7 @@ from anomnet.engine.inputs import InputRef, check_products, collect_inputs, reso
 from anomnet.engine.rows import Journal, done_keys, finalise, inputs_table, rows_table  # noqa: E402
 from anomnet.engine.worker import BatchScorer  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
+from anomnet.outputs import clear_previous_run  # noqa: E402
 from anomnet.scoring import ImagePrediction  # noqa: E402
 
 
@@ -278,10 +279,14 @@ def test_ray_every_input_one_row_after_a_killed_worker_and_per_product_models(ra
         resume=True,
         workers=2,
         progress=False,
+        image_outputs=False,  # --rows-only
     )
     assert again.resumed == 41 and again.scored == 5 and again.failed == 1
     table = pq.read_table(tmp_path / "out" / "results.parquet")
     assert table.column("path").to_pylist() == [r.path for r in more]
+    assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == 40  # none for the rows-only run ...
+    clear_previous_run(tmp_path / "out")  # ... and the first run's files stay listed as the output folder's own
+    assert not (tmp_path / "out" / "masks").exists() and not (tmp_path / "out" / "results.parquet").exists()
 
 
 def test_cli_engine_ray_with_a_fitted_model_bad_file_exit_3(

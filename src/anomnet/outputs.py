@@ -126,10 +126,10 @@ def claim_outputs(out: Path, inputs: list[InputImage], raw_maps: bool, summaries
 
     ``summaries``: result files besides results.csv and results.jsonl (e.g. the batch engine's results.parquet).
     """
-    files = ["results.csv", "results.jsonl", *summaries]
+    files = dict.fromkeys(["results.csv", "results.jsonl", *summaries])  # each once, in order
     for item in inputs:
-        files.extend(str(f.relative_to(out)) for f in output_files(out, item.name, raw_maps).values())
-    io.atomic_write_text(out / OWNED_FILES, json.dumps({"files": files}, indent=1))
+        files.update(dict.fromkeys(str(f.relative_to(out)) for f in output_files(out, item.name, raw_maps).values()))
+    io.atomic_write_text(out / OWNED_FILES, json.dumps({"files": list(files)}, indent=1))
 
 
 def output_files(out: Path, name: str, raw_maps: bool) -> dict[str, Path]:

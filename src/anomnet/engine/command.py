@@ -46,6 +46,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --engine ray: the Ray cluster to use ('auto': the one 'ray start' runs here; "
         "default: start a local Ray)",
     )
+    g.add_argument(
+        "--rows-only",
+        action="store_true",
+        help="with --engine ray: only the result rows (results.parquet/.csv/.jsonl), no heat maps, overlays, masks",
+    )
     g.add_argument("--workers", type=int, default=None, help="scorer workers (default: cluster CPUs / --worker-cpus)")
     g.add_argument(
         "--worker-cpus", type=float, default=1, help="CPUs (and torch threads) each scorer worker takes (default 1)"
@@ -63,6 +68,7 @@ def check_local(args: argparse.Namespace) -> None:
             ("--model", args.model),
             ("--model-root", args.model_root),
             ("--resume", args.resume),
+            ("--rows-only", args.rows_only),
             ("--address", args.address),
             ("--workers", args.workers),
             ("--batch-size", args.batch_size),
@@ -108,6 +114,7 @@ def predict_command(args: argparse.Namespace) -> int:
             models,
             args.out,
             raw_maps=args.raw_maps,
+            image_outputs=not args.rows_only,
             resume=args.resume,
             address=args.address,
             workers=args.workers,
@@ -119,11 +126,8 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"anomnet: error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
     print("\n".join(summary.lines()))
-    maps = ", maps/" if args.raw_maps else ""
-    print(
-        f"outputs written to {args.out} (results.parquet, results.csv, results.jsonl, heatmaps/, overlays/, "
-        f"masks/{maps})"
-    )
+    files = "" if args.rows_only else ", heatmaps/, overlays/, masks/" + (", maps/" if args.raw_maps else "")
+    print(f"outputs written to {args.out} (results.parquet, results.csv, results.jsonl{files})")
     if summary.missing:
         print(
             f"anomnet: {len(summary.missing)} of {summary.inputs} inputs have no row (the engine failed them "

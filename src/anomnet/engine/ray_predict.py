@@ -16,6 +16,7 @@ invented), and ``--resume`` picks them up with everything else that has no row y
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -31,7 +32,7 @@ from anomnet.engine.inputs import InputRef, check_products
 from anomnet.engine.rows import RESULTS_PARQUET, Journal, clear_journal, done_keys, finalise, inputs_table
 from anomnet.engine.worker import BatchScorer
 from anomnet.errors import ConfigError
-from anomnet.outputs import InputImage, claim_outputs, clear_previous_run
+from anomnet.outputs import OWNED_FILES, InputImage, claim_outputs, clear_previous_run
 from anomnet.scoring import Scorer
 
 BATCH_SIZE = 16
@@ -103,6 +104,7 @@ def predict_on_ray(
     out: str | Path,
     *,
     raw_maps: bool = False,
+    image_outputs: bool = True,
     resume: bool = False,
     address: str | None = None,
     workers: int | None = None,
@@ -114,7 +116,8 @@ def predict_on_ray(
     """Score ``refs`` on Ray into ``out`` (see the module docstring); returns the run's summary.
 
     ``models``: product -> model folder (or a :class:`~anomnet.scoring.Scorer`), key None for every
-    image without its own; ``workers``: scorer actors (default: the cluster's CPUs / ``worker_cpus``).
+    image without its own; ``workers``: scorer actors (default: the cluster's CPUs / ``worker_cpus``);
+    ``image_outputs``: False writes only the result rows (no heat maps, overlays, masks).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -131,10 +134,21 @@ def predict_on_ray(
         (out / RESULTS_PARQUET).unlink(missing_ok=True)
     done = done_keys(out) if resume else set()
     todo = [r for r in refs if r.key not in done]
-    claim_outputs(out, [InputImage(Path(r.path), r.name) for r in refs], raw_maps, summaries=[RESULTS_PARQUET])
+    images = [InputImage(Path(r.path), r.name) for r in refs] if image_outputs else []
+    claim_outputs(out, images, raw_maps, summaries=[RESULTS_PARQUET, *(_claimed(out) if resume else [])])
     summary = RunSummary(inputs=len(refs), resumed=len(refs) - len(todo))
     if todo:
-        _run(todo, models, out, raw_maps, address, workers, worker_cpus, batch_size, progress, scorer_class, summary)
+        _run(
+            todo,
+            models,
+            out,
+            out if image_outputs else None,
+            raw_maps,
+            (address, workers, worker_cpus, batch_size),
+            progress,
+            scorer_class,
+            summary,
+        )
     table = finalise(out, refs)
     have = set(zip(table.column("product").to_pylist(), table.column("path").to_pylist()))
     summary.missing = [r for r in refs if r.key not in have]
@@ -142,19 +156,27 @@ def predict_on_ray(
     return summary
 
 
+def _claimed(out: Path) -> list[str]:
+    """The files an earlier run into ``out`` listed as its own (kept listed when a run resumes it)."""
+    try:
+        owned = json.loads((out / OWNED_FILES).read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(f) for f in owned.get("files", [])] if isinstance(owned, dict) else []
+
+
 def _run(
     todo: list[InputRef],
     models: Mapping[str | None, str | Scorer],
     out: Path,
+    image_out: Path | None,
     raw_maps: bool,
-    address: str | None,
-    workers: int | None,
-    worker_cpus: float,
-    batch_size: int,
+    engine: tuple[str | None, int | None, float, int],
     progress: bool,
     scorer_class: type[BatchScorer],
     summary: RunSummary,
 ) -> None:
+    address, workers, worker_cpus, batch_size = engine
     start = time.perf_counter()
     ensure_ray(address)
     import ray
@@ -172,7 +194,7 @@ def _run(
             pending = [r for r in todo if r.key not in got]
             if not pending:
                 break
-            stream = _stream(pending, models, out, raw_maps, workers, worker_cpus, batch_size, scorer_class)
+            stream = _stream(pending, models, image_out, raw_maps, workers, worker_cpus, batch_size, scorer_class)
             for table in stream:
                 if math.isnan(summary.first_row_seconds):
                     summary.first_row_seconds = time.perf_counter() - start
@@ -198,7 +220,7 @@ def _run(
 def _stream(
     refs: list[InputRef],
     models: Mapping[str | None, str | Scorer],
-    out: Path,
+    out: Path | None,
     raw_maps: bool,
     workers: int,
     worker_cpus: float,
@@ -217,7 +239,12 @@ def _stream(
     threads = max(1, int(worker_cpus))
     ds = ray.data.from_arrow(blocks).map_batches(
         scorer_class,
-        fn_constructor_kwargs={"models": dict(models), "out": str(out), "raw_maps": raw_maps, "threads": threads},
+        fn_constructor_kwargs={
+            "models": dict(models),
+            "out": None if out is None else str(out),
+            "raw_maps": raw_maps,
+            "threads": threads,
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
