@@ -468,7 +468,12 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--queue", type=int, default=8, help="requests waiting for a worker before 429 (default 8)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60, then 504)")
     p.add_argument("--api-key-file", default=None, help="file holding the API key clients send as X-API-Key")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="server log detail (default info: one line per request)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
