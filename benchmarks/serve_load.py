@@ -221,6 +221,8 @@ def test_images(data: str) -> list[Path]:
 
 
 def run(a: argparse.Namespace, command: str) -> dict[str, Any]:
+    from anomnet.bench import _cpu_name as cpu_name  # the CPU named as in every other section
+
     if a.clients < 1 or a.requests < 1 or a.duration <= 0 or a.warmup < 0:
         raise SystemExit("--clients, --requests and --duration must be positive, --warmup at least 0")
     model_dir, meta = ensure_model(a)
@@ -268,7 +270,7 @@ def run(a: argparse.Namespace, command: str) -> dict[str, Any]:
     return {
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "load_avg_after": list(load_avg),
         "model_dir": str(model_dir),
@@ -320,16 +322,6 @@ def _server_requests(port: int) -> int | None:
         if line.startswith(key):
             return int(line[len(key) :])
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def markdown(r: dict[str, Any]) -> str:
