@@ -292,6 +292,23 @@ def test_request_timeout_gives_504_and_frees_the_slot_when_the_job_ends() -> Non
     assert pool.held == 0
 
 
+def test_a_body_that_trickles_in_gets_408_and_frees_its_place() -> None:
+    import socket
+
+    app = create_app({"fake": FakeScorer()}, Limits(workers=1, queue=0, timeout_s=0.5))
+    with background_server(app) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/models/fake/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                b"Content-Type: multipart/form-data; boundary=abc\r\n\r\n--abc\r\n"
+            )  # ... and the rest never comes
+            answer = sock.recv(65536).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within" in answer
+        assert app.state.anomnet.pool.held == 0
+        assert httpx.post(f"{url}/v1/models/fake/predict", files=upload(png()), timeout=30).status_code == 200
+
+
 def test_api_key() -> None:
     c = client(limits=Limits(api_key="s3cret-key-123"))
     for method, url in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/models/fake/predict")):

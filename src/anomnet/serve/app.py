@@ -250,7 +250,7 @@ def create_app(
         model = state.model(name)
         slot = state.pool.reserve()
         try:
-            images, options = await _read_request(request, state, with_mark=False)
+            images, options = await _read_in_time(request, state, False, started + limits.timeout_s)
             future = slot.submit(lambda: _score(state, model, images, options))
             results = await _wait(future, started + limits.timeout_s, limits.timeout_s)
         finally:
@@ -277,7 +277,7 @@ def create_app(
         store = _review(state, name)
         slot = state.pool.reserve()
         try:
-            images, options = await _read_request(request, state, with_mark=True)
+            images, options = await _read_in_time(request, state, True, started + limits.timeout_s)
             if len(images) != 1:
                 raise RequestError(400, f"a mark is for one image, got {len(images)}")
             future = slot.submit(lambda: _save_mark(state, store, name, images[0], str(options["mark"])))
@@ -366,6 +366,18 @@ async def _read_request(request: Request, state: _State, with_mark: bool) -> tup
     if with_mark and options.get("mark") not in MARKS:
         raise RequestError(400, f"mark {options.get('mark')!r} unknown; use one of: {', '.join(MARKS)}")
     return images, options
+
+
+async def _read_in_time(
+    request: Request, state: _State, with_mark: bool, deadline: float
+) -> tuple[list[_Image], dict[str, Any]]:
+    """:func:`_read_request` within the request's time limit: a body trickling in cannot hold its place forever."""
+    try:
+        return await asyncio.wait_for(_read_request(request, state, with_mark), timeout=deadline - time.monotonic())
+    except TimeoutError:
+        raise RequestError(
+            408, f"the request body did not arrive within this service's limit of {state.limits.timeout_s:g} s"
+        ) from None
 
 
 def _flag(value: Any, name: str) -> bool:
