@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -317,9 +318,17 @@ def test_cli_engine_ray_with_a_fitted_model_bad_file_exit_3(
     for r in table[:8]:
         assert r["score"] == pytest.approx(local[r["path"]], rel=1e-5)
     assert len(list((out / "overlays").glob("*.png"))) == 8
-    # --resume with nothing left to do scores nothing and keeps every row
-    assert main([*argv, "--resume"]) == EXIT_SOME_FAILED
-    assert "images: 9 (0 scored now, 9 already done), failed: 1" in capsys.readouterr().out
+    # another process joins this Ray cluster (--address) and resumes: one new image scored, nothing twice
+    (images / "zz-new.png").write_bytes((images / "good-g001.png").read_bytes())
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "anomnet.cli", *argv, "--resume", "--address", address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == EXIT_SOME_FAILED, proc.stderr
+    assert "images: 10 (1 scored now, 9 already done), failed: 1" in proc.stdout
+    assert len(pq.read_table(out / "results.parquet")) == 10 and len(list((out / "masks").glob("*.png"))) == 9
 
 
 def test_cli_engine_options_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -348,3 +357,16 @@ def test_throughput_driver_reads_the_engines_summary_line() -> None:
     parsed = driver._ray_summary("\n".join(summary.lines()))
     assert parsed == {"engine_s": 4.0, "workers": 2, "first_row_s": 2.5, "ray_start_s": 1.5, "engine_rate": 2.5}
     assert driver.command_line(["--images", "5"]) == "python benchmarks/ray_throughput.py --images 5"
+
+
+def test_an_address_without_a_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray", reason="needs the anomnet[ray] extra")
+    from anomnet.engine.ray_predict import ensure_ray
+
+    def refuse(**kwargs: object) -> None:
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"--address ray-head.example:6379: no Ray cluster answers there .*RAY_AUTH_MODE"):
+        ensure_ray("ray-head.example:6379")

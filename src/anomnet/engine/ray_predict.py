@@ -92,10 +92,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         "logging_level": logging.WARNING,
         "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
     }
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
+    if not address:
         ray.init(num_cpus=num_cpus, **kwargs)
+        return
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"--address {address}: no Ray cluster answers there ({exc}). Is it running ('ray status' on the head)? "
+            "With Ray's token authentication this machine needs the cluster's token (~/.ray/auth_token) and "
+            "RAY_AUTH_MODE=token (docs/scaling.md)"
+        ) from None
 
 
 def predict_on_ray(
