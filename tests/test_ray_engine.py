@@ -368,5 +368,7 @@ def test_an_address_without_a_cluster_is_a_clear_error(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
-    with pytest.raises(ConfigError, match=r"--address ray-head.example:6379: no Ray cluster answers there .*RAY_AUTH_MODE"):
+    with pytest.raises(
+        ConfigError, match=r"--address ray-head.example:6379: no Ray cluster answers there .*RAY_AUTH_MODE"
+    ):
         ensure_ray("ray-head.example:6379")
