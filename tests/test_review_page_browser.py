@@ -55,6 +55,7 @@ from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 from anomnet import api  # noqa: E402
 from anomnet.serve.app import background_server, create_app  # noqa: E402
+from anomnet.serve.limits import Limits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -209,3 +210,32 @@ def _keep_screenshot(shot: Path) -> None:
         if im.width > 1000:
             im = im.resize((1000, round(im.height * 1000 / im.width)), Image.Resampling.LANCZOS)
         im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+
+
+def test_review_page_asks_for_the_api_key(tmp_path: Path) -> None:
+    """No bottle data needed: a fake model behind an API key; the page asks for the key, then scores an image."""
+    from test_serve import FakeScorer, png
+
+    image = tmp_path / "bright.png"
+    image.write_bytes(png(240, (40, 60)))
+    app = create_app({"fake": FakeScorer()}, Limits(api_key="s3cret-key-123"), review_dir=tmp_path / "review")
+    with background_server(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            key = page.locator("#api-key")
+            expect(key).to_be_visible()  # /v1/models answered 401
+            expect(page.locator("#status")).to_contain_text("401")
+            key.fill("s3cret-key-123")
+            key.press("Enter")
+            page.wait_for_selector("#model option[value=fake]", state="attached")
+            page.set_input_files("#files", [str(image)])
+            card = page.locator("#cards .card[data-decision]")
+            expect(card).to_have_count(1)
+            assert card.get_attribute("data-decision") == "defective"  # mean brightness 240/255 >= 0.5
+            card.locator(".mark-wrong").click()
+            expect(card.locator(".marked")).to_contain_text("saved as good/bright-")
+        finally:
+            browser.close()
+    assert len(list((tmp_path / "review" / "fake" / "good").iterdir())) == 1
