@@ -59,7 +59,7 @@ class DynamicSameConv2d(FoldableConv2d):
     ``Conv2dDynamicSamePadding``): output size ceil(input / stride), extra padding at the end."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])  # constants in a traced graph (its input size is fixed)
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
         dh, dw = self.dilation

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomnet.backbones import FeatureExtractor
+from anomnet.components.graph_mode import graph_mode_active
 
 
 class PatchFeatures(nn.Module):
@@ -51,7 +53,7 @@ class PatchFeatures(nn.Module):
             if self.patch_size > 1:
                 f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=True)
             if f.shape[-2] > size[0] or f.shape[-1] > size[1]:
-                f = F.adaptive_avg_pool2d(f, size)
+                f = _pool_exportable(f, size) if graph_mode_active() else F.adaptive_avg_pool2d(f, size)
             elif f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             out.append(f)
@@ -61,3 +63,20 @@ class PatchFeatures(nn.Module):
             flat = feats.permute(0, 2, 3, 1).reshape(-1, 1, c)
             feats = F.adaptive_avg_pool1d(flat, self.embed_dim).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return feats
+
+
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]``: row ``i`` averages the input cells ``floor(i n_in / n_out) .. ceil((i + 1) n_in / n_out)``."""
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return torch.from_numpy(m)
+
+
+def _pool_exportable(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(f, size)`` as two products with constant matrices (graph mode: ONNX export
+    needs the input size of an adaptive pooling, which a traced graph does not state)."""
+    rows = _pool_matrix(int(f.shape[-2]), int(size[0])).to(f.dtype)
+    cols = _pool_matrix(int(f.shape[-1]), int(size[1])).to(f.dtype)
+    return rows @ f @ cols.T

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from anomnet.components.graph_mode import graph_mode_active
+
 
 def nearest_centroid(
     feats: torch.Tensor, centroids: torch.Tensor, chunk: int = 2048
@@ -11,10 +13,14 @@ def nearest_centroid(
     """Squared distance to the nearest centroid ``[N]`` and its index ``[N]``, without autograd.
 
     ``min_k ||f||^2 - 2 f.C_k + ||C_k||^2`` row chunk by row chunk (one fused ``addmm`` per chunk,
-    the ``[chunk, K]`` block stays in cache).
+    the ``[chunk, K]`` block stays in cache). In graph mode (:mod:`.graph_mode`) all rows at once, so
+    a traced graph takes any batch.
     """
     with torch.no_grad():
         c2 = (centroids * centroids).sum(1)[None]
+        if graph_mode_active():
+            best = torch.addmm(c2, feats, centroids.T, beta=1.0, alpha=-2.0).min(1)
+            return (best.values + (feats * feats).sum(1)).clamp_min(0.0), best.indices
         dist = torch.empty(feats.shape[0], dtype=feats.dtype, device=feats.device)
         index = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
         for start in range(0, feats.shape[0], chunk):

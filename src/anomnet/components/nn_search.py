@@ -10,6 +10,9 @@ Backends (all return Euclidean, not squared, distances sorted ascending, with in
 - ``exact``: plain torch, no dependency (the fallback).
 - ``auto``: ``ivf`` for banks of at least ``IVF_MIN_BANK`` vectors, else ``faiss``; ``exact``
   when faiss is not installed.
+
+In graph mode (:mod:`anomnet.components.graph_mode`: while a model is traced for export, and for
+the eager reference it is tested against) every backend searches exactly with :func:`graph_search`.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomnet.components.graph_mode import graph_mode_active
 from anomnet.errors import ConfigError
 
 BACKENDS = ("auto", "ivf", "faiss", "exact")
 IVF_MIN_BANK = 10_000
+GRAPH_BANK_CHUNK = 4096
+"""Bank vectors per distance block of :func:`graph_search` (a ``[queries, 4096]`` block at a time)."""
 
 
 def faiss_available() -> bool:
@@ -107,6 +113,8 @@ class NearestNeighbors:
         if queries.ndim != 2 or queries.shape[1] != self.bank.shape[1]:
             raise ConfigError(f"queries must be [N, {self.bank.shape[1]}], got {tuple(queries.shape)}")
         k = min(k, len(self))
+        if graph_mode_active():
+            return graph_search(queries, self.bank, k)
         if self._index is not None:
             d2, idx = self._index.search(queries.numpy(), k)
             idx_t = torch.from_numpy(idx).long()
@@ -126,3 +134,25 @@ class NearestNeighbors:
             dists.append(d.clamp_min_(0).sqrt_())
             idxs.append(i)
         return torch.cat(dists), torch.cat(idxs)
+
+
+def graph_search(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-nearest-neighbour search with no loop over the queries (so a traced graph takes any batch).
+
+    The bank, whose size is fixed, is scanned in blocks of :data:`GRAPH_BANK_CHUNK` vectors; each
+    block keeps its ``k`` best, and the best ``k`` of those are returned: the same neighbours as a
+    search of the whole bank at once, with memory ``[queries, block]``.
+    """
+    q2 = (queries * queries).sum(1, keepdim=True)
+    dists, idxs = [], []
+    for start in range(0, bank.shape[0], GRAPH_BANK_CHUNK):
+        block = bank[start : start + GRAPH_BANK_CHUNK]
+        d2 = q2 - 2.0 * queries @ block.T + (block * block).sum(1)[None]
+        d, i = torch.topk(d2, min(k, block.shape[0]), dim=1, largest=False, sorted=True)
+        dists.append(d)
+        idxs.append(i + start)
+    d2, i = (dists[0], idxs[0]) if len(dists) == 1 else (torch.cat(dists, 1), torch.cat(idxs, 1))
+    if len(dists) > 1:
+        d2, pick = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+        i = torch.gather(i, 1, pick)
+    return d2.clamp_min(0).sqrt(), i

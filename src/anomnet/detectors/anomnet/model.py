@@ -9,6 +9,7 @@ from torch import nn
 
 from anomnet.backbones import get_backbone_info
 from anomnet.components import PatchFeatures, gaussian_blur, nearest_centroid
+from anomnet.components.graph_mode import graph_mode_active
 from anomnet.detectors.anomnet.config import Adapter
 from anomnet.errors import ConfigError, NotFittedError
 from anomnet.transforms import upsample_maps
@@ -73,6 +74,12 @@ class CoordConvAdapter(nn.Module):
 
     def residual_scale(self) -> torch.Tensor:
         """``s`` of the residual branch (1 while its operator norm is within ``max_residual``)."""
+        if graph_mode_active():  # predict-time weights are fixed: a constant of the exported graph (ONNX has no 2-norm)
+            with torch.no_grad():
+                return torch.tensor(float(self._residual_scale()))
+        return self._residual_scale()
+
+    def _residual_scale(self) -> torch.Tensor:
         up = self.up.weight[:, :, 0, 0]
         taps = (
             self.down.weight[:, :-2]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from anomnet.backbones import backbone_state, load_backbone_state
+from anomnet.components.graph_mode import graph_mode_active
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.efficientad.config import EfficientADConfig
@@ -88,7 +89,8 @@ class EfficientAD(Detector):
 
     # -- networks ------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+        # graph mode (export, and its eager reference) runs float32: ONNX / OpenVINO graphs carry no bf16 autocast
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and not graph_mode_active())
 
     def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
@@ -303,10 +305,10 @@ class EfficientAD(Detector):
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
             raise NotFittedError("EfficientAD is not fitted: call fit() or load a saved model")
-        maps = []
-        for i in range(0, len(images), self.config.batch_size):
-            maps.append(self.combined_map(images[i : i + self.config.batch_size]))
-        m = torch.cat(maps)
+        if graph_mode_active():  # one pass over any batch (an exported graph has no loop over it)
+            m = self.combined_map(images)
+        else:
+            m = torch.cat([self.combined_map(part) for part in images.split(self.config.batch_size)])
         scores = m.flatten(1).max(1).values
         before, after = map_padding(self.size, self.config.padding)
         grid = F.pad(m[:, None], (before, after, before, after))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from anomnet.components import PatchFeatures, gaussian_blur
+from anomnet.components.graph_mode import graph_mode_active
 from anomnet.detectors.patchcore.model import PatchCoreModel
 from anomnet.errors import NotFittedError
 from anomnet.transforms import upsample_maps
@@ -57,6 +58,10 @@ class ToCoADModel(PatchCoreModel):
         k = min(self.num_neighbors, len(self.nn))
         if k < 2:
             return torch.ones(flat.shape[0], dtype=flat.dtype)
+        if graph_mode_active():  # the same weights with no unique() and no loop over the patches (export)
+            _, support = self.nn.search(self.memory_bank[nearest], k)
+            dists = torch.linalg.vector_norm(flat[:, None, :].float() - self.memory_bank[support], dim=-1)
+            return 1.0 - torch.softmax(dists, dim=1)[:, 0]
         # the neighbours of each distinct m* in the bank (m* itself first), searched once per m*
         unique, inverse = torch.unique(nearest, return_inverse=True)
         _, support = self.nn.search(self.memory_bank[unique], k)
