@@ -26,9 +26,9 @@ from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
-from anomnet.model_io import check_model_target, model_files
-from anomnet.outputs import predict_images, unique_names
-from anomnet.scoring import ImagePrediction, load_scorer
+from anomnet.model_io import check_model_target
+from anomnet.outputs import predict_files, unique_names
+from anomnet.scoring import ImagePrediction
 from anomnet.visualize import heatmap, overlay
 
 
@@ -163,6 +163,7 @@ def predict(
     """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
     ``model_dir``: a fitted model folder, an exported model folder (``anomnet export``) or a detector.
+    (The work is :func:`anomnet.outputs.predict_files`, which imports no torch.)
 
     Each result has score, p_value, defective and the mask's size; a bad file gets ``error`` set,
     the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
@@ -171,24 +172,7 @@ def predict(
     ``out_layout="mvtec-ad2"``: instead of those files only the float16 maps and the masks in MVTec AD 2's
     submission layout (:mod:`anomnet.submission`).
     """
-    from anomnet.submission import LAYOUTS, predict_submission
-
-    if out_layout not in LAYOUTS:
-        raise ConfigError(f"unknown output layout {out_layout!r}; use one of: {', '.join(LAYOUTS)}")
-    if out_layout != "anomnet" and (out_dir is None or shard is not None):
-        raise ConfigError(f"the {out_layout} output layout needs an output folder (--out) and takes no --shard")
-    images = list(images)
-    picked = Shard.parse(shard) if isinstance(shard, str) else shard
-    if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
-        protected = [Path(i) for i in images if str(i) != "-"]
-        if not isinstance(model_dir, Detector):
-            folder = Path(model_dir)
-            protected += model_files(folder) + (sorted(folder.iterdir()) if folder.is_dir() else [])
-        io.check_not_input(out_dir, protected, "out_dir", folder=True)
-        io.check_writable(out_dir, "out_dir", folder=True)
-    if out_layout == "mvtec-ad2" and out_dir is not None:
-        return predict_submission(load_scorer(model_dir), images, out_dir, progress)
-    return predict_images(load_scorer(model_dir), images, out_dir, raw_maps, keep_maps, progress, shard=picked)
+    return predict_files(model_dir, images, keep_maps, out_dir, raw_maps, progress, shard, out_layout)
 
 
 def calibrate(

@@ -1,4 +1,4 @@
-"""Command-line interface: ``anomnet fit | test | predict | models | demo | bench | serve | watch | fit-many``.
+"""Command-line interface: ``anomnet fit | test | predict | export | models | demo | bench | serve | watch | fit-many``.
 
 Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
 3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
@@ -293,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
 
     p = sub.add_parser(
+        "export",
+        help="export a fitted model as one ONNX, OpenVINO or TorchScript graph (scored without torch)",
+        description=(
+            "Write the fitted model as one graph from raw uint8 images (any size) to image scores, anomaly maps at "
+            "the input's resolution and decisions, with its thresholds and a manifest (docs/export.md). The graph "
+            "is checked against the model before the folder is written."
+        ),
+    )
+    p.add_argument("--model-dir", required=True, help="fitted model folder written by 'anomnet fit'")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "openvino", "torchscript"],
+        help="onnx (ONNX Runtime), openvino (OpenVINO IR, float32) or torchscript (needs torch to run)",
+    )
+    p.add_argument("--out", required=True, help="folder to write the exported model into (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
+
+    p = sub.add_parser(
         "calibrate",
         help="choose other thresholds / mask post-processing for a fitted model",
         description=(
@@ -488,20 +507,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and not 1 <= args.threads <= 1024:
         print(f"anomnet: error: --threads must be between 1 and 1024, got {args.threads}", file=sys.stderr)
         return EXIT_INPUT
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     from anomnet.errors import AnomnetError
 
     try:
+        if args.threads:
+            os.environ["ANOMNET_THREADS"] = str(args.threads)  # an exported model's runtime reads it
+            if not _scores_exported_model(args):  # scoring an exported model imports no torch
+                import torch
+
+                torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINING_STACK:
+            raise
+        print(
+            f"anomnet: error: '{args.command}' needs {exc.name}, part of the training stack: "
+            "pip install 'anomnet[train]' (exported models score without it: docs/export.md)",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
     except AnomnetError as exc:
         print(f"anomnet: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("anomnet: interrupted", file=sys.stderr)
         return 130
+
+
+TRAINING_STACK = {"torch", "safetensors", "faiss", "efficientnet_lite_pytorch", "matplotlib", "skimage", "elpv_dataset"}
+"""Modules of the ``anomnet[train]`` extra (a lean runtime install has none of them)."""
+
+
+def _scores_exported_model(args: argparse.Namespace) -> bool:
+    from anomnet.exported import is_exported
+
+    return args.command == "predict" and is_exported(args.model_dir)
 
 
 def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -619,17 +659,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return command.predict_command(args)
     command.check_local(args)
-    from anomnet import api, io
-    from anomnet.model_io import model_files
+    from anomnet import io
+    from anomnet.outputs import model_folder_files, predict_files  # no torch: an exported model scores without
 
-    inputs = [Path(i) for i in args.images if i != "-"] + model_files(args.model_dir)
+    inputs = [Path(i) for i in args.images if i != "-"] + model_folder_files(args.model_dir)
     if args.out:
         io.check_not_input(args.out, inputs, "--out", folder=True)
         io.check_writable(args.out, "--out", folder=True)
     if args.csv:
         io.check_not_input(args.csv, inputs, "--csv")
         io.check_writable(args.csv, "--csv")
-    results = api.predict(
+    results = predict_files(
         args.model_dir,
         args.images,
         out_dir=args.out,
@@ -672,6 +712,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     if unread or unwritten:
         return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from anomnet.export import export_model
+    from anomnet.exported import read_manifest
+
+    out = export_model(args.model_dir, args.format, args.out, overwrite=args.overwrite)
+    manifest = read_manifest(out, check_files=False)
+    check = manifest["verified"]
+    print(
+        f"exported the {manifest['detector']} model {args.model_dir} as {args.format} to {out}; on probe images its "
+        f"scores differ from the model's by {check['score_rel']:.2g} and its maps by {check['map_rel']:.2g} (relative)"
+    )
+    runtime = "needs torch" if args.format == "torchscript" else "no torch: pip install 'anomnet[runtime]'"
+    print(f"score with it: anomnet predict --model-dir {out} IMAGES ({runtime})")
     return EXIT_OK
 
 
@@ -827,6 +883,7 @@ COMMANDS = {
     "fit": cmd_fit,
     "test": cmd_test,
     "predict": cmd_predict,
+    "export": cmd_export,
     "models": cmd_models,
     "demo": cmd_demo,
     "bench": cmd_bench,

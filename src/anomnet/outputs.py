@@ -40,8 +40,8 @@ import numpy as np
 
 from anomnet import io
 from anomnet.calibration import Calibration
-from anomnet.errors import AnomnetError
-from anomnet.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
+from anomnet.errors import AnomnetError, ConfigError
+from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 from anomnet.visualize import draw_contour, heatmap, overlay
 
 if TYPE_CHECKING:
@@ -142,6 +142,47 @@ def output_files(out: Path, name: str, raw_maps: bool) -> dict[str, Path]:
     if raw_maps:
         files["map"] = out / "maps" / f"{name}.tiff"
     return files
+
+
+def model_folder_files(folder: str | Path) -> list[Path]:
+    """What a model folder (fitted or exported) holds: outputs are never written over or inside it."""
+    folder = Path(folder)
+    return [folder / MODEL_META, folder / EXPORT_MANIFEST] + (sorted(folder.iterdir()) if folder.is_dir() else [])
+
+
+def predict_files(
+    model: Detector | Scorer | str | Path,
+    images: Iterable[str | Path],
+    keep_maps: bool = False,
+    out_dir: str | Path | None = None,
+    raw_maps: bool = False,
+    progress: bool = False,
+    shard: str | Shard | None = None,
+    out_layout: str = "anomnet",
+) -> list[ImagePrediction]:
+    """``api.predict`` (see there) without torch: an exported model folder scores with no torch imported.
+
+    The output folder is checked before any work (never over an input or the model, never inside a
+    scanned folder); ``out_layout="mvtec-ad2"`` writes MVTec AD 2's submission layout instead.
+    """
+    from anomnet.engine.shard import Shard
+    from anomnet.submission import LAYOUTS, predict_submission
+
+    if out_layout not in LAYOUTS:
+        raise ConfigError(f"unknown output layout {out_layout!r}; use one of: {', '.join(LAYOUTS)}")
+    if out_layout != "anomnet" and (out_dir is None or shard is not None):
+        raise ConfigError(f"the {out_layout} output layout needs an output folder (--out) and takes no --shard")
+    images = list(images)
+    picked = Shard.parse(shard) if isinstance(shard, str) else shard
+    if out_dir is not None:  # checked before any work: never over an input, never inside a scanned folder
+        protected = [Path(i) for i in images if str(i) != "-"]
+        if isinstance(model, (str, Path)):
+            protected += model_folder_files(model)
+        io.check_not_input(out_dir, protected, "out_dir", folder=True)
+        io.check_writable(out_dir, "out_dir", folder=True)
+    if out_layout == "mvtec-ad2" and out_dir is not None:
+        return predict_submission(load_scorer(model), images, out_dir, progress)
+    return predict_images(load_scorer(model), images, out_dir, raw_maps, keep_maps, progress, shard=picked)
 
 
 def predict_images(
