@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -372,3 +373,33 @@ def test_an_address_without_a_cluster_is_a_clear_error(monkeypatch: pytest.Monke
         ConfigError, match=r"--address ray-head.example:6379: no Ray cluster answers there .*RAY_AUTH_MODE"
     ):
         ensure_ray("ray-head.example:6379")
+
+
+def test_ray_engine_failure_keeps_the_rows_for_resume(
+    ray_here: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomnet.engine.ray_predict import EngineFailed, predict_on_ray
+
+    monkeypatch.setattr(rows_mod, "FLUSH_ROWS", 1)  # every batch of rows the driver receives goes to a part file
+
+    class BreaksOnceRowsAreKept(BatchScorer):
+        """Scores slowly until the driver has journaled rows, then fails in a way no error row can absorb."""
+
+        def __call__(self, batch):  # noqa: ANN001, ANN204
+            assert self.out is not None
+            if any((self.out / rows_mod.JOURNAL).glob("part-*.parquet")):
+                raise RuntimeError("the engine itself breaks")
+            time.sleep(0.3)
+            return super().__call__(batch)
+
+    refs = collect_inputs([_images(tmp_path / "in", 24)[0].parent])
+    out = tmp_path / "out"
+    with pytest.raises(EngineFailed, match="run the same command with --resume"):
+        predict_on_ray(
+            refs, {None: FakeScorer()}, out, workers=1, batch_size=2, progress=False, scorer_class=BreaksOnceRowsAreKept
+        )
+    kept = done_keys(out)  # the rows received before the failure are in the journal
+    assert 0 < len(kept) < 24 and not (out / "results.parquet").exists()
+    summary = predict_on_ray(refs, {None: FakeScorer()}, out, resume=True, workers=1, progress=False)
+    assert summary.resumed == len(kept) and summary.scored == 24 - len(kept) and not summary.missing
+    assert pq.read_table(out / "results.parquet").column("path").to_pylist() == [r.path for r in refs]

@@ -211,6 +211,9 @@ def _run(
                 summary.scored += len(new)
                 if bar is not None:
                     bar.update(len(new))
+    except KeyboardInterrupt:
+        journal.flush()  # the rows received so far survive an interrupt too
+        raise
     except Exception as exc:
         journal.flush()
         raise EngineFailed(

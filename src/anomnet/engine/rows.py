@@ -123,10 +123,11 @@ def predictions_of(table: pa.Table) -> list[tuple[ImagePrediction, str | None]]:
 class Journal:
     """Appends row tables to atomically written Parquet part files in ``OUT/.anomnet-run/``."""
 
-    def __init__(self, out: Path, flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS) -> None:
+    def __init__(self, out: Path, flush_rows: int | None = None, flush_seconds: float | None = None) -> None:
         self.folder = Path(out) / JOURNAL
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
+        self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else flush_seconds
         self._run = f"{time.time_ns():020d}"  # part names sort in the order they were written, across runs
         self._seq = 0
         self._pending: list[pa.Table] = []
