@@ -264,7 +264,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-train", type=int, default=None, help="at most this many training images per category")
     p.add_argument("--val-fraction", type=float, default=0.1, help="good training images held out (default 0.1)")
     p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the detectors (default 0)")
     p.add_argument("--no-test", action="store_true", help="do not evaluate on the test splits")
     p.add_argument("--overwrite", action="store_true", help="replace models already in --out")
     p.add_argument("--skip-existing", action="store_true", help="keep the models already in --out, fit the rest")
