@@ -142,17 +142,21 @@ def test_batch_scorer_uses_each_products_model_once_keeps_order_and_isolates_fai
         loads.append(model)
         if model == "broken-model":
             raise ModelFormatError("broken-model: damaged")
+        if model == "needs-torch":
+            raise ModuleNotFoundError("No module named 'torch'")
         return real_load(model)
 
     monkeypatch.setattr(worker_mod, "load_scorer", counting_load)
     bolt, nut = FakeScorer(0.0), FakeScorer(10.0)
-    scorer = BatchScorer({"bolt": bolt, "nut": nut, "bad": "broken-model"}, out=str(tmp_path / "out"))
+    models = {"bolt": bolt, "nut": nut, "bad": "broken-model", "lean": "needs-torch"}
+    scorer = BatchScorer(models, out=str(tmp_path / "out"))
     refs = [
         InputRef(str(paths[0]), "000", "bolt"),
         InputRef(str(paths[1]), "001", "nut"),
         InputRef(str(tmp_path / "in" / "bad.png"), "bad", "bolt"),
         InputRef(str(paths[2]), "002", "bad"),
         InputRef(str(paths[3]), "003", "bolt"),
+        InputRef(str(paths[3]), "003__2", "lean"),
     ]
     for _ in range(2):
         table = scorer(inputs_table(refs))
@@ -164,6 +168,7 @@ def test_batch_scorer_uses_each_products_model_once_keeps_order_and_isolates_fai
     assert "bad.png" not in got[2]["error"] and got[2]["error"] and got[2]["score"] is None  # the read error
     assert got[3]["error"].startswith("model could not be loaded") and got[3]["score"] is None
     assert got[4]["error"] is None and dict(got[4]["outputs"])["mask"].endswith("out/masks/003.png")
+    assert got[5]["error"] == "model could not be loaded: ModuleNotFoundError: No module named 'torch'"
     assert (tmp_path / "out" / "heatmaps" / "000.png").is_file()
     # each model loaded once in this worker (the broken one is tried again per batch: it stays an error row)
     assert loads.count(bolt) == 1 and loads.count(nut) == 1 and loads.count("broken-model") == 2

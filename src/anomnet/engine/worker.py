@@ -85,6 +85,8 @@ class BatchScorer:
             scorer = self.scorer(product)
         except AnomnetError as exc:
             return error_rows(refs, f"model could not be loaded: {exc}")
+        except Exception as exc:  # e.g. a fitted model on a worker without the training stack (torch)
+            return error_rows(refs, f"model could not be loaded: {type(exc).__name__}: {exc}")
         try:
             rows = score_and_write(scorer, [InputImage(Path(r.path), r.name) for r in refs], self.out, self.raw_maps)
         except Exception:  # an unexpected failure: score the images one by one, so only the culprit fails
