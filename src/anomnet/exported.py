@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,9 @@ def _torchscript_runtime(graph: Path, threads: int | None) -> Run:
 
     if threads:
         torch.set_num_threads(threads)
-    module = torch.jit.load(str(graph), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks torch.jit deprecated; it still loads
+        module = torch.jit.load(str(graph), map_location="cpu").eval()
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.inference_mode():
