@@ -38,6 +38,7 @@ from anomnet.exported import (
     openvino_config,
     parity,
     read_manifest,
+    score_scale,
     to_uint8,
 )
 from anomnet.transforms import Preprocess, _mirror_pad
@@ -76,6 +77,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "anomnet": {"image_size": 64, "num_centroids": 16, "stage1_epochs": 2, "stage2_epochs": 2, "init_samples": 2000},
     "efficientad": {"image_size": 64, "steps": 4, "distill_steps": 2, "distill_crop": 64, "pool_limit": 4},
     "tocoad": {"image_size": 64, "train_batch_size": 4, "stage1_steps": 3, "stage2_steps": 2},
+    "inpformer": {"image_size": 64, "steps": 4, "train_batch_size": 4, "decoder_depth": 4},
 }
 
 
@@ -192,7 +194,7 @@ def test_exported_model_matches_the_in_memory_model(key: str, fmt: str, workdir:
         scores, maps, decisions = model.run(images)
         ref_scores, ref_maps, ref_decisions = _reference(key, str(workdir), batch)
         assert maps.shape == images.shape[:3]
-        report = parity(ref_scores, ref_maps, scores, maps)
+        report = parity(ref_scores, ref_maps, scores, maps, score_scale(model.calibration))
         assert report["ok"], (batch, report)
         assert np.array_equal(decisions, ref_decisions), batch  # exactly the in-memory model's decisions
         assert np.array_equal(decisions, model.calibration.decide(scores))  # and the manifest's threshold's
@@ -427,3 +429,13 @@ def test_graph_mode_changes_nothing_but_the_search(small_model: Path) -> None:
     assert torch.allclose(default.scores, graph.scores, rtol=1e-4)
     assert (default.maps - graph.maps).abs().max() <= 1e-4 * default.maps.abs().max()
     assert F.mse_loss(default.maps, graph.maps) < 1e-8
+
+
+def test_parity_tolerances() -> None:
+    scores, maps = np.array([10.0, 1e-6]), np.ones((2, 4, 4))
+    assert parity(scores, maps, scores * (1 + 5e-5), maps + 5e-5)["ok"]
+    assert not parity(scores, maps, scores * (1 + 2e-4), maps)["ok"]
+    assert not parity(scores, maps, scores, maps + 2e-4)["ok"]
+    assert not parity(scores, maps, scores + [0, 1e-5], maps)["ok"]  # relative to a score near zero ...
+    assert parity(scores, maps, scores + [0, 1e-5], maps, scale=1.0)["ok"]  # ... unless the spread is the scale
+    assert not parity(scores, maps, scores[:1], maps[:1])["ok"]

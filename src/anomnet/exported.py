@@ -52,7 +52,8 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "maps", "decisions")
 
 SCORE_RTOL = 1e-4
-"""Parity tolerance of scores: ``|exported - reference| <= SCORE_RTOL * |reference|``."""
+"""Parity tolerance of scores: ``|exported - reference| <= SCORE_RTOL * max(|reference|, spread)``, the spread
+being the standard deviation of the model's validation scores (:func:`score_scale`)."""
 MAP_RTOL = 1e-4
 """Parity tolerance of maps: ``max |exported - reference| <= MAP_RTOL * max |reference|`` (per image)."""
 
@@ -206,20 +207,30 @@ def open_graph(fmt: str, graph: Path, threads: int | None = None) -> Run:
         raise ModelFormatError(f"{graph}: the {fmt} runtime cannot open the graph ({exc})") from None
 
 
-def parity(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
+def score_scale(calibration: Calibration) -> float:
+    """The spread of a model's scores: the standard deviation of its validation scores (0 without them)."""
+    v = np.asarray(calibration.validation_scores, dtype=np.float64)
+    return float(v.std()) if v.size > 1 else 0.0
+
+
+def parity(
+    ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray, scale: float = 0.0
+) -> dict[str, Any]:
     """How far an exported model's scores and maps are from the reference's, relative (see SCORE_RTOL, MAP_RTOL).
 
-    ``score_rel``: the largest ``|s - r| / |r|``; ``map_rel``: the largest, over images, of
-    ``max |m - r| / max |r|``; ``ok``: both within tolerance and the shapes equal.
+    ``score_rel``: the largest ``|s - r| / max(|r|, scale)`` (``scale``, e.g. :func:`score_scale`,
+    keeps scores near zero, such as a hybrid's normalised ones, from counting rounding as a relative
+    error); ``map_rel``: the largest, over images, of ``max |m - r| / max |r|``; ``ok``: both within
+    tolerance and the shapes equal.
     """
     ref_scores, scores = np.asarray(ref_scores, np.float64), np.asarray(scores, np.float64)
     ref_maps, maps = np.asarray(ref_maps, np.float64), np.asarray(maps, np.float64)
     if ref_scores.shape != scores.shape or ref_maps.shape != maps.shape:
         return {"ok": False, "score_rel": float("inf"), "map_rel": float("inf")}
-    score_rel = float(np.max(np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12)))
+    score_rel = float(np.max(np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), max(scale, 1e-12))))
     per_image = np.abs(maps - ref_maps).reshape(len(maps), -1).max(1)
-    scale = np.maximum(np.abs(ref_maps).reshape(len(maps), -1).max(1), 1e-12)
-    map_rel = float(np.max(per_image / scale))
+    map_scale = np.maximum(np.abs(ref_maps).reshape(len(maps), -1).max(1), 1e-12)
+    map_rel = float(np.max(per_image / map_scale))
     return {"ok": score_rel <= SCORE_RTOL and map_rel <= MAP_RTOL, "score_rel": score_rel, "map_rel": map_rel}
 
 

@@ -41,6 +41,7 @@ from anomnet.exported import (
     is_exported,
     open_graph,
     parity,
+    score_scale,
 )
 from anomnet.io import check_writable, file_mode, folder_mode
 from anomnet.scoring import MODEL_META
@@ -165,7 +166,7 @@ def verify_export(folder: Path, fmt: str, detector: Detector, graph: ExportGraph
     images = probe_images(2, side + 40, max(32, side - 24))
     scores, maps, decisions = open_graph(fmt, folder / GRAPH_FILES[fmt][0])(images)
     ref_scores, ref_maps = graph_reference(detector, images)
-    report = parity(ref_scores, ref_maps, scores, maps)
+    report = parity(ref_scores, ref_maps, scores, maps, score_scale(detector.calibration))
     if not report["ok"] or not np.array_equal(decisions, scores >= np.float32(graph.threshold)):
         raise ModelFormatError(
             f"the exported {fmt} graph does not reproduce the {detector.name} model on the probe images "
