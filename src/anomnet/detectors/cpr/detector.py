@@ -1,0 +1,297 @@
+"""CPR's fit (features -> codebook and histograms -> foreground -> head training -> bank) and saved tensors.
+
+1. ``features``: every training input (whole images or tiles, with their turned poses; see
+   :meth:`Detector.training_batches`) is kept as 8-bit pixels, and its descriptor level (the
+   finest backbone level) as features.
+2. ``global_retrieval``: k-means codebook of the descriptor locations, block histograms of
+   every training input, and each input's ``k_images`` nearest other inputs (its training
+   references).
+3. ``foreground``: the unsupervised foreground discriminant and the training inputs' weights;
+   with ``foreground=auto`` it is used only where the fit finds an object on a background.
+4. ``train``: the retrieval head learns, on the frozen backbone, that a normal pixel matches
+   the same place of a retrieved reference and a pasted defect does not (``losses``). Defects:
+   :class:`~anomnet.synthesis.defects.RealisticDefects` (drawn spots, cracks, scratches, or the
+   crops of the ``defects`` folder), centred on the foreground when it is used. AdamW as the
+   paper, ``steps`` steps of ``train_batch_size`` pairs (optionally cut by ``time_budget_s``).
+5. ``bank``: the head's L2-normalised features of every training input, per level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from anomnet.backbones import backbone_state, build_backbone, load_backbone_state
+from anomnet.components import kmeans
+from anomnet.data import Sample
+from anomnet.detectors.base import Detector, register
+from anomnet.detectors.cpr.config import CPRConfig
+from anomnet.detectors.cpr.head import RetrievalHead
+from anomnet.detectors.cpr.losses import distance_weights, features_at, retrieval_loss
+from anomnet.detectors.cpr.model import CPRModel, default_layers
+from anomnet.detectors.cpr.pairs import PointPairs, sample_pairs
+from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
+from anomnet.synthesis.defect_crops import load_defect_crops
+from anomnet.synthesis.defects import RealisticDefects
+from anomnet.training import timed_phase, train_phase
+from anomnet.transforms import upsample_maps
+
+BACKBONE_PREFIX = "backbone."
+HEAD_PREFIX = "head."
+BANK_PREFIX = "bank."
+FOREGROUND_PREFIX = "foreground."
+CODEBOOK_SAMPLES = 50_000  # descriptor locations the k-means codebook is fitted on
+
+
+@register
+class CPR(Detector):
+    name = "cpr"
+    config_class = CPRConfig
+    description = (
+        "CPR: cascade patch retrieval (global image retrieval, windowed local retrieval, foreground "
+        "estimation), retrieval head trained on pasted real-looking defects (Li et al. 2024)"
+    )
+    config: CPRConfig
+
+    def __init__(self, config: CPRConfig | None = None) -> None:
+        super().__init__(config)
+        c = self.config
+        self.layers = c.layers if c.layers is not None else default_layers(c.backbone)
+        backbone = build_backbone(c.backbone, self.layers)
+        if len(backbone.layers) != len(c.windows):
+            raise ConfigError(
+                f"CPR uses the levels {', '.join(backbone.layers)}: give one window per level "
+                f"(setting windows, now {','.join(map(str, c.windows))})"
+            )
+        head = RetrievalHead(backbone.channels(), c.head_width, c.head_dim)
+        self.model = CPRModel(backbone, head, c.blocks, c.block_share)
+
+    # -- training ----------------------------------------------------------------------
+    def ensure_backbone(self) -> None:
+        """Give a file-backed backbone its weights (``weights`` setting or the weights folder) before fit."""
+        if not self.model.backbone.ready:
+            self.model.backbone = build_backbone(self.config.backbone, self.layers, self.config.weights, search=True)
+
+    def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
+        gen = self.start_fit(train)
+        c = self.config
+        self.ensure_backbone()
+        generator = self._defect_generator()  # a bad defect folder fails before any long work
+        backbone = self.model.backbone
+        self.model.head = RetrievalHead(backbone.channels(), c.head_width, c.head_dim).eval()  # seeded init
+        with timed_phase(self.fit_record, "features") as phase:
+            images, desc = self._cache(train, progress)
+            phase.extra["inputs"] = len(images)
+        with timed_phase(self.fit_record, "global_retrieval") as phase:
+            neighbours = self._fit_retrieval(desc, gen)
+            phase.extra["references_per_input"] = int(neighbours.shape[1])
+        with timed_phase(self.fit_record, "foreground") as phase:
+            found = self.model.foreground.fit(desc, gen)
+            self.model.train_foreground = self.model.foreground(desc) if found.fitted else None
+            phase.extra.update(dataclasses.asdict(found))
+            phase.extra["used"] = self._use_foreground()
+        self._train(images, neighbours, generator, gen, progress)
+        with timed_phase(self.fit_record, "bank"):
+            self.model.banks = self._bank(images)
+
+    def _cache(self, train: Sequence[Sample], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs as 8-bit pixels ``[N, 3, S, S]`` and their descriptor level ``[N, d, h, w]``."""
+        pixels: list[torch.Tensor] = []
+        desc: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for images in self.training_batches(train, "features" if progress else None):
+                pixels.append((images * 255.0).round().clamp(0, 255).to(torch.uint8))
+                desc.append(self.model.levels(images)[self.model.desc_level])
+        if not pixels:
+            raise ConfigError("CPR got no training inputs")
+        return torch.cat(pixels), torch.cat(desc)
+
+    def _fit_retrieval(self, desc: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Codebook and histograms of the training inputs; returns each input's nearest other inputs ``[N, k]``."""
+        c = self.config
+        n, d = desc.shape[:2]
+        flat = desc.permute(0, 2, 3, 1).reshape(-1, d)
+        sample = flat[torch.randperm(len(flat), generator=gen)[:CODEBOOK_SAMPLES]]
+        retrieval = self.model.retrieval
+        retrieval.set_codebook(kmeans(sample, min(c.clusters, len(sample)), gen, iterations=10))
+        refs = torch.cat([retrieval.histograms(chunk) for chunk in desc.split(64)])
+        retrieval.set_refs(refs)
+        if n == 1:
+            return torch.zeros(1, 1, dtype=torch.long)
+        k = min(c.k_images, n - 1)
+        rows = []
+        for start in range(0, n, 64):
+            dist = retrieval.distances(refs[start : start + 64])
+            own = torch.arange(start, min(n, start + 64))
+            dist[torch.arange(len(own)), own] = float("inf")  # never its own reference
+            rows.append(dist.topk(k, dim=1, largest=False).indices)
+        return torch.cat(rows)
+
+    def _use_foreground(self) -> bool:
+        mode = self.config.foreground
+        return mode == "on" or (mode == "auto" and self.model.foreground.object_like)
+
+    def _defect_generator(self) -> RealisticDefects:
+        c = self.config
+        crops = load_defect_crops(c.defects, seed=c.seed) if c.defects else None
+        if crops:
+            self.fit_record.data_sources["defects"] = f"{c.defects} ({len(crops)} crops)"
+        else:
+            self.fit_record.data_sources["defects"] = f"drawn: {', '.join(c.defect_kinds)}"
+        return RealisticDefects(kinds=c.defect_kinds, crops=crops)
+
+    def _train(
+        self,
+        images: torch.Tensor,
+        neighbours: torch.Tensor,
+        generator: RealisticDefects,
+        gen: torch.Generator,
+        progress: bool,
+    ) -> None:
+        c = self.config
+        head, backbone = self.model.head, self.model.backbone
+        side = min(int(images.shape[-2]), int(images.shape[-1]))
+        crop = side if c.train_crop <= 0 else min(c.train_crop, side)  # pairs train on aligned crops
+        use_fg = self._use_foreground() and self.model.train_foreground is not None
+        strides = backbone.strides()
+        # negatives: two places further apart than the finest level's window reaches
+        min_shift = strides[self.model.desc_level] * (c.windows[self.model.desc_level] // 2 + 1) * 2**0.5
+        opt = torch.optim.AdamW(head.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        head.train()
+
+        def step(_: int) -> dict[str, float]:
+            query, reference, masks, weights = self._pairs(images, neighbours, generator, gen, crop, use_fg)
+            with torch.no_grad():
+                lq, lr_ = backbone(query), backbone(reference)
+            pos, anomalous, neg = sample_pairs(masks, weights, c.points, gen, negatives=use_fg, min_shift=min_shift)
+            grid = (crop, crop)
+            fq, fr = head(lq), head(lr_)
+            l_pos = l_neg = torch.zeros(())
+            for level in range(len(fq)):
+                negatives = anomalous
+                if neg is not None:  # hard negatives weighted by how different the frozen features are
+                    w = distance_weights(
+                        features_at(lq[level], neg.query, grid),
+                        features_at(lr_[level], neg.reference, grid),
+                        neg.weight,
+                    )
+                    negatives = PointPairs.cat(PointPairs(neg.query, neg.reference, w), anomalous)
+                a, b = retrieval_loss(
+                    fq[level],
+                    fr[level],
+                    (pos.query, pos.reference, pos.weight),
+                    (negatives.query, negatives.reference, negatives.weight),
+                    grid,
+                    c.pos_margin,
+                    c.neg_margin,
+                    c.loss_power,
+                )
+                l_pos, l_neg = l_pos + a, l_neg + b
+            loss = l_pos + l_neg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": float(loss.detach()), "pos": float(l_pos.detach()), "neg": float(l_neg.detach())}
+
+        budget = c.time_budget_s if c.time_budget_s > 0 else None
+        phase = train_phase(self.fit_record, "train", step, c.steps, time_budget_s=budget, progress=progress)
+        phase.extra["foreground_used"] = use_fg
+        phase.extra["crop"] = crop
+        head.eval()
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.model.refresh()
+
+    def _pairs(
+        self,
+        images: torch.Tensor,
+        neighbours: torch.Tensor,
+        generator: RealisticDefects,
+        gen: torch.Generator,
+        crop: int,
+        use_fg: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One batch of training pairs, cut to the same ``crop`` window: (queries with pasted defects,
+        their retrieved references, the defect masks, the sharpened foreground weights or None).
+
+        Defects are drawn on the whole input (so their size is relative to it), centred inside the
+        window (and on the foreground when it is used)."""
+        c = self.config
+        idx = torch.randint(len(images), (c.train_batch_size,), generator=gen)
+        ref = neighbours[idx, torch.randint(neighbours.shape[1], (len(idx),), generator=gen)]
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        top, left = (int(torch.randint(s - crop + 1, (), generator=gen)) for s in size)
+        rows, cols = slice(top, top + crop), slice(left, left + crop)
+        query, reference = images[idx].float() / 255.0, images[ref][..., rows, cols].float() / 255.0
+        allowed = torch.zeros(len(idx), *size, dtype=torch.bool)
+        allowed[:, rows, cols] = True
+        weights = None
+        fg = self.model.train_foreground
+        if use_fg and fg is not None:
+            fg_query, fg_ref = upsample_maps(fg[idx].float(), size), upsample_maps(fg[ref].float(), size)
+            allowed &= fg_query > 0.5
+            weights = torch.sigmoid(10.0 * torch.maximum(fg_query, fg_ref)[..., rows, cols] - 5.0)  # sharpened
+        masks = torch.zeros(len(idx), *size)
+        for i in range(len(idx)):
+            if float(torch.rand((), generator=gen)) < c.anomaly_prob:
+                query[i], masks[i] = generator.paste(query[i], gen, allowed[i])
+        return query[..., rows, cols].contiguous(), reference.contiguous(), masks[..., rows, cols], weights
+
+    @torch.inference_mode()
+    def _bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+        dtype = torch.float16 if self.config.bank_dtype == "float16" else torch.float32
+        parts: list[list[torch.Tensor]] = []
+        for chunk in images.split(self.config.batch_size):
+            feats = self.model.features(self.model.levels(chunk.float() / 255.0))
+            parts.append([f.to(dtype) for f in feats])
+        return [torch.cat(level) for level in zip(*parts)]
+
+    # -- inference ---------------------------------------------------------------------
+    def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, m = self.config, self.model
+        m.k, m.windows, m.use_foreground = c.k_images, tuple(c.windows), self._use_foreground()
+        m.blur_sigma, m.top_share = c.blur_sigma, c.top_share
+        with torch.inference_mode():
+            return m(images)
+
+    # -- persistence -------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        m = self.model
+        if not m.fitted or m.retrieval.codebook is None or m.retrieval.refs is None:
+            raise NotFittedError("CPR is not fitted: nothing to save")
+        tensors = {
+            "codebook": m.retrieval.codebook,
+            "refs": m.retrieval.refs,
+            **{f"{BANK_PREFIX}{i}": bank for i, bank in enumerate(m.banks)},
+            **{HEAD_PREFIX + k: v.detach() for k, v in m.head.state_dict().items()},
+            **{FOREGROUND_PREFIX + k: v for k, v in m.foreground.state().items()},
+        }
+        if m.train_foreground is not None:
+            tensors["train_foreground"] = m.train_foreground
+        tensors.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(m.backbone).items()})
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        m = self.model
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        load_backbone_state(m.backbone, part(BACKBONE_PREFIX))
+        m.head.load_state_dict(part(HEAD_PREFIX))
+        m.head.eval()
+        for p in m.head.parameters():
+            p.requires_grad_(False)
+        m.refresh()
+        m.foreground.load(part(FOREGROUND_PREFIX))
+        m.retrieval.set_codebook(tensors["codebook"])
+        m.retrieval.set_refs(tensors["refs"])
+        banks = part(BANK_PREFIX)
+        if set(banks) != {str(i) for i in range(len(m.head.levels))}:
+            raise ModelFormatError(f"the CPR model holds banks {sorted(banks)} for {len(m.head.levels)} levels")
+        m.banks = [banks[str(i)].contiguous() for i in range(len(banks))]
+        m.train_foreground = tensors.get("train_foreground")

@@ -1,0 +1,109 @@
+"""The module CPR predicts with: backbone levels -> global retrieval -> windowed local retrieval -> map.
+
+``forward`` is plain torch on tensors (no numpy, no search index): the only Python loops run
+over the levels, the ``k`` retrieved images and the window offsets, so it can be traced for
+export. Scoring-time settings (``k``, ``windows``, ``use_foreground``, ``blur_sigma``,
+``top_share``) are attributes the detector sets from its config before each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from anomnet.backbones import FeatureExtractor, get_backbone_info
+from anomnet.components import gaussian_blur
+from anomnet.detectors.cpr.foreground import ForegroundBranch
+from anomnet.detectors.cpr.head import RetrievalHead
+from anomnet.detectors.cpr.retrieval import GlobalRetrieval, window_distances
+from anomnet.errors import NotFittedError
+from anomnet.transforms import upsample_maps
+
+
+def default_layers(backbone: str) -> tuple[str, ...] | None:
+    """CPR's levels when none are given: strides 4 and 8, as the paper (DenseNet blocks 1 and 2)."""
+    info = get_backbone_info(backbone)
+    for wanted in (("stage2", "stage3"), ("layer1", "layer2")):
+        if set(wanted) <= set(info.layers):
+            return wanted
+    return None  # the backbone's own default
+
+
+def image_scores(maps: torch.Tensor, top_share: float) -> torch.Tensor:
+    """``[B]``: the maximum of each map (``top_share`` 0), or the mean of its ``top_share`` highest pixels."""
+    if top_share <= 0:
+        return maps.amax((1, 2))
+    flat = maps.flatten(1)
+    k = max(1, int(round(top_share * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+class CPRModel(nn.Module):
+    """Images ``[B, 3, S, S]`` -> (scores ``[B]``, anomaly maps ``[B, S, S]``)."""
+
+    def __init__(self, backbone: FeatureExtractor, head: RetrievalHead, blocks: int, block_share: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head  # the trained form (BatchNorm); prediction uses its fused copy
+        self.scoring_head = head.fused()
+        self.retrieval = GlobalRetrieval(blocks, block_share)
+        self.foreground = ForegroundBranch()
+        strides = backbone.strides()
+        self.desc_level = min(range(len(strides)), key=lambda i: strides[i])  # the finest level
+        self.banks: list[torch.Tensor] = []  # per level [N, dim, h_l, w_l], L2-normalised
+        self.train_foreground: torch.Tensor | None = None  # [N, h, w] at the descriptor level
+        # scoring-time settings (set by the detector from its config)
+        self.k = 10
+        self.windows: tuple[int, ...] = (3, 1)
+        self.use_foreground = False
+        self.blur_sigma = 4.0
+        self.top_share = 0.0
+        self.batch_chunk = 1  # images per local-retrieval pass (retrieval.window_distances; large: one batched pass)
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.banks) and self.retrieval.refs is not None
+
+    def refresh(self) -> None:
+        """Rebuild the fused scoring head after the head's weights changed (fit, load)."""
+        self.scoring_head = self.head.fused()
+
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.backbone(images))
+
+    def features(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The scoring head's L2-normalised retrieval features of each level."""
+        return self.scoring_head(levels)
+
+    def raw_maps(self, levels: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` at the finest level: per level the windowed distances, upsampled, summed."""
+        feats = self.features(levels)
+        size = (int(feats[self.desc_level].shape[-2]), int(feats[self.desc_level].shape[-1]))
+        total = torch.zeros(feats[0].shape[0], *size, dtype=feats[0].dtype, device=feats[0].device)
+        for f, bank, window in zip(feats, self.banks, self.windows):
+            total = total + upsample_maps(window_distances(f, bank, index, window, self.batch_chunk), size)
+        return total
+
+    def foreground_weights(self, desc: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]``: the larger of the image's own foreground estimate and its retrieved images' ones."""
+        own = self.foreground(desc)
+        if self.train_foreground is None:
+            return own
+        return torch.maximum(own, self.train_foreground[index].to(own.dtype).amax(1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fitted:
+            raise NotFittedError("CPR is not fitted: call fit() or load a saved model")
+        if len(self.windows) != len(self.banks):
+            raise NotFittedError(f"CPR has {len(self.banks)} levels but {len(self.windows)} windows")
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        levels = self.levels(images)
+        desc = levels[self.desc_level]
+        index = self.retrieval.retrieve(desc, self.k)
+        maps = upsample_maps(self.raw_maps(levels, index), size)
+        if self.use_foreground:
+            maps = maps * upsample_maps(self.foreground_weights(desc, index), size)
+        maps = gaussian_blur(maps, self.blur_sigma)
+        return image_scores(maps, self.top_share), maps
