@@ -43,6 +43,7 @@ DEFAULT_SETTINGS = {
     "anomnet": "",
     "efficientad": "steps=100;distill_steps=100",
     "tocoad": "stage1_steps=40;stage2_steps=20",
+    "inpformer": "steps=50",
 }
 
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(BOTTLE), help="dataset to fit on and take the timing images from")
-    p.add_argument("--models", default="patchcore,anomnet,efficientad,tocoad", help="comma-separated detectors")
+    p.add_argument("--models", default=",".join(DEFAULT_SETTINGS), help="comma-separated detectors")
     p.add_argument(
         "--set",
         action="append",
