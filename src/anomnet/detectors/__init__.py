@@ -3,6 +3,7 @@
 from anomnet.detectors import anomnet as _anomnet  # noqa: F401  (registers)
 from anomnet.detectors import (
     efficientad,  # noqa: F401  (registers)
+    hybrid,  # noqa: F401  (registers; its branches are any of the others)
     inpformer,  # noqa: F401  (registers)
     patchcore,  # noqa: F401  (registers)
     tocoad,  # noqa: F401  (registers)
