@@ -23,18 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
-PIPED_CLASSES = (
-    "PA_BDP01_TL",
-    "PA_BFT01_TL",
-    "PA_BRG01_RL",
-    "PA_BRG03_TL",
-    "PA_BTN01_RL",
-    "PA_FLR01_TL",
-    "PA_FVN01_TL",
-    "PA_FVN02_RL",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import PIPED_CLASSES, SHARED  # noqa: E402  (the suite's datasets)
+
 METRICS = ("image_auroc", "pixel_auroc", "au_pro@0.3", "au_pro@0.05", "seg_f1")
 
 
