@@ -242,3 +242,19 @@ def test_fit_command_prints_the_choice(folder_dataset: Path, tmp_path: Path, cap
     assert main([*args, "--val-fraction", "0.25", *sets]) == EXIT_OK
     out = capsys.readouterr().out
     assert "hybrid: predicts with sharp" in out and "au_pro@0.05 on the selection data" in out
+
+
+def test_a_folder_of_real_defect_crops_feeds_the_selection_defects(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from anomnet.detectors.hybrid.config import HybridConfig
+    from anomnet.detectors.hybrid.selection import make_generator
+
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((12, 16, 3), 40 * i, np.uint8)).save(crops / f"c{i}.png")
+    generator = make_generator(HybridConfig(branches=("patchcore",), defects=str(crops)))
+    assert len(generator.crops) == 2  # type: ignore[attr-defined]
+    image, mask = generator(torch.full((3, 64, 64), 0.8), torch.Generator().manual_seed(0))
+    assert mask.any() and torch.equal(image[:, ~mask.bool()], torch.full((3, 64, 64), 0.8)[:, ~mask.bool()])

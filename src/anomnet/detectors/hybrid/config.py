@@ -19,7 +19,7 @@ NAME = "hybrid"
 # left at the defaults each branch keeps its own.
 SHARED = ("image_size", "crop", "batch_size", "tile", "tile_overlap", "tile_scales", "tile_score")
 SHARED_ALWAYS = ("seed", "train_rotations", "aspect")
-SHARED_IF_KNOWN = ("backbone", "weights")  # passed to the branches that have the setting, when set
+SHARED_IF_KNOWN = ("backbone", "weights", "defects")  # passed to the branches that have the setting, when set
 
 
 @dataclass
@@ -36,7 +36,7 @@ class HybridConfig(DetectorConfig):
     mode: Mode = "select"
     criterion: Criterion = "au_pro@0.05"  # what the choice maximises on the selection data (docs/hybrid.md)
     synthetic: Synthetic = "realistic"  # defects pasted onto the validation images when no labelled set is given
-    defect_crops: str | None = None  # a folder of real defect crops for the realistic generator
+    defects: str | None = None  # a folder of real defect crops: the realistic generator's (and CPR's) defects
     textures: str | None = None  # texture folder of the perlin generator (default as ToCoAD's)
     synthetic_per_image: int = 4  # defective copies of each good validation image
     select_side: int = 512  # maps and masks are compared at most this many pixels on the long side

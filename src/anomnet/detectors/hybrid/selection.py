@@ -55,7 +55,7 @@ def make_generator(config: HybridConfig) -> AnomalyGenerator:
         from anomnet.synthesis.defect_crops import load_defect_crops
         from anomnet.synthesis.defects import RealisticDefects
 
-        crops = load_defect_crops(config.defect_crops, seed=config.seed) if config.defect_crops else None
+        crops = load_defect_crops(config.defects, seed=config.seed) if config.defects else None
         return RealisticDefects(crops=crops)
     if kind == "perlin":
         from anomnet.synthesis import PerlinAnomaly, load_textures
