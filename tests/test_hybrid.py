@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.read_spy import spy_on_image_reads
 
 from anomnet import api
 from anomnet.detectors import Detector, create_detector
@@ -196,19 +197,9 @@ def test_tiled_branches_predict_at_full_resolution(folder_dataset: Path, tmp_pat
 
 
 def test_the_choice_never_reads_the_test_set(folder_dataset: Path, tmp_path: Path, monkeypatch) -> None:
-    from anomnet import data, io
-
     for image in (folder_dataset / "test").rglob("*.png"):
         image.write_bytes(b"poisoned: not an image")  # reading any test image would fail the fit
-    reads: list[Path] = []
-    for module in (io, data):
-        original = module.read_image
-
-        def spy(path: str | Path, _original=original) -> np.ndarray:
-            reads.append(Path(path))
-            return _original(path)
-
-        monkeypatch.setattr(module, "read_image", spy)
+    reads = spy_on_image_reads(monkeypatch)
     det = _fit(folder_dataset, tmp_path / "m", mode="auto")
     assert det.choice["chosen"] in ("sharp", "smooth", FUSED)
     assert reads and all(p.parent.name == "train" for p in reads), {p.parent.name for p in reads}

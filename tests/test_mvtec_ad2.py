@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 from tests.ad2_fixture import build_mvtec_ad2
+from tests.read_spy import spy_on_image_reads
 
 from anomnet import api
 from anomnet.data import load_dataset
@@ -61,19 +62,9 @@ def test_submission_names_follow_mvtec(tmp_path: Path) -> None:
 
 
 def test_protocol_end_to_end(ad2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from anomnet import data, io
     from anomnet.cli import EXIT_OK, main
 
-    # fit and calibrate read the training and validation images only (never a test split)
-    reads: list[Path] = []
-    for module in (io, data):
-        original = module.read_image
-
-        def spy(path: str | Path, _original=original) -> np.ndarray:
-            reads.append(Path(path))
-            return _original(path)
-
-        monkeypatch.setattr(module, "read_image", spy)
+    reads = spy_on_image_reads(monkeypatch)  # fit and calibrate read only training and validation images
     model = tmp_path / "model"
     fit = ["fit", "--data", str(ad2), "--out", str(model), "--pixel-threshold", "mean-std", *SMALL]
     assert main(fit) == EXIT_OK
