@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from anomnet.components.graph_mode import graph_mode
 from anomnet.data import iter_batches, load_dataset
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "anomnet.json").is_file():
             settings = _settings(DEFAULT_SETTINGS.get(model, ""))
             api.fit(model, args.data, out=folder, settings=settings, max_train=args.max_train, progress=False)
-        with torch.inference_mode():
-            row = compare(Detector.load(folder), args.data)
+        row = compare(Detector.load(folder), args.data)  # (loaded outside inference mode: BatchNorm folding)
         print(json.dumps(row))
         rows.append(row)
     atomic_write_text(args.out, json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows}, indent=2))
