@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-export"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "export_reference.json"))
     p.add_argument("--max-train", type=int, default=None, help="fit on at most this many training images (seeded)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL:KEY=VALUE;...", help="fit settings of a model")
     args = p.parse_args(argv)
     from anomnet import api
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         folder = Path(args.work_dir) / model
         if not (folder / "anomnet.json").is_file():
-            settings = _settings(DEFAULT_SETTINGS.get(model, ""))
+            extra = dict(item.split(":", 1) for item in args.set).get(model, "")
+            settings = {**_settings(DEFAULT_SETTINGS.get(model, "")), **_settings(extra)}
             api.fit(model, args.data, out=folder, settings=settings, max_train=args.max_train, progress=False)
         row = compare(Detector.load(folder), args.data)  # (loaded outside inference mode: BatchNorm folding)
         print(json.dumps(row))
