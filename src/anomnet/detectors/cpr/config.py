@@ -38,7 +38,7 @@ class CPRConfig(DetectorConfig):
     # foreground estimation: "auto" (on where the fit finds an object on a background), "on", "off"
     foreground: Foreground = "auto"
     # training of the head on pseudo-anomalies (real-looking defects, anomnet.synthesis.defects)
-    steps: int = 300  # training steps of train_batch_size (query, retrieved neighbour) pairs
+    steps: int = 200  # training steps of train_batch_size (query, retrieved neighbour) pairs
     time_budget_s: float = 0.0  # > 0: the training stops after that many seconds (fewer steps)
     train_batch_size: int = 8
     train_crop: int = 128  # pairs train on aligned crops of this side in px (0: the whole input)

@@ -247,7 +247,7 @@ class CPR(Detector):
         parts: list[list[torch.Tensor]] = []
         for chunk in images.split(self.config.batch_size):
             feats = self.model.features(self.model.levels(chunk.float() / 255.0))
-            parts.append([f.to(dtype) for f in feats])
+            parts.append([f.to(dtype).contiguous() for f in feats])
         return [torch.cat(level) for level in zip(*parts)]
 
     # -- inference ---------------------------------------------------------------------

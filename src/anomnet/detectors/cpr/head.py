@@ -91,7 +91,8 @@ class RetrievalHead(nn.Module):
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(levels) != len(self.levels):
             raise ValueError(f"the head has {len(self.levels)} levels, got {len(levels)} feature maps")
-        return [nn.functional.normalize(head(x), dim=1, eps=1e-8) for head, x in zip(self.levels, levels)]
+        out = [nn.functional.normalize(head(x), dim=1, eps=1e-8) for head, x in zip(self.levels, levels)]
+        return [f.contiguous() for f in out]  # plain NCHW (the convolutions ran channels-last)
 
     def fused(self) -> RetrievalHead:
         """The same function in eval mode with the BatchNorms folded into the convolutions (for prediction)."""

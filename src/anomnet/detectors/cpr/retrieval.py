@@ -105,7 +105,9 @@ def _window_distances(query: torch.Tensor, bank: torch.Tensor, index: torch.Tens
     inside = F.pad(torch.ones(1, 1, h, w, dtype=query.dtype, device=query.device), (r, r, r, r))[0, 0] > 0
     best = torch.full((b, h, w), float("inf"), dtype=query.dtype, device=query.device)
     for j in range(int(index.shape[1])):
-        ref = F.pad(bank[index[:, j]].to(query.dtype), (r, r, r, r))  # [b, D, h + 2r, w + 2r], zeros outside
+        ref = F.pad(
+            bank[index[:, j]].to(query.dtype).contiguous(), (r, r, r, r)
+        )  # [b, D, h + 2r, w + 2r], zeros outside
         for dy in range(window):
             for dx in range(window):
                 sim = (query * ref[:, :, dy : dy + h, dx : dx + w]).sum(1)
