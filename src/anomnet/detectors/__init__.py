@@ -2,6 +2,7 @@
 
 from anomnet.detectors import anomnet as _anomnet  # noqa: F401  (registers)
 from anomnet.detectors import (
+    cpr,  # noqa: F401  (registers)
     efficientad,  # noqa: F401  (registers)
     hybrid,  # noqa: F401  (registers; its branches are any of the others)
     inpformer,  # noqa: F401  (registers)
