@@ -305,3 +305,18 @@ def test_prediction_is_traceable_torch(folder_dataset: Path) -> None:
         got = traced(x)
     assert torch.allclose(got[0], expected[0], atol=1e-5) and torch.allclose(got[1], expected[1], atol=1e-5)
     assert math.isfinite(float(got[0].sum()))
+
+
+def test_command_line_fit_test_predict(folder_dataset: Path, tmp_path: Path) -> None:
+    from anomnet.cli import EXIT_OK, main
+
+    out = tmp_path / "cpr-model"
+    sets = [a for k, v in SMALL.items() if k != "image_size" for a in ("--set", f"{k}={v}")]
+    fit = ["fit", "--model", "cpr", "--data", str(folder_dataset), "--out", str(out), "--image-size", "64"]
+    assert main([*fit, *sets, "--quiet"]) == EXIT_OK
+    assert main(["test", "--model-dir", str(out), "--data", str(folder_dataset), "--quiet"]) == EXIT_OK
+    assert main(["predict", "--model-dir", str(out), str(folder_dataset / "test"), "--out", str(tmp_path / "p")]) == (
+        EXIT_OK
+    )
+    assert (tmp_path / "p" / "results.csv").is_file()
+    assert main([*fit, "--overwrite", "--set", "windows=2,1", "--quiet"]) == 2  # a bad setting: exit 2
