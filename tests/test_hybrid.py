@@ -249,3 +249,30 @@ def test_a_folder_of_real_defect_crops_feeds_the_selection_defects(tmp_path: Pat
     assert len(generator.crops) == 2  # type: ignore[attr-defined]
     image, mask = generator(torch.full((3, 64, 64), 0.8), torch.Generator().manual_seed(0))
     assert mask.any() and torch.equal(image[:, ~mask.bool()], torch.full((3, 64, 64), 0.8)[:, ~mask.bool()])
+
+
+@pytest.mark.slow
+def test_the_papers_branches_by_default_fit_save_load_and_tile(folder_dataset: Path, tmp_path: Path) -> None:
+    """INP-Former and CPR (the defaults), at tiny budgets: fit, choice, save, load, tiled predict."""
+    tiny = {
+        "image_size": 64,
+        "batch_size": 4,
+        "tile": 48,
+        "synthetic_per_image": 2,
+        "inpformer.steps": 2,
+        "inpformer.train_batch_size": 4,
+        "inpformer.decoder_depth": 4,
+        "cpr.steps": 2,
+        "cpr.train_batch_size": 2,
+        "cpr.train_crop": 32,
+        "cpr.points": 20,
+    }
+    det = api.fit("hybrid", folder_dataset, tmp_path / "m", settings=tiny, val_fraction=0.25, progress=False)
+    assert isinstance(det, Hybrid) and list(det.specs.items()) == [("inpformer", "inpformer"), ("cpr", "cpr")]
+    assert set(det.evidence) == {"inpformer", "cpr"} and det.choice["chosen"] in ("inpformer", "cpr")
+    assert all(c["tile"] == 48 for c in det.config.branch_configs.values())
+    images = torch.rand(1, 3, 64, 80)
+    pred = det.predict(images)
+    assert pred.maps.shape == (1, 64, 80)
+    loaded = Detector.load(tmp_path / "m")
+    assert torch.allclose(loaded.predict(images).maps, pred.maps)

@@ -12,7 +12,7 @@ Mode = Literal["select", "fuse", "auto"]
 Criterion = Literal["au_pro@0.05", "au_pro@0.3", "pixel_f1_max", "pixel_auroc", "image_auroc"]
 Synthetic = Literal["realistic", "perlin", "cutpaste", "noise"]
 
-DEFAULT_BRANCHES: tuple[str, ...] = ("patchcore", "anomnet")
+DEFAULT_BRANCHES: tuple[str, ...] = ("inpformer", "cpr")  # the paper's two branches
 NAME = "hybrid"
 
 # Settings of the hybrid every branch takes over when they are given (differ from DetectorConfig's defaults);
