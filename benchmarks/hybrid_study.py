@@ -7,8 +7,8 @@ calibrated on the good validation images and evaluated on the test split. For ev
 the choice is compared with the candidate that was best on the test set (regret = the best candidate's test
 metric minus the chosen one's)::
 
-    python benchmarks/hybrid_study.py --datasets piped,bottle --branches patchcore,anomnet \\
-        --out benchmarks/hybrid-study.json
+    python benchmarks/hybrid_study.py --datasets piped,bottle --branches inpformer,cpr \\
+        --out benchmarks/hybrid-study.json --keep runs/hybrid-study
 
 Accuracy only (no timing): it may run on a loaded machine.
 """
@@ -28,36 +28,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hybrid import BOTTLE  # noqa: E402
 from suite import PIPED, PIPED_CLASSES  # noqa: E402
 
-GENERATORS = ("realistic", "perlin", "cutpaste", "noise")
+# synthetic defects of the selection data: generator, "@anywhere" = not only on the object
+GENERATORS = ("realistic", "realistic@anywhere", "perlin", "cutpaste", "noise", "noise@anywhere")
 TEST_METRICS = ("au_pro@0.05", "seg_f1", "pixel_f1_max", "image_auroc")
 
 
 def dataset_paths(names: str) -> list[tuple[str, str]]:
-    every = [("bottle", str(BOTTLE))] + [(c, str(PIPED / c)) for c in PIPED_CLASSES]
+    every = [(c, str(PIPED / c)) for c in PIPED_CLASSES] + [("bottle", str(BOTTLE))]
     wanted = set(names.split(","))
     return [(n, p) for n, p in every if "all" in wanted or n in wanted or (n.startswith("PA_") and "piped" in wanted)]
 
 
-def study_dataset(path: str, settings: dict[str, str], generators: list[str]) -> dict[str, Any]:
+def study_dataset(path: str, settings: dict[str, str], generators: list[str], keep: Path | None) -> dict[str, Any]:
+    """Fit (or, with ``keep`` holding it, load) the hybrid; measure every generator's choice and every candidate."""
     from dataclasses import replace
 
     from anomnet.data import load_dataset
     from anomnet.decisions import calibrate_detector
-    from anomnet.detectors import create_detector
+    from anomnet.detectors import Detector, create_detector
     from anomnet.detectors.hybrid import FUSED, Hybrid, evaluate_candidates
     from anomnet.detectors.hybrid.selection import make_generator, synthetic_batches
     from anomnet.evaluate import evaluate
 
     split = load_dataset(path)
-    det = create_detector("hybrid", {**settings, "mode": "auto"})
+    if keep is not None and (keep / "anomnet.json").is_file():
+        det = Detector.load(keep)
+    else:
+        det = create_detector("hybrid", {**settings, "mode": "auto", "keep_branches": "true"})
+        assert isinstance(det, Hybrid)
+        det.fit(split.train, split.validation, progress=False)
+        if keep is not None:
+            det.save(keep)
     assert isinstance(det, Hybrid)
-    det.fit(split.train, split.validation, progress=False)
     branches = det.fitted_branches()
     c = det.config
     evidence: dict[str, Any] = {}
     for gen in generators:
+        kind, _, where = gen.partition("@")
+        variant = replace(c, synthetic=kind, synthetic_where=where or "object")
         batches = synthetic_batches(
-            split.validation, make_generator(replace(c, synthetic=gen)), c.synthetic_per_image, c.seed, c.batch_size
+            split.validation, make_generator(variant), c.synthetic_per_image, c.seed, c.batch_size
         )
         evidence[gen], _, _ = evaluate_candidates(branches, batches, c.select_side, det.model.norms)
     tested: dict[str, dict[str, float]] = {}
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generators", default=",".join(GENERATORS))
     p.add_argument("--out", required=True, help="JSON report (written after every dataset)")
     p.add_argument("--resume", action="store_true", help="keep the datasets already in --out")
+    p.add_argument("--keep", default=None, help="save each fitted hybrid (all branches) here; reuse one found there")
     a = p.parse_args(argv)
     from anomnet.detectors.hybrid import METRICS
     from anomnet.io import atomic_write_text
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in dataset_paths(a.datasets):
         if name not in results:
             print(f"[hybrid study] {name}", file=sys.stderr, flush=True)
-            results[name] = study_dataset(path, settings, a.generators.split(","))
+            keep = Path(a.keep) / name if a.keep else None
+            results[name] = study_dataset(path, settings, a.generators.split(","), keep)
         summary = summarise(results, list(METRICS), False) + summarise(results, ["au_pro@0.05"], True)
         report = {
             "command": command,

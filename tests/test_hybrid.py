@@ -276,3 +276,24 @@ def test_the_papers_branches_by_default_fit_save_load_and_tile(folder_dataset: P
     assert pred.maps.shape == (1, 64, 80)
     loaded = Detector.load(tmp_path / "m")
     assert torch.allclose(loaded.predict(images).maps, pred.maps)
+
+
+def test_selection_defects_lie_on_the_object_unless_asked_otherwise() -> None:
+    from anomnet.detectors.hybrid.config import HybridConfig
+    from anomnet.detectors.hybrid.selection import make_generator
+
+    image = torch.zeros(3, 96, 96)
+    image[:, 32:64, 32:64] = 0.8  # an object on a black background
+    on_object = outside = 0
+    for where in ("object", "anywhere"):
+        generator = make_generator(HybridConfig(branches=("patchcore",), synthetic_where=where))
+        rng = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            _, mask = generator(image, rng)
+            ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+            inside = bool(((ys.float().mean() - 47.5).abs() < 24) & ((xs.float().mean() - 47.5).abs() < 24))
+            if where == "object":
+                on_object += inside
+            else:
+                outside += not inside
+    assert on_object == 20 and outside > 5

@@ -11,6 +11,7 @@ from anomnet.errors import ConfigError
 Mode = Literal["select", "fuse", "auto"]
 Criterion = Literal["au_pro@0.05", "au_pro@0.3", "pixel_f1_max", "pixel_auroc", "image_auroc"]
 Synthetic = Literal["realistic", "perlin", "cutpaste", "noise"]
+Where = Literal["object", "anywhere"]
 
 DEFAULT_BRANCHES: tuple[str, ...] = ("inpformer", "cpr")  # the paper's two branches
 NAME = "hybrid"
@@ -36,6 +37,9 @@ class HybridConfig(DetectorConfig):
     mode: Mode = "select"
     criterion: Criterion = "au_pro@0.05"  # what the choice maximises on the selection data (docs/hybrid.md)
     synthetic: Synthetic = "realistic"  # defects pasted onto the validation images when no labelled set is given
+    # realistic / noise defects centred on the object (pixels unlike the image border; anywhere when there are
+    # none, e.g. a texture) or anywhere
+    synthetic_where: Where = "object"
     defects: str | None = None  # a folder of real defect crops: the realistic generator's (and CPR's) defects
     textures: str | None = None  # texture folder of the perlin generator (default as ToCoAD's)
     synthetic_per_image: int = 4  # defective copies of each good validation image

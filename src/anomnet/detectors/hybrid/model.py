@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from anomnet.components.graph_mode import graph_mode_active
 from anomnet.detectors.base import Detector, Prediction
 from anomnet.errors import NotFittedError
 
@@ -40,8 +41,10 @@ class Normalisation:
         return cls(a, b, c, d)
 
     def apply(self, pred: Prediction) -> Prediction:
-        scores = (pred.scores.double() - self.image_mean) / max(self.image_std, _EPS)
-        maps = (pred.maps.double() - self.pixel_mean) / max(self.pixel_std, _EPS)
+        # float32 in graph mode (export): OpenVINO's CPU plugin computes float64 graphs wrongly (docs/export.md)
+        dtype = torch.float32 if graph_mode_active() else torch.float64
+        scores = (pred.scores.to(dtype) - self.image_mean) / max(self.image_std, _EPS)
+        maps = (pred.maps.to(dtype) - self.pixel_mean) / max(self.pixel_std, _EPS)
         return Prediction(scores.float(), maps.float())
 
 

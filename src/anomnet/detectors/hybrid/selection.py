@@ -4,7 +4,10 @@
 and masks. Otherwise the good validation images, each followed by ``synthetic_per_image``
 defective copies from a seeded generator of :mod:`anomnet.synthesis` (the mask is what it
 changed): ``realistic`` (spots, cracks, scratches, or the user's real defect crops:
-:class:`~anomnet.synthesis.defects.RealisticDefects`), ``perlin``, ``cutpaste`` or ``noise``.
+:class:`~anomnet.synthesis.defects.RealisticDefects`), ``perlin``, ``cutpaste`` or ``noise``;
+``synthetic_where="object"`` centres realistic and noise defects on the object (pixels unlike the
+image border, as :func:`~anomnet.synthesis.noise_patches.foreground_mask` finds it; anywhere when
+there are none), where real defects lie.
 Only the training split's validation images are read; the dataset's test split never reaches
 the detector's ``fit``.
 
@@ -56,7 +59,7 @@ def make_generator(config: HybridConfig) -> AnomalyGenerator:
         from anomnet.synthesis.defects import RealisticDefects
 
         crops = load_defect_crops(config.defects, seed=config.seed) if config.defects else None
-        return RealisticDefects(crops=crops)
+        return RealisticDefects(crops=crops, avoid_background=config.synthetic_where == "object")
     if kind == "perlin":
         from anomnet.synthesis import PerlinAnomaly, load_textures
 
@@ -67,7 +70,7 @@ def make_generator(config: HybridConfig) -> AnomalyGenerator:
         return CutPaste()
     from anomnet.synthesis.noise_patches import NoisePatches
 
-    return NoisePatches(avoid_background=False)
+    return NoisePatches(avoid_background=config.synthetic_where == "object")
 
 
 def synthetic_batches(
