@@ -80,6 +80,16 @@ SETTINGS: dict[str, dict[str, object]] = {
     "tocoad": {"image_size": 64, "train_batch_size": 4, "stage1_steps": 3, "stage2_steps": 2},
     "inpformer": {"image_size": 64, "steps": 4, "train_batch_size": 4, "decoder_depth": 4},
     "cpr": {"image_size": 64, "train_batch_size": 2, "steps": 3, "train_crop": 32, "points": 20},
+    # the fused prediction of two PatchCore branches (normalised scores and maps; fast)
+    "hybrid": {
+        "branches": "sharp:patchcore,smooth:patchcore",
+        "image_size": 64,
+        "sharp.blur_sigma": 1.0,
+        "smooth.blur_sigma": 24.0,
+        "synthetic": "cutpaste",
+        "synthetic_per_image": 3,
+        "mode": "fuse",
+    },
 }
 SETTINGS = {k: v for k, v in SETTINGS.items() if k.split("-")[0] in DETECTORS}  # a detector still being written
 
