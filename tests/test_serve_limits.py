@@ -252,3 +252,12 @@ def test_cli_serve_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setattr(anomnet.serve, "missing_extra", lambda: anomnet.serve.MISSING_EXTRA + "; missing: fastapi")
     assert cli_main(["serve", "--model", "a=x"]) == EXIT_INPUT
     assert "pip install 'anomnet[serve]'" in capsys.readouterr().err
+
+
+def test_the_app_module_imports_without_the_extra_and_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anomnet.serve
+    from anomnet.serve import app
+
+    monkeypatch.setattr(anomnet.serve, "missing_extra", lambda: anomnet.serve.MISSING_EXTRA + "; missing: uvicorn")
+    with pytest.raises(ConfigError, match=r"pip install 'anomnet\[serve\]'.*missing: uvicorn"):
+        app.create_app({"m": "runs/none"})

@@ -1,6 +1,6 @@
 """The inspection service and its review page (``anomnet serve``; needs the ``serve`` extra).
 
-* :mod:`anomnet.serve.app` -- the FastAPI app (imports FastAPI: install ``anomnet[serve]``).
+* :mod:`anomnet.serve.app` -- the FastAPI app (FastAPI is imported when an app is made: ``anomnet[serve]``).
 * :mod:`anomnet.serve.limits` -- upload, pixel, path, pool and key limits (no FastAPI needed).
 * :mod:`anomnet.serve.metrics` -- request counts and the latency histogram, Prometheus text.
 * :mod:`anomnet.serve.review` -- the operator's marks, saved as a labelled validation folder.

@@ -16,8 +16,6 @@ Every refusal is a JSON ``{"detail": reason}`` with a 4xx status (:mod:`anomnet.
 an unexpected failure is a 500 whose body says only that (the traceback goes to the server log).
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import hmac
@@ -32,12 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import UploadFile
+from typing import TYPE_CHECKING, Any
 
 from anomnet import io
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
@@ -54,6 +47,11 @@ from anomnet.serve.limits import (
 from anomnet.serve.metrics import Metrics
 from anomnet.serve.review import MARKS, ReviewStore
 from anomnet.visualize import draw_contour, heatmap, overlay
+
+# FastAPI is imported where it is used: this module imports without the serve extra (create_app says what is
+# missing). No `from __future__ import annotations` here: FastAPI reads the routes' annotations as objects.
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
 
 STATIC = Path(__file__).with_name("static")
 API_KEY_HEADER = "X-API-Key"
@@ -166,12 +164,21 @@ def create_app(
     limits: Limits | None = None,
     image_root: str | Path | None = None,
     review_dir: str | Path | None = None,
-) -> FastAPI:
+) -> "FastAPI":
     """The service for ``models`` (name -> fitted / exported model folder or scorer).
 
     ``image_root``: the folder JSON ``paths`` are relative to (none: paths are refused).
     ``review_dir``: where the review page's marks are saved (none: marks are refused).
     """
+    from anomnet.serve import missing_extra
+
+    missing = missing_extra()
+    if missing:
+        raise ConfigError(missing)
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from fastapi.staticfiles import StaticFiles
+
     limits = limits or Limits()
     if image_root is not None and not Path(image_root).is_dir():
         raise ConfigError(f"image root {image_root}: not a folder")
@@ -308,8 +315,10 @@ def create_app(
 # --------------------------------------------------------------------------------------
 
 
-async def _read_request(request: Request, state: _State, with_mark: bool) -> tuple[list[_Image], dict[str, Any]]:
+async def _read_request(request: "Request", state: _State, with_mark: bool) -> tuple[list[_Image], dict[str, Any]]:
     """The images and options of a predict / review request (multipart upload or JSON paths)."""
+    from starlette.datastructures import UploadFile
+
     limits = state.limits
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     options: dict[str, Any] = {k: _flag(request.query_params.get(k), k) for k in OUTPUT_OPTIONS}
@@ -369,7 +378,7 @@ async def _read_request(request: Request, state: _State, with_mark: bool) -> tup
 
 
 async def _read_in_time(
-    request: Request, state: _State, with_mark: bool, deadline: float
+    request: "Request", state: _State, with_mark: bool, deadline: float
 ) -> tuple[list[_Image], dict[str, Any]]:
     """:func:`_read_request` within the request's time limit: a body trickling in cannot hold its place forever."""
     try:
@@ -531,6 +540,8 @@ class _BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        from starlette.responses import JSONResponse
+
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -586,7 +597,7 @@ class _RecordMetrics:
             self.metrics.observe_request(scope.get("method", ""), route, status, time.perf_counter() - started)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(app: "FastAPI", host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn until interrupted."""
     import uvicorn
 
@@ -594,7 +605,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
 
 @contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def background_server(app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Run ``app`` in a thread on ``host`` (port 0: a free one) while the block runs; yields its base URL."""
     import socket
 
