@@ -195,6 +195,16 @@ def test_warm_cosine_schedule() -> None:
     assert warm_cosine(55, 100, 10) == pytest.approx(0.55)
 
 
+def test_step_budget_follows_epochs_with_a_cap() -> None:
+    det = create_detector("inpformer", {"epochs": 10, "train_batch_size": 16, "max_steps": 100})
+    assert isinstance(det, INPFormer)
+    assert det.step_budget(29) == 19  # ceil(10 * 29 / 16), a PIPED class
+    assert det.step_budget(189) == 100  # 119 capped at max_steps
+    assert det.step_budget(5) == 10  # fewer images than a batch: the batch is all of them, 10 passes
+    assert create_detector("inpformer", {"steps": 7}).step_budget(1000) == 7  # type: ignore[attr-defined]
+    assert create_detector("inpformer", {"epochs": 0}).step_budget(10) == 1  # type: ignore[attr-defined]
+
+
 def test_augment_flips_and_zooms() -> None:
     images = torch.rand(64, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
@@ -218,6 +228,7 @@ def test_fit_test_predict_save_load(data: Path, tmp_path: Path) -> None:
     det = api.fit("inpformer", data, tmp_path / "m", settings=TINY, progress=False)
     train = det.fit_record.phase("train")
     assert train is not None and train.steps == 4 and set(train.loss_last) == {"loss", "mining", "coherence"}
+    assert train.extra["epochs"] == pytest.approx(4 * 4 / 9, abs=0.01)  # 9 of the 10 images train, 1 validates
     assert det.fit_record.phase("load").extra["cached_features"] is True  # type: ignore[union-attr]
     res = api.test(tmp_path / "m", data, progress=False)
     assert 0.0 <= res.metrics["image_auroc"] <= 1.0 and "au_pro@0.05" in res.metrics
@@ -322,3 +333,18 @@ def test_vit_encoder_from_a_dinov2_file_lives_in_the_model(data: Path, tmp_path:
     x = torch.rand(1, 3, 56, 56)
     assert torch.equal(loaded.predict(x).maps, det.predict(x).maps)
     assert any(k.startswith("backbone.blocks.11.") for k in loaded.state_tensors())
+
+
+def test_cli_fit_test_predict_with_a_dinov2_weights_file(data: Path, tmp_path: Path) -> None:
+    from anomnet.cli import EXIT_INPUT, EXIT_OK, main
+
+    weights = tmp_path / "w.pth"
+    torch.save(dinov2_state(384, 12), weights)
+    out = tmp_path / "m"
+    common = ["--set", "steps=2", "--set", "train_batch_size=4", "--set", "decoder_depth=2", "--quiet"]
+    args = ["fit", "--model", "inpformer", "--data", str(data), "--image-size", "42", *common]
+    assert main([*args, "--out", str(out), "--backbone", "dinov2_vits14", "--weights", str(weights)]) == EXIT_OK
+    assert main(["test", "--model-dir", str(out), "--data", str(data), "--quiet"]) == EXIT_OK
+    assert main(["predict", "--model-dir", str(out), str(data / "test" / "good"), "--quiet"]) == EXIT_OK
+    wrong = ["--out", str(tmp_path / "m2"), "--backbone", "dinov2_vitb14", "--weights", str(weights)]
+    assert main([*args, *wrong]) == EXIT_INPUT  # a ViT-S file for ViT-B: a clear error, no traceback

@@ -1,9 +1,9 @@
 """INP-Former's settings.
 
 ``batch_size`` is the feature-extraction / prediction batch, ``train_batch_size`` the images per
-training step, ``steps`` the optimisation steps (the paper's 10 epochs at batch 16 are
-``steps = 10 * images / 16``). The defaults were chosen by measurement on PIPED and bottle
-(docs/inpformer.md).
+training step. The budget is ``epochs`` over the training inputs (the paper: 10), capped at
+``max_steps`` steps; ``steps`` > 0 gives the step count directly. The defaults were chosen by
+measurement on PIPED and bottle (docs/inpformer.md).
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ class INPFormerConfig(DetectorConfig):
     mlp_ratio: float = 4.0
     coherence_weight: float = 0.2  # weight of the INP coherence loss (the paper: 0.2)
     mining_gamma: float = 3.0  # exponent of the soft-mining re-weighting (the paper: 3)
-    # optimisation (the paper: StableAdamW, lr 1e-3, wd 1e-4, batch 16, warm-up then cosine to lr / 10)
-    steps: int = 200
+    # optimisation (the paper: StableAdamW, lr 1e-3, wd 1e-4, batch 16, warm-up then cosine to lr / 10).
+    # Budget: epochs over the training inputs (images, tiles, poses) as steps of train_batch_size, at most
+    # max_steps; steps > 0 sets the step count directly instead.
+    epochs: float = 20.0
+    max_steps: int = 1000
+    steps: int = 0
     optimizer: Optimizer = "stableadamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -71,6 +75,8 @@ class INPFormerConfig(DetectorConfig):
         "mlp_ratio": (0.25, 16.0),
         "coherence_weight": (0.0, 100.0),
         "mining_gamma": (0.0, 16.0),
+        "epochs": (0.0, 100_000.0),
+        "max_steps": (1, 10_000_000),
         "steps": (0, 10_000_000),
         "lr": (1e-12, 10.0),
         "weight_decay": (0.0, 10.0),

@@ -3,7 +3,8 @@
 The encoder is frozen. Without augmentation (``flip`` off, ``scale_jitter`` 0) its features of
 every training input are computed once and each step trains extractor, bottleneck and decoder on
 a batch of them; with augmentation each step augments a batch of the training inputs (random
-horizontal / vertical flips, one random zoom per batch) and encodes it afresh. A step minimises
+horizontal / vertical flips, one random zoom per batch) and encodes it afresh. The budget is
+``epochs`` passes over the training inputs (at most ``max_steps`` steps). A step minimises
 ``L_sm + coherence_weight * L_c`` (:mod:`anomnet.detectors.inpformer.losses`) with StableAdamW
 (or AdamW), a warm-up + cosine learning-rate schedule and gradient-norm clipping, through
 :func:`anomnet.training.train_phase`. CPU budget: the INPs are extracted from all tokens, but only
@@ -13,6 +14,7 @@ on its own), and the trained network runs in bfloat16 autocast (``bf16``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -149,11 +151,12 @@ class INPFormer(Detector):
         params = self.model.head_parameters()
         for p in params:
             p.requires_grad_(True)
-        opt = make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
-        warmup = round(c.warmup * c.steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warm_cosine(s, c.steps, warmup))
-        order: list[int] = []
         batch = min(c.train_batch_size, len(inputs))
+        steps = self.step_budget(len(inputs))
+        opt = make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
+        warmup = round(c.warmup * steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warm_cosine(s, steps, warmup))
+        order: list[int] = []
 
         def next_batch() -> torch.Tensor:
             # shuffled passes over the inputs, as a data loader with drop_last
@@ -189,19 +192,29 @@ class INPFormer(Detector):
             return {"loss": loss.item(), "mining": mining.item(), "coherence": coherence.item()}
 
         try:
-            phase = train_phase(self.fit_record, "train", step, c.steps, progress=progress)
+            phase = train_phase(self.fit_record, "train", step, steps, progress=progress)
         finally:
             self.model.eval()
             for p in params:
                 p.requires_grad_(False)
         phase.extra.update(
             batch=batch,
+            epochs=round(steps * batch / len(inputs), 2),
             optimizer=c.optimizer,
             train_tokens=c.train_tokens,
             bf16=c.bf16,
             augment={"flip": c.flip, "scale_jitter": c.scale_jitter},
         )
         self.fitted = True
+
+    def step_budget(self, inputs: int) -> int:
+        """Optimisation steps for ``inputs`` training inputs: ``steps`` if set, else ``epochs`` passes of
+        ``train_batch_size`` (at least one step), at most ``max_steps``."""
+        c = self.config
+        if c.steps > 0:
+            return c.steps
+        batch = min(c.train_batch_size, inputs)
+        return max(1, min(c.max_steps, math.ceil(c.epochs * inputs / batch)))
 
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
