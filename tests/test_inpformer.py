@@ -263,8 +263,14 @@ def test_fit_is_seeded_and_augmentation_encodes_each_step(data: Path) -> None:
     runs = []
     for _ in range(2):
         det = create_detector("inpformer", {**TINY, "flip": True, "scale_jitter": 0.1})
+        assert isinstance(det, INPFormer)
+        frozen = {k: v.clone() for k, v in det.features.backbone.state_dict().items()}
         det.fit(split.train, split.validation, progress=False)
         assert det.fit_record.phase("load").extra["cached_features"] is False  # type: ignore[union-attr]
+        # the encoder stays frozen in eval mode while training encodes each augmented batch: its
+        # BatchNorm statistics (which train mode would update) are untouched
+        assert not det.features.training
+        assert all(torch.equal(v, det.features.backbone.state_dict()[k]) for k, v in frozen.items())
         runs.append(det.predict(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))).maps)
     assert torch.equal(runs[0], runs[1])
 

@@ -174,6 +174,13 @@ class INPFormerModel(nn.Module):
         self.decoder = nn.ModuleList([INPDecoderBlock(self.dim, heads, mlp_ratio) for _ in range(decoder_depth)])
         self.reset_parameters()
 
+    def train(self, mode: bool = True) -> INPFormerModel:
+        """Train mode for the trained parts only: the frozen encoder stays in eval mode (its BatchNorm
+        statistics and drop-connect must not change while augmented images are encoded in training)."""
+        super().train(mode)
+        self.features.eval()
+        return self
+
     def trainable(self) -> list[nn.Module]:
         return [self.extractor, self.bottleneck, self.decoder]
 
