@@ -14,7 +14,7 @@ from PIL import Image
 
 from anomnet import api
 from anomnet.cli import EXIT_OK, EXIT_SOME_FAILED, main
-from anomnet.outputs import expand_inputs
+from anomnet.inputs import expand_inputs
 
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
 

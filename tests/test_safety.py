@@ -72,8 +72,8 @@ from anomnet import api  # noqa: E402
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main  # noqa: E402
 from anomnet.detectors.base import Detector  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
+from anomnet.inputs import expand_inputs  # noqa: E402
 from anomnet.model_io import META_FILE, TENSOR_FILE  # noqa: E402
-from anomnet.outputs import expand_inputs  # noqa: E402
 
 SMALL = {"image_size": 64}
 

@@ -13,7 +13,8 @@ from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main
 from anomnet.engine.shard import Shard
 from anomnet.errors import ConfigError
-from anomnet.outputs import InputImage, expand_inputs, predict_images
+from anomnet.inputs import InputImage, expand_inputs
+from anomnet.outputs import predict_images
 
 
 class FakeScorer:

@@ -26,8 +26,9 @@ from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, evaluate
+from anomnet.inputs import unique_names
 from anomnet.model_io import check_model_target
-from anomnet.outputs import predict_files, unique_names
+from anomnet.outputs import predict_files
 from anomnet.scoring import ImagePrediction
 from anomnet.visualize import heatmap, overlay
 

@@ -32,7 +32,6 @@ import os
 import sys
 from collections.abc import Iterable
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -41,6 +40,7 @@ import numpy as np
 from anomnet import io
 from anomnet.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError
+from anomnet.inputs import InputImage, expand_inputs
 from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 from anomnet.visualize import draw_contour, heatmap, overlay
 
@@ -49,50 +49,6 @@ if TYPE_CHECKING:
     from anomnet.engine.shard import Shard
 
 CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
-
-
-@dataclass(frozen=True)
-class InputImage:
-    path: Path
-    name: str  # output name without extension, may contain '/'
-
-
-def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> list[InputImage]:
-    """Files as given, folders searched recursively, ``-`` reads one path per line from ``stdin``."""
-    found: list[tuple[Path, str]] = []
-
-    def add(path: Path, name: str) -> None:
-        found.append((path, name))
-
-    for item in items:
-        if str(item) == "-":
-            for line in stdin or sys.stdin:
-                line = line.strip()
-                if line:
-                    add(Path(line), Path(line).stem)
-            continue
-        p = Path(item)
-        if p.is_dir():
-            for f in io.list_images(p, recursive=True):
-                add(f, f.relative_to(p).with_suffix("").as_posix())
-        else:
-            add(p, p.stem)
-    return unique_names(found)
-
-
-def unique_names(found: list[tuple[Path, str]]) -> list[InputImage]:
-    """Give every input an output name no other input has (a suffix never equals a real name)."""
-    wanted = {name for _, name in found}
-    taken: set[str] = set()
-    out: list[InputImage] = []
-    for path, name in found:
-        unique, n = name, 1
-        while unique in taken or (unique != name and unique in wanted):
-            n += 1
-            unique = f"{name}__{n}"
-        taken.add(unique)
-        out.append(InputImage(path, unique))
-    return out
 
 
 OWNED_FILES = ".anomnet-outputs.json"

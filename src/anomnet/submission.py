@@ -37,7 +37,7 @@ import numpy as np
 
 from anomnet import io
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.outputs import expand_inputs
+from anomnet.inputs import expand_inputs
 from anomnet.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from anomnet import io
 from anomnet.errors import ConfigError, ModelFormatError
-from anomnet.outputs import unique_names
+from anomnet.inputs import unique_names
 from anomnet.scoring import EXPORT_MANIFEST, MODEL_META
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")

@@ -32,7 +32,8 @@ from anomnet.engine.inputs import InputRef, check_products
 from anomnet.engine.rows import RESULTS_PARQUET, Journal, clear_journal, done_keys, finalise, inputs_table
 from anomnet.engine.worker import BatchScorer
 from anomnet.errors import ConfigError
-from anomnet.outputs import OWNED_FILES, InputImage, claim_outputs, clear_previous_run
+from anomnet.inputs import InputImage
+from anomnet.outputs import OWNED_FILES, claim_outputs, clear_previous_run
 from anomnet.scoring import Scorer
 
 BATCH_SIZE = 16

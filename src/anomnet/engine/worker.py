@@ -20,7 +20,8 @@ import pyarrow as pa
 from anomnet.engine.inputs import InputRef, model_for
 from anomnet.engine.rows import error_rows, refs_of, rows_table
 from anomnet.errors import AnomnetError
-from anomnet.outputs import InputImage, score_and_write
+from anomnet.inputs import InputImage
+from anomnet.outputs import score_and_write
 from anomnet.scoring import DetectorScorer, Scorer, load_scorer
 
 MAX_MODELS = 8

@@ -33,7 +33,8 @@ from typing import Any
 
 from anomnet import io
 from anomnet.errors import ConfigError
-from anomnet.outputs import InputImage, output_files, score_and_write
+from anomnet.inputs import InputImage
+from anomnet.outputs import output_files, score_and_write
 from anomnet.scoring import ImagePrediction, Scorer, load_scorer
 from anomnet.watch.inbox import SettleTracker, Signature, scan, signature
 from anomnet.watch.journal import CLAIMED, RECORDED, Claim, Journal
