@@ -44,6 +44,7 @@ DEFAULT_SETTINGS = {
     "efficientad": "steps=100;distill_steps=100",
     "tocoad": "stage1_steps=40;stage2_steps=20",
     "inpformer": "steps=50",
+    "cpr": "",
 }
 
 

@@ -148,7 +148,9 @@ def test_fisher_discriminant_separates_two_gaussians() -> None:
 @pytest.mark.slow
 def test_foreground_suppresses_background_responses(bottle: Path) -> None:
     split = load_dataset(bottle)
-    det = create_detector("cpr", {**SMALL, "image_size": 128, "steps": 0, "blur_sigma": 0})
+    # the paper's strides 4 and 8 (the default from 256 px; at 128 px the default is the finer pair)
+    settings = {**SMALL, "image_size": 128, "steps": 0, "blur_sigma": 0, "layers": "stage2,stage3"}
+    det = create_detector("cpr", settings)
     assert isinstance(det, CPR)
     det.fit(split.train[:24], [], progress=False)
     record = det.fit_record.phase("foreground")
@@ -320,3 +322,16 @@ def test_command_line_fit_test_predict(folder_dataset: Path, tmp_path: Path) -> 
     )
     assert (tmp_path / "p" / "results.csv").is_file()
     assert main([*fit, "--overwrite", "--set", "windows=2,1", "--quiet"]) == 2  # a bad setting: exit 2
+
+
+def test_default_levels_follow_the_input_size_and_are_saved() -> None:
+    # below 256 px the finer pair keeps the retrieval grid at >= 64 cells a side (docs/cpr.md)
+    assert create_detector("cpr", {"image_size": 128}).config.layers == ("stage1", "stage2")
+    assert create_detector("cpr", {"image_size": 255}).config.layers == ("stage1", "stage2")
+    assert create_detector("cpr", {"image_size": 256}).config.layers == ("stage2", "stage3")
+    assert create_detector("cpr", {"image_size": 128, "backbone": "resnet18"}).config.layers == ("layer1", "layer2")
+    given = create_detector("cpr", {"image_size": 128, "layers": "stage2,stage3"})
+    assert given.config.layers == ("stage2", "stage3")
+    # the resolved levels are part of the settings a saved model keeps
+    saved = create_detector("cpr", {"image_size": 128}).config.to_dict()
+    assert tuple(saved["layers"]) == ("stage1", "stage2")

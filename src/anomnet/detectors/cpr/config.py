@@ -22,7 +22,7 @@ BankDtype = Literal["float16", "float32"]
 @dataclass
 class CPRConfig(DetectorConfig):
     backbone: str = DEFAULT_BACKBONE
-    layers: tuple[str, ...] | None = None  # None: the stride-4 and stride-8 levels (stage2, stage3 / layer1, layer2)
+    layers: tuple[str, ...] | None = None  # None: strides 4 and 8; EfficientNet-Lite below 256 px: 2 and 4
     weights: str | None = None  # backbone weights file (ResNet family); stored inside the model
     # global retrieval: block-wise histograms of codewords of the finest level, KL divergence
     k_images: int = 10  # training images retrieved per test image (scoring time)
@@ -38,7 +38,7 @@ class CPRConfig(DetectorConfig):
     # foreground estimation: "auto" (on where the fit finds an object on a background), "on", "off"
     foreground: Foreground = "auto"
     # training of the head on pseudo-anomalies (real-looking defects, anomnet.synthesis.defects)
-    steps: int = 200  # training steps of train_batch_size (query, retrieved neighbour) pairs
+    steps: int = 50  # training steps of train_batch_size (query, retrieved neighbour) pairs
     time_budget_s: float = 0.0  # > 0: the training stops after that many seconds (fewer steps)
     train_batch_size: int = 8
     train_crop: int = 128  # pairs train on aligned crops of this side in px (0: the whole input)

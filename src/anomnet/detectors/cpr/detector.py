@@ -58,7 +58,11 @@ class CPR(Detector):
     def __init__(self, config: CPRConfig | None = None) -> None:
         super().__init__(config)
         c = self.config
-        self.layers = c.layers if c.layers is not None else default_layers(c.backbone)
+        if c.layers is None:  # resolved and saved, so a loaded model keeps its levels whatever the default becomes
+            found = default_layers(c.backbone, c.image_size)
+            if found is not None:
+                self.config = c = dataclasses.replace(c, layers=found)
+        self.layers = c.layers
         backbone = build_backbone(c.backbone, self.layers)
         if len(backbone.layers) != len(c.windows):
             raise ConfigError(
