@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.conftest import make_folder_dataset
 
 from anomnet import fit_many as fm
 from anomnet.errors import DatasetError
-from conftest import make_folder_dataset
 
 SMALL = {"image_size": 64, "batch_size": 4}
 

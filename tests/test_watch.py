@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from tests.conftest import make_folder_dataset
 
 from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_OK, EXIT_SOME_FAILED, main
@@ -28,7 +29,6 @@ from anomnet.watch import HotFolder, WatchError, WatchOptions
 from anomnet.watch.inbox import SettleTracker, is_candidate, scan
 from anomnet.watch.journal import STATE_FILE, WATCH_CSV_COLUMNS
 from anomnet.watch.moves import finish_move, free_path, move_no_clobber
-from conftest import make_folder_dataset
 
 FAST = WatchOptions(settle=0.0, poll=0.02)
 
