@@ -251,7 +251,7 @@ def test_bad_settings_are_config_errors() -> None:
 def test_fit_test_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
     det = api.fit("cpr", folder_dataset, tmp_path / "m", settings=SMALL, progress=False)
     phases = [p.name for p in det.fit_record.phases]
-    assert phases == ["features", "global_retrieval", "foreground", "train", "bank"]
+    assert phases == ["levels", "features", "global_retrieval", "foreground", "train", "bank"]
     train = det.fit_record.phase("train")
     assert train is not None and train.steps == 3 and train.loss_first and train.loss_last
     assert det.fit_record.data_sources["defects"].startswith("drawn")
@@ -324,14 +324,34 @@ def test_command_line_fit_test_predict(folder_dataset: Path, tmp_path: Path) -> 
     assert main([*fit, "--overwrite", "--set", "windows=2,1", "--quiet"]) == 2  # a bad setting: exit 2
 
 
-def test_default_levels_follow_the_input_size_and_are_saved() -> None:
-    # below 256 px the finer pair keeps the retrieval grid at >= 64 cells a side (docs/cpr.md)
-    assert create_detector("cpr", {"image_size": 128}).config.layers == ("stage1", "stage2")
-    assert create_detector("cpr", {"image_size": 255}).config.layers == ("stage1", "stage2")
-    assert create_detector("cpr", {"image_size": 256}).config.layers == ("stage2", "stage3")
-    assert create_detector("cpr", {"image_size": 128, "backbone": "resnet18"}).config.layers == ("layer1", "layer2")
-    given = create_detector("cpr", {"image_size": 128, "layers": "stage2,stage3"})
-    assert given.config.layers == ("stage2", "stage3")
-    # the resolved levels are part of the settings a saved model keeps
-    saved = create_detector("cpr", {"image_size": 128}).config.to_dict()
-    assert tuple(saved["layers"]) == ("stage1", "stage2")
+def test_default_levels_follow_the_image_size_and_are_saved(tmp_path: Path) -> None:
+    from anomnet.data import Sample
+
+    def images(side: int, n: int = 3) -> list[Sample]:
+        out = []
+        for i in range(n):
+            path = tmp_path / f"{side}_{i}.png"
+            rng = np.random.default_rng(i)
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+            out.append(Sample(path, 0))
+        return out
+
+    tiny = {**SMALL, "steps": 0}
+    # images smaller than the input (upsampled to it): strides 2 and 4; larger: the paper's 4 and 8 (docs/cpr.md)
+    small = create_detector("cpr", {**tiny, "image_size": 64})
+    small.fit(images(48), [], progress=False)
+    assert small.config.layers == ("stage1", "stage2")
+    levels = small.fit_record.phase("levels")
+    assert levels is not None and levels.extra["image_side"] == 48 and levels.extra["layers"] == ["stage1", "stage2"]
+    large = create_detector("cpr", {**tiny, "image_size": 64})
+    large.fit(images(96), [], progress=False)
+    assert large.config.layers == ("stage2", "stage3")
+    given = create_detector("cpr", {**tiny, "image_size": 64, "layers": "stage2,stage3"})
+    given.fit(images(48), [], progress=False)
+    assert given.config.layers == ("stage2", "stage3")  # given levels are kept
+    # the resolved levels are saved: the loaded model has them, whatever the default is
+    small.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded.config.layers == ("stage1", "stage2")
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(small.predict(x).maps, loaded.predict(x).maps, atol=1e-5)

@@ -22,7 +22,7 @@ BankDtype = Literal["float16", "float32"]
 @dataclass
 class CPRConfig(DetectorConfig):
     backbone: str = DEFAULT_BACKBONE
-    layers: tuple[str, ...] | None = None  # None: strides 4 and 8; EfficientNet-Lite below 256 px: 2 and 4
+    layers: tuple[str, ...] | None = None  # None: strides 4 and 8; 2 and 4 for images upsampled to the input
     weights: str | None = None  # backbone weights file (ResNet family); stored inside the model
     # global retrieval: block-wise histograms of codewords of the finest level, KL divergence
     k_images: int = 10  # training images retrieved per test image (scoring time)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from anomnet import io
 from anomnet.backbones import backbone_state, build_backbone, load_backbone_state
 from anomnet.components import kmeans
 from anomnet.data import Sample
@@ -57,12 +58,11 @@ class CPR(Detector):
 
     def __init__(self, config: CPRConfig | None = None) -> None:
         super().__init__(config)
+        self._build(self.config.layers if self.config.layers is not None else default_layers(self.config.backbone))
+
+    def _build(self, layers: tuple[str, ...] | None) -> None:
         c = self.config
-        if c.layers is None:  # resolved and saved, so a loaded model keeps its levels whatever the default becomes
-            found = default_layers(c.backbone, c.image_size)
-            if found is not None:
-                self.config = c = dataclasses.replace(c, layers=found)
-        self.layers = c.layers
+        self.layers = layers
         backbone = build_backbone(c.backbone, self.layers)
         if len(backbone.layers) != len(c.windows):
             raise ConfigError(
@@ -78,8 +78,25 @@ class CPR(Detector):
         if not self.model.backbone.ready:
             self.model.backbone = build_backbone(self.config.backbone, self.layers, self.config.weights, search=True)
 
+    def _choose_levels(self, train: Sequence[Sample]) -> None:
+        """With no ``layers`` given: the finer pair when the training images are smaller than the input (they
+        are upsampled), the paper's otherwise; written into the settings, so the saved model keeps them."""
+        c = self.config
+        if c.layers is not None:
+            return
+        with timed_phase(self.fit_record, "levels") as phase:
+            sides = sorted(min(io.image_size(s.path)) for s in train[:: max(1, len(train) // 16)])
+            native = c.tile if c.tile > 0 else sides[len(sides) // 2]  # a tile is what is resized to the input
+            layers = default_layers(c.backbone, upsampled=native < c.image_size)
+            if layers is not None and layers != self.layers:
+                self._build(layers)
+            if self.layers is not None:
+                self.config = dataclasses.replace(c, layers=self.layers)
+            phase.extra.update(layers=list(self.layers or ()), image_side=int(native), input_side=c.image_size)
+
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
         gen = self.start_fit(train)
+        self._choose_levels(train)
         c = self.config
         self.ensure_backbone()
         generator = self._defect_generator()  # a bad defect folder fails before any long work

@@ -21,16 +21,14 @@ from anomnet.detectors.cpr.retrieval import GlobalRetrieval, window_distances
 from anomnet.errors import NotFittedError
 from anomnet.transforms import upsample_maps
 
-FINE_INPUT = 256  # below this input side EfficientNet-Lite's strides 2 and 4 are used (docs/cpr.md)
 
-
-def default_layers(backbone: str, image_size: int = FINE_INPUT) -> tuple[str, ...] | None:
-    """CPR's levels when none are given: strides 4 and 8, as the paper (DenseNet blocks 1 and 2); below
-    256 px input EfficientNet-Lite's strides 2 and 4, so the finest retrieval grid keeps at least 64 cells
-    a side (measured on PIPED's 128 px images: docs/cpr.md)."""
+def default_layers(backbone: str, upsampled: bool = False) -> tuple[str, ...] | None:
+    """CPR's levels when none are given: strides 4 and 8, as the paper (DenseNet blocks 1 and 2); for
+    training images smaller than the input (upsampled to it) EfficientNet-Lite's strides 2 and 4, which
+    were better on PIPED's 128 px images at 256 px input and worse on bottle's 900 px ones (docs/cpr.md)."""
     info = get_backbone_info(backbone)
     pairs = [("stage2", "stage3"), ("layer1", "layer2")]
-    if image_size < FINE_INPUT:
+    if upsampled:
         pairs.insert(0, ("stage1", "stage2"))
     for wanted in pairs:
         if set(wanted) <= set(info.layers):

@@ -107,6 +107,7 @@ class Hybrid(Detector):
             if progress:
                 print(f"[hybrid] fitting branch {alias} ({self.specs[alias]})", file=sys.stderr, flush=True)
             sub.fit(train, validation, progress)
+            c.branch_configs[alias] = sub.config.to_dict()  # settings a branch resolves at fit (CPR's levels)
             self.fit_record.phases += [_prefixed(alias, p) for p in sub.fit_record.phases]
             self.fit_record.data_sources.update({f"{alias}.{k}": v for k, v in sub.fit_record.data_sources.items()})
         branches = {a: self.model.branches[a] for a in aliases}
