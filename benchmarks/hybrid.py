@@ -11,6 +11,8 @@ evidence and every branch tested on its own, so the choice is judged in hindsigh
 
     python benchmarks/hybrid.py --markdown BENCHMARKS.md       # the whole section (JSON: benchmarks/hybrid.json)
     python benchmarks/hybrid.py --resume benchmarks/hybrid.json --markdown BENCHMARKS.md   # go on after a stop
+    python benchmarks/hybrid.py --datasets bottle-tiled --models patchcore,hybrid --resume benchmarks/hybrid.json
+        # more rows: a resumed run keeps the earlier rows outside its plan and lists every command
     python benchmarks/hybrid.py --datasets PA_BTN01_RL --models patchcore,hybrid --out /tmp/h.json   # a subset
     python benchmarks/hybrid.py --dry-run                      # list the rows
     python benchmarks/hybrid.py --render benchmarks/hybrid.json --markdown BENCHMARKS.md   # table only
@@ -125,7 +127,12 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"## {SECTION}",
         "",
-        f"Command: `{report['command']}`",
+        *(
+            [f"Command: `{report['command']}`"]
+            if len(report.get("commands", [])) < 2
+            else ["Commands, one after another (each later one resumes the earlier's JSON):", ""]
+            + [f"Command: `{c}`  " for c in report["commands"]]
+        ),
         "",
         f"Machine: {report['cpu']}, {report['cpu_cores']} cores, torch {report['torch']}; {report['started']}; "
         f"whole run {report['seconds'] / 60:.0f} min; 1-minute load average {report['load_min']:.1f}-"
@@ -207,6 +214,16 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_rows(
+    rows: list[dict[str, Any]], resumed: list[dict[str, Any]], planned: set[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """This run's rows and the resumed report's rows outside its plan (measured by an earlier command), in
+    the section's order: detector by detector, datasets in their order."""
+    kept = [r for r in resumed if (r["dataset"], r["row"]) not in planned]
+    names = [d["name"] for d in datasets()]
+    return sorted(rows + kept, key=lambda r: (list(MODELS).index(r["row"]), names.index(r["dataset"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=f"Produce the '{SECTION}' section of BENCHMARKS.md (issue 13's list).")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated rows (default {','.join(MODELS)})")
@@ -214,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / f"{SECTION}.json"), help="the JSON report")
     p.add_argument("--markdown", default=None, help=f"also write the '{SECTION}' section of this file")
     p.add_argument("--resume", metavar="JSON", help="reuse the rows of an interrupted run's report")
+    p.add_argument(
+        "--redo", default="", help="with --resume: measure these rows again (comma-separated ROW or ROW@GROUP)"
+    )
     p.add_argument("--render", metavar="JSON", help="only write the table of an earlier run's JSON report")
     p.add_argument("--dry-run", action="store_true", help="list the rows and exit")
     a = p.parse_args(argv)
@@ -242,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     from anomnet.bench import _cpu_name, _run_worker
     from anomnet.io import atomic_write_text
 
-    resumed: list[dict[str, Any]] = json.loads(Path(a.resume).read_text())["rows"] if a.resume else []
+    earlier: dict[str, Any] = json.loads(Path(a.resume).read_text()) if a.resume else {}
+    redo = {m for m in a.redo.split(",") if m}
+    resumed: list[dict[str, Any]] = [
+        r for r in earlier.get("rows", []) if r["row"] not in redo and f"{r['row']}@{r['group']}" not in redo
+    ]
     start, loads, rows = time.perf_counter(), [os.getloadavg()[0]], []
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    loads += [earlier[k] for k in ("load_min", "load_max") if k in earlier]
+    started = earlier.get("started") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/hybrid.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     work = tempfile.mkdtemp(prefix="anomnet-hybrid-")
     trunks: dict[tuple[str, int], dict[str, Any]] = {}
@@ -252,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     def report() -> dict[str, Any]:
         return {
             "command": command,
+            # a resumed run keeps the earlier run's rows outside its own plan, and names the earlier commands
+            "commands": [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command],
             "started": started,
             "cpu": _cpu_name(),
             "cpu_cores": os.cpu_count(),
             "torch": torch.__version__,
-            "seconds": time.perf_counter() - start,
+            "seconds": earlier.get("seconds", 0.0) + time.perf_counter() - start,
             "load_min": min(loads),
             "load_max": max(loads),
             "rows": rows,
@@ -295,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(a.out, json.dumps(report(), indent=2, default=str))  # partial results survive
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rows[:] = merge_rows(rows, resumed, {(d["name"], m) for m, d, _, _ in plan})
     final = {**report(), "complete": True}
     atomic_write_text(a.out, json.dumps(final, indent=2, default=str))
     text = render(final)

@@ -95,3 +95,38 @@ def test_the_section_table_judges_the_choice_in_hindsight() -> None:
     assert "| A | hybrid | x | (au_pro@0.05) x 60.00, y 50.00 | y / x | no/yes |" in text
     assert "| A | patchcore | 100.00 | n/a | n/a | n/a | 25.00 | 30.00 | 40.00 | 1 | 2.0 | 500 |" in text
     assert "INCOMPLETE" in text
+
+
+def test_a_resumed_run_keeps_the_earlier_rows_outside_its_plan_and_lists_every_command() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import hybrid as section
+
+    def row(dataset: str, name: str, fit_s: float = 1.0) -> dict:
+        return {"dataset": dataset, "row": name, "fit_s": fit_s}
+
+    earlier = [row("PA_BDP01_TL", "hybrid"), row("bottle", "patchcore"), row("PA_BDP01_TL", "patchcore")]
+    now = [row("bottle-tiled", "patchcore", 2.0), row("bottle", "patchcore", 2.0)]  # bottle measured again
+    merged = section.merge_rows(now, earlier, {("bottle-tiled", "patchcore"), ("bottle", "patchcore")})
+    assert [(r["dataset"], r["row"]) for r in merged] == [
+        ("bottle", "patchcore"),
+        ("bottle-tiled", "patchcore"),
+        ("PA_BDP01_TL", "patchcore"),
+        ("PA_BDP01_TL", "hybrid"),
+    ]
+    assert merged.count(now[1]) == 1 and earlier[1] not in merged  # no row twice
+    report = {
+        "command": "python benchmarks/hybrid.py --resume x",
+        "commands": ["python benchmarks/hybrid.py --datasets piped", "python benchmarks/hybrid.py --resume x"],
+        "cpu": "cpu",
+        "cpu_cores": 2,
+        "torch": "2",
+        "started": "now",
+        "seconds": 60.0,
+        "load_min": 1.0,
+        "load_max": 2.0,
+        "complete": True,
+        "rows": [],
+    }
+    text = section.render(report)
+    assert "Command: `python benchmarks/hybrid.py --datasets piped`" in text
+    assert "Command: `python benchmarks/hybrid.py --resume x`" in text
