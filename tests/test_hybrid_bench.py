@@ -14,6 +14,19 @@ from anomnet.errors import ConfigError
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _machine() -> dict:
+    """The run fields of a section report that the tables below do not look at."""
+    return {
+        "cpu": "cpu",
+        "cpu_cores": 2,
+        "torch": "2",
+        "started": "now",
+        "seconds": 60.0,
+        "load_min": 1.0,
+        "load_max": 2.0,
+    }
+
+
 def test_threshold_choices_are_parsed_from_text() -> None:
     assert parse_choices({"pixel_method": "mean-std", "pixel_std_k": "4", "closing": "8", "fill_holes": "on"}) == {
         "pixel_method": "mean-std",
@@ -78,14 +91,8 @@ def test_the_section_table_judges_the_choice_in_hindsight() -> None:
         return r
 
     report = {
+        **_machine(),
         "command": "python benchmarks/hybrid.py",
-        "cpu": "cpu",
-        "cpu_cores": 2,
-        "torch": "2",
-        "started": "now",
-        "seconds": 60.0,
-        "load_min": 1.0,
-        "load_max": 2.0,
         "rows": [
             row("A", "patchcore", None, image_auroc=1.0, seg_f1=0.25, pixel_f1_max=0.4),
             row("A", "hybrid", "x", image_auroc=1.0, seg_f1=0.2, pixel_f1_max=0.5),
@@ -115,15 +122,9 @@ def test_a_resumed_run_keeps_the_earlier_rows_outside_its_plan_and_lists_every_c
     ]
     assert merged.count(now[1]) == 1 and earlier[1] not in merged  # no row twice
     report = {
+        **_machine(),
         "command": "python benchmarks/hybrid.py --resume x",
         "commands": ["python benchmarks/hybrid.py --datasets piped", "python benchmarks/hybrid.py --resume x"],
-        "cpu": "cpu",
-        "cpu_cores": 2,
-        "torch": "2",
-        "started": "now",
-        "seconds": 60.0,
-        "load_min": 1.0,
-        "load_max": 2.0,
         "complete": True,
         "rows": [],
     }
