@@ -85,8 +85,10 @@ class CPR(Detector):
         if c.layers is not None:
             return
         with timed_phase(self.fit_record, "levels") as phase:
-            sides = sorted(min(io.image_size(s.path)) for s in train[:: max(1, len(train) // 16)])
-            native = c.tile if c.tile > 0 else sides[len(sides) // 2]  # a tile is what is resized to the input
+            native = c.tile  # a tile is what is resized to the input; else the median image's short side
+            if native <= 0:
+                sides = sorted(min(io.image_size(s.path)) for s in train[:: max(1, len(train) // 16)])
+                native = sides[len(sides) // 2]
             layers = default_layers(c.backbone, upsampled=native < c.image_size)
             if layers is not None and layers != self.layers:
                 self._build(layers)
