@@ -24,9 +24,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from anomnet.engine.inputs import InputRef, check_products
 from anomnet.engine.rows import RESULTS_PARQUET, Journal, clear_journal, done_keys, finalise, inputs_table
@@ -35,6 +33,9 @@ from anomnet.errors import ConfigError
 from anomnet.inputs import InputImage
 from anomnet.outputs import OWNED_FILES, claim_outputs, clear_previous_run
 from anomnet.scoring import Scorer
+
+if TYPE_CHECKING:  # the ray extra's pyarrow: a core install imports this module without it
+    import pyarrow as pa
 
 BATCH_SIZE = 16
 """References per ``map_batches`` call (the worker splits them further by the model's own batch size)."""
