@@ -50,6 +50,7 @@ from anomnet.postprocess import MaskPostprocess
 
 IMAGE_METHODS = ("conformal", "mean-std", "fixed", "f1")
 PIXEL_METHODS = ("quantile", "mean-std", "f1", "segf1", "fixed")
+SOURCES = ("holdout", "loo", "crossfit")  # where the calibration scores come from (anomnet.decisions)
 DEFAULT_PIXEL_FALSE_ALARM = 1e-4  # measured on bottle, docs/decisions.md
 PIXELS_PER_IMAGE = 65536
 _TAIL_DENSE = 256
@@ -166,6 +167,14 @@ class Calibration:
     )  # [rank, value]: value of the rank-th highest sampled pixel
     labelled: dict[str, Any] | None = None  # LabelledStatistics as a dict, when one was given
     postprocess: MaskPostprocess = field(default_factory=MaskPostprocess)
+    # Where the calibration scores came from (anomnet.decisions, docs/decisions.md): "holdout" (good images
+    # held out of training), "loo" (also every training image, scored without its own memory-bank patches),
+    # "crossfit" (also every training image, scored by a model fitted on the other folds).
+    source: str = "holdout"
+    source_note: str = ""  # the calibration set in words
+    training_hashes: list[str] = field(default_factory=list)  # content hashes of the training images, fit order
+    suspects: list[dict[str, Any]] = field(default_factory=list)  # {rank, image, score, z}: most suspect first
+    excluded: list[str] = field(default_factory=list)  # training images left out as suspects at fit
 
     # -- using it -------------------------------------------------------------------------
     def p_values(self, scores: np.ndarray) -> np.ndarray:
@@ -183,6 +192,12 @@ class Calibration:
         """Binary defect mask of one ``H x W`` map: ``map >= pixel_threshold``, then post-processed."""
         raw = np.asarray(anomaly_map, dtype=np.float32) >= self.pixel_threshold
         return self.postprocess.apply(raw) if self.postprocess.enabled else raw
+
+    def conformal_threshold(self, max_false_alarm: float) -> tuple[float, float]:
+        """Image threshold and supported false-alarm rate of the conformal rule at ``max_false_alarm`` (no change)."""
+        cal = replace(self)
+        _set_image_threshold(cal, ThresholdOptions(max_false_alarm=max_false_alarm), None)
+        return cal.threshold, cal.achieved_false_alarm
 
     @property
     def options(self) -> ThresholdOptions:
@@ -207,11 +222,15 @@ class Calibration:
             "f1": "F1-optimal on the labelled set",
         }[self.image_method]
         lines = [
-            f"image threshold {self.threshold:.6g} ({how}); false-alarm rate supported by {n} good validation "
-            f"images: {self.achieved_false_alarm:.3g} (finest possible {1 / (n + 1):.3g})"
+            f"image threshold {self.threshold:.6g} ({how}); false-alarm rate supported by {n} good "
+            f"{'validation images' if self.source == 'holdout' else 'calibration scores'}: "
+            f"{self.achieved_false_alarm:.3g} (finest possible {1 / (n + 1):.3g})"
         ]
         if self.note:
             lines.append(f"note: {self.note}")
+        if self.source_note:
+            lines.append(f"calibration set: {self.source_note}")
+        lines.extend(self.suspect_lines())
         phow = {
             "quantile": f"per-pixel false-alarm target {self.pixel_false_alarm:g} "
             f"on {self.pixel_count} good validation pixels",
@@ -229,6 +248,18 @@ class Calibration:
         if self.pixel_note:
             lines.append(f"note: {self.pixel_note}")
         lines.append(f"mask post-processing: {self.postprocess.describe()}")
+        return lines
+
+    def suspect_lines(self) -> list[str]:
+        """The suspect training images in words (empty when there are none)."""
+        if not self.suspects:
+            return []
+        lines = [
+            f"suspect training images ({len(self.suspects)}; their left-out scores stand far above the other "
+            "training images', see docs/decisions.md): check them, or refit with --exclude-suspects"
+        ]
+        for s in self.suspects:
+            lines.append(f"  {s['rank']}. {s['image']}  score {s['score']:.5g}  (robust z {s['z']:.1f})")
         return lines
 
     # -- changing it ----------------------------------------------------------------------
@@ -299,7 +330,23 @@ class Calibration:
                 raise ConfigError(
                     f"calibration field {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
+        self._check_source()
         self._check_values()
+
+    def _check_source(self) -> None:
+        """ConfigError naming the field for a bad calibration-source field (source, hashes, suspects)."""
+        if self.source not in SOURCES:
+            raise ConfigError(f"calibration field source={self.source!r} is not one of {', '.join(SOURCES)}")
+        for name in ("training_hashes", "excluded"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"calibration field {name} must be a list of text, got {value!r}")
+        keys = {"rank", "image", "score", "z"}
+        if not isinstance(self.suspects, list) or not all(
+            isinstance(s, dict) and set(s) == keys and isinstance(s["image"], str) and _is_number(s["score"])
+            for s in self.suspects
+        ):
+            raise ConfigError(f"calibration field suspects must be a list of {sorted(keys)} objects")
 
     def _check_values(self) -> None:
         """ConfigError naming the field for values no calibration produces (ranges, tables, infinite thresholds)."""
