@@ -16,7 +16,9 @@ Whatever the method, every prediction gets its conformal p-value, and ``achieved
 is the false-alarm rate the validation set supports for the chosen threshold:
 ``(1 + #{validation scores >= threshold}) / (n + 1)`` (for ``conformal`` the guarantee itself).
 
-**Pixel threshold** (``pixel_method``) for masks; a pixel is defective when ``map >= pixel_threshold``:
+**Pixel threshold** (``pixel_method``) for the masks of defective images; a pixel of an image called
+defective is defective when ``map >= pixel_threshold`` (a good image has no mask, a defective one at
+least the region of its maximum: :meth:`Calibration.verdict`):
 
 * ``quantile`` (default): the per-pixel false-alarm target ``pixel_false_alarm`` (default 1e-4)
   as an upper quantile of the pooled map values of the good validation images. A sample of up
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from anomnet.errors import ConfigError
-from anomnet.postprocess import MaskPostprocess
+from anomnet.postprocess import PEAK_LEVEL, MaskPostprocess, peak_region
 
 IMAGE_METHODS = ("conformal", "mean-std", "fixed", "f1")
 PIXEL_METHODS = ("quantile", "mean-std", "f1", "segf1", "fixed")
@@ -188,10 +190,27 @@ class Calibration:
         """True where a score is at or above the image threshold (called defective)."""
         return np.asarray(scores, dtype=np.float64) >= self.threshold
 
-    def mask(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """Binary defect mask of one ``H x W`` map: ``map >= pixel_threshold``, then post-processed."""
-        raw = np.asarray(anomaly_map, dtype=np.float32) >= self.pixel_threshold
-        return self.postprocess.apply(raw) if self.postprocess.enabled else raw
+    def verdict(self, score: float, anomaly_map: np.ndarray) -> tuple[bool, np.ndarray]:
+        """The one decision and defect mask of an image: every path (predict, API, service, test, report) uses it.
+
+        The image threshold decides: a score below it is a good image, whose mask is empty. A defective image's
+        mask is ``map >= pixel_threshold``, post-processed, plus the region of its maximum when that mask misses
+        it: the 8-connected region around the maximum of ``map >= min(pixel_threshold, map_low + PEAK_LEVEL *
+        (max - map_low))`` (:func:`~anomnet.postprocess.peak_region`). So a defective image always shows where
+        it is most anomalous, and the pixel threshold never contradicts the image threshold.
+        """
+        amap = np.asarray(anomaly_map, dtype=np.float32)
+        if not bool(score >= self.threshold):
+            return False, np.zeros(amap.shape, dtype=bool)
+        raw = amap >= self.pixel_threshold
+        mask = self.postprocess.apply(raw) if self.postprocess.enabled else raw
+        values = np.where(np.isfinite(amap), amap, -np.inf)
+        peak = int(np.argmax(values)) if values.size else 0
+        if values.size == 0 or not np.isfinite(values.flat[peak]) or mask.flat[peak]:
+            return True, mask
+        top = float(values.flat[peak])
+        level = min(self.pixel_threshold, self.map_low + PEAK_LEVEL * (top - self.map_low))
+        return True, mask | peak_region(amap, level)
 
     def conformal_threshold(self, max_false_alarm: float) -> tuple[float, float]:
         """Image threshold and supported false-alarm rate of the conformal rule at ``max_false_alarm`` (no change)."""

@@ -13,8 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
+from anomnet.calibration import Calibration
 from anomnet.data import Batch, Sample, iter_batches
 from anomnet.detectors.base import Detector, Prediction
 from anomnet.errors import ConfigError
@@ -59,6 +61,10 @@ class KeptImage:
     """``float32`` ``h x w``, the detector's map resized like the image."""
     mask: np.ndarray | None = None
     """``bool`` ``h x w`` ground truth, when the test set has masks."""
+    defective: bool = False
+    """The model's decision (:meth:`~anomnet.calibration.Calibration.verdict`)."""
+    predicted: np.ndarray | None = None
+    """``bool`` ``h x w``: the model's defect mask (its verdict at full resolution, shrunk); empty when called good."""
 
 
 @dataclass
@@ -83,8 +89,8 @@ class EvaluationResult:
 class _WorstKeeper:
     """Keeps the N highest-scoring good and N lowest-scoring defective images, shrunk (bounded memory)."""
 
-    def __init__(self, n: int, side: int) -> None:
-        self.n, self.side = n, side
+    def __init__(self, n: int, side: int, calibration: Calibration) -> None:
+        self.n, self.side, self.calibration = n, side, calibration
         self.good: list[tuple[float, int, KeptImage]] = []  # min-heap on score
         self.bad: list[tuple[float, int, KeptImage]] = []  # min-heap on -score
         self.count = 0
@@ -107,14 +113,22 @@ class _WorstKeeper:
         amap = resize(pred.maps[i][None, None].float(), size)[0, 0].numpy()
         mask = None
         if batch.masks is not None:
-            mask = F.interpolate(batch.masks[i][None, None].float(), size=size, mode="nearest")[0, 0].numpy() > 0.5
+            mask = _shrink_mask(batch.masks[i], size)
+        defective, predicted = self.calibration.verdict(score, pred.maps[i].float().numpy())
         image8 = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return KeptImage(batch.samples[i], score, image8, amap.astype(np.float32), mask)
+        return KeptImage(
+            batch.samples[i], score, image8, amap.astype(np.float32), mask, defective, _shrink_mask(predicted, size)
+        )
 
     def result(self) -> tuple[list[KeptImage], list[KeptImage]]:
         good = [k for _, _, k in sorted(self.good, key=lambda t: (-t[0], t[1]))]
         bad = [k for _, _, k in sorted(self.bad, key=lambda t: (-t[0], t[1]))]
         return good, bad
+
+
+def _shrink_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+    return F.interpolate(m[None, None], size=size, mode="nearest")[0, 0].numpy() > 0.5
 
 
 EVAL_SIZE_RANGE = (16, 4096)
@@ -142,8 +156,8 @@ def evaluate(
         raise ConfigError(f"eval_size={eval_size!r} is out of range: a side of {low} to {high} pixels (or 0: off)")
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
-    seg = SegmentationCounts() if has_masks else None  # masks at the model's pixel threshold, post-processed
-    keeper = _WorstKeeper(keep_worst, KEEP_SIDE) if keep_worst > 0 else None
+    seg = SegmentationCounts() if has_masks else None  # the masks the model produces (Calibration.verdict)
+    keeper = _WorstKeeper(keep_worst, KEEP_SIDE, detector.calibration) if keep_worst > 0 else None
     # A defective image without a mask says nothing about its pixels: counting it as all-good
     # would turn its defect into false alarms. Such images count for image metrics only.
     pixel_skipped = [str(smp.path) for smp in samples if smp.label == 1 and smp.mask_path is None] if has_masks else []
@@ -164,15 +178,16 @@ def evaluate(
             keeper.add(batch, pred)
         if acc is not None and batch.masks is not None:
             keep = [i for i, smp in enumerate(batch.samples) if not (smp.label == 1 and smp.mask_path is None)]
-            maps, masks = pred.maps[keep], batch.masks[keep]
+            maps, masks, kept_scores = pred.maps[keep], batch.masks[keep], pred.scores[keep].tolist()
             if eval_size:
                 maps = F.interpolate(maps[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[
                     :, 0
                 ]
                 masks = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0] > 0.5
-            for amap, mask in zip(maps, masks):
+            for amap, mask, score in zip(maps, masks, kept_scores):
                 acc.add(amap.numpy(), mask.numpy())
-                seg.add(detector.calibration.mask(amap.numpy()), mask.numpy())  # type: ignore[union-attr]
+                # the masks the model itself produces: its verdict (no mask for an image called good)
+                seg.add(detector.calibration.verdict(score, amap.numpy())[1], mask.numpy())  # type: ignore[union-attr]
         t0 = time.perf_counter()
 
     s = np.asarray(scores, dtype=np.float64)

@@ -138,6 +138,26 @@ def region_boxes(mask: np.ndarray) -> list[list[int]]:
     return [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels) if s is not None]
 
 
+PEAK_LEVEL = 0.5
+"""Where the region of an image's maximum ends: halfway between the typical good map value and the maximum."""
+
+
+def peak_region(amap: np.ndarray, level: float) -> np.ndarray:
+    """The 8-connected region of ``amap >= level`` that holds the map's maximum (empty for a map without numbers).
+
+    ``level`` is lowered to the maximum when it lies above it, so the region holds at least the maximum's pixel.
+    """
+    amap = np.asarray(amap, dtype=np.float32)
+    finite = np.isfinite(amap)
+    if amap.ndim != 2 or not finite.any():
+        return np.zeros(amap.shape, dtype=bool)
+    values = np.where(finite, amap, -np.inf)
+    peak = np.unravel_index(int(np.argmax(values)), amap.shape)
+    above = values >= min(float(level), float(values[peak]))
+    labels, _ = ndimage.label(above, structure=_EIGHT)
+    return labels == labels[peak]
+
+
 def postprocess_map(amap: np.ndarray, threshold: float, settings: MaskPostprocess) -> tuple[np.ndarray, np.ndarray]:
     """Cleaned mask and the anomaly map made consistent with it.
 

@@ -50,13 +50,19 @@ class ImageRef:
 
 @dataclass
 class ImagePrediction:
-    """The result row of one input; ``error`` is set (and the numbers are NaN) when it failed."""
+    """The result row of one input; ``error`` is set (and the numbers are NaN) when it failed.
+
+    ``defective`` and ``mask`` are the model's one verdict (:meth:`~anomnet.calibration.Calibration.verdict`):
+    a good image has no defect pixels and no regions, a defective one at least the region of its maximum.
+    """
 
     path: str
     score: float = math.nan
     p_value: float = math.nan
     defective: bool | None = None
     error: str | None = None
+    threshold: float = math.nan
+    """The model's image threshold the decision was made with (``defective`` is ``score >= threshold``)."""
     anomaly_map: np.ndarray | None = None
     mask: np.ndarray | None = None
     defect_pixels: int | None = None
@@ -74,6 +80,7 @@ class ImagePrediction:
             "score": None if math.isnan(self.score) else self.score,
             "p_value": None if math.isnan(self.p_value) else self.p_value,
             "defective": self.defective,
+            "threshold": None if not math.isfinite(self.threshold) else self.threshold,
             "defect_pixels": self.defect_pixels,
             "regions": self.regions,
             "boxes": self.boxes,
@@ -200,13 +207,14 @@ def _row(
     cal: Calibration, path: str, score: float, amap: np.ndarray, image: np.ndarray, keep_maps: bool, keep_images: bool
 ) -> ImagePrediction:
     amap = np.asarray(amap, dtype=np.float32)
-    mask = cal.mask(amap)
+    defective, mask = cal.verdict(score, amap)
     boxes = region_boxes(mask)
     return ImagePrediction(
         path,
         score,
         float(cal.p_values(np.array([score]))[0]),
-        bool(cal.decide(np.array([score]))[0]),
+        defective,
+        threshold=float(cal.threshold),
         anomaly_map=amap if keep_maps else None,
         mask=mask if keep_maps else None,
         defect_pixels=int(mask.sum()),

@@ -1,0 +1,93 @@
+"""One verdict per image (Calibration.verdict): a good image has no mask, a defective one holds its maximum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from anomnet.calibration import Calibration
+from anomnet.postprocess import MaskPostprocess, peak_region
+from anomnet.scoring import ImageRef, score_refs
+
+
+def _cal(**kw: object) -> Calibration:
+    base: dict[str, object] = {
+        "validation_scores": [0.1, 0.2, 0.3],
+        "threshold": 1.0,
+        "pixel_threshold": 10.0,
+        "map_low": 0.0,
+    }
+    return Calibration(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _two_bumps() -> np.ndarray:
+    """A 32 x 32 map: a bump of height 4 at (8, 8) and a separate one of height 3 at (24, 24)."""
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    return 4.0 * np.exp(-((y - 8) ** 2 + (x - 8) ** 2) / 8.0) + 3.0 * np.exp(-((y - 24) ** 2 + (x - 24) ** 2) / 8.0)
+
+
+def test_a_defective_image_below_the_pixel_threshold_gets_the_region_of_its_maximum() -> None:
+    amap = _two_bumps()  # every pixel below the pixel threshold 10
+    defective, mask = _cal().verdict(2.0, amap)
+    assert defective and mask.any() and mask[8, 8]
+    # the region at half the peak's height above the good level (0): map >= 2 around (8, 8), not the other bump
+    assert np.array_equal(mask, peak_region(amap, 2.0))
+    assert not mask[24, 24] and mask.sum() == np.count_nonzero(amap[:16, :16] >= 2.0)
+
+
+def test_a_good_image_has_no_mask_whatever_its_pixels() -> None:
+    amap = np.full((16, 16), 100.0, np.float32)  # far above the pixel threshold
+    defective, mask = _cal().verdict(0.5, amap)
+    assert not defective and mask.shape == amap.shape and not mask.any()
+    assert not _cal().verdict(math.nan, amap)[0]  # a score that is no number is not a defect either
+
+
+def test_a_defective_mask_that_holds_the_maximum_is_the_pixel_threshold_mask() -> None:
+    amap = _two_bumps()
+    defective, mask = _cal(pixel_threshold=2.5).verdict(2.0, amap)
+    assert defective and np.array_equal(mask, amap >= 2.5)  # both bumps, nothing added
+
+
+def test_post_processing_cannot_drop_the_maximum_of_a_defective_image() -> None:
+    amap = np.zeros((16, 16), np.float32)
+    amap[4, 4] = 5.0  # one pixel above the pixel threshold: min area 4 drops it
+    cal = _cal(pixel_threshold=1.0, postprocess=MaskPostprocess(min_area=4))
+    defective, mask = cal.verdict(2.0, amap)
+    assert defective and mask[4, 4] and mask.sum() == 1
+
+
+def test_the_level_lies_between_the_good_level_and_the_maximum() -> None:
+    amap = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]], np.float32)
+    # good level 3, maximum 5: the region is map >= 4
+    assert _cal(map_low=3.0).verdict(2.0, amap)[1].tolist() == [[False, False, False, True, True]]
+    # a maximum below the good level still holds itself; a map of NaN has no region
+    assert _cal(map_low=9.0).verdict(2.0, amap)[1].tolist() == [[False, False, False, False, True]]
+    assert not _cal().verdict(2.0, np.full((2, 2), np.nan, np.float32))[1].any()
+
+
+class _Scorer:
+    """Score = the map's mean; map = the red channel."""
+
+    batch_size = 4
+
+    def __init__(self, cal: Calibration) -> None:
+        self.calibration = cal
+
+    def score_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps = images[..., 0].astype(np.float32)
+        return maps.mean(axis=(1, 2)).astype(np.float64), maps
+
+
+def test_prediction_rows_follow_the_verdict_and_carry_the_threshold() -> None:
+    cal = _cal(threshold=0.5, pixel_threshold=0.9, map_low=0.5)
+    good = np.full((8, 8, 3), 0.2, np.float32)
+    good[0, 0, 0] = 1.0  # one pixel above the pixel threshold, score below the image threshold
+    bad = np.full((8, 8, 3), 0.6, np.float32)
+    bad[5, 6, 0] = 0.8  # score above the image threshold, every pixel below the pixel threshold
+    rows = score_refs(_Scorer(cal), [ImageRef("good", good), ImageRef("bad", bad)])
+    assert [r.defective for r in rows] == [False, True]
+    assert rows[0].defect_pixels == 0 and rows[0].regions == 0 and rows[0].boxes == []
+    # its region: map >= 0.65, halfway from the good level 0.5 to its maximum 0.8
+    assert rows[1].defect_pixels == 1 and rows[1].regions == 1 and rows[1].boxes == [[6, 5, 7, 6]]
+    assert [r.record()["threshold"] for r in rows] == [0.5, 0.5]
