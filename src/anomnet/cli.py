@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from anomnet.install import install_command
+
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 DATA_HELP = (
@@ -462,7 +464,7 @@ def add_serve_parser(sub: Any) -> None:
         "serve",
         help="run the inspection service (HTTP API + review page) for one or more models",
         description="Serve fitted or exported models over HTTP: POST /v1/models/NAME/predict, GET /v1/models, "
-        "/healthz, /metrics, and the review page at /. Needs the serve extra: pip install 'anomnet[serve]'. "
+        f"/healthz, /metrics, and the review page at /. Needs the serve extra: {install_command('serve')}. "
         "The API key, if any, comes from $ANOMNET_API_KEY or --api-key-file (never the command line).",
     )
     p.add_argument(
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             f"anomnet: error: '{args.command}' needs {exc.name}, part of the training stack: "
-            "pip install 'anomnet[train]' (exported models score without it: docs/export.md)",
+            f"{install_command('train')} (exported models score without it: docs/export.md)",
             file=sys.stderr,
         )
         return EXIT_INPUT
@@ -726,7 +728,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported the {manifest['detector']} model {args.model_dir} as {args.format} to {out}; on probe images its "
         f"scores differ from the model's by {check['score_rel']:.2g} and its maps by {check['map_rel']:.2g} (relative)"
     )
-    runtime = "needs torch" if args.format == "torchscript" else "no torch: pip install 'anomnet[runtime]'"
+    runtime = "needs torch" if args.format == "torchscript" else "no torch: a line PC needs the wheel with [runtime]"
     print(f"score with it: anomnet predict --model-dir {out} IMAGES ({runtime})")
     return EXIT_OK
 

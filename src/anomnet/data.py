@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from anomnet.errors import ConfigError, DatasetError
+from anomnet.install import pip_command
 from anomnet.io import IMAGE_EXTENSIONS, list_images, read_image, read_mask, to_tensor
 
 LAYOUTS = ("auto", "mvtec", "folder", "elpv")
@@ -424,7 +425,7 @@ def _folder_test_samples(root: Path, test_dir: Path, warnings: list[str]) -> lis
 def _elpv_data_dir() -> Path:
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("the ELPV dataset is not installed: run `pip install elpv-dataset`")
+        raise DatasetError(f"the ELPV dataset is not installed: run `{pip_command('elpv-dataset')}`")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
@@ -463,7 +464,7 @@ def load_elpv(data_dir: str | Path | None = None, seed: int = 0, cell_type: str 
 
 def _read_elpv_labels(labels: Path) -> list[tuple[str, float, str]]:
     if not labels.is_file():
-        raise DatasetError(f"{labels}: ELPV labels file not found (reinstall with `pip install elpv-dataset`)")
+        raise DatasetError(f"{labels}: ELPV labels file not found (reinstall with `{pip_command('elpv-dataset')}`)")
     rows = []
     for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), start=1):
         fields = line.split()

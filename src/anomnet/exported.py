@@ -35,6 +35,7 @@ import numpy as np
 from anomnet import __version__
 from anomnet.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ModelFormatError
+from anomnet.install import install_command
 
 FORMAT_NAME = "anomnet-export"
 FORMAT_VERSION = 1
@@ -197,7 +198,7 @@ def open_graph(fmt: str, graph: Path, threads: int | None = None) -> Run:
     try:
         return RUNTIMES[fmt](graph, threads)
     except ImportError:
-        extra = "" if package == "torch" else " (pip install 'anomnet[runtime]')"
+        extra = "" if package == "torch" else f" ({install_command('runtime')})"
         raise ModelFormatError(
             f"{graph}: a {fmt} graph needs the {package} package{extra}, which is not installed"
         ) from None

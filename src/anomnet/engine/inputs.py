@@ -31,6 +31,7 @@ from typing import TextIO
 from anomnet import io
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.inputs import unique_names
+from anomnet.install import install_command
 from anomnet.scoring import EXPORT_MANIFEST, MODEL_META
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -109,7 +110,7 @@ def read_manifest(path: str | Path) -> list[tuple[str, str | None]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(
-            f"{manifest}: reading a manifest needs pyarrow (install the extra: pip install 'anomnet[ray]')"
+            f"{manifest}: reading a manifest needs pyarrow (install the extra: {install_command('ray')})"
         ) from None
     try:
         if manifest.suffix.lower() == ".csv":

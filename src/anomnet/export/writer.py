@@ -43,6 +43,7 @@ from anomnet.exported import (
     parity,
     score_scale,
 )
+from anomnet.install import install_command
 from anomnet.io import check_writable, file_mode, folder_mode
 from anomnet.scoring import MODEL_META
 
@@ -228,7 +229,7 @@ def _check_module(fmt: str) -> None:
     try:
         __import__(MODULES[fmt])
     except ImportError:
-        raise ConfigError(f"--format {fmt} needs the {MODULES[fmt]} package: pip install 'anomnet[export]'") from None
+        raise ConfigError(f"--format {fmt} needs the {MODULES[fmt]} package: {install_command('export')}") from None
 
 
 def _check_target(model_dir: Path, out: Path, overwrite: bool) -> None:

@@ -11,8 +11,10 @@ Importing this package imports none of them.
 
 from __future__ import annotations
 
+from anomnet.install import install_command
+
 MISSING_EXTRA = (
-    "the inspection service needs the serve extra: pip install 'anomnet[serve]' (fastapi, uvicorn, python-multipart)"
+    f"the inspection service needs the serve extra: {install_command('serve')} (fastapi, uvicorn, python-multipart)"
 )
 
 
