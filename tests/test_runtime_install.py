@@ -1,15 +1,17 @@
-"""The line-PC install: a fresh virtual environment with ``anomnet[runtime]`` and no torch scores exported models.
+"""The line-PC install: the wheel (``make wheel``) in a fresh virtual environment, no torch, scores exported models.
 
-It creates a venv, installs this source tree with the runtime extra from the package index (no
-torch, no training stack: the base dependencies plus onnxruntime and openvino), checks that torch
-cannot be imported there, and runs that venv's ``anomnet predict`` on an ONNX and an OpenVINO
-export: the rows equal the fitted model's. Slow (a venv and a pip install), so it runs only when
-``ANOMNET_RUNTIME_INSTALL_TEST`` is set; ``.ci/run`` sets it to ``required``.
+It builds the wheel with ``make wheel``, creates a venv and installs the bare wheel there (the base
+dependencies only), checks that ``anomnet predict`` on an ONNX export then stops with an install hint, runs
+that hint as printed (the wheel with the ``runtime`` extra: onnxruntime and openvino from the package
+index), checks that torch cannot be imported there, and runs that venv's ``anomnet predict`` on an ONNX and
+an OpenVINO export: the rows equal the fitted model's. Slow (a venv and two pip installs), so it runs only
+when ``ANOMNET_RUNTIME_INSTALL_TEST`` is set; ``make test-all`` (and so ``.ci/run``) sets it to ``required``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,12 +53,26 @@ def test_a_venv_without_torch_scores_exported_models(tmp_path: Path) -> None:
     api.fit("patchcore", data, out=tmp_path / "model", settings={"image_size": 64}, progress=False)
     exports = [export_model(tmp_path / "model", fmt, tmp_path / fmt) for fmt in ("onnx", "openvino")]
 
+    dist = tmp_path / "dist"
+    build = subprocess.run(["make", "-C", str(REPO), "wheel", f"DIST={dist}"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = dist.glob("anomnet-*.whl")
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{REPO}[runtime]"], capture_output=True, text=True
+    bare = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], capture_output=True, text=True)
+    assert bare.returncode == 0, bare.stdout + bare.stderr
+    refused = subprocess.run(
+        [str(venv / "bin" / "anomnet"), "predict", "--model-dir", str(exports[0]), str(data / "test")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
+    hint = re.search(r"needs the onnxruntime package \((.+ -m pip install .+)\), which", refused.stderr)
+    assert refused.returncode == 2 and hint, refused.stderr
+    assert hint.group(1) == f"{python} -m pip install '{wheel}[runtime]'"
+    install = subprocess.run(["bash", "-c", hint.group(1) + " --quiet"], capture_output=True, text=True, cwd=tmp_path)
     assert install.returncode == 0, install.stdout + install.stderr
     probe = subprocess.run(
         [

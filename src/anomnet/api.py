@@ -166,8 +166,9 @@ def predict(
     ``model_dir``: a fitted model folder, an exported model folder (``anomnet export``) or a detector.
     (The work is :func:`anomnet.outputs.predict_files`, which imports no torch.)
 
-    Each result has score, p_value, defective and the mask's size; a bad file gets ``error`` set,
-    the rest go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
+    Each result has score, p_value, defective, the mask's size, regions and boxes; ``anomaly_map`` and
+    ``mask`` are arrays only with ``keep_maps=True`` (else None). A bad file gets ``error`` set, the rest
+    go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
     ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`). ``shard``
     (``"i/N"``): only shard ``i`` of ``N`` of the path-sorted inputs (see :mod:`anomnet.engine.shard`).
     ``out_layout="mvtec-ad2"``: instead of those files only the float16 maps and the masks in MVTec AD 2's
