@@ -6,12 +6,16 @@ Routes (``docs/serve.md`` has examples):
   files below the server's ``image_root``; query (or JSON) options ``mask``, ``heatmap``,
   ``overlay`` add base64 PNGs. One result per image: score, p-value, decision, defect-pixel
   count, regions (bounding boxes).
-* ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+* ``GET /v1/models`` (each model's thresholds and version), ``GET /v1/openapi.json``, ``GET /healthz``,
+  ``GET /metrics`` (Prometheus text).
 * ``GET|POST /v1/models/{name}/review``, ``DELETE /v1/models/{name}/review/{id}`` -- the
   operator's marks (:mod:`anomnet.serve.review`).
 * ``GET /`` -- the review page (``static/``, every asset local).
 
-Every image is scored by :func:`anomnet.scoring.score_refs`, the step ``anomnet predict`` uses.
+Every image is scored by :func:`anomnet.scoring.score_refs`, the step ``anomnet predict`` uses. A request's
+body is read (bounded in size and time) before it takes a worker place; on the worker every image header is
+checked (pixels per image and per request) before the images are decoded and scored, one at a time, all
+with one snapshot of the model (:mod:`anomnet.serve.models`: a recalibrated folder is picked up whole).
 Every refusal is a JSON ``{"detail": reason}`` with a 4xx status (:mod:`anomnet.serve.limits`);
 an unexpected failure is a 500 whose body says only that (the traceback goes to the server log).
 """
@@ -20,7 +24,6 @@ import asyncio
 import base64
 import hmac
 import json
-import math
 import re
 import tempfile
 import threading
@@ -28,13 +31,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anomnet import io
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
-from anomnet.scoring import EXPORT_MANIFEST, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
+from anomnet.scoring import ImagePrediction, ImageRef, Scorer, score_refs
 from anomnet.serve.limits import (
     EXTENSIONS,
     Limits,
@@ -45,6 +48,7 @@ from anomnet.serve.limits import (
     read_below,
 )
 from anomnet.serve.metrics import Metrics
+from anomnet.serve.models import CHECK_SECONDS, ModelRegistry, ServedModel, finite, load_served
 from anomnet.serve.review import MARKS, ReviewStore
 from anomnet.visualize import draw_contour, heatmap, overlay
 
@@ -70,35 +74,6 @@ ASGIApp = Callable[
 ]
 
 
-@dataclass
-class ServedModel:
-    """One model the service scores with, under its ``name``."""
-
-    name: str
-    scorer: Scorer
-    source: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def info(self) -> dict[str, Any]:
-        cal = self.scorer.calibration
-        n = len(cal.validation_scores)
-        detector = getattr(self.scorer, "detector", None)  # a fitted Detector, or an exported model's detector name
-        if detector is not None and not isinstance(detector, str):
-            detector = getattr(detector, "name", None)
-        return {
-            "name": self.name,
-            "detector": detector,
-            "kind": "exported" if (Path(self.source) / EXPORT_MANIFEST).is_file() else "fitted",
-            "image_method": cal.image_method,
-            "threshold": _finite(cal.threshold),
-            "max_false_alarm": cal.max_false_alarm,
-            "achieved_false_alarm": _finite(cal.achieved_false_alarm),
-            "validation_images": n,
-            "finest_false_alarm": 1.0 / (n + 1),
-            "pixel_threshold": _finite(cal.pixel_threshold),
-        }
-
-
 def load_models(models: Mapping[str, str | Path | Scorer]) -> dict[str, ServedModel]:
     """Open every model (a fitted or exported folder, or a scorer) under its name; ConfigError on a bad name."""
     if not models:
@@ -109,8 +84,7 @@ def load_models(models: Mapping[str, str | Path | Scorer]) -> dict[str, ServedMo
             raise ConfigError(
                 f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
-        source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
-        served[name] = ServedModel(name, load_scorer(model), source)
+        served[name] = load_served(name, model)
     return served
 
 
@@ -119,7 +93,7 @@ class _State:
 
     def __init__(
         self,
-        models: dict[str, ServedModel],
+        models: ModelRegistry,
         limits: Limits,
         image_root: Path | None,
         review: ReviewStore | None,
@@ -139,9 +113,10 @@ class _State:
         self.tmp = Path(self._tmp.name)
 
     def model(self, name: str) -> ServedModel:
+        """The current snapshot of model ``name``: a request scores all its images with this one."""
         model = self.models.get(name)
         if model is None:
-            raise RequestError(404, f"no model named {name!r}; this service has: {', '.join(sorted(self.models))}")
+            raise RequestError(404, f"no model named {name!r}; this service has: {', '.join(self.models.names())}")
         return model
 
     def close(self) -> None:
@@ -164,11 +139,14 @@ def create_app(
     limits: Limits | None = None,
     image_root: str | Path | None = None,
     review_dir: str | Path | None = None,
+    reload_check_s: float | None = CHECK_SECONDS,
 ) -> "FastAPI":
     """The service for ``models`` (name -> fitted / exported model folder or scorer).
 
     ``image_root``: the folder JSON ``paths`` are relative to (none: paths are refused).
     ``review_dir``: where the review page's marks are saved (none: marks are refused).
+    ``reload_check_s``: how often (seconds) a model folder is looked at for a recalibrated or refitted
+    model, which then replaces the served one whole (:mod:`anomnet.serve.models`); None: never.
     """
     from anomnet.serve import missing_extra
 
@@ -183,7 +161,7 @@ def create_app(
     if image_root is not None and not Path(image_root).is_dir():
         raise ConfigError(f"image root {image_root}: not a folder")
     state = _State(
-        load_models(models),
+        ModelRegistry(load_models(models), reload_check_s),
         limits,
         Path(image_root) if image_root is not None else None,
         ReviewStore(review_dir) if review_dir is not None else None,
@@ -200,7 +178,7 @@ def create_app(
         version="1",
         docs_url=None,  # the interactive docs page loads its scripts from a CDN: not on an offline line PC
         redoc_url=None,
-        openapi_url="/v1/openapi.json",
+        openapi_url=None,  # served below, behind the API key like every /v1 route
     )
     app.state.anomnet = state
 
@@ -232,7 +210,11 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(state.models)}
+        return {"status": "ok", "models": state.models.names()}
+
+    @app.get("/v1/openapi.json", dependencies=keyed, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/metrics", dependencies=keyed)
     async def metrics() -> PlainTextResponse:
@@ -241,12 +223,13 @@ def create_app(
     @app.get("/v1/models", dependencies=keyed)
     async def list_models() -> dict[str, Any]:
         return {
-            "models": [m.info() for _, m in sorted(state.models.items())],
+            "models": [m.info() for m in state.models.all()],
             "review": state.review is not None,
             "image_root": state.image_root is not None,
             "limits": {
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_pixels": limits.max_pixels,
+                "max_request_pixels": limits.max_request_pixels,
                 "max_images": limits.max_images,
             },
         }
@@ -254,15 +237,19 @@ def create_app(
     @app.post("/v1/models/{name}/predict", dependencies=keyed)
     async def predict(name: str, request: Request) -> dict[str, Any]:
         started = time.monotonic()
-        model = state.model(name)
+        state.model(name)  # 404 before the body is read
+        # the body is read (bounded, within the body timeout) before a worker place is taken: a client that
+        # sends slowly holds no place that a real one needs
+        images, options = await _read_in_time(request, state, False, started)
         slot = state.pool.reserve()
         try:
-            images, options = await _read_in_time(request, state, False, started + limits.timeout_s)
+            model = state.model(name)  # one snapshot for every image of the request
             future = slot.submit(lambda: _score(state, model, images, options))
             results = await _wait(future, started + limits.timeout_s, limits.timeout_s)
         finally:
             slot.close()
-        return {"model": name, "results": results}
+        cal = model.scorer.calibration
+        return {"model": name, "version": model.version or None, "threshold": finite(cal.threshold), "results": results}
 
     @app.get("/v1/models/{name}/review", dependencies=keyed)
     async def list_marks(name: str) -> dict[str, Any]:
@@ -274,7 +261,7 @@ def create_app(
             "folder": str(folder),
             "marks": marks,
             "counts": {label: sum(1 for m in marks if m["label"] == label) for label in ("good", "defective")},
-            "calibrate": f"anomnet calibrate --model-dir {state.models[name].source} --labelled {folder} "
+            "calibrate": f"anomnet calibrate --model-dir {state.model(name).source} --labelled {folder} "
             "--image-threshold f1",
         }
 
@@ -282,11 +269,11 @@ def create_app(
     async def mark(name: str, request: Request) -> dict[str, Any]:
         started = time.monotonic()
         store = _review(state, name)
+        images, options = await _read_in_time(request, state, True, started)
+        if len(images) != 1:
+            raise RequestError(400, f"a mark is for one image, got {len(images)}")
         slot = state.pool.reserve()
         try:
-            images, options = await _read_in_time(request, state, True, started + limits.timeout_s)
-            if len(images) != 1:
-                raise RequestError(400, f"a mark is for one image, got {len(images)}")
             future = slot.submit(lambda: _save_mark(state, store, name, images[0], str(options["mark"])))
             entry: dict[str, Any] = await _wait(future, started + limits.timeout_s, limits.timeout_s)
         finally:
@@ -346,6 +333,8 @@ async def _read_request(request: "Request", state: _State, with_mark: bool) -> t
             body = json.loads(await request.body())
         except ValueError as exc:
             raise RequestError(400, f"the JSON body cannot be parsed ({exc})") from None
+        except RecursionError:
+            raise RequestError(400, "the JSON body is nested too deeply to be a request of this service") from None
         if not isinstance(body, dict):
             raise RequestError(400, 'the JSON body must be an object, e.g. {"paths": ["part_17.png"]}')
         allowed = {"paths", *OUTPUT_OPTIONS} if not with_mark else {"path", "mark"}
@@ -372,21 +361,35 @@ async def _read_request(request: "Request", state: _State, with_mark: bool) -> t
         raise RequestError(400, "no image in the request (multipart file fields, or JSON paths)")
     if len(images) > limits.max_images:
         raise RequestError(413, f"{len(images)} images in one request, more than the limit of {limits.max_images}")
-    if with_mark and options.get("mark") not in MARKS:
-        raise RequestError(400, f"mark {options.get('mark')!r} unknown; use one of: {', '.join(MARKS)}")
+    mark = options.get("mark")
+    if with_mark and (not isinstance(mark, str) or mark not in MARKS):
+        shown = repr(mark) if isinstance(mark, str) else f"of type {type(mark).__name__}"
+        raise RequestError(400, f"mark {shown[:80]} unknown; use one of: {', '.join(MARKS)} (a string)")
     return images, options
 
 
+CLIENT_GONE = 499
+"""The status recorded (never sent: nobody listens) for a request whose client hung up before its body arrived."""
+
+
 async def _read_in_time(
-    request: "Request", state: _State, with_mark: bool, deadline: float
+    request: "Request", state: _State, with_mark: bool, started: float
 ) -> tuple[list[_Image], dict[str, Any]]:
-    """:func:`_read_request` within the request's time limit: a body trickling in cannot hold its place forever."""
+    """:func:`_read_request` within the body timeout (and the request's limit): a body trickling in is cut off."""
+    from starlette.requests import ClientDisconnect
+
+    limits = state.limits
+    budget = min(limits.body_timeout_s, limits.timeout_s)
     try:
-        return await asyncio.wait_for(_read_request(request, state, with_mark), timeout=deadline - time.monotonic())
+        return await asyncio.wait_for(
+            _read_request(request, state, with_mark), timeout=started + budget - time.monotonic()
+        )
     except TimeoutError:
         raise RequestError(
-            408, f"the request body did not arrive within this service's limit of {state.limits.timeout_s:g} s"
+            408, f"the request body did not arrive within this service's limit of {budget:g} s", {"Connection": "close"}
         ) from None
+    except ClientDisconnect:
+        raise RequestError(CLIENT_GONE, "the client closed the connection before its request body arrived") from None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -428,8 +431,8 @@ def _review(state: _State, name: str) -> ReviewStore:
 # --------------------------------------------------------------------------------------
 
 
-def _materialise(state: _State, image: _Image) -> tuple[bytes, str, Path]:
-    """The image's bytes and format, written to a private temporary file whose header has been checked."""
+def _materialise(state: _State, image: _Image) -> tuple[bytes, str, Path, int]:
+    """The image's bytes, format and pixels, written to a private temporary file whose header has been checked."""
     if image.path is not None:
         assert state.image_root is not None
         data = read_below(state.image_root, image.path, state.limits.max_upload_bytes)
@@ -445,41 +448,64 @@ def _materialise(state: _State, image: _Image) -> tuple[bytes, str, Path]:
         height, width = io.image_size(tmp)
     except ImageReadError as exc:
         tmp.unlink(missing_ok=True)
-        too_large = "megapixels" in exc.problem  # io's own pixel limit (a header beyond anything it reads)
-        raise RequestError(413 if too_large else 400, f"{image.name}: {exc.problem}") from None
+        if "megapixels" in exc.problem:  # io's own pixel limit (a header beyond anything it reads): say ours
+            raise RequestError(
+                413,
+                f"{image.name}: the image is too large: its header announces more than this service's limit of "
+                f"{state.limits.max_pixels / 1e6:g} megapixels",
+            ) from None
+        raise RequestError(400, f"{image.name}: {exc.problem}") from None
     try:
         check_pixels(image.name, height, width, state.limits)
     except RequestError:
         tmp.unlink(missing_ok=True)
         raise
-    return data, fmt, tmp
+    return data, fmt, tmp, height * width
 
 
 def _score(state: _State, model: ServedModel, images: list[_Image], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every image's result: all headers checked against the limits first, then decoded and scored one at a time.
+
+    One image at a time keeps a request's memory to one decoded image (and its maps) whatever the number
+    of images; the pixel budget bounds the request's work before any decoding.
+    """
+    limits = state.limits
     files: list[Path] = []
     try:
-        total = 0
+        total = pixels = 0
         for image in images:
-            data, _, tmp = _materialise(state, image)
+            data, _, tmp, size = _materialise(state, image)
+            image.data = None  # the temporary file holds it now
             files.append(tmp)
             total += len(data)
-            if total > state.limits.max_upload_bytes:
+            pixels += size
+            if total > limits.max_upload_bytes:
                 raise RequestError(
-                    413, f"the request's images add up to more than the limit of {state.limits.max_upload_bytes} bytes"
+                    413, f"the request's images add up to more than the limit of {limits.max_upload_bytes} bytes"
                 )
+            if pixels > limits.max_request_pixels:
+                raise RequestError(
+                    413,
+                    f"the request's images add up to more than this service's limit of "
+                    f"{limits.max_request_pixels / 1e6:g} megapixels per request (at {image.name}); "
+                    "send them in several requests",
+                )
+            del data
         keep_maps = any(options[k] for k in OUTPUT_OPTIONS)
-        with model.lock:
-            rows = score_refs(
-                model.scorer, [ImageRef(str(f)) for f in files], keep_maps=keep_maps, keep_images=options["overlay"]
-            )
         results = []
-        for image, row in zip(images, rows):
+        for image, tmp in zip(images, files):
+            with model.lock:
+                (row,) = score_refs(
+                    model.scorer, [ImageRef(str(tmp))], keep_maps=keep_maps, keep_images=options["overlay"]
+                )
             if row.error is not None:
                 state.metrics.observe_image(model.name, "error")
                 status = 422 if row.error.startswith("could not be scored") else 400
                 raise RequestError(status, f"{image.name}: {row.error}")
             state.metrics.observe_image(model.name, "defective" if row.defective else "good")
             results.append(_result(image.name, row, model, options))
+            del row  # its maps and image: the next image is decoded without them
+            tmp.unlink(missing_ok=True)
         return results
     finally:
         for f in files:
@@ -489,10 +515,11 @@ def _score(state: _State, model: ServedModel, images: list[_Image], options: dic
 def _result(name: str, row: ImagePrediction, model: ServedModel, options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": name,
-        "score": _finite(row.score),
-        "p_value": _finite(row.p_value),
+        "score": finite(row.score),
+        "p_value": finite(row.p_value),
         "defective": bool(row.defective),
         "decision": "defective" if row.defective else "good",
+        "threshold": finite(model.scorer.calibration.threshold),
         "defect_pixels": row.defect_pixels,
         "regions": [{"box": box} for box in row.boxes],
     }
@@ -509,7 +536,7 @@ def _result(name: str, row: ImagePrediction, model: ServedModel, options: dict[s
 
 
 def _save_mark(state: _State, store: ReviewStore, model: str, image: _Image, mark: str) -> dict[str, Any]:
-    data, fmt, tmp = _materialise(state, image)
+    data, fmt, tmp, _ = _materialise(state, image)
     try:
         io.read_image(tmp)  # a file calibrate could not read must not enter the labelled folder
     except ImageReadError as exc:
@@ -521,10 +548,6 @@ def _save_mark(state: _State, store: ReviewStore, model: str, image: _Image, mar
 
 def _png64(array: Any) -> str:
     return base64.b64encode(io.encode_png(array)).decode("ascii")
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------------------

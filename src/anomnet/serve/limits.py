@@ -2,8 +2,9 @@
 
 Nothing here imports FastAPI, so the checks are tested (and usable) without the ``serve`` extra.
 
-* :class:`Limits` -- upload size, pixel limit (read from the image header before any decoding),
-  images per request, worker pool and queue size, per-request timeout, optional API key.
+* :class:`Limits` -- upload size, pixel limits per image and per request (read from the image
+  headers before any decoding), images per request, worker pool and queue size, body-read and
+  per-request timeouts, optional API key.
 * :func:`check_image_bytes` -- the declared content type and the file's magic bytes must name
   one of the formats anomnet reads (PNG, JPEG, TIFF, BMP), and agree with each other.
 * :func:`read_below` -- a file named by a client, relative to an allowed root: no absolute
@@ -53,6 +54,8 @@ class Limits:
     """A request body (all its images together) may be at most this large (413 otherwise)."""
     max_pixels: int = 40_000_000
     """An image may have at most this many pixels, read from its header before decoding (413 otherwise)."""
+    max_request_pixels: int = 64_000_000
+    """The images of one request may have at most this many pixels together, read from their headers (413)."""
     max_images: int = 16
     """Images per request."""
     workers: int = 1
@@ -61,6 +64,9 @@ class Limits:
     """Requests that may wait for a worker; one more is refused with 429."""
     timeout_s: float = 60.0
     """A request's scoring must end this many seconds after it arrived (504 otherwise)."""
+    body_timeout_s: float = 10.0
+    """A request's body must have arrived this many seconds after its head (408 otherwise); it is read before
+    the request takes a worker or queue place, so slow senders never hold one."""
     api_key: str | None = None
     """When set, every /v1 and /metrics request must carry it in the ``X-API-Key`` header (401 otherwise)."""
 
@@ -68,10 +74,12 @@ class Limits:
         checks: list[tuple[str, float, float, float]] = [
             ("max_upload_bytes", self.max_upload_bytes, 1024, 1 << 34),
             ("max_pixels", self.max_pixels, 1, 1 << 34),
+            ("max_request_pixels", self.max_request_pixels, 1, 1 << 36),
             ("max_images", self.max_images, 1, 4096),
             ("workers", self.workers, 1, 256),
             ("queue", self.queue, 0, 100_000),
             ("timeout_s", self.timeout_s, 0.01, 86_400),
+            ("body_timeout_s", self.body_timeout_s, 0.01, 86_400),
         ]
         for name, value, low, high in checks:
             if not low <= value <= high:
