@@ -73,8 +73,8 @@ def piped() -> Path:
 @pytest.fixture(scope="session")
 def local_ray() -> Iterator[None]:
     """One local Ray with 2 CPUs for every Ray test of the session (it takes seconds to start)."""
-    ray = pytest.importorskip("ray", reason="the Ray tests need the anomnet[ray] extra: pip install 'anomnet[ray]'")
-    pytest.importorskip("ray.data", reason="the Ray tests need ray[data]: pip install 'anomnet[ray]'")
+    ray = pytest.importorskip("ray", reason="the Ray tests need the anomnet[ray] extra (make setup-all)")
+    pytest.importorskip("ray.data", reason="the Ray tests need ray[data] (make setup-all)")
     from anomnet.engine.ray_predict import ensure_ray
 
     started = not ray.is_initialized()

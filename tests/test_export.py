@@ -61,7 +61,7 @@ def _missing(*modules: str) -> list[str]:
 EXTRA_MISSING = _missing("onnx", "onnxruntime", "openvino")
 needs_export = pytest.mark.skipif(
     bool(EXTRA_MISSING),
-    reason=f"the export extra is not installed ({', '.join(EXTRA_MISSING)} missing): pip install 'anomnet[export]'",
+    reason=f"the export extra is not installed ({', '.join(EXTRA_MISSING)} missing) (make setup-all)",
 )
 
 

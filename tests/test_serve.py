@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("httpx", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("multipart", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("httpx", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("multipart", reason="the serve extra is not installed (make setup-all)")
 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("httpx", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("multipart", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("httpx", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("multipart", reason="the serve extra is not installed (make setup-all)")
 if importlib.util.find_spec("anomnet.export") is None:
     pytest.skip("model export (anomnet.export) is not in this anomnet", allow_module_level=True)
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'anomnet[runtime]'")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (make setup-all)")
 
 from fastapi.testclient import TestClient  # noqa: E402
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("multipart", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("multipart", reason="the serve extra is not installed (make setup-all)")
 
 from anomnet.cli import main  # noqa: E402
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("httpx", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
-pytest.importorskip("multipart", reason="the serve extra is not installed: pip install 'anomnet[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("httpx", reason="the serve extra is not installed (make setup-all)")
+pytest.importorskip("multipart", reason="the serve extra is not installed (make setup-all)")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
