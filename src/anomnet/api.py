@@ -20,8 +20,18 @@ import numpy as np
 import torch
 
 from anomnet import io
+from anomnet.calibration import SOURCES
 from anomnet.data import DatasetSplit, Sample, load_dataset
-from anomnet.decisions import calibrate_detector, labelled_samples, recalibrate, split_choices
+from anomnet.decisions import (
+    DEFAULT_FOLDS,
+    DEFAULT_SOURCES,
+    calibrate_detector,
+    fold_assignment,
+    labelled_samples,
+    out_of_fold_statistics,
+    recalibrate,
+    split_choices,
+)
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
@@ -40,17 +50,28 @@ def fit(
     category: str | None = None,
     layout: str = "auto",
     settings: dict[str, Any] | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seed: int = 0,
     max_false_alarm: float = 0.01,
     max_train: int | None = None,
     progress: bool = True,
     labelled: str | Path | Sequence[Sample] | None = None,
     overwrite: bool = False,
+    calibration: str = "auto",
+    folds: int = DEFAULT_FOLDS,
+    exclude_suspects: bool = False,
     **thresholds: Any,
 ) -> Detector:
-    """Fit ``model`` on the good training images of ``data``, calibrate on its validation split, save to ``out``.
+    """Fit ``model`` on the good training images of ``data``, calibrate its thresholds, save to ``out``.
 
+    ``calibration``: where the calibration scores come from (docs/decisions.md): ``loo`` every
+    training image scored without its own memory-bank patches (memory-bank detectors), ``crossfit``
+    every training image scored by a model fitted on the other ``folds`` folds, ``holdout`` only
+    good images held out of training; ``auto`` the detector's measured default (PatchCore and
+    ToCoAD ``loo``, the others ``holdout``). ``val_fraction``: share of the training images held out
+    (``None``: 0.1 for ``holdout``, none otherwise); held-out images (and a dataset's own validation
+    images, e.g. MVTec AD 2's or ELPV's) calibrate too, pooled with the training images' scores.
+    ``exclude_suspects``: refit without the suspect training images the first calibration lists.
     ``thresholds``: threshold and mask post-processing choices (``image_method``, ``std_k``,
     ``image_value``, ``pixel_method``, ``pixel_false_alarm``, ``pixel_value``, ``closing``,
     ``fill_holes``, ``min_area``; see :mod:`anomnet.calibration`); ``labelled``: a labelled
@@ -62,25 +83,78 @@ def fit(
     if out is not None:
         _check_out_holds_no_data(out, data, labelled)
         check_model_target(out, overwrite)
-    split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, val_fraction, seed)
+    make = lambda: create_detector(model, {"seed": seed, **(settings or {})})  # noqa: E731
+    detector = make()
+    source = resolve_source(calibration, detector)
+    if source == "crossfit":
+        fold_assignment(folds, folds, seed)  # a bad fold count fails before any work
+    split = data if isinstance(data, DatasetSplit) else _load_for(source, data, category, layout, val_fraction, seed)
     _print_warnings(split)
     train = list(split.train)
     if max_train is not None and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train), key=lambda s: str(s.path))
-    detector = create_detector(model, {"seed": seed, **(settings or {})})
-    if not split.validation and thresholds.get("image_method", "conformal") != "fixed":
+    if source == "holdout" and not split.validation and thresholds.get("image_method", "conformal") != "fixed":
         raise ConfigError(
             "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training images): "
-            "hold some out (--val-fraction 0.1) or give a fixed threshold (--image-threshold fixed --image-value V)"
+            "hold some out (--val-fraction 0.1), calibrate on the training images (--calibration loo or crossfit), "
+            "or give a fixed threshold (--image-threshold fixed --image-value V)"
         )
-    if labelled is not None and getattr(detector, "accepts_labelled", False):  # the hybrid chooses its branch on it
-        detector.labelled_validation = labelled_samples(labelled)[1]  # type: ignore[attr-defined]
-    detector.fit(train, split.validation, progress=progress)
     options, post = split_choices({"max_false_alarm": max_false_alarm, **thresholds})
-    calibrate_detector(detector, split.validation, options, labelled, post, progress=progress)
+    excluded: list[str] = []
+    for attempt in range(2):
+        if labelled is not None and getattr(detector, "accepts_labelled", False):  # the hybrid chooses its branch
+            detector.labelled_validation = labelled_samples(labelled)[1]  # type: ignore[attr-defined]
+        out_of_fold = None
+        if source == "crossfit":
+            out_of_fold = out_of_fold_statistics(make, train, split.validation, folds, seed, progress=progress)
+        detector.fit(train, split.validation, progress=progress)
+        cal = calibrate_detector(
+            detector,
+            split.validation,
+            options,
+            labelled,
+            post,
+            progress=progress,
+            train=train,
+            source=source,
+            out_of_fold=out_of_fold,
+        )
+        if attempt or not exclude_suspects or not cal.suspects:
+            break
+        excluded = [str(s["image"]) for s in cal.suspects]
+        train = [s for s in train if str(s.path) not in set(excluded)]
+        detector = make()
+    detector.calibration.excluded = excluded
     if out is not None:
         detector.save(out)
     return detector
+
+
+def resolve_source(calibration: str, detector: Detector) -> str:
+    """The calibration source asked for, ``auto`` resolved for ``detector``; ConfigError when it cannot be used."""
+    if calibration == "auto":
+        return DEFAULT_SOURCES.get(detector.name, "holdout")
+    if calibration not in SOURCES:
+        raise ConfigError(f"calibration {calibration!r} unknown; use auto or one of: {', '.join(SOURCES)}")
+    if calibration == "loo" and not hasattr(detector, "leave_out"):
+        raise ConfigError(
+            f"the {detector.name} detector cannot leave one training image out (only memory-bank detectors: "
+            "patchcore, tocoad); use --calibration crossfit or holdout"
+        )
+    return calibration
+
+
+def _load_for(
+    source: str, data: str | Path, category: str | None, layout: str, val_fraction: float | None, seed: int
+) -> DatasetSplit:
+    """The dataset split for a fit: with ``val_fraction=None`` and a source that calibrates on the training
+    images, no training image is held out (a dataset's own validation images are kept)."""
+    if val_fraction is not None or source == "holdout":
+        return load_dataset(data, category, layout, 0.1 if val_fraction is None else val_fraction, seed)
+    split = load_dataset(data, category, layout, 0.1, seed)
+    whole = load_dataset(data, category, layout, 0.0, seed)
+    carved = {s.path for s in split.train + split.validation} == {s.path for s in whole.train}
+    return whole if carved else split
 
 
 def _check_out_holds_no_data(out: str | Path, *sources: object) -> None:
@@ -185,15 +259,29 @@ def calibrate(
     labelled: str | Path | Sequence[Sample] | None = None,
     save: bool = True,
     progress: bool = True,
+    calibration: str | None = None,
     **choices: Any,
 ) -> Detector:
     """Choose other thresholds / mask post-processing for a fitted model without refitting.
 
     ``choices`` as in :func:`fit`; the rest keep their saved values. Without ``data`` the saved
-    validation statistics are used; with it they are recomputed from its validation split
-    (seeded with the model's seed). The model folder is saved again when ``save``.
+    calibration statistics are used; with it they are recomputed from its validation split
+    (seeded with the model's seed) and, when the calibration source is ``loo`` (``calibration``,
+    default the model's own), its training images too. Images the model was trained on are found
+    by content hash: scored leave-one-out where the model can, else left out (the summary says how
+    many). The model folder is saved again when ``save``.
     """
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
+    source = calibration or detector.calibration.source
+    if source != detector.calibration.source and data is None:
+        raise ConfigError(f"changing the calibration source to {source} needs the images: give --data")
+    if source not in ("holdout", "loo"):
+        raise ConfigError(
+            f"calibrate cannot recompute a {source} calibration (it needs refitting on folds): "
+            "give --calibration holdout or loo, or refit"
+        )
+    if source == "loo":
+        resolve_source("loo", detector)
     validation = None
     if data is not None:
         split = (
@@ -201,7 +289,7 @@ def calibrate(
             if isinstance(data, DatasetSplit)
             else load_dataset(data, category, "auto", val_fraction, detector.config.seed)
         )
-        validation = split.validation
+        validation = (list(split.train) if source == "loo" else []) + list(split.validation)
     recalibrate(detector, choices, validation, labelled, progress)
     if save and not isinstance(model_dir, Detector):
         detector.save(model_dir)

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="train a detector on good images and save it",
         description=(
-            "Train on the good training images, calibrate the threshold on a held-out validation split "
-            "of them, save the model folder."
+            "Train on the good training images, calibrate the thresholds (on the training images themselves, "
+            "each scored leave-one-out or cross-fitted, and on any held-out validation images), save the model folder."
         ),
     )
     p.add_argument("--model", default=None, help="detector name (see 'anomnet models'; default: patchcore)")
@@ -187,9 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
-        help="share of good training images held out for calibration (default 0.1; an MVTec AD 2 object's "
-        "validation/good/ is used instead, 0 turns validation off)",
+        default=None,
+        help="share of good training images held out for calibration (default: 0.1 with --calibration holdout, "
+        "none otherwise; an MVTec AD 2 object's validation/good/ is used instead, 0 turns hold-out off)",
+    )
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        choices=["auto", "holdout", "loo", "crossfit"],
+        help="what calibrates the thresholds (docs/decisions.md): loo = every training image scored without its "
+        "own memory-bank patches (patchcore, tocoad), crossfit = every training image scored by a model fitted on "
+        "the other folds, holdout = only held-out images; held-out images are pooled with the others "
+        "(default auto: loo for patchcore and tocoad, holdout for the others)",
+    )
+    p.add_argument(
+        "--folds", type=int, default=5, help="folds of --calibration crossfit (default 5; each fold is one more fit)"
+    )
+    p.add_argument(
+        "--exclude-suspects",
+        action="store_true",
+        help="refit without the suspect training images (those whose left-out score stands far above the rest)",
     )
     p.add_argument(
         "--max-false-alarm",
@@ -337,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="with --data: share of good training images held out (default 0.1)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        choices=["holdout", "loo"],
+        help="with --data: also score the model's training images found in the data leave-one-out (loo; "
+        "memory-bank detectors), or only images it was not trained on (holdout); default: as at fit",
     )
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, do not save them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -580,8 +604,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         labelled=args.labelled,
         overwrite=args.overwrite,
+        calibration=args.calibration,
+        folds=args.folds,
+        exclude_suspects=args.exclude_suspects,
         **{k: v for k, v in choices_from_args(args).items() if k != "max_false_alarm"},
     )
+    if det.calibration.excluded:
+        print(f"left out {len(det.calibration.excluded)} suspect training image(s) and refitted without them:")
+        print("\n".join(f"  {path}" for path in det.calibration.excluded))
     print(f"saved {model} model to {args.out}")
     describe = getattr(det, "describe_choice", None)  # the hybrid: which branch predicts, and why
     if describe is not None:
@@ -601,6 +631,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.labelled,
         save=not args.dry_run,
         progress=not args.quiet,
+        calibration=args.calibration,
         **choices_from_args(args),
     )
     print("\n".join(det.calibration.summary()))

@@ -4,6 +4,12 @@
   validation images (plus, optionally, a labelled validation set) -> :class:`Calibration`.
 * :func:`recalibrate` -- a saved model, new threshold choices (and optionally data) -> saved again,
   no refitting. Behind ``anomnet calibrate`` and ``api.calibrate``.
+* :func:`leave_one_out_statistics` / :func:`out_of_fold_statistics` -- the training images' own
+  calibration scores: each scored without its own memory-bank patches (``loo``), or by a model
+  fitted on the other folds (``crossfit``); they calibrate beside any held-out images (pooled).
+* :func:`find_suspects` -- training images whose left-out score stands far above the others'.
+* :func:`content_hash` -- what a model records of each training image, so later calibration
+  data that overlaps the training set is found.
 * :func:`load_labelled` -- the labelled validation set for the F1-optimal thresholds.
 
 A **labelled validation set** is given as a folder laid out like a dataset's test part::
@@ -21,8 +27,9 @@ is then used -- only do that with a split that is not the one you report test re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +38,13 @@ import torch
 
 from anomnet.calibration import (
     PIXELS_PER_IMAGE,
+    SOURCES,
     Calibration,
     LabelledStatistics,
     ThresholdOptions,
     calibrate,
 )
-from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _subfolders, load_dataset
+from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _progress_bar, _subfolders, load_dataset
 from anomnet.detectors.base import Detector
 from anomnet.errors import ConfigError, DatasetError
 from anomnet.evaluate import run_predictions
@@ -47,6 +55,54 @@ from anomnet.segsearch import search_segmentation
 
 OPTION_FIELDS = {f.name for f in dataclasses.fields(ThresholdOptions)}
 POSTPROCESS_FIELDS = {f.name for f in dataclasses.fields(MaskPostprocess)}
+HASH_CHARS = 16  # hex digits of SHA-256 kept per training image (64 bits: no collision in practice)
+SUSPECT_Z = 5.0  # a training image is suspect when its left-out score lies this many robust stds above the median
+MAX_SUSPECTS = 5
+DEFAULT_FOLDS = 5
+# Calibration source per detector when none is asked for (measured, docs/decisions.md); others: holdout.
+DEFAULT_SOURCES = {"patchcore": "loo", "tocoad": "loo"}
+
+
+@dataclasses.dataclass
+class ImageStatistics:
+    """Image scores of some good images and a seeded sample of each one's map values, in the images' order."""
+
+    scores: np.ndarray
+    pixels: list[np.ndarray]
+
+    @classmethod
+    def empty(cls) -> ImageStatistics:
+        return cls(np.zeros(0, dtype=np.float64), [])
+
+    def __add__(self, other: ImageStatistics) -> ImageStatistics:
+        return ImageStatistics(np.concatenate([self.scores, other.scores]), self.pixels + other.pixels)
+
+    def pooled_pixels(self) -> np.ndarray:
+        return np.concatenate(self.pixels) if self.pixels else np.zeros(0, np.float32)
+
+
+def _pixel_sample(amap: torch.Tensor, per_image: int, g: torch.Generator) -> np.ndarray:
+    flat = amap.reshape(-1)
+    if flat.numel() > per_image:
+        flat = flat[torch.randperm(flat.numel(), generator=g)[:per_image]]
+    return flat.numpy().astype(np.float32, copy=False)
+
+
+def image_statistics(
+    detector: Detector,
+    samples: Sequence[Sample],
+    batch_size: int,
+    g: torch.Generator,
+    per_image: int = PIXELS_PER_IMAGE,
+    progress: str | None = None,
+) -> ImageStatistics:
+    """Scores and pixel samples of ``samples`` as the detector predicts them."""
+    scores: list[float] = []
+    pixels: list[np.ndarray] = []
+    for _, pred in run_predictions(detector, samples, batch_size, progress=progress):
+        scores.extend(pred.scores.tolist())
+        pixels.extend(_pixel_sample(amap, per_image, g) for amap in pred.maps)
+    return ImageStatistics(np.asarray(scores, dtype=np.float64), pixels)
 
 
 def validation_pixel_statistics(
@@ -57,17 +113,127 @@ def validation_pixel_statistics(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores of the good validation images and a seeded sample of up to ``per_image`` map values each."""
-    scores: list[float] = []
-    pixels: list[np.ndarray] = []
     g = torch.Generator().manual_seed(0)
-    for _, pred in run_predictions(detector, validation, batch_size, progress="calibrate" if progress else None):
-        scores.extend(pred.scores.tolist())
-        for amap in pred.maps:
-            flat = amap.reshape(-1)
-            if flat.numel() > per_image:
-                flat = flat[torch.randperm(flat.numel(), generator=g)[:per_image]]
-            pixels.append(flat.numpy().astype(np.float32, copy=False))
-    return np.asarray(scores, dtype=np.float64), (np.concatenate(pixels) if pixels else np.zeros(0, np.float32))
+    stats = image_statistics(detector, validation, batch_size, g, per_image, "calibrate" if progress else None)
+    return stats.scores, stats.pooled_pixels()
+
+
+def content_hash(path: str | Path) -> str:
+    """First :data:`HASH_CHARS` hex digits of the SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return digest.hexdigest()[:HASH_CHARS]
+
+
+def supports_leave_out(detector: Detector) -> bool:
+    """True when ``detector`` can score a training image without that image's own contribution."""
+    return bool(getattr(detector, "supports_leave_out", False))
+
+
+def leave_one_out_statistics(
+    detector: Detector,
+    samples: Sequence[Sample],
+    owners: Sequence[Sequence[int]],
+    g: torch.Generator,
+    per_image: int = PIXELS_PER_IMAGE,
+    progress: bool = False,
+) -> ImageStatistics:
+    """Each training image ``samples[i]`` scored with the bank patches of the training images ``owners[i]``
+    (itself, and any byte-identical copy) left out of every nearest-neighbour search: one pass, no refit."""
+    if not supports_leave_out(detector):
+        raise ConfigError(
+            f"the {detector.name} model cannot leave one training image out (it does not record which image each "
+            "part of it came from): calibrate with held-out images (--calibration holdout) or refit"
+        )
+    leave_out = detector.leave_out  # type: ignore[attr-defined]
+    stats = ImageStatistics.empty()
+    bar = _progress_bar("leave-one-out" if progress else None, len(samples))
+    for sample, own in zip(samples, owners):
+        with leave_out(own):
+            stats = stats + image_statistics(detector, [sample], 1, g, per_image)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return stats
+
+
+def same_image_owners(hashes: Sequence[str]) -> list[list[int]]:
+    """For each training image the positions of every training image with its content (itself first)."""
+    where: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        where.setdefault(h, []).append(i)
+    return [[i] + [j for j in where[h] if j != i] for i, h in enumerate(hashes)]
+
+
+def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
+    """The fold (0 .. folds-1) of each of ``n`` images: a seeded permutation dealt round-robin."""
+    if folds < 2:
+        raise ConfigError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if n < folds:
+        raise ConfigError(f"cross-fitting with {folds} folds needs at least {folds} training images, got {n}")
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return fold
+
+
+def out_of_fold_statistics(
+    make: Callable[[], Detector],
+    train: Sequence[Sample],
+    validation: Sequence[Sample],
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    per_image: int = PIXELS_PER_IMAGE,
+    progress: bool = False,
+) -> ImageStatistics:
+    """Cross-fitting: every training image scored by a fresh detector (``make()``) fitted on the other folds.
+
+    Returns the statistics in ``train``'s order. ``folds`` fits, each on ``(folds - 1) / folds`` of
+    the images; the final model is fitted on all of them by the caller.
+    """
+    fold = fold_assignment(len(train), folds, seed)
+    g = torch.Generator().manual_seed(0)
+    scores = np.zeros(len(train), dtype=np.float64)
+    pixels: list[np.ndarray] = [np.zeros(0, np.float32)] * len(train)
+    for f in range(folds):
+        inside = [s for s, k in zip(train, fold) if k != f]
+        held = [i for i, k in enumerate(fold) if k == f]
+        detector = make()
+        detector.fit(inside, validation, progress=progress)
+        bs = int(getattr(detector.config, "batch_size", 8))
+        stats = image_statistics(detector, [train[i] for i in held], bs, g, per_image)
+        for j, i in enumerate(held):
+            scores[i], pixels[i] = stats.scores[j], stats.pixels[j]
+    return ImageStatistics(scores, pixels)
+
+
+def find_suspects(
+    scores: np.ndarray, samples: Sequence[Sample], z: float = SUSPECT_Z, most: int = MAX_SUSPECTS
+) -> list[dict[str, Any]]:
+    """Training images whose left-out score ``s`` stands out: ``(s - median) / (1.4826 MAD) > z``, highest first.
+
+    The median and the median absolute deviation (MAD, scaled to a normal std) of the training images'
+    own left-out scores are barely moved by a few odd images, so a defective or wrong part among the
+    goods stands out against the rest. At most ``most`` are listed.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < 5:
+        return []
+    median = float(np.median(s))
+    spread = 1.4826 * float(np.median(np.abs(s - median)))
+    if spread <= 0:
+        spread = float(np.std(s)) or 1.0
+    robust = (s - median) / spread
+    order = [int(i) for i in np.argsort(-robust, kind="stable") if robust[i] > z][:most]
+    return [
+        {"rank": r + 1, "image": str(samples[i].path), "score": float(s[i]), "z": float(robust[i])}
+        for r, i in enumerate(order)
+    ]
 
 
 def labelled_statistics(
@@ -131,16 +297,83 @@ def calibrate_detector(
     postprocess: MaskPostprocess | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    *,
+    train: Sequence[Sample] | None = None,
+    source: str = "holdout",
+    out_of_fold: ImageStatistics | None = None,
 ) -> Calibration:
-    """Set ``detector.calibration`` from its good validation images (and a labelled set) and return it."""
+    """Set ``detector.calibration`` from its calibration images (and a labelled set) and return it.
+
+    ``source`` says which images calibrate (see :data:`anomnet.calibration.SOURCES`): ``holdout``
+    the good ``validation`` images only; ``loo`` also every ``train`` image, scored without its own
+    memory-bank patches (:func:`leave_one_out_statistics`); ``crossfit`` also every ``train`` image
+    with its ``out_of_fold`` statistics (:func:`out_of_fold_statistics`). The scores are pooled.
+    With ``train`` the calibration records their content hashes, and with training scores the
+    suspect training images (:func:`find_suspects`).
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"calibration source {source!r} unknown; use one of: {', '.join(SOURCES)}")
+    if source != "holdout" and train is None:
+        raise ConfigError(f"the {source} calibration needs the training images")
     bs: int = batch_size or int(getattr(detector.config, "batch_size", 8))
-    scores, pixels = validation_pixel_statistics(detector, validation, bs, progress=progress)
+    train = list(train or [])
+    hashes = [content_hash(s.path) for s in train]
+    g = torch.Generator().manual_seed(0)
+    own = ImageStatistics.empty()
+    if source == "loo":
+        own = leave_one_out_statistics(detector, train, same_image_owners(hashes), g, progress=progress)
+    elif source == "crossfit":
+        if out_of_fold is None or out_of_fold.scores.size != len(train):
+            raise ConfigError("the crossfit calibration needs the out-of-fold statistics of every training image")
+        own = out_of_fold
+    held = image_statistics(detector, validation, bs, g, progress="calibrate" if progress else None)
+    note = describe_source(source, len(own.scores), len(held.scores))
+    cal = _calibrate(detector, own + held, options, labelled, postprocess, bs, progress)
+    cal.source, cal.source_note, cal.training_hashes = source, note, hashes
+    cal.suspects = find_suspects(own.scores, train) if own.scores.size else []
+    detector.calibration = cal
+    return cal
+
+
+def describe_source(source: str, own: int, held: int, reused: int = 0, dropped: int = 0) -> str:
+    """The calibration set in words."""
+    parts = []
+    if own:
+        how = {
+            "loo": "each scored without its own memory-bank patches (leave-one-out)",
+            "crossfit": "each scored by a model fitted without its fold (cross-fitting)",
+        }[source]
+        parts.append(f"{own} training images, {how}")
+    if reused:
+        parts.append(f"{reused} of the given images were training images of this model: each scored leave-one-out")
+    if dropped:
+        parts.append(
+            f"{dropped} of the given images were training images of this model and are left out (a model scores "
+            "its own training images lower than new good images)"
+        )
+    if held or not parts:
+        parts.append(f"{held} good images held out of training")
+    return "; ".join(parts)
+
+
+def _calibrate(
+    detector: Detector,
+    stats: ImageStatistics,
+    options: ThresholdOptions | None,
+    labelled: Sequence[Sample] | str | Path | None,
+    postprocess: MaskPostprocess | None,
+    batch_size: int,
+    progress: bool,
+) -> Calibration:
     search = options is not None and options.pixel_method == "segf1"
-    lab = _labelled(detector, labelled, bs, progress, search)
-    detector.calibration = calibrate(
-        scores, map_values=pixels, options=options or ThresholdOptions(), labelled=lab, postprocess=postprocess
+    lab = _labelled(detector, labelled, batch_size, progress, search)
+    return calibrate(
+        stats.scores,
+        map_values=stats.pooled_pixels(),
+        options=options or ThresholdOptions(),
+        labelled=lab,
+        postprocess=postprocess,
     )
-    return detector.calibration
 
 
 def _labelled(
@@ -173,8 +406,10 @@ def recalibrate(
     """New threshold choices / post-processing on a fitted detector, without refitting.
 
     ``changes`` holds :class:`ThresholdOptions` and :class:`MaskPostprocess` field names (others
-    keep their current values). With ``validation`` the validation statistics are recomputed
-    first (e.g. for a model saved before pixel statistics existed); otherwise the stored ones are used.
+    keep their current values). With ``validation`` the calibration statistics are recomputed
+    first from those good images; any of them the model was trained on (found by content hash) is
+    scored leave-one-out where the model can do that, else left out -- a model's own training
+    images score lower than new good images. Otherwise the stored statistics are used.
     """
     unknown = sorted(set(changes) - OPTION_FIELDS - POSTPROCESS_FIELDS)
     if unknown:
@@ -186,16 +421,60 @@ def recalibrate(
     options = dataclasses.replace(old.options, **{k: v for k, v in changes.items() if k in OPTION_FIELDS})
     post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
     if validation is not None:
-        if not validation and options.image_method != "fixed":
-            raise ConfigError(
-                "no good validation images to calibrate the threshold on (--val-fraction 0 or too few training "
-                "images): hold some out (--val-fraction 0.1), or give a fixed threshold (--image-threshold fixed)"
-            )
-        return calibrate_detector(detector, validation, options, labelled, post, progress=progress)
+        return _recalibrate_on(detector, validation, options, labelled, post, progress)
     bs = getattr(detector.config, "batch_size", 8)
     lab = _labelled(detector, labelled, bs, progress, options.pixel_method == "segf1")
     detector.calibration = old.rethreshold(options, lab, post)
     return detector.calibration
+
+
+def _recalibrate_on(
+    detector: Detector,
+    images: Sequence[Sample],
+    options: ThresholdOptions,
+    labelled: Sequence[Sample] | str | Path | None,
+    post: MaskPostprocess,
+    progress: bool,
+) -> Calibration:
+    """Calibration statistics recomputed from good ``images``; training images among them found by hash."""
+    old = detector.calibration
+    positions: dict[str, list[int]] = {}
+    for i, h in enumerate(old.training_hashes):
+        positions.setdefault(h, []).append(i)
+    trained: list[tuple[int, Sample]] = []
+    fresh: list[Sample] = []
+    for sample in images:
+        h = content_hash(sample.path) if positions else ""
+        if h in positions:
+            trained.append((positions[h][0], sample))
+        else:
+            fresh.append(sample)
+    trained.sort(key=lambda t: t[0])  # training order, as at fit: the same data gives the same calibration
+    loo = bool(trained) and supports_leave_out(detector)
+    if not fresh and not loo and options.image_method != "fixed":
+        raise ConfigError(
+            "no good calibration images left: "
+            + (f"all {len(trained)} given images were training images of this model; " if trained else "")
+            + "give good images it was not trained on, or a fixed threshold (--image-threshold fixed)"
+        )
+    bs = int(getattr(detector.config, "batch_size", 8))
+    g = torch.Generator().manual_seed(0)
+    own = ImageStatistics.empty()
+    if loo:
+        owners = [positions[old.training_hashes[i]] for i, _ in trained]
+        own = leave_one_out_statistics(detector, [s for _, s in trained], owners, g, progress=progress)
+    held = image_statistics(detector, fresh, bs, g, progress="calibrate" if progress else None)
+    all_training = loo and len(trained) == len(old.training_hashes)
+    if all_training:  # the model's whole training set, leave-one-out: as at fit
+        note = describe_source("loo", len(trained), len(fresh))
+    else:
+        note = describe_source("loo", 0, len(fresh), len(trained) if loo else 0, 0 if loo else len(trained))
+    cal = _calibrate(detector, own + held, options, labelled, post, bs, progress)
+    cal.source = "loo" if loo else "holdout"
+    cal.source_note, cal.training_hashes, cal.excluded = note, old.training_hashes, old.excluded
+    cal.suspects = find_suspects(own.scores, [s for _, s in trained]) if all_training else []
+    detector.calibration = cal
+    return cal
 
 
 def load_labelled(path: str | Path) -> list[Sample]:

@@ -72,6 +72,7 @@ class NearestNeighbors:
         if backend in ("faiss", "ivf") and not faiss_available():
             raise ConfigError(f"nn_backend {backend!r} needs the faiss-cpu package ({pip_command('faiss-cpu')})")
         self.backend = backend
+        self.probe = probe
         self.bank = bank.detach().float().contiguous()
         self.chunk = chunk
         self.centroids: torch.Tensor | None = None
@@ -107,6 +108,19 @@ class NearestNeighbors:
 
     def __len__(self) -> int:
         return self.bank.shape[0]
+
+    def subset(self, keep: torch.Tensor) -> NearestNeighbors:
+        """The same search over the bank rows where ``keep`` (bool ``[M]``) is true.
+
+        An IVF index keeps its cells (the same centroids and ``probe``), so the subset is searched the
+        way the whole bank is, only without the rows left out; the other backends search exactly.
+        Indices returned by the subset's :meth:`search` refer to ``bank[keep]``.
+        """
+        if keep.shape != (len(self),):
+            raise ConfigError(f"subset mask must be [{len(self)}], got {tuple(keep.shape)}")
+        if not bool(keep.any()):
+            raise ConfigError("a subset of the memory bank needs at least one vector")
+        return NearestNeighbors(self.bank[keep], self.backend, self.probe, self.centroids, self.chunk)
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances ``[N, k]`` and indices ``[N, k]`` (int64) of the ``k`` nearest bank vectors."""

@@ -9,11 +9,13 @@ Gaussian-smoothed (sigma 4).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from anomnet import tiling
 from anomnet.backbones import backbone_state, build_backbone, get_backbone_info, load_backbone_state
 from anomnet.components import PatchFeatures, faiss_available, greedy_coreset
 from anomnet.components.nn_search import NearestNeighbors
@@ -22,6 +24,7 @@ from anomnet.detectors.base import Detector, register
 from anomnet.detectors.patchcore.config import PatchCoreConfig
 from anomnet.detectors.patchcore.model import PatchCoreModel
 from anomnet.errors import ConfigError, NotFittedError
+from anomnet.io import image_size
 from anomnet.training import PhaseRecord, timed_phase
 
 BACKBONE_PREFIX = "backbone."
@@ -93,25 +96,33 @@ class PatchCore(Detector):
         extract = extract or self.extract
         chunk = self.config.coreset_chunk
         buf: torch.Tensor | None = None
+        owner_buf = torch.empty(0, dtype=torch.int32)
         filled = 0
         kept: list[torch.Tensor] = []
+        kept_owner: list[torch.Tensor] = []
         bar = "features" if progress else None
         t_features = t_coreset = 0.0
+        owners = _InputOwners(self._inputs_per_image(train), self.config.train_rotations)
         clock = time.perf_counter()
         for images in self.training_batches(train, bar):  # whole images, or tiles
             f = extract(images)
+            o = owners.next_batch(int(images.shape[0])).repeat_interleave(f.shape[1] * f.shape[2])
             f = f.reshape(-1, f.shape[-1])
             while f.shape[0]:
                 if buf is None:  # allocated once: patches per image are fixed by the input size
                     per_image = f.shape[0] // images.shape[0]
                     buf = torch.empty(min(chunk, per_image * self.training_count(train)), f.shape[1])
+                    owner_buf = torch.empty(buf.shape[0], dtype=torch.int32)
                 take = min(buf.shape[0] - filled, f.shape[0])
                 buf[filled : filled + take] = f[:take]
-                filled, f = filled + take, f[take:]
+                owner_buf[filled : filled + take] = o[:take]
+                filled, f, o = filled + take, f[take:], o[take:]
                 if filled == buf.shape[0]:
                     now = time.perf_counter()
                     t_features += now - clock
-                    kept.append(self._subsample(buf[:filled], progress))
+                    idx = self._subsample(buf[:filled], progress)
+                    kept.append(buf[idx].clone())
+                    kept_owner.append(owner_buf[idx].clone())
                     clock = time.perf_counter()
                     t_coreset += clock - now
                     filled = 0
@@ -120,7 +131,9 @@ class PatchCore(Detector):
         if buf is None:
             raise ConfigError("PatchCore got no training inputs")
         if filled:
-            kept.append(self._subsample(buf[:filled], progress))
+            idx = self._subsample(buf[:filled], progress)
+            kept.append(buf[idx].clone())
+            kept_owner.append(owner_buf[idx].clone())
         t_coreset += time.perf_counter() - now
         del buf
         self.fit_record.phases.append(PhaseRecord(name="features", seconds=t_features))
@@ -128,13 +141,29 @@ class PatchCore(Detector):
         bank = torch.cat(kept) if len(kept) > 1 else kept[0]
         with timed_phase(self.fit_record, "index", patches=int(bank.shape[0])):
             self.model.set_bank(bank, self.config.nn_backend, self.config.nn_probe)
+        self.model.bank_owner = torch.cat(kept_owner) if owners.complete() else None
+
+    def _inputs_per_image(self, train: Sequence[Sample]) -> list[int]:
+        """How many inputs (1, or its tiles) :meth:`training_batches` yields per image, in one pose."""
+        if self.tiling is None:
+            return [1] * len(train)
+        return [tiling.count_tiles(image_size(s.path), self.tiling) for s in train]
 
     def _subsample(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
-        """Coreset of one chunk of patch features (a copy, so the chunk buffer can be reused)."""
+        """Row indices of the coreset of one chunk of patch features."""
         c = self.config
         count = max(1, int(round(c.coreset_ratio * features.shape[0])))
-        idx = greedy_coreset(features, count, c.coreset_projection, c.seed, progress=progress)
-        return features[idx].clone()
+        return greedy_coreset(features, count, c.coreset_projection, c.seed, progress=progress)
+
+    # -- leave-one-image-out -------------------------------------------------------------
+    @property
+    def supports_leave_out(self) -> bool:
+        """True when the bank records which training image each patch came from."""
+        return self.model.bank_owner is not None
+
+    def leave_out(self, images: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """Predict, within the block, as if the training images at the positions ``images`` were not in the bank."""
+        return self.model.leave_out(images)
 
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +174,8 @@ class PatchCore(Detector):
         if self.model.memory_bank is None or self.model.nn is None:
             raise NotFittedError("PatchCore is not fitted: nothing to save")
         tensors = {"memory_bank": self.model.memory_bank}
+        if self.model.bank_owner is not None:
+            tensors["bank_owner"] = self.model.bank_owner
         if self.model.nn.centroids is not None:
             tensors["nn_centroids"] = self.model.nn.centroids
         backbone = self.features.backbone
@@ -162,3 +193,38 @@ class PatchCore(Detector):
         if backend == "auto":  # search the way the fitted model did: IVF cells saved, or an exact index
             backend = "ivf" if "nn_centroids" in tensors else ("faiss" if faiss_available() else "exact")
         self.model.set_bank(bank, backend, self.config.nn_probe, tensors.get("nn_centroids"))
+        owner = tensors.get("bank_owner")
+        if owner is not None and owner.shape != (bank.shape[0],):
+            raise ConfigError(f"bank_owner has shape {tuple(owner.shape)}, the bank {bank.shape[0]} rows")
+        self.model.bank_owner = None if owner is None else owner.to(torch.int32)
+
+
+class _InputOwners:
+    """The training image of each input :meth:`Detector.training_batches` yields, batch by batch.
+
+    Inputs come image by image (``per_image[i]`` inputs for image ``i``: 1, or its tiles), a batch
+    at a time; with ``rotations`` > 1 each batch comes again in every turned pose.
+    """
+
+    def __init__(self, per_image: Sequence[int], rotations: int) -> None:
+        self.owner = torch.repeat_interleave(
+            torch.arange(len(per_image), dtype=torch.int32), torch.as_tensor(per_image, dtype=torch.int64)
+        )
+        self.rotations = rotations
+        self.pos = 0
+        self.batches = 0
+        self.current = torch.empty(0, dtype=torch.int32)
+        self.consistent = True
+
+    def next_batch(self, size: int) -> torch.Tensor:
+        if self.batches % self.rotations == 0:
+            self.current = self.owner[self.pos : self.pos + size]
+            self.pos += size
+        self.batches += 1
+        if self.current.numel() != size:  # the counts did not match the batches: owners unknown
+            self.consistent = False
+            return torch.full((size,), -1, dtype=torch.int32)
+        return self.current
+
+    def complete(self) -> bool:
+        return self.consistent and self.pos == self.owner.numel()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import nn
 
 from anomnet.components import NearestNeighbors, PatchFeatures, gaussian_blur
-from anomnet.errors import NotFittedError
+from anomnet.errors import ConfigError, NotFittedError
 from anomnet.transforms import upsample_maps
 
 
@@ -20,6 +23,8 @@ class PatchCoreModel(nn.Module):
         self.blur_sigma = blur_sigma
         self.memory_bank: torch.Tensor | None = None
         self.nn: NearestNeighbors | None = None
+        # index of the training image each bank row came from (leave-one-image-out scoring); None: unknown
+        self.bank_owner: torch.Tensor | None = None
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images -> patch features ``[B, h, w, D]``."""
@@ -29,6 +34,27 @@ class PatchCoreModel(nn.Module):
     def set_bank(self, bank: torch.Tensor, backend: str, probe: int, centroids: torch.Tensor | None = None) -> None:
         self.memory_bank = bank
         self.nn = NearestNeighbors(bank, backend, probe, centroids)
+
+    @contextlib.contextmanager
+    def leave_out(self, owners: Sequence[int]) -> Iterator[None]:
+        """Within the block the bank lacks the rows of the training images ``owners``.
+
+        Every search (the nearest bank patch and eq. 7's support) then runs on the rest of the bank
+        the way it runs on the whole one (an IVF index keeps its cells), so any predict path (tiling,
+        rotations, padding) scores an image as if it had not been in the bank's training set.
+        """
+        if self.nn is None or self.memory_bank is None:
+            raise NotFittedError("PatchCore is not fitted: call fit() or load a saved model")
+        if self.bank_owner is None:
+            raise ConfigError("this model does not record which training image each bank patch came from")
+        keep = ~torch.isin(self.bank_owner, torch.as_tensor(list(owners), dtype=self.bank_owner.dtype))
+        saved = (self.memory_bank, self.nn)
+        if not bool(keep.all()):
+            self.memory_bank, self.nn = saved[0][keep], saved[1].subset(keep)
+        try:
+            yield
+        finally:
+            self.memory_bank, self.nn = saved
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.nn is None or self.memory_bank is None:
