@@ -239,3 +239,40 @@ def test_review_page_asks_for_the_api_key(tmp_path: Path) -> None:
         finally:
             browser.close()
     assert len(list((tmp_path / "review" / "fake" / "good").iterdir())) == 1
+
+
+def test_review_page_opens_with_the_models_own_decisions_and_shows_the_threshold(tmp_path: Path) -> None:
+    """A mean-std threshold: the page starts from the service's decisions, never its own p-value rule."""
+    from test_serve import FakeScorer, png
+
+    scorer = FakeScorer()
+    scorer.calibration.image_method = "mean-std"  # threshold 0.5 on validation scores 0.1, 0.2, 0.3
+    image = tmp_path / "dim.png"
+    image.write_bytes(png(90, (40, 60)))  # score 90/255 = 0.35: good by the threshold, p-value 1/4
+    app = create_app({"fake": scorer})
+    with background_server(app) as url, sync_playwright() as pw:
+        expected = httpx.post(
+            f"{url}/v1/models/fake/predict", files={"file": (image.name, image.read_bytes(), "image/png")}
+        ).json()["results"][0]
+        assert expected["decision"] == "good" and expected["p_value"] == 0.25 and expected["threshold"] == 0.5
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#model option[value=fake]", state="attached")
+            expect(page.locator("#model-info")).to_contain_text("score threshold 0.50000 (mean-std")
+            page.set_input_files("#files", [str(image)])
+            card = page.locator("#cards .card[data-decision]")
+            expect(card).to_have_count(1)
+            assert card.get_attribute("data-decision") == "good"  # the service's decision
+            assert not _cards(page)[0]["flipped"]
+            assert "threshold 0.50000" in card.locator(".numbers").inner_text()
+            assert page.locator("#rate-value").inner_text() == "the model's threshold"
+            page.locator("#rate").focus()
+            page.keyboard.press("End")  # the slider: a conformal rule at 100 % flags it, a flip
+            assert card.get_attribute("data-decision") == "defective" and _cards(page)[0]["flipped"]
+            page.locator("#at-model").click()  # and back to the model's own threshold
+            assert card.get_attribute("data-decision") == "good"
+            assert page.locator("#summary").get_attribute("data-flips") == "0"
+        finally:
+            browser.close()

@@ -10,6 +10,7 @@
     items: [],        // {id, file, name, result, error, mark, markFile, order}
     review: false,    // marks can be saved (the server has a review folder)
     nextOrder: 0,
+    atModel: true,    // decisions are the model's own (from the service); false once the slider moved
   };
   const MARK_TEXT = {
     false_alarm: "false alarm",
@@ -67,8 +68,11 @@
     if (!model) return;
     const n = model.validation_images;
     $("model-info").textContent =
-      `${model.image_method} threshold, ${n} good validation images, ` +
-      `false-alarm rate ${percent(model.achieved_false_alarm)} (asked ${percent(model.max_false_alarm)})`;
+      `score threshold ${number(model.threshold)} (${model.image_method}; a score at or above it is defective), ` +
+      `${n} good validation images, false-alarm rate ${percent(model.achieved_false_alarm)} ` +
+      `(asked ${percent(model.max_false_alarm)})` + (model.version ? `, version ${model.version}` : "");
+    $("model-info").dataset.threshold = String(model.threshold);
+    state.atModel = true;
     const rate = $("rate");
     rate.min = "1";
     rate.max = String(n + 1);
@@ -79,6 +83,16 @@
       ? "Marks are saved on the server as a labelled validation folder (good/ and defective/) " +
         "for `anomnet calibrate --labelled`."
       : "This server has no review folder (--review-dir): marks cannot be saved.";
+    render();
+  }
+
+  function toModel() {
+    state.atModel = true;
+    render();
+  }
+
+  function fromSlider() {
+    state.atModel = false;
     render();
   }
 
@@ -155,6 +169,10 @@
     return `${p >= 10 ? p.toFixed(0) : p >= 1 ? p.toFixed(1) : p.toPrecision(2)} %`;
   }
 
+  function number(x) {
+    return x === null || x === undefined ? "-" : Number(x).toPrecision(5);
+  }
+
   function setStatus(text) { $("status").textContent = text; }
 
   function sorted(items) {
@@ -169,7 +187,12 @@
 
   function render() {
     const rate = currentRate();
-    $("rate-value").textContent = state.model ? percent(rate) : "";
+    // At first the cards show the service's decisions (the model's own threshold, whatever its method);
+    // the slider then shows what a conformal threshold at another false-alarm rate would decide.
+    const atModel = state.atModel;
+    $("rate-value").textContent = !state.model ? "" : atModel ? "the model's threshold" : percent(rate);
+    $("rate-value").dataset.atModel = String(atModel);
+    $("at-model").disabled = atModel;
     const scored = state.items.filter((it) => it.result);
     let flagged = 0;
     let flips = 0;
@@ -187,7 +210,7 @@
         cards.appendChild(card);
         continue;
       }
-      const defective = r.p_value !== null && r.p_value <= rate + 1e-12;
+      const defective = atModel ? r.defective : r.p_value !== null && r.p_value <= rate + 1e-12;
       const flipped = defective !== r.defective;
       flagged += defective ? 1 : 0;
       flips += flipped ? 1 : 0;
@@ -198,7 +221,7 @@
       card.querySelector(".decision").textContent = defective ? "defective" : "good";
       const regions = r.regions.length;
       card.querySelector(".numbers").textContent =
-        `score ${r.score.toPrecision(5)} · p ${r.p_value.toPrecision(3)} · ` +
+        `score ${r.score.toPrecision(5)} (threshold ${number(r.threshold)}) · p ${r.p_value.toPrecision(3)} · ` +
         `${r.defect_pixels} defect px · ${regions} region${regions === 1 ? "" : "s"}`;
       const overlayImg = card.querySelector(".overlay");
       overlayImg.src = `data:image/png;base64,${r.overlay_png}`;
@@ -233,14 +256,15 @@
     summary.dataset.flagged = String(flagged);
     summary.dataset.flips = String(flips);
     summary.textContent = scored.length
-      ? `${flagged} of ${scored.length} flagged at this rate; ${flips} flip${flips === 1 ? "s" : ""} ` +
-        `against the model's threshold`
+      ? `${flagged} of ${scored.length} flagged ${atModel ? "by the model's threshold" : "at this rate"}; ` +
+        `${flips} flip${flips === 1 ? "" : "s"} against the model's threshold`
       : "";
   }
 
   // ---------------------------------------------------------------- wiring
   $("model").addEventListener("change", (e) => chooseModel(e.target.value));
-  $("rate").addEventListener("input", render);
+  $("rate").addEventListener("input", fromSlider);
+  $("at-model").addEventListener("click", toModel);
   $("sort").addEventListener("change", render);
   $("files").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
   $("api-key").addEventListener("change", (e) => {
