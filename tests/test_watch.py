@@ -597,6 +597,117 @@ def test_killed_watcher_process_restarts_without_double_or_missed_rows(
     assert json.loads((out / STATE_FILE).read_text())["claims"] == []
 
 
+# -- hostile inboxes -------------------------------------------------------------------------------
+
+
+def test_a_deleted_inbox_stops_the_watcher_with_a_clear_line(tmp_path: Path) -> None:
+    import shutil
+
+    from anomnet.watch.folder import InboxGone
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(png_bytes(1))
+    lines: list[str] = []
+    caught: list[BaseException] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        with HotFolder(FakeScorer(), inbox, out, FAST, log=lines.append) as folder:
+            try:
+                folder.run(stop=stop)
+            except InboxGone as exc:
+                caught.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not rows(out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shutil.rmtree(inbox)
+        thread.join(10)
+        assert not thread.is_alive(), "the watcher kept polling a deleted inbox"
+    finally:
+        stop.set()
+        thread.join(10)
+    (exc,) = caught
+    assert exc.summary.processed == 1 and "disappeared" in str(exc) and isinstance(exc, WatchError)
+    assert any(line.startswith("STOPPED    the inbox") and "is gone" in line for line in lines), lines
+    assert len(rows(out)) == 1 and (out / "processed" / "a.png").is_file()
+
+
+def test_a_link_in_the_inbox_is_skipped_and_said_once(tmp_path: Path) -> None:
+    inbox, out, outside = tmp_path / "inbox", tmp_path / "out", tmp_path / "secret"
+    inbox.mkdir()
+    outside.mkdir()
+    (outside / "private.png").write_bytes(png_bytes(2))
+    (inbox / "link.png").symlink_to(outside / "private.png")
+    (inbox / "real.png").write_bytes(png_bytes(3))
+    lines: list[str] = []
+    with HotFolder(FakeScorer(), inbox, out, FAST, log=lines.append) as folder:
+        folder.run(once=True)
+        folder.poll()
+        folder.poll()
+    assert sources(out) == ["real.png"]
+    said = [line for line in lines if "link.png" in line]
+    assert len(said) == 1 and said[0].startswith("SKIPPED    link.png: a symbolic link (to "), said
+    assert "never followed" in said[0]
+    assert (inbox / "link.png").is_symlink() and (outside / "private.png").is_file()  # neither moved nor read
+
+
+def test_a_name_that_is_not_utf8_with_a_strict_utf8_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    name = os.fsdecode(b"part\xff17.png")  # a Latin-1 name from a camera station's share
+    (inbox / name).write_bytes(png_bytes(4))
+    console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # PYTHONIOENCODING=utf-8
+    monkeypatch.setattr(sys, "stdout", console)
+    with HotFolder(FakeScorer(), inbox, out, FAST) as folder:  # the default log prints to stdout
+        assert folder.run(once=True).processed == 1
+    console.flush()
+    printed = console.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
+    assert "part\\xff17.png" in printed and "stopped: 1 files processed" in printed
+    assert list(inbox.iterdir()) == [] and len(list((out / "processed").iterdir())) == 1
+    assert json.loads((out / "results.jsonl").read_text())["source"] == str(inbox / name)
+
+
+class KillingScorer(FakeScorer):
+    """Dies (as a decoder crash or the out-of-memory killer would kill the process) on images 30 px wide."""
+
+    def score_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if images.shape[2] == 30:
+            raise Killed("the process died while scoring")
+        return super().score_arrays(images)
+
+
+def test_a_file_that_kills_the_watcher_becomes_an_error_row_not_a_crash_loop(tmp_path: Path) -> None:
+    from anomnet.watch.folder import MAX_SCORING_ATTEMPTS
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(png_bytes(5))
+    (inbox / "b_bomb.png").write_bytes(png_bytes(6, size=30))
+    (inbox / "c.png").write_bytes(png_bytes(7))
+    kills = 0
+    for _ in range(MAX_SCORING_ATTEMPTS + 2):  # each start is a restart by the service manager
+        folder = HotFolder(KillingScorer(batch_size=2), inbox, out, FAST, log=quiet)
+        try:
+            folder.run(once=True)
+            break
+        except Killed:
+            kills += 1
+        finally:
+            folder.close()
+    assert kills == MAX_SCORING_ATTEMPTS, "a file that kills the watcher each time must stop being retried"
+    js = {Path(r["source"]).name: r for r in check_journal(out)}
+    assert sorted(js) == ["a.png", "b_bomb.png", "c.png"]
+    assert js["a.png"]["error"] is None and js["c.png"]["error"] is None
+    assert js["b_bomb.png"]["score"] is None and "died" in js["b_bomb.png"]["error"]
+    assert js["b_bomb.png"]["path"] == str(out / "errors" / "b_bomb.png")
+    assert json.loads((out / STATE_FILE).read_text())["claims"] == []
+
+
 def test_importing_the_hot_folder_needs_no_torch() -> None:
     code = "import sys, anomnet.watch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -12,8 +12,15 @@ batch of settled files
 4. **move** each file (:func:`anomnet.watch.moves.finish_move`), then drop the claims.
 
 A restart first finishes what the state file lists (:meth:`HotFolder.recover`): claims with a row
-are only moved, claims without one are scored again under the name they were given. So a kill
-at any point ends in exactly one row per file. docs/watch.md walks through each crash window.
+are only moved, claims without one are scored again, one at a time, under the name they were given.
+So a kill at any point ends in exactly one row per file. A file whose scoring was under way each
+time the watcher died (:data:`MAX_SCORING_ATTEMPTS`: a decoder crash, the out-of-memory killer)
+gets an error row instead of a third try: one bad file cannot keep the line in a crash loop.
+docs/watch.md walks through each crash window.
+
+The watcher never follows a symbolic link in the inbox (it says so, once per link), stops with a
+clear message when the inbox itself disappears, and prints file names that are not valid text
+with escapes (``\xff``), so a strict UTF-8 console never stops it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,15 +45,58 @@ from anomnet.inputs import InputImage
 from anomnet.outputs import output_files, score_and_write
 from anomnet.scoring import ImagePrediction, Scorer, load_scorer
 from anomnet.watch.inbox import SettleTracker, Signature, scan, signature
-from anomnet.watch.journal import CLAIMED, RECORDED, Claim, Journal
+from anomnet.watch.journal import CLAIMED, RECORDED, Claim, Journal, WatchError
 from anomnet.watch.moves import MoveResult, finish_move, free_path, sync_folder
 
 Log = Callable[[str], None]
 
+MAX_SCORING_ATTEMPTS = 3
+"""A file whose scoring was under way this many times when the watcher died gets an error row, not another try
+(three: a kill by hand that lands on a file twice, once in a batch and once while it is retried alone, is not
+the file's doing; a file that kills the decoder does so every time)."""
+
 
 def print_log(message: str) -> None:
-    """The default log: one time-stamped line on stdout, flushed at once (readable through a pipe or a service log)."""
-    print(f"{datetime.now():%Y-%m-%d %H:%M:%S}  {message}", flush=True)
+    """The default log: one time-stamped line on stdout, flushed at once (readable through a pipe or a service log).
+
+    Whatever the console's encoding, the line is printed: what it cannot show is escaped.
+    """
+    line = f"{datetime.now():%Y-%m-%d %H:%M:%S}  {message}"
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        line.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        line = line.encode(encoding if _known(encoding) else "ascii", "backslashreplace").decode(
+            encoding if _known(encoding) else "ascii"
+        )
+    print(line, flush=True)
+
+
+def _known(encoding: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A file name as it can be printed anywhere: bytes that are not UTF-8 as ``\\xff``, control characters escaped."""
+    try:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name's bytes
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in shown)
+
+
+class InboxGone(WatchError):
+    """The inbox folder disappeared while the watcher ran (deleted, renamed or unmounted)."""
+
+    def __init__(self, message: str, summary: WatchSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -100,6 +151,7 @@ class HotFolder:
         self.state = self.journal.load_state()
         self.tracker = SettleTracker(self.options.settle)
         self.summary = WatchSummary()
+        self._links: set[Path] = set()  # symbolic links already reported
         self._seen: set[tuple[str, int, int]] = set()
         if self.options.keep:
             for rec in self.journal.records():
@@ -140,14 +192,26 @@ class HotFolder:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, once: bool = False, stop: threading.Event | None = None) -> WatchSummary:
-        """Recover, then poll until ``stop`` is set (or, with ``once``, until no file is left to score)."""
+        """Recover, then poll until ``stop`` is set (or, with ``once``, until no file is left to score).
+
+        Raises:
+            InboxGone: the inbox folder disappeared (after the files already taken were recorded and moved).
+        """
         stop = stop or threading.Event()
         settle = f"settle {self.options.settle:g} s" if self.options.settle else "files scored at first sight"
         where = "left in the inbox" if self.options.keep else f"moved to {self.done_dir} (errors: {self.error_dir})"
         self.log(f"watching {self.inbox} -> {self.out} ({settle}; processed files {where})")
+        gone = False
         with _stop_on_signals(stop, self.log):
             self.recover()
             while not stop.is_set():
+                if not os.path.isdir(self.inbox):
+                    gone = True
+                    self.log(
+                        f"STOPPED    the inbox {self.inbox} is gone (deleted, renamed or unmounted): no file can "
+                        "arrive; every file taken before is recorded. Start the watcher again once the inbox is back"
+                    )
+                    break
                 handled, waiting = self.poll(stop)
                 if once and not handled and not waiting:
                     break
@@ -155,6 +219,8 @@ class HotFolder:
                     stop.wait(self.options.poll)
         s = self.summary
         self.log(f"stopped: {s.processed} files processed, {s.defective} defective, {s.errors} failed")
+        if gone:
+            raise InboxGone(f"the inbox {self.inbox} disappeared while it was watched (see the log above)", s)
         return s
 
     def poll(self, stop: threading.Event | None = None) -> tuple[int, int]:
@@ -164,7 +230,7 @@ class HotFolder:
         claimed = {c.source for c in self.state.claims}
         paths = [
             p
-            for p in scan(self.inbox, self.options.recursive, [self.out, self.done_dir, self.error_dir])
+            for p in scan(self.inbox, self.options.recursive, [self.out, self.done_dir, self.error_dir], self._link)
             if str(p) not in claimed
         ]
         if self.options.keep:
@@ -178,6 +244,20 @@ class HotFolder:
                 break
             handled += self._process(ready[start : start + batch])
         return handled, waiting
+
+    def _link(self, path: Path) -> None:
+        """Say once per link that it is skipped (a link could lead anywhere: it is never followed)."""
+        if path in self._links:
+            return
+        self._links.add(path)
+        try:
+            target = printable(os.readlink(path))
+        except OSError:
+            target = "?"
+        self.log(
+            f"SKIPPED    {self._show(str(path))}: a symbolic link (to {target}); links are never followed, "
+            "copy or move the file itself into the inbox"
+        )
 
     def _is_seen(self, path: Path) -> bool:
         sig = signature(path)
@@ -214,11 +294,15 @@ class HotFolder:
             unique = f"{name}__{n}"
         return unique
 
-    def _score_and_record(self, claims: list[Claim]) -> list[Claim]:
-        """Score the claimed files, write their outputs and rows; returns the claims now recorded."""
+    def _score_and_record(self, claims: list[Claim], alone: bool = False) -> list[Claim]:
+        """Score the claimed files, write their outputs and rows; returns the claims now recorded.
+
+        ``alone`` (one claim, after a restart): its try is counted in the state file before and after
+        scoring, and a file already tried :data:`MAX_SCORING_ATTEMPTS` times gets an error row instead.
+        """
         if not claims:
             return []
-        rows = self._score(claims)
+        rows = [self._score_alone(claims[0])] if alone else self._score(claims)
         self._checkpoint("scored")
         records: list[dict[str, Any]] = []
         recorded: list[Claim] = []
@@ -265,6 +349,20 @@ class HotFolder:
             return score_and_write(self.scorer, items, self.out, self.options.raw_maps)
         except Exception:  # noqa: BLE001 - one bad file must not stop the line: find it
             return [self._score_one(item) for item in items]
+
+    def _score_alone(self, claim: Claim) -> ImagePrediction:
+        if claim.attempts >= MAX_SCORING_ATTEMPTS:
+            return ImagePrediction(
+                claim.source,
+                error=f"not scored: the watcher died (killed, out of memory or crashed) while scoring this file, "
+                f"{claim.attempts} times; it is not tried again",
+            )
+        claim.attempts += 1
+        self.journal.save_state(self.state)
+        row = self._score([claim])[0]
+        claim.attempts -= 1  # it returned: whatever stops the watcher now is not this file's doing
+        self.journal.save_state(self.state)
+        return row
 
     def _score_one(self, item: InputImage) -> ImagePrediction:
         try:
@@ -366,7 +464,8 @@ class HotFolder:
             f"resuming: {len(self.state.claims)} files the last run did not finish "
             f"({again} to score again, {len(self.state.claims) - again} already recorded, to move)"
         )
-        self._score_and_record([c for c in self.state.claims if c.stage == CLAIMED])
+        for claim in [c for c in self.state.claims if c.stage == CLAIMED]:  # alone: a file that kills is found
+            self._score_and_record([claim], alone=True)
         self._finish([c for c in self.state.claims if c.stage == RECORDED])
 
     # -- helpers ------------------------------------------------------------------------------
@@ -381,14 +480,15 @@ class HotFolder:
             return Path(path.name)
 
     def _show(self, path: str | None) -> str:
+        """A path as the log shows it: relative to the inbox or the output folder, escaped where not text."""
         if path is None:
             return "-"
         p = Path(path)
         for base in (self.inbox, self.out):
             if p.is_relative_to(base):
                 rel = p.relative_to(base).as_posix()
-                return rel if base == self.inbox else f"{self.out.name}/{rel}"
-        return str(p)
+                return printable(rel if base == self.inbox else f"{self.out.name}/{rel}")
+        return printable(str(p))
 
 
 def _seen_key(source: Any, size: Any, mtime_ns: Any) -> tuple[str, int, int]:

@@ -66,20 +66,29 @@ def signature(path: Path) -> Signature | None:
     return Signature(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def scan(inbox: Path, recursive: bool, skip: Iterable[Path] = ()) -> list[Path]:
-    """Candidate files in ``inbox`` (regular files, sorted); hidden folders and ``skip`` folders are not entered."""
+def scan(
+    inbox: Path, recursive: bool, skip: Iterable[Path] = (), on_link: Callable[[Path], None] | None = None
+) -> list[Path]:
+    """Candidate files in ``inbox`` (regular files, sorted); hidden folders and ``skip`` folders are not entered.
+
+    Symbolic links are never followed (one could lead anywhere on the machine): ``on_link`` is told of
+    each link with a candidate's name (or, with ``recursive``, any link that is not hidden).
+    """
     skipped = {os.path.realpath(p) for p in skip}
-    return sorted(_walk(inbox, recursive, skipped))
+    return sorted(_walk(inbox, recursive, skipped, on_link))
 
 
-def _walk(folder: Path, recursive: bool, skipped: set[str]) -> Iterator[Path]:
+def _walk(folder: Path, recursive: bool, skipped: set[str], on_link: Callable[[Path], None] | None) -> Iterator[Path]:
     try:
         entries = list(os.scandir(folder))
     except OSError:  # the folder vanished or cannot be read: nothing to see there now
         return
     for entry in entries:
         try:
-            if entry.is_file(follow_symlinks=False):
+            if entry.is_symlink():
+                if on_link is not None and (is_candidate(entry.name) or (recursive and not is_temporary(entry.name))):
+                    on_link(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
                 if is_candidate(entry.name):
                     yield Path(entry.path)
             elif (
@@ -88,7 +97,7 @@ def _walk(folder: Path, recursive: bool, skipped: set[str]) -> Iterator[Path]:
                 and not entry.name.startswith(".")
                 and os.path.realpath(entry.path) not in skipped
             ):
-                yield from _walk(Path(entry.path), recursive, skipped)
+                yield from _walk(Path(entry.path), recursive, skipped, on_link)
         except OSError:
             continue
 

@@ -57,6 +57,10 @@ class Claim:
     """``claimed`` (no row yet) or ``recorded`` (its row is in results.jsonl; it still has to be moved)."""
     dest: str | None = None
     """Where the file goes once recorded (None: it stays in the inbox)."""
+    attempts: int = 1
+    """Times its scoring may have been under way when the watcher died (the first try counts from the claim on;
+    a restart scores each unrecorded claim alone, counting it up before and down after): see
+    :data:`anomnet.watch.folder.MAX_SCORING_ATTEMPTS`."""
 
 
 @dataclass
