@@ -29,9 +29,11 @@ $(STAMP_ALL): $(STAMP)
 
 # The wheel for other machines (the line PC: `pip install 'anomnet-0.1.0-py3-none-any.whl[runtime]'`). A clean
 # build/ so no file of an earlier build slips in; pip fetches the build backend (setuptools) like any install.
+# WHEEL_FLAGS=-v shows the build backend's output (tests/test_runtime_install.py checks it has no deprecation).
+WHEEL_FLAGS ?= --quiet
 wheel:
 	rm -rf build $(DIST)/anomnet-*.whl
-	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	$(PYTHON) -m pip wheel $(WHEEL_FLAGS) --no-deps --wheel-dir $(DIST) .
 	@ls $(DIST)/anomnet-*.whl
 
 demo: $(STAMP)
@@ -51,7 +53,8 @@ test: lint
 
 # CI's run (.ci/run adds chromium and ANOMNET_BROWSER_TEST=required): every extra installed, a missing export
 # runtime fails instead of skipping, and the two slow install tests run: the wheel in a torch-free venv
-# (tests/test_runtime_install.py) and the README followed in a fresh copy of the tree (tests/test_readme.py).
+# (tests/test_runtime_install.py) and the README followed in a fresh clone of the last commit
+# (tests/test_readme.py).
 test-all: $(STAMP_ALL)
 	ANOMNET_EXPORT_TEST=required ANOMNET_RUNTIME_INSTALL_TEST=required ANOMNET_README_TEST=required $(MAKE) test
 

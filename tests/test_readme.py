@@ -1,7 +1,7 @@
-"""The README, followed as a new user would, in a fresh copy of this tree: README drift fails CI.
+"""The README, followed as a new user would, in a fresh clone: README drift fails CI.
 
-The copy holds what a clone holds (git's tracked files, plus new files not ignored, so an uncommitted
-README counts). The test runs the README's own code blocks, read from README.md at run time:
+The clone is the committed tree (``git archive HEAD``: what CI's fresh clone holds; uncommitted edits are
+not in it). The test runs the README's own code blocks, read from that README.md at run time:
 
 1. ``## Two commands``: ``make demo`` (creates ``.venv`` with ``make setup``; the ``make test`` line is
    the run this test is part of, so it is not repeated), then ``make lint`` on that install; neither may
@@ -39,7 +39,7 @@ WANTED = os.environ.get("ANOMNET_README_TEST", "")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not WANTED, reason="set ANOMNET_README_TEST=1 to follow the README in a fresh copy (CI does)"),
+    pytest.mark.skipif(not WANTED, reason="set ANOMNET_README_TEST=1 to follow the README in a fresh clone (CI does)"),
 ]
 
 NOISE = re.compile(r"deprecat|unused section", re.IGNORECASE)
@@ -84,17 +84,12 @@ def _run(script: str, cwd: Path, timings: dict[str, float], step: str) -> str:
     return output
 
 
-def _copy_of_the_tree(to: Path) -> Path:
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():  # a tracked file deleted in the work tree is not in a clone of it either
-            (to / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, to / name)
+def _clone_of_head(to: Path) -> Path:
+    """The committed tree, as a fresh clone has it (in CI the checkout is that clone: the same files)."""
+    to.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"], capture_output=True)
+    assert archive.returncode == 0, archive.stderr.decode(errors="replace")
+    subprocess.run(["tar", "-x", "-C", str(to)], input=archive.stdout, check=True)
     return to
 
 
@@ -112,8 +107,8 @@ def _user_images(where: Path) -> None:
 def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     if shutil.which("git") is None or shutil.which("make") is None:  # pragma: no cover - CI has both
         pytest.fail("following the README needs git and make")
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    clone = _copy_of_the_tree(tmp_path / "anomnet")
+    clone = _clone_of_head(tmp_path / "anomnet")
+    readme = (clone / "README.md").read_text(encoding="utf-8")
     timings: dict[str, float] = {}
 
     # 1. The two commands (the test suite itself is this run), then lint on the install they made.
