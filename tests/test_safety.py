@@ -124,12 +124,12 @@ def test_model_written_whole_and_never_half(fitted: Path, monkeypatch: pytest.Mo
     det = Detector.load(fitted)
     det.calibration = det.calibration.rethreshold()
 
-    import anomnet.model_io as model_io
+    from anomnet import durable
 
     def killed(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt  # a kill between the weights and the settings
+        raise KeyboardInterrupt  # an interrupt once both files are written, before they take the folder's place
 
-    monkeypatch.setattr(model_io, "_replace_folder", killed)
+    monkeypatch.setattr(durable, "_swap", killed)
     with pytest.raises(KeyboardInterrupt):
         det.save(fitted)
     assert {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)} == before
@@ -253,27 +253,30 @@ def test_model_and_output_files_share_permissions(fitted: Path, folder_dataset: 
     assert len(modes) == 1 and modes != {oct(0o600)}
 
 
-@pytest.mark.parametrize("interrupted_call", [2, 3])
+@pytest.mark.parametrize("interrupted", ["replace", "_exchange"])
 def test_interrupted_replace_keeps_the_users_files(
-    fitted: Path, monkeypatch: pytest.MonkeyPatch, interrupted_call: int
+    fitted: Path, monkeypatch: pytest.MonkeyPatch, interrupted: str
 ) -> None:
     (fitted / "metrics.json").write_text("{}")  # a file of the user's next to the model
+    (fitted / "notes.txt").write_text("mine")
     before = {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)}
     det = Detector.load(fitted)
-    import anomnet.model_io as model_io
+    from anomnet import durable
 
-    real_replace, calls = os.replace, []
+    owner = durable.os if interrupted == "replace" else durable
+    real, calls = getattr(owner, interrupted), []
 
-    def replace(src: object, dst: object) -> None:
+    def step(*args: object) -> object:
         calls.append(1)
-        if len(calls) == interrupted_call:  # 2: before the old model moves aside, 3: before the new one moves in
+        if len(calls) == (2 if interrupted == "replace" else 1):  # after one of the user's files moved; the swap
             raise KeyboardInterrupt
-        real_replace(src, dst)  # type: ignore[arg-type]
+        return real(*args)
 
-    monkeypatch.setattr(model_io.os, "replace", replace)
+    monkeypatch.setattr(owner, interrupted, step)
     with pytest.raises(KeyboardInterrupt):
         det.save(fitted)
-    monkeypatch.setattr(model_io.os, "replace", real_replace)
+    monkeypatch.setattr(owner, interrupted, real)
+    assert (fitted / "notes.txt").read_text() == "mine"
     assert (fitted / "metrics.json").read_text() == "{}"
     assert {n: (fitted / n).read_bytes() for n in (META_FILE, TENSOR_FILE)} == before
     assert [p.name for p in fitted.parent.iterdir() if p.name.startswith(".")] == []

@@ -5,8 +5,8 @@ An exported folder holds one graph and ``manifest.json``::
     E/
       manifest.json   format and version, detector and its settings, the whole calibration (thresholds,
                       validation scores for p-values, mask post-processing), the input contract, and
-                      the SHA-256 of every graph file (checked before the graph is opened)
-      model.onnx      --format onnx         (ONNX Runtime)
+                      the SHA-256 of every file the graph reads (checked before the graph is opened)
+      model.onnx      --format onnx         (ONNX Runtime; tensor files beside it for graphs over 2 GB)
       model.xml/.bin  --format openvino     (OpenVINO IR, float32 weights)
       model.pt        --format torchscript  (torch.jit; needs torch)
 
@@ -68,12 +68,40 @@ def file_sha256(path: str | Path) -> str:
 
 
 def is_exported(folder: str | Path) -> bool:
-    """True when ``folder`` holds an exported model (its manifest)."""
-    return (Path(folder) / MANIFEST).is_file()
+    """True when ``folder`` holds an exported model: a ``manifest.json`` of anomnet's export format (any version)."""
+    return _manifest_or_none(Path(folder)) is not None
+
+
+def _manifest_or_none(folder: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
+
+
+def owned_entries(folder: str | Path) -> set[str]:
+    """The entries an exported folder owns (replaced by ``export --overwrite``): its manifest and the files it lists.
+
+    None when the folder's ``manifest.json`` is not anomnet's: then nothing in it is an export's.
+    """
+    manifest = _manifest_or_none(Path(folder))
+    if manifest is None:
+        return set()
+    files = manifest.get("files")
+    listed = [name for name in files if _inside(name)] if isinstance(files, dict) else []
+    return {MANIFEST, *(name.split("/")[0] for name in listed)}
+
+
+def _inside(name: object) -> bool:
+    """True for a relative path below the folder (``a`` or ``a/b``; never absolute, ``..``, ``.`` or empty parts)."""
+    if not isinstance(name, str) or not name or "\\" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def read_manifest(folder: str | Path, check_files: bool = True) -> dict[str, Any]:
-    """The manifest of an exported folder, checked; with ``check_files`` the graph files' SHA-256 too."""
+    """The manifest of an exported folder, checked; with ``check_files`` the SHA-256 of every file it lists too."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -82,8 +110,8 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> dict[str, Any
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelFormatError(f"{folder}: not an exported model ({MANIFEST} is missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: unreadable manifest ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFormatError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{path}: not an anomnet export manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -96,8 +124,13 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> dict[str, Any
     if fmt not in GRAPH_FILES:
         raise ModelFormatError(f"{path}: graph_format {fmt!r} is not one of {', '.join(FORMATS)}")
     files = manifest.get("files")
-    if not isinstance(files, dict) or sorted(files) != sorted(GRAPH_FILES[fmt]):
+    if not isinstance(files, dict) or not set(GRAPH_FILES[fmt]) <= set(files):
         raise ModelFormatError(f"{path}: 'files' must give the SHA-256 of {', '.join(GRAPH_FILES[fmt])}")
+    for name, digest in files.items():
+        if not _inside(name) or name == MANIFEST:
+            raise ModelFormatError(f"{path}: 'files' may name only files inside the folder, got {name!r}")
+        if not isinstance(digest, str):
+            raise ModelFormatError(f"{path}: the SHA-256 of {name!r} must be text, got {digest!r}")
     for key, kind in (("detector", str), ("calibration", dict), ("batch_size", int)):
         if not isinstance(manifest.get(key), kind):
             raise ModelFormatError(f"{path}: field {key!r} is missing or has the wrong type")
@@ -108,7 +141,7 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> dict[str, Any
                 raise ModelFormatError(f"{graph}: missing (the exported folder is incomplete)")
             if file_sha256(graph) != digest:
                 raise ModelFormatError(
-                    f"{graph}: does not match {MANIFEST} (its SHA-256 differs: the graph was replaced or damaged); "
+                    f"{graph}: does not match {MANIFEST} (its SHA-256 differs: the file was replaced or damaged); "
                     "export the model again or restore the whole folder"
                 )
     return manifest

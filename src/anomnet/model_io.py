@@ -3,19 +3,21 @@
 Opening a model folder cannot run code. A folder written by another format version is
 refused with a message that says which version it has and which this anomnet reads.
 
-A model folder is written whole: both files go into a temporary sibling folder that is then
-renamed into place, so a kill mid-write leaves the old model or the new one, never a mix.
-``anomnet.json`` holds the SHA-256 of the weights file, checked at load: weights copied over
-from another model or damaged on disk are refused.
+A model folder is written whole by :func:`anomnet.durable.write_folder`: both files go into a
+staging folder beside it that then takes its place, so a kill mid-write leaves the old model or
+the new one, never a mix, and the other files in the folder (metrics, the user's notes) stay.
+``anomnet.json`` holds the SHA-256 of the weights file and of the detector settings, checked at
+load: weights copied over from another model, damaged on disk, or settings edited by hand are
+refused. In format version 2 both checksums are required; a folder of version 1 (written before
+they were) still loads, with an :class:`OldModelFormatWarning`, and its checksums are checked
+where it has them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +26,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from anomnet import __version__
+from anomnet.durable import write_folder
 from anomnet.errors import ConfigError, ModelFormatError
-from anomnet.io import file_mode, folder_mode
 
 FORMAT_NAME = "anomnet-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2: ``weights_sha256`` and ``config_sha256`` are required (version 1 folders may lack them)."""
+READ_VERSIONS = (1, 2)
 META_FILE = "anomnet.json"
 TENSOR_FILE = "weights.safetensors"
+HASHES = ("weights_sha256", "config_sha256")
+
+
+class OldModelFormatWarning(UserWarning):
+    """A model folder of an earlier format version was loaded: it has fewer checks; saving it again upgrades it."""
 
 
 def write_model(directory: str | Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``meta`` and ``tensors`` as the model folder ``directory``, replacing it whole (see module doc)."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"{directory}: is a file, not a model folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        os.chmod(staging, folder_mode())  # mkdtemp's 0700 would hide the model from the team
+
+    def fill(staging: Path) -> None:
         save_file(contiguous, str(staging / TENSOR_FILE))
         header = {
             "format": FORMAT_NAME,
@@ -50,55 +54,20 @@ def write_model(directory: str | Path, meta: dict[str, Any], tensors: dict[str, 
             "anomnet_version": __version__,
             **meta,
             "weights_sha256": _sha256(staging / TENSOR_FILE),
+            "config_sha256": _config_hash(meta.get("config")),
         }
-        if "config" in meta:
-            header["config_sha256"] = _config_hash(meta["config"])
         (staging / META_FILE).write_text(json.dumps(header, indent=2, sort_keys=True))
-        for name in (TENSOR_FILE, META_FILE):
-            os.chmod(staging / name, file_mode())
-            _fsync(staging / name)  # on disk before the rename makes the folder the model
-        _replace_folder(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return write_folder(directory, fill, owned_files, "model folder")
 
 
-def _replace_folder(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``; an existing model there is moved aside first, then removed.
-
-    Files in an existing folder that the model does not own (a metrics.json, heat maps) are
-    carried over, so replacing a model never deletes the user's other files.
-    """
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    carried: list[str] = []
-    aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+def owned_files(directory: str | Path) -> tuple[str, ...]:
+    """The names of the files a model folder owns; none when its ``anomnet.json`` is not an anomnet model's."""
     try:
-        for entry in sorted(directory.iterdir()):
-            if entry.name not in (TENSOR_FILE, META_FILE) and not (staging / entry.name).exists():
-                os.replace(entry, staging / entry.name)
-                carried.append(entry.name)
-        os.replace(directory, aside / directory.name)
-        os.replace(staging, directory)
-    except BaseException:
-        # Interrupted before the new model was in place: the old one and the user's files go back.
-        if (aside / directory.name).exists() and not directory.exists():
-            os.replace(aside / directory.name, directory)
-        for name in reversed(carried):
-            os.replace(staging / name, directory / name)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        meta = json.loads((Path(directory) / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ()
+    return (META_FILE, TENSOR_FILE) if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME else ()
 
 
 def _sha256(path: Path) -> str:
@@ -123,7 +92,14 @@ def check_model_target(directory: str | Path, overwrite: bool) -> None:
     from anomnet.io import check_writable
 
     directory = Path(directory)
-    if (directory / META_FILE).exists() and not overwrite:
+    ours = owned_files(directory)
+    for name in (META_FILE, TENSOR_FILE):
+        if name not in ours and (directory / name).exists():
+            raise ConfigError(
+                f"{directory / name} is not part of a model folder (anomnet did not write it) and a model folder has "
+                "a file of that name: anomnet replaces only its own files; move it away or choose another --out"
+            )
+    if ours and not overwrite:
         raise ConfigError(f"{directory} already holds a model: choose another --out, or pass --overwrite to replace it")
     check_writable(directory, "model folder", folder=True)
 
@@ -143,10 +119,12 @@ def read_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{meta_path}: not an anomnet model file")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    written_by = meta.get("anomnet_version", "?")
+    if version not in READ_VERSIONS:
         raise ModelFormatError(
-            f"{directory}: model format version {version} (written by anomnet {meta.get('anomnet_version', '?')}); "
-            f"this anomnet {__version__} reads format version {FORMAT_VERSION}. Re-train the model with this version."
+            f"{directory}: model format version {version} (written by anomnet {written_by}); this anomnet "
+            f"{__version__} reads format versions {', '.join(map(str, READ_VERSIONS))}. Re-train the model with "
+            "this version."
         )
     for key, kind in (("detector", str), ("config", dict), ("calibration", dict)):
         if key in meta and not isinstance(meta[key], kind):
@@ -155,6 +133,22 @@ def read_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     tensor_path = directory / TENSOR_FILE
     if not tensor_path.is_file():
         raise ModelFormatError(f"{tensor_path}: missing (the model folder is incomplete)")
+    missing = [key for key in HASHES if meta.get(key) is None]
+    if version == FORMAT_VERSION and missing:
+        raise ModelFormatError(
+            f"{meta_path}: {missing[0]} is missing (a model folder of format version {FORMAT_VERSION} carries the "
+            "checksums of its weights and settings, so that damaged or replaced weights are refused); restore the "
+            "whole model folder or re-fit it"
+        )
+    if version != FORMAT_VERSION:
+        unchecked = f"; its {' and '.join(missing)} cannot be checked" if missing else ""
+        warnings.warn(
+            f"{directory}: a model folder of format version {version} (written by anomnet {written_by}), loaded "
+            f"with fewer checks{unchecked}. Re-fit it, or write it again in version {FORMAT_VERSION} as it is "
+            "(Python: Detector.load(folder).save(folder))",
+            OldModelFormatWarning,
+            stacklevel=3,
+        )
     expected = meta.get("weights_sha256")
     if expected is not None and (not isinstance(expected, str) or _sha256(tensor_path) != expected):
         raise ModelFormatError(

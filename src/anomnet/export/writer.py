@@ -5,16 +5,16 @@ TorchScript-based tracer: ONNX (opset :data:`OPSET`) through ``torch.onnx.export
 converted from that ONNX graph (weights kept float32), TorchScript saved as traced. Before the
 folder is put in place the new graph is run by its own runtime on two probe images of a size it
 was not traced at and compared with the model's graph-mode prediction
-(:func:`graph_reference`); an export that does not reproduce the model is refused. The folder is
-written in a staging folder beside ``out`` and renamed into place (a kill leaves the old export
-or the new one), never inside or over the source model folder.
+(:func:`graph_reference`); an export that does not reproduce the model is refused. The manifest
+holds the SHA-256 of every file the export wrote (the graph, OpenVINO's weights, ONNX tensors
+stored beside the graph). The folder is written by :func:`anomnet.durable.write_folder` (a kill
+leaves the old export or the new one; the other files in ``out`` stay), never inside or over the
+source model folder, never over a folder that is not an export.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -27,6 +27,7 @@ import torch
 from anomnet import __version__
 from anomnet.components.graph_mode import graph_mode
 from anomnet.detectors.base import Detector
+from anomnet.durable import MARK, write_folder
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.export.graph import ExportGraph
 from anomnet.exported import (
@@ -40,11 +41,12 @@ from anomnet.exported import (
     file_sha256,
     is_exported,
     open_graph,
+    owned_entries,
     parity,
     score_scale,
 )
 from anomnet.install import install_command
-from anomnet.io import check_writable, file_mode, folder_mode
+from anomnet.io import check_writable
 from anomnet.scoring import MODEL_META
 
 OPSET = 17
@@ -100,12 +102,12 @@ def write_onnx(graph: ExportGraph, example: torch.Tensor, folder: Path) -> None:
 def write_openvino(graph: ExportGraph, example: torch.Tensor, folder: Path) -> None:
     import openvino as ov
 
-    onnx_path = folder / ".graph.onnx"
-    _write_onnx(graph, example, onnx_path)
-    model = ov.convert_model(str(onnx_path))
-    # float32 weights: save_model's default halves them to float16, which moves scores by ~1e-3
-    ov.save_model(model, str(folder / GRAPH_FILES["openvino"][0]), compress_to_fp16=False)
-    onnx_path.unlink()
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:  # the ONNX step and any tensor files beside it
+        onnx_path = Path(scratch) / "graph.onnx"
+        _write_onnx(graph, example, onnx_path)
+        model = ov.convert_model(str(onnx_path))
+        # float32 weights: save_model's default halves them to float16, which moves scores by ~1e-3
+        ov.save_model(model, str(folder / GRAPH_FILES["openvino"][0]), compress_to_fp16=False)
 
 
 def write_torchscript(graph: ExportGraph, example: torch.Tensor, folder: Path) -> None:
@@ -127,8 +129,9 @@ MODULES = {"onnx": "onnx", "openvino": "openvino", "torchscript": "torch"}
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> Path:
     """Export the fitted model in ``model_dir`` as a ``fmt`` graph (``onnx``, ``openvino``, ``torchscript``) to ``out``.
 
-    ``out`` must not hold an exported model yet unless ``overwrite``, nor anything else; it is
-    checked before any work. Raises :class:`ConfigError` for a model that cannot be expressed as a
+    ``out`` must be new, empty or, with ``overwrite``, an exported folder (a ``manifest.json`` of
+    anomnet's export format): then the export's own files are replaced and every other file in it
+    stays. It is checked before any work. Raises :class:`ConfigError` for a model that cannot be expressed as a
     graph (tiling) or an export that does not reproduce the model.
     """
     if fmt not in FORMATS:
@@ -140,25 +143,25 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, overwrite: bo
     graph = ExportGraph(detector).eval()
     side = detector.config.image_size
     example = torch.from_numpy(probe_images(1, side + 16, side + 48, PROBE_SEED + 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(staging, folder_mode())
+
+    def fill(staging: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on Python values it keeps as constants
             WRITERS[fmt](graph, example, staging)
         verified = verify_export(staging, fmt, detector, graph)
-        files = {name: file_sha256(staging / name) for name in GRAPH_FILES[fmt]}
+        files = {name: file_sha256(staging / name) for name in _written_files(staging)}
         manifest = _manifest(detector, graph, fmt, files, model_dir, verified)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in (*files, MANIFEST):
-            os.chmod(staging / name, file_mode())
-            _fsync(staging / name)
-        _replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, fill, owned_entries, "exported folder")
+
+
+def _written_files(folder: Path) -> list[str]:
+    """Every file below ``folder`` as a relative path: what the runtime may read (the graph and its data files)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARK)
+    if any(p.is_symlink() for p in folder.rglob("*")):
+        raise ModelFormatError("the exporter wrote a symbolic link; nothing was written")
+    return names
 
 
 def verify_export(folder: Path, fmt: str, detector: Detector, graph: ExportGraph) -> dict[str, Any]:
@@ -247,31 +250,11 @@ def _check_target(model_dir: Path, out: Path, overwrite: bool) -> None:
         if is_exported(out):
             if not overwrite:
                 raise ConfigError(f"{out} already holds an exported model: choose another --out, or pass --overwrite")
+        elif (out / MANIFEST).exists():
+            raise ConfigError(
+                f"--out {out}: its {MANIFEST} is not an anomnet export manifest, so the folder is not an exported "
+                "model (an export is written only into a new or empty folder, or over an export): choose another --out"
+            )
         elif any(out.iterdir()):
             raise ConfigError(f"--out {out} is a folder with other files in it: choose a new or empty folder")
     check_writable(out, "--out", folder=True)
-
-
-def _replace_folder(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an existing export (or empty folder) there is moved aside first, then removed."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    try:
-        os.replace(out, aside / out.name)
-        os.replace(staging, out)
-    except BaseException:
-        if (aside / out.name).exists() and not out.exists():
-            os.replace(aside / out.name, out)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
