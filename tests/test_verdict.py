@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
+from anomnet import api
 from anomnet.calibration import Calibration
-from anomnet.postprocess import MaskPostprocess, peak_region
+from anomnet.cli import EXIT_OK, main
+from anomnet.postprocess import MaskPostprocess, SegmentationCounts, peak_region
 from anomnet.scoring import ImageRef, score_refs
 
 
@@ -91,3 +99,65 @@ def test_prediction_rows_follow_the_verdict_and_carry_the_threshold() -> None:
     # its region: map >= 0.65, halfway from the good level 0.5 to its maximum 0.8
     assert rows[1].defect_pixels == 1 and rows[1].regions == 1 and rows[1].boxes == [[6, 5, 7, 6]]
     assert [r.record()["threshold"] for r in rows] == [0.5, 0.5]
+
+
+SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
+
+
+def _truth(path: str, data: Path, shape: tuple[int, ...]) -> np.ndarray:
+    if "/blob/" not in path:
+        return np.zeros(shape, bool)
+    return np.array(Image.open(data / "masks" / Path(path).name)) > 0
+
+
+@pytest.mark.parametrize("case", ["called good with pixels above", "called defective with none above"])
+def test_cli_predict_api_predict_test_and_report_agree(case: str, folder_dataset: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    assert main(["fit", "--data", str(folder_dataset), "--out", str(model), *SMALL]) == EXIT_OK
+    first = api.predict(model, [folder_dataset / "test"], keep_maps=True)
+    scores = sorted(r.score for r in first)
+    image_value = (scores[3] + scores[4]) / 2  # half the images called defective
+    called = [r for r in first if r.score >= image_value]
+    if case == "called good with pixels above":  # every image called good has a pixel at or above it
+        pixel_value = min(float(r.anomaly_map.max()) for r in first if r not in called)
+    else:  # no image called defective reaches it
+        pixel_value = max(float(r.anomaly_map.max()) for r in called) + 1.0
+    fixed = ["--image-threshold", "fixed", "--image-value", repr(image_value)]
+    fixed += ["--pixel-threshold", "fixed", "--pixel-value", repr(pixel_value)]
+    assert main(["calibrate", "--model-dir", str(model), *fixed, "--quiet"]) == EXIT_OK
+
+    rows = api.predict(model, [folder_dataset / "test"], keep_maps=True)
+    # the pixel threshold alone would contradict the image threshold here
+    raw = [bool((r.anomaly_map >= pixel_value).any()) for r in rows]
+    assert any(r.defective != a for r, a in zip(rows, raw))
+    assert all(bool(r.mask.any()) == r.defective for r in rows)
+    assert all(r.mask.flat[int(np.argmax(r.anomaly_map))] for r in rows if r.defective)
+
+    out = tmp_path / "out"
+    assert main(["predict", "--model-dir", str(model), str(folder_dataset / "test"), "--out", str(out), "--quiet"]) == 0
+    by_path = {r.path: r for r in rows}
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert len(table) == len(rows)
+    for line in table:
+        r = by_path[line["path"]]
+        assert line["defective"] == str(r.defective) and float(line["threshold"]) == image_value
+        assert int(line["defect_pixels"]) == int(r.mask.sum()) == (int(line["defect_pixels"]) if r.defective else 0)
+    for rec in map(json.loads, (out / "results.jsonl").read_text().splitlines()):
+        r = by_path[rec["path"]]
+        assert rec["threshold"] == image_value and rec["defective"] == r.defective
+        assert np.array_equal(np.array(Image.open(rec["outputs"]["mask"])) > 0, r.mask)
+
+    seg = SegmentationCounts()
+    for r in rows:
+        seg.add(r.mask, _truth(r.path, folder_dataset, r.mask.shape))
+    report = tmp_path / "report.html"
+    result = api.test(model, folder_dataset, batch_size=4, progress=False, report=report)
+    assert result.metrics["seg_f1"] == pytest.approx(seg.f1(), abs=1e-3)
+    text = report.read_text()
+    assert f"model folder</td><td>{model}<" in text
+    caption = r"<figcaption>(\S+\.png) — truth: [^;]*; score \S+ \(threshold ([^)]+)\), p-value \S+, called (\w+)"
+    shown = re.findall(caption, text)
+    assert shown
+    for path, threshold, decision in shown:
+        assert decision == ("DEFECTIVE" if by_path[path].defective else "good")
+        assert float(threshold) == pytest.approx(image_value, rel=1e-4)

@@ -362,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --data: also score the model's training images found in the data leave-one-out (loo; "
         "memory-bank detectors), or only images it was not trained on (holdout); default: as at fit",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the thresholds, do not save them")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the thresholds, the operating points and what would change; save nothing",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_threshold_arguments(p, with_max_false_alarm=True)
 
@@ -508,10 +512,29 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--max-megapixels", type=float, default=40.0, help="largest image, read from its header (default 40)"
     )
+    p.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=64.0,
+        help="pixels of one request's images together, read from their headers (default 64)",
+    )
     p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     p.add_argument("--workers", type=int, default=1, help="scoring threads (default 1)")
     p.add_argument("--queue", type=int, default=8, help="requests waiting for a worker before 429 (default 8)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60, then 504)")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request's body may take to arrive, read before it takes a worker place (default 10, then 408)",
+    )
+    p.add_argument(
+        "--reload-check",
+        type=float,
+        default=2.0,
+        help="seconds between looks at each model folder: a recalibrated or refitted model is loaded and swapped "
+        "in whole (default 2; 0: never)",
+    )
     p.add_argument("--api-key-file", default=None, help="file holding the API key clients send as X-API-Key")
     p.add_argument(
         "--log-level",
@@ -567,7 +590,7 @@ TRAINING_STACK = {"torch", "safetensors", "faiss", "efficientnet_lite_pytorch", 
 def _scores_exported_model(args: argparse.Namespace) -> bool:
     from anomnet.exported import is_exported
 
-    return args.command == "predict" and is_exported(args.model_dir)
+    return args.command == "predict" and args.model_dir is not None and is_exported(args.model_dir)
 
 
 def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -617,12 +640,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if describe is not None:
         print(describe())
     print("\n".join(det.calibration.summary()))
+    print("\n".join(operating_points_lines(det.calibration, args.out)))
     return EXIT_OK
+
+
+def operating_points_lines(cal: Any, model_dir: str | Path) -> list[str]:
+    """The operating-points table of a model (anomnet.operating_points) and how to pick another point."""
+    import shlex
+
+    from anomnet.operating_points import format_table, operating_points
+
+    return format_table(operating_points(cal), cal) + [
+        f"pick another: anomnet calibrate --model-dir {shlex.quote(str(model_dir))} --max-false-alarm RATE "
+        "(add --dry-run to see it first)"
+    ]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from anomnet import api
+    from anomnet.operating_points import changes
 
+    before = _saved_calibration(args.model_dir)
     det = api.calibrate(
         args.model_dir,
         args.data,
@@ -635,8 +673,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         **choices_from_args(args),
     )
     print("\n".join(det.calibration.summary()))
+    print("\n".join(operating_points_lines(det.calibration, args.model_dir)))
+    if before is not None:
+        changed = changes(before, det.calibration)
+        if changed:
+            print(("would change:" if args.dry_run else "changed:") + "".join(f"\n  {line}" for line in changed))
+        else:
+            print("nothing would change" if args.dry_run else "nothing changed")
     print("not saved (--dry-run)" if args.dry_run else f"saved to {args.model_dir}")
     return EXIT_OK
+
+
+def _saved_calibration(model_dir: str) -> Any:
+    """The calibration saved in a model folder, or None when it cannot be read (calibrate then says why)."""
+    import json
+
+    from anomnet.calibration import Calibration
+    from anomnet.errors import AnomnetError
+
+    try:
+        meta = json.loads((Path(model_dir) / "anomnet.json").read_text(encoding="utf-8"))
+        return Calibration.from_dict(meta["calibration"])
+    except (OSError, ValueError, KeyError, TypeError, AnomnetError):
+        return None
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -806,7 +865,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells"
     )
     res = api.test(
-        det,
+        out / "model",  # the saved model, so the report names its folder
         split,
         json_out=out / "metrics.json",
         heatmaps_dir=out / "heatmaps",
@@ -820,7 +879,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/; report: "
         f"{out / 'report.html'}"
     )
+    print("\n".join(demo_operating_points(det.calibration, res.scores, res.labels, out / "model")))
     return EXIT_OK
+
+
+def demo_operating_points(cal: Any, scores: Any, labels: Any, model_dir: Path) -> list[str]:
+    """The operating points on the demo's own test cells, and the command that sets a balanced one."""
+    from anomnet.operating_points import calibrate_command, format_table, operating_points, suggest
+
+    points = operating_points(cal, scores, labels)
+    lines = format_table(points, cal, "test")
+    best = suggest(points)
+    if best is None or best.asked is None:
+        return lines
+    if best.current:
+        return [*lines, "the model's threshold is already the best balance of these points on the test cells"]
+    return [
+        *lines,
+        f"the best balance on these test cells (defects caught minus good cells flagged) is asked {100 * best.asked:g} "
+        "% (chosen in hindsight on the test cells: expect a little less on new ones); set it with:",
+        f"  {calibrate_command(model_dir, best, cal)}",
+    ]
 
 
 def in_words(metrics: dict[str, float], test: Any) -> str:
@@ -878,13 +957,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(
         max_upload_bytes=int(args.max_upload_mb * MiB),
         max_pixels=int(args.max_megapixels * 1e6),
+        max_request_pixels=int(args.max_request_megapixels * 1e6),
         max_images=args.max_images,
         workers=args.workers,
         queue=args.queue,
         timeout_s=args.timeout,
+        body_timeout_s=args.body_timeout,
         api_key=api_key,
     )
-    app = create_app(models, limits, args.image_root, args.review_dir)
+    reload_check = args.reload_check if args.reload_check > 0 else None
+    app = create_app(models, limits, args.image_root, args.review_dir, reload_check)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomnet: note: listening on {args.host} without an API key ($ANOMNET_API_KEY)", file=sys.stderr)
     print(f"serving {', '.join(sorted(models))} on http://{args.host}:{args.port}/ (review page at /)", flush=True)

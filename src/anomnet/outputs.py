@@ -1,15 +1,18 @@
 """What ``anomnet predict`` / ``api.predict`` produce for each image, and the files they write.
 
-Per image: score, conformal p-value, decision, and the binary mask of the model's pixel
-threshold (post-processed as the model's calibration says). With an output folder::
+Per image: score, conformal p-value, decision with the image threshold it was made with, and the
+defect mask of the model's one verdict (:meth:`~anomnet.calibration.Calibration.verdict`: none for an
+image called good; for a defective one the pixel threshold's mask, post-processed as the model's
+calibration says, and at least the region of its maximum). With an output folder::
 
     OUT/
-      results.csv         one row per input: path, score, p_value, defective, defect_pixels, regions, error
+      results.csv         one row per input: path, score, p_value, defective, threshold, defect_pixels, regions,
+                          error
       results.jsonl       the same as JSON lines, plus each region's bounding box and the paths of the
                           files written for the image
       heatmaps/<name>.png colour heat map (the model's fixed scale, see visualize.py)
       overlays/<name>.png heat map blended over the image, the mask's contour drawn in white
-      masks/<name>.png    binary mask, 0 / 255, at the image's original resolution
+      masks/<name>.png    binary defect mask, 0 / 255, at the image's original resolution (all 0: called good)
       maps/<name>.tiff    raw float32 anomaly map at the original resolution (only with raw_maps;
                           MVTec AD 2's submission format for anomaly images)
 
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
     from anomnet.engine.shard import Shard
 
 CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
+"""The columns every results.csv shares (``predict``'s, the hot folder's and the batch engine's)."""
+PREDICT_CSV_COLUMNS = ("path", "score", "p_value", "defective", "threshold", "defect_pixels", "regions", "error")
+"""``predict``'s results.csv: the decision with the image threshold it was made with."""
 
 
 OWNED_FILES = ".anomnet-outputs.json"
@@ -231,8 +237,8 @@ def write_summaries(results: list[ImagePrediction], out: Path) -> None:
 def csv_text(results: list[ImagePrediction]) -> str:
     buf = _stdio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(PREDICT_CSV_COLUMNS)
     for r in results:
         rec = r.record()
-        w.writerow(["" if rec[c] is None else rec[c] for c in CSV_COLUMNS])
+        w.writerow(["" if rec[c] is None else rec[c] for c in PREDICT_CSV_COLUMNS])
     return buf.getvalue()

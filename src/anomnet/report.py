@@ -38,6 +38,8 @@ from anomnet.visualize import draw_contour, heatmap, overlay
 WORST_CASES = 4
 #: Resolution of the pixel curves (at most 4 n + 3 points each; see PixelCurves).
 CURVE_POINTS = 1000
+#: Outline colour of the model's own defect mask in the worst-case images (ground truth: white).
+MODEL_MASK_COLOUR = (255, 220, 0)
 #: FPR limit of the PRO curve plot (the MVTec AD AU-PRO limit).
 PRO_PLOT_LIMIT = 0.3
 
@@ -47,6 +49,10 @@ METRIC_NOTES = {
     "precision": "image precision at the model's calibrated threshold",
     "recall": "image recall at the model's calibrated threshold",
     "f1": "image F1 at the model's calibrated threshold",
+    "false_alarm_rate": "share of the good test images the model calls defective at its threshold (false alarms); "
+    "compare it with the rate asked for and the rate the calibration supports below",
+    "seg_f1": "pixel F1 of the defect masks the model itself draws (pooled over the test images): its verdict, "
+    "so an image called good counts with no mask and a defective one with its pixel-threshold mask",
     "pixel_auroc": "pixel-level area under the ROC curve",
     "pixel_f1_max": "best pixel-level F1 over all thresholds (uses test masks; for comparison only)",
     "au_pro@0.3": "area under the per-region-overlap curve up to FPR 0.3, normalised (MVTec AD)",
@@ -137,7 +143,7 @@ def render_report(
             [
                 ("dataset", dataset or "-"),
                 ("detector", detector.name),
-                ("model folder", str(model_dir) if model_dir is not None else "-"),
+                ("model folder", str(model_dir) if model_dir is not None else "none (a model in memory, not saved)"),
                 ("test images", f"{len(s)} ({int(np.sum(y == 0))} good, {int(np.sum(y == 1))} defective)"),
                 (
                     "pixel metrics",
@@ -154,6 +160,8 @@ def render_report(
         _metrics_table(result.metrics),
         "<h2>Decisions at the model's threshold</h2>",
         _decision_table(s, y, cal),
+        "<h2>Operating points</h2>",
+        _operating_points(s, y, cal),
         "<h2>Curves</h2>",
         _curves_section(result),
         "<h2>Score distributions</h2>",
@@ -217,7 +225,12 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
     fn, tp = int(np.sum(bad & ~flagged)), int(np.sum(bad & flagged))
     n_val = len(cal.validation_scores)
     rows = [
-        ("image threshold", _fmt_setting(thr) + " (score at or above it: defective)"),
+        ("image threshold", _fmt_setting(thr) + " (score at or above it: defective; it alone decides)"),
+        (
+            "pixel threshold",
+            _fmt_setting(float(cal.pixel_threshold))
+            + " (draws the defect mask of a defective image only; a good image has no mask)",
+        ),
         ("false-alarm rate asked for", f"{cal.max_false_alarm:.3g}"),
         (
             "false-alarm rate the calibration supports",
@@ -236,6 +249,13 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
     if cal.note:
         rows.append(("calibration note", cal.note))
     return _table(rows)
+
+
+def _operating_points(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
+    from anomnet.operating_points import cells, describe, operating_points
+
+    rows = cells(operating_points(cal, s, y), cal, "test")
+    return f'<p class="note">{_e(describe(cal, "test"))}.</p>' + _table([tuple(r) for r in rows[1:]], tuple(rows[0]))
 
 
 def _img(png: bytes | None, alt: str, missing: str = "") -> str:
@@ -371,13 +391,16 @@ def _worst_section(heading: str, kept: Sequence[KeptImage], detector: Detector) 
         f"<h2>{_e(heading)}</h2>",
         '<p class="note">image | heat map over the image | heat map (the model\'s fixed colour scale)'
         + ("; white outline: ground truth" if any(k.mask is not None for k in kept) else "")
-        + "</p>",
+        + "; yellow outline: the model's defect mask (an image called good has none)</p>",
     ]
     for k in kept:
         p_value = float(cal.p_values(np.array([k.score]))[0])
-        decision = "DEFECTIVE" if bool(cal.decide(np.array([k.score]))[0]) else "good"
+        decision = "DEFECTIVE" if k.defective else "good"
         truth = "good" if k.sample.label == 0 else f"defective ({k.sample.defect_type})"
-        caption = f"{k.sample.path} — truth: {truth}; score {k.score:.5g}, p-value {p_value:.3g}, called {decision}"
+        caption = (
+            f"{k.sample.path} — truth: {truth}; score {k.score:.5g} (threshold {cal.threshold:.5g}), "
+            f"p-value {p_value:.3g}, called {decision}"
+        )
         figure = _img(_case_png(k, detector), k.sample.path.name)
         out.append(f'<figure class="case">{figure}<figcaption>{_e(caption)}</figcaption></figure>')
     return "\n".join(out)
@@ -393,6 +416,8 @@ def _case_png(k: KeptImage, detector: Detector) -> bytes:
     ]
     if k.mask is not None:
         panels = [draw_contour(p, k.mask) for p in panels]
+    if k.predicted is not None and k.predicted.any():
+        panels[1] = draw_contour(panels[1], k.predicted, MODEL_MASK_COLOUR)
     gap = np.full((k.image.shape[0], 4, 3), 255, dtype=np.uint8)
     row = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
     buf = _bytesio.BytesIO()
