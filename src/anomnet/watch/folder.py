@@ -40,13 +40,14 @@ from types import FrameType
 from typing import Any
 
 from anomnet import io
+from anomnet.durable import fsync_folder
 from anomnet.errors import ConfigError
 from anomnet.inputs import InputImage
 from anomnet.outputs import output_files, score_and_write
 from anomnet.scoring import ImagePrediction, Scorer, load_scorer
 from anomnet.watch.inbox import SettleTracker, Signature, scan, signature
 from anomnet.watch.journal import CLAIMED, RECORDED, Claim, Journal, WatchError
-from anomnet.watch.moves import MoveResult, finish_move, free_path, sync_folder
+from anomnet.watch.moves import MoveResult, finish_move, free_path
 
 Log = Callable[[str], None]
 
@@ -360,7 +361,7 @@ class HotFolder:
         claim.attempts += 1
         self.journal.save_state(self.state)
         row = self._score([claim])[0]
-        claim.attempts -= 1  # it returned: whatever stops the watcher now is not this file's doing
+        claim.attempts = 0  # it returned: whatever stops the watcher now is not this file's doing
         self.journal.save_state(self.state)
         return row
 
@@ -438,7 +439,7 @@ class HotFolder:
             finished.append(claim)
             self._checkpoint("moved")
         for folder in folders:
-            sync_folder(folder)
+            fsync_folder(folder)
         if finished:
             self.state.claims = [c for c in self.state.claims if c not in finished]
             self.journal.save_state(self.state)

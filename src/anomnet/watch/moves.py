@@ -92,13 +92,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
-
-
-def sync_folder(folder: Path) -> None:
-    """Make the renames and links in ``folder`` durable (a no-op where folders cannot be opened)."""
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
