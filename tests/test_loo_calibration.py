@@ -181,3 +181,15 @@ def test_cli_fit_calibration_flags(folder_dataset, tmp_path, capsys) -> None:
     args = ["fit", "--data", str(root), "--out", str(tmp_path / "h"), *small, "--calibration", "holdout"]
     assert main(args) == 0
     assert "supported by 1 good validation images" in capsys.readouterr().out
+
+
+def test_tocoad_calibrates_leave_one_out_with_its_patch_reweighting(folder_dataset) -> None:
+    settings = {**SMALL, "stage1": False, "stage2": False}  # the bank part: fine-tuning is tested elsewhere
+    det = api.fit("tocoad", folder_dataset, None, settings=settings, progress=False)
+    train = load_dataset(folder_dataset, val_fraction=0).train
+    assert det.calibration.source == "loo" and len(det.calibration.validation_scores) == len(train)
+    owner, bank, nn = det.model.bank_owner, det.memory_bank, det.model.nn
+    with det.leave_out([2]):
+        loo = _scores(det, train[2:3])[0]
+    det.model.set_bank(bank[owner != 2], nn.backend, nn.probe)  # eq. 9's support searched in the same reduced bank
+    assert loo == pytest.approx(_scores(det, train[2:3])[0], rel=1e-6)

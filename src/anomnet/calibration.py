@@ -486,8 +486,8 @@ def _conformal(v: np.ndarray, max_false_alarm: float) -> tuple[float, float, str
     if k < 0:
         k = 0
         note = (
-            f"{n} validation images support a false-alarm rate of at best 1/{n + 1} = {finest:.3g}; "
-            f"{max_false_alarm:g} was asked for, {finest:.3g} is used (add good validation images for a finer rate)"
+            f"{n} calibration images support a false-alarm rate of at best 1/{n + 1} = {finest:.3g}; "
+            f"{max_false_alarm:g} was asked for, {finest:.3g} is used (add good images for a finer rate)"
         )
     threshold = float(np.nextafter(d[k], np.inf)) if k < n else float(d[-1])
     return threshold, (k + 1) / (n + 1), note

@@ -862,7 +862,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(
         f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a "
-        f"{det.calibration.achieved_false_alarm:.3g} false-alarm rate on good validation cells"
+        f"{det.calibration.achieved_false_alarm:.3g} false-alarm rate on {len(det.calibration.validation_scores)} "
+        f"good calibration cells ({det.calibration.source_note})"
     )
     res = api.test(
         out / "model",  # the saved model, so the report names its folder
