@@ -155,6 +155,9 @@ def test_cli_predict_api_predict_test_and_report_agree(case: str, folder_dataset
     assert result.metrics["seg_f1"] == pytest.approx(seg.f1(), abs=1e-3)
     text = report.read_text()
     assert f"model folder</td><td>{model}<" in text
+    assert "share of the good test images the model calls defective" in text  # false_alarm_rate in words
+    assert "pixel F1 of the defect masks the model itself draws" in text  # seg_f1 in words
+    assert "<h2>Operating points</h2>" in text and "test defects caught (recall)" in text
     caption = r"<figcaption>(\S+\.png) — truth: [^;]*; score \S+ \(threshold ([^)]+)\), p-value \S+, called (\w+)"
     shown = re.findall(caption, text)
     assert shown
