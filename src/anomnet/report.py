@@ -198,7 +198,7 @@ def format_metric(value: float | None) -> str:
     return f"{100 * value:.2f}"
 
 
-def _table(rows: Sequence[tuple[str, str]], header: tuple[str, ...] | None = None) -> str:
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:
     out = ["<table>"]
     if header:
         out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
@@ -255,7 +255,7 @@ def _operating_points(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
     from anomnet.operating_points import cells, describe, operating_points
 
     rows = cells(operating_points(cal, s, y), cal, "test")
-    return f'<p class="note">{_e(describe(cal, "test"))}.</p>' + _table([tuple(r) for r in rows[1:]], tuple(rows[0]))
+    return f'<p class="note">{_e(describe(cal, "test"))}.</p>' + _table(rows[1:], rows[0])
 
 
 def _img(png: bytes | None, alt: str, missing: str = "") -> str:
