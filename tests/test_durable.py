@@ -86,6 +86,14 @@ def _umask() -> int:
     return mask
 
 
+def test_write_folder_through_a_link_writes_the_folder_it_names(tmp_path: Path) -> None:
+    real = _write(tmp_path / "real", "old")
+    _user_files(real)
+    (tmp_path / "link").symlink_to(real)
+    _write(tmp_path / "link", "new")
+    assert (tmp_path / "link").is_symlink() and _tree(real) == {**USER, **_model_of(_write(tmp_path / "n", "new"))}
+
+
 def test_write_folder_never_replaces_a_file_it_does_not_own(tmp_path: Path) -> None:
     target = tmp_path / "m"
     target.mkdir()

@@ -70,6 +70,8 @@ def write_folder(target: str | Path, fill: Callable[[Path], None], owned: Owned,
     existing target is kept.
     """
     target = Path(target)
+    if target.is_symlink():  # a link to the folder: the folder it names is written, the link stays
+        target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{target}: is a file, not a {what}")
     target.parent.mkdir(parents=True, exist_ok=True)
