@@ -125,10 +125,13 @@ def _killed_at(step: int, target: Path, version: str) -> bool:
         durable.shutil.rmtree = dying(shutil.rmtree)  # type: ignore[assignment]
         try:
             _write(target, version)
-        finally:
-            os._exit(0)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 137
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 137), f"the write failed at step {step}"
+    return code == 137
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="simulates a kill with fork")
