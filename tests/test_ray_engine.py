@@ -408,3 +408,114 @@ def test_ray_engine_failure_keeps_the_rows_for_resume(
     summary = predict_on_ray(refs, {None: FakeScorer()}, out, resume=True, workers=1, progress=False)
     assert summary.resumed == len(kept) and summary.scored == 24 - len(kept) and not summary.missing
     assert pq.read_table(out / "results.parquet").column("path").to_pylist() == [r.path for r in refs]
+
+
+# -- hostile inputs ---------------------------------------------------------------------------------
+
+
+def test_threads_with_model_root_and_no_model_dir_is_no_type_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anomnet.cli import EXIT_INPUT, main
+
+    argv = ["--threads", "1", "predict", "--engine", "ray", "--model-root", str(tmp_path / "nowhere")]
+    assert main([*argv, "--out", str(tmp_path / "out"), str(tmp_path)]) == EXIT_INPUT
+    assert f"--model-root {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+class Died(BaseException):
+    """Stands for the death of the worker process: nothing after it runs in that process."""
+
+
+class DiesOnWide(FakeScorer):
+    """Kills its 'process' on images 30 px wide (as a decoder crash or the out-of-memory killer would)."""
+
+    def score_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if images.shape[2] == 30:
+            raise Died
+        return super().score_arrays(images)
+
+
+def test_an_image_that_kills_every_worker_becomes_an_error_row_not_a_retry_loop(tmp_path: Path) -> None:
+    paths = _images(tmp_path / "in", 4)
+    Image.fromarray(np.zeros((8, 30, 3), np.uint8)).save(paths[2])
+    batch = inputs_table([InputRef(str(p), p.stem) for p in paths])
+    attempts = str(tmp_path / "out" / rows_mod.JOURNAL / rows_mod.ATTEMPTS)
+    deaths = 0
+    for _ in range(worker_mod.MAX_ATTEMPTS + 2):  # Ray starts a new worker and gives it the batch again
+        try:
+            table = BatchScorer({None: DiesOnWide()}, attempts=attempts)(batch)
+            break
+        except Died:
+            deaths += 1
+    assert deaths == worker_mod.MAX_ATTEMPTS
+    got = table.to_pylist()
+    assert [r["path"] for r in got] == [str(p) for p in paths]
+    assert [r["error"] is None for r in got] == [True, True, False, True]
+    assert "died" in got[2]["error"] and "not tried again" in got[2]["error"]
+    assert len(list(Path(attempts).iterdir())) == 1  # only the killer stays counted (finalise removes it)
+    # the batch again (its rows lost on the way to the driver): the killer is not tried again, the others are
+    again = BatchScorer({None: DiesOnWide()}, attempts=attempts)(batch)
+    assert [r["error"] is None for r in again.to_pylist()] == [True, True, False, True]
+
+
+def _killing_on_wide() -> type[BatchScorer]:
+    class KillsItsWorkerOnWide(BatchScorer):
+        """Kills its own process (SIGKILL) whenever it is given an image 30 px wide."""
+
+        def _score_refs(self, refs):  # noqa: ANN001, ANN202
+            for ref in refs:
+                with Image.open(ref.path) as im:
+                    if im.width == 30:
+                        os.kill(os.getpid(), signal.SIGKILL)
+            return super()._score_refs(refs)
+
+    return KillsItsWorkerOnWide
+
+
+def test_ray_an_image_that_kills_its_worker_ends_as_an_error_row(ray_here: None, tmp_path: Path) -> None:
+    from anomnet.engine.ray_predict import predict_on_ray
+
+    paths = _images(tmp_path / "in", 8)
+    Image.fromarray(np.zeros((8, 30, 3), np.uint8)).save(paths[5])
+    refs = collect_inputs([tmp_path / "in"])
+    summary = predict_on_ray(
+        refs,
+        {None: FakeScorer()},
+        tmp_path / "out",
+        workers=1,
+        batch_size=4,
+        progress=False,
+        image_outputs=False,
+        scorer_class=_killing_on_wide(),
+    )
+    table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert [r["path"] for r in table] == [r.path for r in refs] and not summary.missing
+    assert [r["error"] is None for r in table] == [True] * 5 + [False] + [True] * 2
+    assert "died" in table[5]["error"] and summary.failed == 1
+    assert not (tmp_path / "out" / rows_mod.JOURNAL).exists()
+
+
+def test_resume_with_a_damaged_results_file_or_journal_part_says_so_and_scores_them_again(
+    ray_here: None, tmp_path: Path
+) -> None:
+    from anomnet.engine.ray_predict import predict_on_ray
+
+    refs = collect_inputs([_images(tmp_path / "in", 6)[0].parent])
+    out = tmp_path / "out"
+    predict_on_ray(refs, {None: FakeScorer()}, out, workers=1, progress=False, image_outputs=False)
+    final = out / "results.parquet"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # a copy that stopped halfway
+    journal = Journal(out)
+    journal.append(rows_table([ImagePrediction(refs[0].path, 0.1, 0.5, False, defect_pixels=0, regions=0)], [None]))
+    journal.flush()
+    (part,) = (out / rows_mod.JOURNAL).glob("part-*.parquet")
+    part.write_bytes(part.read_bytes()[:40])
+    notes: list[str] = []
+    summary = predict_on_ray(
+        refs, {None: FakeScorer()}, out, resume=True, workers=1, progress=False, image_outputs=False, note=notes.append
+    )
+    assert len(notes) == 2 and all("cannot be read" in n and "scored again" in n for n in notes), notes
+    assert "results of the earlier run" in notes[0] and "a journal part" in notes[1]
+    assert summary.resumed == 0 and summary.scored == 6 and not summary.missing
+    assert pq.read_table(final).column("path").to_pylist() == [r.path for r in refs]

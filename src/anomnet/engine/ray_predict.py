@@ -11,7 +11,10 @@ results.csv and results.jsonl.
 Nothing lost: a worker that dies (killed, out of memory, a lost node) is restarted by Ray and its block
 is run again; finalisation keeps one row per input, so a block scored twice gives no duplicate. After
 the stream ends, inputs still without a row are sent once more; any left then are reported (never
-invented), and ``--resume`` picks them up with everything else that has no row yet.
+invented), and ``--resume`` picks them up with everything else that has no row yet. An image that kills
+every worker scoring it ends as an error row after a few tries (:mod:`anomnet.engine.worker`), not in a
+retry loop; a damaged results.parquet or journal part found by ``--resume`` is removed with a note, and
+its inputs are scored again.
 """
 
 from __future__ import annotations
@@ -21,13 +24,23 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anomnet.engine.inputs import InputRef, check_products
-from anomnet.engine.rows import RESULTS_PARQUET, Journal, clear_journal, done_keys, finalise, inputs_table
+from anomnet.engine.rows import (
+    ATTEMPTS,
+    JOURNAL,
+    RESULTS_PARQUET,
+    Journal,
+    clear_journal,
+    done_keys,
+    drop_damaged,
+    finalise,
+    inputs_table,
+)
 from anomnet.engine.worker import BatchScorer
 from anomnet.errors import ConfigError
 from anomnet.inputs import InputImage
@@ -121,8 +134,11 @@ def predict_on_ray(
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
     scorer_class: type[BatchScorer] = BatchScorer,
+    note: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Score ``refs`` on Ray into ``out`` (see the module docstring); returns the run's summary.
+
+    ``note``: where remarks go (a damaged file set aside by ``resume``); default standard error.
 
     ``models``: product -> model folder (or a :class:`~anomnet.scoring.Scorer`), key None for every
     image without its own; ``workers``: scorer actors (default: the cluster's CPUs / ``worker_cpus``);
@@ -141,6 +157,9 @@ def predict_on_ray(
         clear_previous_run(out)
         clear_journal(out)
         (out / RESULTS_PARQUET).unlink(missing_ok=True)
+    if resume:
+        for line in drop_damaged(out):
+            (note or _stderr_note)(line)
     done = done_keys(out) if resume else set()
     todo = [r for r in refs if r.key not in done]
     images = [InputImage(Path(r.path), r.name) for r in refs] if image_outputs else []
@@ -203,7 +222,9 @@ def _run(
             pending = [r for r in todo if r.key not in got]
             if not pending:
                 break
-            stream = _stream(pending, models, image_out, raw_maps, workers, worker_cpus, batch_size, scorer_class)
+            stream = _stream(
+                pending, models, out / JOURNAL, image_out, raw_maps, workers, worker_cpus, batch_size, scorer_class
+            )
             for table in stream:
                 if math.isnan(summary.first_row_seconds):
                     summary.first_row_seconds = time.perf_counter() - start
@@ -232,6 +253,7 @@ def _run(
 def _stream(
     refs: list[InputRef],
     models: Mapping[str | None, str | Scorer],
+    journal_folder: Path,
     out: Path | None,
     raw_maps: bool,
     workers: int,
@@ -249,6 +271,7 @@ def _stream(
     rows = max(1, min(MAX_BLOCK_ROWS, math.ceil(len(ordered) / (workers * BLOCKS_PER_WORKER))))
     blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
     threads = max(1, int(worker_cpus))
+    attempts = journal_folder / ATTEMPTS
     ds = ray.data.from_arrow(blocks).map_batches(
         scorer_class,
         fn_constructor_kwargs={
@@ -256,6 +279,7 @@ def _stream(
             "out": None if out is None else str(out),
             "raw_maps": raw_maps,
             "threads": threads,
+            "attempts": str(attempts),
         },
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -263,6 +287,10 @@ def _stream(
         num_cpus=worker_cpus,
     )  # Ray Data's defaults for actors: a worker that dies is replaced and its block runs again
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _stderr_note(line: str) -> None:
+    print(f"anomnet: note: {line}", file=sys.stderr)
 
 
 def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm or None

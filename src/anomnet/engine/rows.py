@@ -8,14 +8,25 @@ replaced atomically, so nothing doubles). Finalisation reads the previous result
 one row per input key (product, path) -- the last one written, so a block that Ray ran twice after a
 worker died still gives one row --, orders them as the inputs, and writes ``results.parquet``,
 ``results.csv`` and ``results.jsonl`` atomically before the journal is removed.
+
+A recorded file that cannot be read (a results.parquet or part file cut short by a full disk or a copy
+that stopped) is removed by :func:`drop_damaged` before a resumed run counts its rows: its inputs have no
+row then, so they are scored again.
+
+:class:`Attempts` counts, in ``OUT/.anomnet-run/attempts/``, how often an input's scoring was under way
+when its worker died, so that an image that kills every worker scoring it becomes an error row rather
+than a retry loop (:mod:`anomnet.engine.worker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io as _stdio
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +43,8 @@ from anomnet.scoring import ImagePrediction
 
 JOURNAL = ".anomnet-run"
 """Folder of ``OUT`` that holds the part files of a run until it is finalised."""
+ATTEMPTS = "attempts"
+"""Folder of the journal holding one small file per input whose scoring was under way (see :class:`Attempts`)."""
 RESULTS_PARQUET = "results.parquet"
 FLUSH_ROWS = 4096
 FLUSH_SECONDS = 10.0
@@ -171,14 +184,39 @@ def _read(path: Path) -> pa.Table:
     return pq.read_table(path).select(SCHEMA.names).cast(SCHEMA)
 
 
+def drop_damaged(out: Path) -> list[str]:
+    """Remove the recorded files of ``out`` that cannot be read; one note per file (its rows are scored again)."""
+    files = [Path(out) / RESULTS_PARQUET, *sorted((Path(out) / JOURNAL).glob("part-*.parquet"))]
+    notes = []
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            _read(path)
+        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+            path.unlink(missing_ok=True)
+            what = "the results of the earlier run" if path.name == RESULTS_PARQUET else "a journal part"
+            notes.append(
+                f"{path} ({what}) cannot be read ({type(exc).__name__}: {str(exc)[:200]}): removed; "
+                "the inputs whose rows it held are scored again"
+            )
+    return notes
+
+
 def done_keys(out: Path) -> set[tuple[str | None, str]]:
     """The input keys that already have a row in ``out`` (what ``--resume`` skips)."""
     table = recorded(out)
     return set(zip(table.column("product").to_pylist(), table.column("path").to_pylist()))
 
 
-def clear_journal(out: Path) -> None:
-    shutil.rmtree(Path(out) / JOURNAL, ignore_errors=True)
+def clear_journal(out: Path, keep_attempts: bool = False) -> None:
+    """Remove the journal (``keep_attempts``: all but the attempt counts, which a resumed run still needs)."""
+    folder = Path(out) / JOURNAL
+    if not keep_attempts or not (folder / ATTEMPTS).is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for part in folder.glob("part-*.parquet"):
+        part.unlink(missing_ok=True)
 
 
 def finalise(out: Path, refs: Sequence[InputRef]) -> pa.Table:
@@ -194,7 +232,7 @@ def finalise(out: Path, refs: Sequence[InputRef]) -> pa.Table:
     order = [last[r.key] for r in refs if r.key in last]
     result = table.take(pa.array(order, pa.int64())) if order else SCHEMA.empty_table()
     write_results(Path(out), result)
-    clear_journal(out)
+    clear_journal(out, keep_attempts=len(order) < len(refs))  # inputs without a row: --resume goes on counting
     return result
 
 
@@ -215,3 +253,41 @@ def write_results(out: Path, table: pa.Table) -> None:
     write_parquet(out / RESULTS_PARQUET, table)
     io.atomic_write_text(out / "results.csv", buf.getvalue())
     io.atomic_write_text(out / "results.jsonl", "".join(lines))
+
+
+# -- attempts ---------------------------------------------------------------------------------------
+
+
+class Attempts:
+    """How often each input's scoring was under way when its worker died: one small file per input.
+
+    The files live in the output folder (shared storage, like the image outputs the workers write), so
+    the worker that Ray starts in place of a dead one, on this machine or another, reads the counts.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, ref: InputRef) -> Path:
+        key = hashlib.sha256(f"{ref.product}\0{ref.path}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return self.folder / key
+
+    def get(self, ref: InputRef) -> int:
+        try:
+            return int(self._path(ref).read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def set(self, refs: Sequence[InputRef], count: int) -> None:
+        """Record ``count`` for each input (0: forget it).
+
+        Not synced to disk: the counts must outlive a worker process, not the machine (after a power cut an
+        input is merely tried once more).
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for ref in refs:
+            if count <= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(ref))
+            else:
+                self._path(ref).write_text(str(count))

@@ -7,6 +7,12 @@ per-image files. It never raises for an input: an unreadable image, a model that
 scoring failure each become error rows and the batch goes on (after an unexpected failure the group's
 images are scored one by one, so only the image that fails gets an error row); only the death of the
 process itself (killed, out of memory) loses a batch, which the engine then runs again.
+
+An image that kills every worker scoring it (a decoder crash, the out-of-memory killer) would make that a
+retry loop: with an attempts folder (:class:`~anomnet.engine.rows.Attempts`) each input is marked while its
+batch is scored; a batch that comes back with marks left (its worker died) is scored one image at a time,
+each counted up before and cleared after, and an image whose scoring was under way :data:`MAX_ATTEMPTS`
+times gets an error row instead of another try.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from anomnet.engine.inputs import InputRef, model_for
-from anomnet.engine.rows import error_rows, refs_of, rows_table
+from anomnet.engine.rows import Attempts, error_rows, refs_of, rows_table
 from anomnet.errors import AnomnetError
 from anomnet.inputs import InputImage
 from anomnet.outputs import score_and_write
@@ -26,6 +32,8 @@ from anomnet.scoring import DetectorScorer, Scorer, load_scorer
 
 MAX_MODELS = 8
 """Models a worker keeps loaded at once (least recently used ones are dropped beyond this)."""
+MAX_ATTEMPTS = 3
+"""An input whose scoring was under way this many times when its worker died gets an error row, not another try."""
 
 
 class BatchScorer:
@@ -38,6 +46,7 @@ class BatchScorer:
         raw_maps: bool = False,
         threads: int | None = None,
         max_models: int = MAX_MODELS,
+        attempts: str | None = None,
     ) -> None:
         from anomnet.runtime import tune_allocator
 
@@ -47,6 +56,7 @@ class BatchScorer:
         self.raw_maps = raw_maps
         self.threads = threads
         self.max_models = max(1, max_models)
+        self.attempts = Attempts(attempts) if attempts is not None else None
         self._loaded: OrderedDict[str | None, Scorer] = OrderedDict()
 
     def scorer(self, product: str | None) -> Scorer:
@@ -70,6 +80,31 @@ class BatchScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         refs = refs_of(batch)
+        if self.attempts is None:
+            return self._score_refs(refs)
+        tries = [self.attempts.get(r) for r in refs]
+        if not any(tries):  # the usual case: marked while scored, unmarked once scored
+            self.attempts.set(refs, 1)
+            table = self._score_refs(refs)
+            self.attempts.set(refs, 0)
+            return table
+        # a worker died while scoring this batch: each image alone, so only the one that kills is given up
+        return pa.concat_tables([self._score_counted(ref, n) for ref, n in zip(refs, tries)])
+
+    def _score_counted(self, ref: InputRef, tries: int) -> pa.Table:
+        assert self.attempts is not None
+        if tries >= MAX_ATTEMPTS:
+            return error_rows(
+                [ref],
+                f"not scored: the worker scoring it died (killed, out of memory or crashed) {tries} times; "
+                "it is not tried again",
+            )
+        self.attempts.set([ref], tries + 1)
+        table = self._score_refs([ref])
+        self.attempts.set([ref], 0)  # it returned: whatever stops the worker now is not this image's doing
+        return table
+
+    def _score_refs(self, refs: list[InputRef]) -> pa.Table:
         groups: dict[str | None, list[int]] = {}
         for i, ref in enumerate(refs):
             groups.setdefault(ref.product, []).append(i)
