@@ -361,7 +361,7 @@ class HotFolder:
         claim.attempts += 1
         self.journal.save_state(self.state)
         row = self._score([claim])[0]
-        claim.attempts -= 1  # it returned: whatever stops the watcher now is not this file's doing
+        claim.attempts = 0  # it returned: whatever stops the watcher now is not this file's doing
         self.journal.save_state(self.state)
         return row
 

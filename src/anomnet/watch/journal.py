@@ -58,8 +58,8 @@ class Claim:
     dest: str | None = None
     """Where the file goes once recorded (None: it stays in the inbox)."""
     attempts: int = 1
-    """Times its scoring may have been under way when the watcher died (the first try counts from the claim on;
-    a restart scores each unrecorded claim alone, counting it up before and down after): see
+    """Times in a row its scoring may have been under way when the watcher died (the first try counts from the
+    claim on; a restart scores each unrecorded claim alone, counting it up before and clearing it after): see
     :data:`anomnet.watch.folder.MAX_SCORING_ATTEMPTS`."""
 
 
