@@ -380,3 +380,19 @@ def test_cli_serve_checks_its_arguments(tmp_path: Path, capsys: pytest.CaptureFi
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--model", "a=x", "--workers", "0"]) == EXIT_INPUT
     assert "workers" in capsys.readouterr().err
+
+
+def test_cli_serve_passes_the_request_budget_body_timeout_and_reload_check(
+    fitted: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomnet.serve import app as app_module
+
+    served: list[Any] = []
+    monkeypatch.setattr(app_module, "serve", lambda app, *args, **kwargs: served.append(app))
+    model, _ = fitted
+    argv = ["serve", "--model", f"m={model}", "--max-request-megapixels", "5", "--body-timeout", "3"]
+    assert main([*argv, "--reload-check", "0"]) == 0
+    state = served[0].state.anomnet
+    assert state.limits.max_request_pixels == 5_000_000 and state.limits.body_timeout_s == 3.0
+    assert state.models.check_s is None
+    assert main(argv) == 0 and served[1].state.anomnet.models.check_s == 2.0
