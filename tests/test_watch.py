@@ -672,6 +672,27 @@ def test_a_name_that_is_not_utf8_with_a_strict_utf8_console(tmp_path: Path, monk
     assert json.loads((out / "results.jsonl").read_text())["source"] == str(inbox / name)
 
 
+def test_watch_command_with_a_strict_utf8_stdout_and_a_latin1_name(model_dir: Path, tmp_path: Path) -> None:
+    """The issue's case as the command: PYTHONIOENCODING=utf-8, a name that is not UTF-8; exit 0, the file moved."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / os.fsdecode(b"caf\xe9.png")).write_bytes(png_bytes(8, size=64))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "anomnet.cli", "--threads", "1", "watch", "--model-dir", str(model_dir)]
+    proc = subprocess.run(
+        [*cmd, str(inbox), "--out", str(out), "--settle", "0", "--once"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr.decode(errors="replace")
+    assert b"caf\\xe9.png" in proc.stdout and b"Traceback" not in proc.stderr
+    assert list(inbox.iterdir()) == [] and [p.name for p in (out / "processed").iterdir()] == [
+        os.fsdecode(b"caf\xe9.png")
+    ]
+
+
 class KillingScorer(FakeScorer):
     """Dies (as a decoder crash or the out-of-memory killer would kill the process) on images 30 px wide."""
 
