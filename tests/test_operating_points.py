@@ -53,11 +53,28 @@ def test_counts_on_a_labelled_set_and_the_balanced_suggestion() -> None:
     assert (by_rate[0.05].false_alarms, by_rate[0.05].caught) == (2, 4)  # threshold 95
     assert (by_rate[0.1].false_alarms, by_rate[0.1].caught) == (3, 5)  # threshold 90
     assert by_rate[0.05].recall == 0.8 and by_rate[0.05].false_alarm_rate == 0.5
-    best = suggest(points)  # recall - false-alarm rate: 0.15, 0.35, 0.3, 0.25 at 1, 2, 5, 10 %
+    # no rate held on this set (25 % false alarms at 1 % asked and more): the best recall - false-alarm rate,
+    # 0.15, 0.35, 0.3, 0.25 at 1, 2, 5, 10 %
+    best = suggest(points)
     assert best is not None and best.asked == 0.02
     table = format_table(points, cal, "test")
     assert "test false alarms" in table[1] and "1 of 4 (25 %)" in table[2] and "2 of 5 (40 %)" in table[2]
     assert suggest(operating_points(cal)) is None  # no labels, no suggestion
+
+
+def test_the_suggestion_catches_the_most_among_the_rates_that_held() -> None:
+    cal = calibrate(VALIDATION, 0.01)
+    good = np.concatenate([np.full(96, 50.0), [91.0, 91.0, 96.0, 96.0]])  # 100 good: 2 % at 95, 4 % at 90
+    scores = np.concatenate([good, [93.0, 96.0, 99.5, 120.0]])
+    labels = np.array([0] * 100 + [1] * 4)
+    by_rate = {p.asked: p for p in operating_points(cal, scores, labels)}
+    assert [by_rate[r].false_alarm_rate for r in (0.01, 0.02, 0.05, 0.1)] == [0.0, 0.0, 0.02, 0.04]
+    assert [by_rate[r].recall for r in (0.01, 0.02, 0.05, 0.1)] == [0.5, 0.5, 0.75, 1.0]
+    best = suggest(list(by_rate.values()))  # every rate held: the most recall, 10 %
+    assert best is not None and best.asked == 0.1
+    worse = scores.copy()
+    worse[:12] = 91.0  # 16 good images at or above 90: 10 % no longer holds, 5 % (2 of 100) does
+    assert suggest(operating_points(cal, worse, labels)).asked == 0.05  # type: ignore[union-attr]
 
 
 def test_the_demo_ends_with_its_test_operating_points_and_the_command() -> None:
@@ -67,7 +84,11 @@ def test_the_demo_ends_with_its_test_operating_points_and_the_command() -> None:
     lines = demo_operating_points(cal, scores, labels, Path("runs/demo/model"))
     assert "on the test images" in lines[0]
     assert lines[-1] == "  anomnet calibrate --model-dir runs/demo/model --max-false-alarm 0.02"
-    assert "asked 2 %" in lines[-2]
+    assert lines[-2].startswith("asked 2 % is the best balance")
+    held = np.array([50.0] * 4 + [92.0, 96.0, 98.5, 99.5, 120.0])  # no false alarm at any rate: 10 % catches all
+    lines = demo_operating_points(cal, held, labels, Path("runs/demo/model"))
+    assert lines[-2].startswith("asked 10 % catches the most defective cells among the rates whose false-alarm")
+    assert lines[-1].endswith("--max-false-alarm 0.1")
 
 
 def test_changes_name_what_a_recalibration_changes() -> None:

@@ -885,7 +885,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def demo_operating_points(cal: Any, scores: Any, labels: Any, model_dir: Path) -> list[str]:
-    """The operating points on the demo's own test cells, and the command that sets a balanced one."""
+    """The operating points on the demo's own test cells, and the command that sets a sensible one."""
     from anomnet.operating_points import calibrate_command, format_table, operating_points, suggest
 
     points = operating_points(cal, scores, labels)
@@ -893,12 +893,18 @@ def demo_operating_points(cal: Any, scores: Any, labels: Any, model_dir: Path) -
     best = suggest(points)
     if best is None or best.asked is None:
         return lines
+    held = best.false_alarm_rate <= best.asked
+    why = (
+        "catches the most defective cells among the rates whose false-alarm rate held on the test cells"
+        if held
+        else "is the best balance (defective cells caught minus good cells flagged): no rate held on the test cells"
+    )
     if best.current:
-        return [*lines, "the model's threshold is already the best balance of these points on the test cells"]
+        return [*lines, f"the model's own rate {100 * best.asked:g} % {why}"]
     return [
         *lines,
-        f"the best balance on these test cells (defects caught minus good cells flagged) is asked {100 * best.asked:g} "
-        "% (chosen in hindsight on the test cells: expect a little less on new ones); set it with:",
+        f"asked {100 * best.asked:g} % {why} (chosen in hindsight on the test cells: new cells may differ a "
+        "little); set it with:",
         f"  {calibrate_command(model_dir, best, cal)}",
     ]
 

@@ -131,8 +131,15 @@ def format_table(points: Sequence[OperatingPoint], cal: Calibration, labelled: s
 
 
 def suggest(points: Sequence[OperatingPoint]) -> OperatingPoint | None:
-    """The point with the best balance on the labelled set: most defects caught minus good images flagged."""
+    """A sensible point on the labelled set: the most defects caught among the rates that held there.
+
+    A rate *held* when its false-alarm rate on the labelled good images is at most the rate asked for.
+    When none held, the best balance: most defects caught minus good images flagged (Youden's J).
+    """
     usable = [p for p in points if p.asked is not None and p.good and p.defective]
+    held = [p for p in usable if p.asked is not None and p.false_alarm_rate <= p.asked]
+    if held:
+        return max(held, key=lambda p: (p.recall, -p.false_alarm_rate))
     if not usable:
         return None
     return max(usable, key=lambda p: (p.recall - p.false_alarm_rate, -p.false_alarm_rate))

@@ -234,7 +234,7 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
         ("false-alarm rate asked for", f"{cal.max_false_alarm:.3g}"),
         (
             "false-alarm rate the calibration supports",
-            f"{cal.achieved_false_alarm:.3g} ({n_val} good validation images)",
+            f"{cal.achieved_false_alarm:.3g} ({n_val} good calibration images)",
         ),
         (
             "false alarms on the test set",
