@@ -41,6 +41,13 @@ def test_a_deeply_nested_json_body_is_a_400_not_a_recursion_error() -> None:
     assert_refused(r, 400, "nested too deeply")
 
 
+def test_a_json_body_is_small() -> None:
+    c = client()
+    body = b'{"paths": [' + b'"a.png",' * 200_000 + b'"b.png"]}'  # 1.6 MB of paths
+    r = c.post("/v1/models/fake/predict", content=body, headers={"content-type": "application/json"})
+    assert_refused(r, 413, "a JSON body may be at most 1048576 bytes")
+
+
 def test_a_review_mark_of_the_wrong_type_is_a_400(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(png())

@@ -330,7 +330,7 @@ async def _read_request(request: "Request", state: _State, with_mark: bool) -> t
             await form.close()
     elif content_type == "application/json":
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _json_bytes(request))
         except ValueError as exc:
             raise RequestError(400, f"the JSON body cannot be parsed ({exc})") from None
         except RecursionError:
@@ -366,6 +366,24 @@ async def _read_request(request: "Request", state: _State, with_mark: bool) -> t
         shown = repr(mark) if isinstance(mark, str) else f"of type {type(mark).__name__}"
         raise RequestError(400, f"mark {shown[:80]} unknown; use one of: {', '.join(MARKS)} (a string)")
     return images, options
+
+
+MAX_JSON_BYTES = 1 << 20
+"""A JSON request names files and options: its body may be at most 1 MiB (the upload limit is for images)."""
+
+
+async def _json_bytes(request: "Request") -> bytes:
+    """The body of a JSON request, refused (413) beyond :data:`MAX_JSON_BYTES` while it streams in."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            raise RequestError(
+                413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes (it names files; upload images as multipart)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 CLIENT_GONE = 499
