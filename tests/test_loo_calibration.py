@@ -193,3 +193,22 @@ def test_tocoad_calibrates_leave_one_out_with_its_patch_reweighting(folder_datas
         loo = _scores(det, train[2:3])[0]
     det.model.set_bank(bank[owner != 2], nn.backend, nn.probe)  # eq. 9's support searched in the same reduced bank
     assert loo == pytest.approx(_scores(det, train[2:3])[0], rel=1e-6)
+
+
+def test_cpr_leaves_an_image_out_of_its_banks_and_retrieval(folder_dataset) -> None:
+    settings = {"image_size": 64, "batch_size": 4, "train_batch_size": 2, "steps": 3, "train_crop": 32, "points": 20}
+    det = api.fit("cpr", folder_dataset, None, settings=settings, calibration="loo", progress=False)
+    train = load_dataset(folder_dataset, val_fraction=0).train
+    assert det.calibration.source == "loo" and len(det.calibration.validation_scores) == len(train)
+    m = det.model
+    owner, banks, refs, fg = m.input_owner, m.banks, m.retrieval.refs, m.train_foreground
+    assert owner is not None and owner.tolist() == list(range(len(train)))
+    inside = _scores(det, train[4:5])[0]
+    with det.leave_out([4]):
+        loo = _scores(det, train[4:5])[0]
+    assert m.banks is banks and m.retrieval.refs is refs  # restored
+    keep = owner != 4
+    m.banks, m.retrieval.refs = [b[keep] for b in banks], refs[keep]
+    m.train_foreground = None if fg is None else fg[keep]
+    assert loo == pytest.approx(_scores(det, train[4:5])[0], rel=1e-6)
+    assert loo > inside  # its own rows made it look more normal than it is

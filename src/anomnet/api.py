@@ -138,8 +138,8 @@ def resolve_source(calibration: str, detector: Detector) -> str:
         raise ConfigError(f"calibration {calibration!r} unknown; use auto or one of: {', '.join(SOURCES)}")
     if calibration == "loo" and not hasattr(detector, "leave_out"):
         raise ConfigError(
-            f"the {detector.name} detector cannot leave one training image out (only memory-bank detectors: "
-            "patchcore, tocoad); use --calibration crossfit or holdout"
+            f"the {detector.name} detector cannot leave one training image out (only memory-bank and retrieval "
+            "detectors: patchcore, tocoad, cpr); use --calibration crossfit or holdout"
         )
     return calibration
 

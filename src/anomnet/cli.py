@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "holdout", "loo", "crossfit"],
         help="what calibrates the thresholds (docs/decisions.md): loo = every training image scored without its "
-        "own memory-bank patches (patchcore, tocoad), crossfit = every training image scored by a model fitted on "
+        "own memory-bank patches (patchcore, tocoad, cpr), crossfit = every training image scored by a model fitted on "
         "the other folds, holdout = only held-out images; held-out images are pooled with the others "
         "(default auto: loo for patchcore and tocoad, holdout for the others)",
     )

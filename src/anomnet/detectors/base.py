@@ -22,6 +22,7 @@ from anomnet import tiling
 from anomnet.calibration import Calibration
 from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError, ModelFormatError
+from anomnet.io import image_size
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
 from anomnet.transforms import Aspect, Preprocess, rotate, rotation_angles
@@ -235,6 +236,14 @@ class Detector(ABC):
         n = len(samples) if self.tiling is None else tiling.count_training_tiles(samples, self.tiling)
         return n * (self.config.train_rotations if augment else 1)
 
+    def input_owners(self, samples: Sequence[Sample]) -> InputOwners:
+        """Tracks which of ``samples`` each input of :meth:`training_batches` comes from (leave-one-image-out)."""
+        if self.tiling is None:
+            counts = [1] * len(samples)
+        else:
+            counts = [tiling.count_tiles(image_size(s.path), self.tiling) for s in samples]
+        return InputOwners(counts, self.config.train_rotations)
+
     @abstractmethod
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``[B]`` and maps ``[B,S,S]`` for images already preprocessed to ``S x S``."""
@@ -276,6 +285,37 @@ class Detector(ABC):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise ModelFormatError(f"{directory}: saved tensors do not fit the {name} detector ({exc})") from None
         return detector
+
+
+class InputOwners:
+    """The training image of each input :meth:`Detector.training_batches` yields, batch by batch.
+
+    Inputs come image by image (``per_image[i]`` inputs for image ``i``: 1, or its tiles), a batch
+    at a time; with ``rotations`` > 1 each batch comes again in every turned pose.
+    """
+
+    def __init__(self, per_image: Sequence[int], rotations: int) -> None:
+        self.owner = torch.repeat_interleave(
+            torch.arange(len(per_image), dtype=torch.int32), torch.as_tensor(per_image, dtype=torch.int64)
+        )
+        self.rotations = rotations
+        self.pos = 0
+        self.batches = 0
+        self.current = torch.empty(0, dtype=torch.int32)
+        self.consistent = True
+
+    def next_batch(self, size: int) -> torch.Tensor:
+        if self.batches % self.rotations == 0:
+            self.current = self.owner[self.pos : self.pos + size]
+            self.pos += size
+        self.batches += 1
+        if self.current.numel() != size:  # the counts did not match the batches: owners unknown
+            self.consistent = False
+            return torch.full((size,), -1, dtype=torch.int32)
+        return self.current
+
+    def complete(self) -> bool:
+        return self.consistent and self.pos == self.owner.numel()
 
 
 DETECTORS: dict[str, type[Detector]] = {}

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -123,12 +124,15 @@ class CPR(Detector):
         """Training inputs as 8-bit pixels ``[N, 3, S, S]`` and their descriptor level ``[N, d, h, w]``."""
         pixels: list[torch.Tensor] = []
         desc: list[torch.Tensor] = []
+        owners, owner = self.input_owners(train), []
         with torch.inference_mode():
             for images in self.training_batches(train, "features" if progress else None):
                 pixels.append((images * 255.0).round().clamp(0, 255).to(torch.uint8))
                 desc.append(self.model.levels(images)[self.model.desc_level])
+                owner.append(owners.next_batch(int(images.shape[0])))
         if not pixels:
             raise ConfigError("CPR got no training inputs")
+        self.model.input_owner = torch.cat(owner) if owners.complete() else None
         return torch.cat(pixels), torch.cat(desc)
 
     def _fit_retrieval(self, desc: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -273,6 +277,17 @@ class CPR(Detector):
             parts.append([f.to(dtype).contiguous() for f in feats])
         return [torch.cat(level) for level in zip(*parts)]
 
+    # -- leave-one-image-out -------------------------------------------------------------
+    @property
+    def supports_leave_out(self) -> bool:
+        """True when the model records which training image each bank row came from."""
+        return self.model.input_owner is not None
+
+    def leave_out(self, images: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """Predict, within the block, as if the training images at the positions ``images`` were not in the
+        banks and the retrieval set (the head stays as trained: it saw them)."""
+        return self.model.leave_out(images)
+
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, m = self.config, self.model
@@ -295,6 +310,8 @@ class CPR(Detector):
         }
         if m.train_foreground is not None:
             tensors["train_foreground"] = m.train_foreground
+        if m.input_owner is not None:
+            tensors["input_owner"] = m.input_owner
         tensors.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(m.backbone).items()})
         return tensors
 
@@ -318,3 +335,7 @@ class CPR(Detector):
             raise ModelFormatError(f"the CPR model holds banks {sorted(banks)} for {len(m.head.levels)} levels")
         m.banks = [banks[str(i)].contiguous() for i in range(len(banks))]
         m.train_foreground = tensors.get("train_foreground")
+        owner = tensors.get("input_owner")
+        if owner is not None and owner.shape != (m.banks[0].shape[0],):
+            raise ModelFormatError(f"input_owner has shape {tuple(owner.shape)}, the banks {m.banks[0].shape[0]} rows")
+        m.input_owner = None if owner is None else owner.to(torch.int32)

@@ -8,7 +8,8 @@ export. Scoring-time settings (``k``, ``windows``, ``use_foreground``, ``blur_si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from anomnet.components import gaussian_blur
 from anomnet.detectors.cpr.foreground import ForegroundBranch
 from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.retrieval import GlobalRetrieval, window_distances
-from anomnet.errors import NotFittedError
+from anomnet.errors import ConfigError, NotFittedError
 from anomnet.transforms import upsample_maps
 
 
@@ -59,6 +60,7 @@ class CPRModel(nn.Module):
         self.desc_level = min(range(len(strides)), key=lambda i: strides[i])  # the finest level
         self.banks: list[torch.Tensor] = []  # per level [N, dim, h_l, w_l], L2-normalised
         self.train_foreground: torch.Tensor | None = None  # [N, h, w] at the descriptor level
+        self.input_owner: torch.Tensor | None = None  # [N]: the training image of each input; None: unknown
         # scoring-time settings (set by the detector from its config)
         self.k = 10
         self.windows: tuple[int, ...] = (3, 1)
@@ -70,6 +72,26 @@ class CPRModel(nn.Module):
     @property
     def fitted(self) -> bool:
         return bool(self.banks) and self.retrieval.refs is not None
+
+    @contextlib.contextmanager
+    def leave_out(self, owners: Sequence[int]) -> Iterator[None]:
+        """Within the block the inputs of the training images ``owners`` are neither retrieved nor searched:
+        their rows of the banks, the retrieval histograms and the training foregrounds are left out."""
+        if not self.fitted or self.retrieval.refs is None:
+            raise NotFittedError("CPR is not fitted: call fit() or load a saved model")
+        if self.input_owner is None:
+            raise ConfigError("this model does not record which training image each bank row came from")
+        keep = ~torch.isin(self.input_owner, torch.as_tensor(list(owners), dtype=self.input_owner.dtype))
+        if not bool(keep.any()):
+            raise ConfigError("leaving these training images out leaves no bank to search")
+        saved = (self.banks, self.retrieval.refs, self.train_foreground)
+        self.banks = [bank[keep] for bank in saved[0]]
+        self.retrieval.refs = saved[1][keep]
+        self.train_foreground = None if saved[2] is None else saved[2][keep]
+        try:
+            yield
+        finally:
+            self.banks, self.retrieval.refs, self.train_foreground = saved
 
     def refresh(self) -> None:
         """Rebuild the fused scoring head after the head's weights changed (fit, load)."""

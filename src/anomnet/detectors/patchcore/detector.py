@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from anomnet import tiling
 from anomnet.backbones import backbone_state, build_backbone, get_backbone_info, load_backbone_state
 from anomnet.components import PatchFeatures, faiss_available, greedy_coreset
 from anomnet.components.nn_search import NearestNeighbors
@@ -24,7 +23,6 @@ from anomnet.detectors.base import Detector, register
 from anomnet.detectors.patchcore.config import PatchCoreConfig
 from anomnet.detectors.patchcore.model import PatchCoreModel
 from anomnet.errors import ConfigError, NotFittedError
-from anomnet.io import image_size
 from anomnet.training import PhaseRecord, timed_phase
 
 BACKBONE_PREFIX = "backbone."
@@ -102,7 +100,7 @@ class PatchCore(Detector):
         kept_owner: list[torch.Tensor] = []
         bar = "features" if progress else None
         t_features = t_coreset = 0.0
-        owners = _InputOwners(self._inputs_per_image(train), self.config.train_rotations)
+        owners = self.input_owners(train)
         clock = time.perf_counter()
         for images in self.training_batches(train, bar):  # whole images, or tiles
             f = extract(images)
@@ -142,12 +140,6 @@ class PatchCore(Detector):
         with timed_phase(self.fit_record, "index", patches=int(bank.shape[0])):
             self.model.set_bank(bank, self.config.nn_backend, self.config.nn_probe)
         self.model.bank_owner = torch.cat(kept_owner) if owners.complete() else None
-
-    def _inputs_per_image(self, train: Sequence[Sample]) -> list[int]:
-        """How many inputs (1, or its tiles) :meth:`training_batches` yields per image, in one pose."""
-        if self.tiling is None:
-            return [1] * len(train)
-        return [tiling.count_tiles(image_size(s.path), self.tiling) for s in train]
 
     def _subsample(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
         """Row indices of the coreset of one chunk of patch features."""
@@ -197,34 +189,3 @@ class PatchCore(Detector):
         if owner is not None and owner.shape != (bank.shape[0],):
             raise ConfigError(f"bank_owner has shape {tuple(owner.shape)}, the bank {bank.shape[0]} rows")
         self.model.bank_owner = None if owner is None else owner.to(torch.int32)
-
-
-class _InputOwners:
-    """The training image of each input :meth:`Detector.training_batches` yields, batch by batch.
-
-    Inputs come image by image (``per_image[i]`` inputs for image ``i``: 1, or its tiles), a batch
-    at a time; with ``rotations`` > 1 each batch comes again in every turned pose.
-    """
-
-    def __init__(self, per_image: Sequence[int], rotations: int) -> None:
-        self.owner = torch.repeat_interleave(
-            torch.arange(len(per_image), dtype=torch.int32), torch.as_tensor(per_image, dtype=torch.int64)
-        )
-        self.rotations = rotations
-        self.pos = 0
-        self.batches = 0
-        self.current = torch.empty(0, dtype=torch.int32)
-        self.consistent = True
-
-    def next_batch(self, size: int) -> torch.Tensor:
-        if self.batches % self.rotations == 0:
-            self.current = self.owner[self.pos : self.pos + size]
-            self.pos += size
-        self.batches += 1
-        if self.current.numel() != size:  # the counts did not match the batches: owners unknown
-            self.consistent = False
-            return torch.full((size,), -1, dtype=torch.int32)
-        return self.current
-
-    def complete(self) -> bool:
-        return self.consistent and self.pos == self.owner.numel()
