@@ -106,6 +106,7 @@ def test_fit_and_calibrate_dry_run_print_the_table_and_dry_run_saves_nothing(
     assert main(["fit", "--data", str(folder_dataset), "--out", str(model), *SMALL]) == EXIT_OK
     out = capsys.readouterr().out
     assert "operating points:" in out and "1 % (model)" in out and "10 %" in out
+    assert "it only draws the defect mask of an image the image threshold calls defective" in out
     assert f"anomnet calibrate --model-dir {model} --max-false-alarm RATE" in out
     saved = (model / "anomnet.json").read_text()
     threshold = json.loads(saved)["calibration"]["threshold"]

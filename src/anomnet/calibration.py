@@ -263,7 +263,10 @@ class Calibration:
             if math.isnan(self.pixel_achieved_false_alarm)
             else f"; {self.pixel_achieved_false_alarm:.3g} of good validation pixels are above it"
         )
-        lines.append(f"pixel threshold {self.pixel_threshold:.6g} ({phow}){rate}")
+        lines.append(
+            f"pixel threshold {self.pixel_threshold:.6g} ({phow}){rate}; it only draws the defect mask of an image "
+            "the image threshold calls defective (a good image has none)"
+        )
         if self.pixel_note:
             lines.append(f"note: {self.pixel_note}")
         lines.append(f"mask post-processing: {self.postprocess.describe()}")
