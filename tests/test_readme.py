@@ -47,14 +47,10 @@ NOISE = re.compile(r"deprecat|unused section", re.IGNORECASE)
 
 
 def readme_blocks(readme: str, heading: str) -> list[str]:
-    """The fenced code blocks of the section ``heading`` (up to the next heading of its level or higher)."""
-    level = len(heading) - len(heading.lstrip("#"))
+    """The fenced code blocks right under ``heading``: up to the next heading of any level."""
     lines = readme.splitlines()
     start = lines.index(heading) + 1
-    end = next(
-        (i for i in range(start, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[i])),
-        len(lines),
-    )
+    end = next((i for i in range(start, len(lines)) if re.match(r"#{1,6} ", lines[i])), len(lines))
     return re.findall(r"^```\w*\n(.*?)^```", "\n".join(lines[start:end]) + "\n", re.MULTILINE | re.DOTALL)
 
 
