@@ -95,6 +95,12 @@ def test_planted_defect_is_listed_first_and_excluded_on_request(tmp_path) -> Non
     suspects = det.calibration.suspects
     assert suspects and suspects[0]["image"] == str(planted) and suspects[0]["rank"] == 1
     assert str(planted) in "\n".join(det.calibration.summary())
+    report = tmp_path / "report.html"
+    api.test(det, root, report=report, progress=False)
+    page = report.read_text()
+    block = page.split("<h2>Suspect training images</h2>", 1)[1].split("<h2>", 1)[0]
+    assert f"1. {planted} — left-out score {suspects[0]['score']:.5g}" in block and "<img" in block
+    assert "each scored without its own memory-bank patches" in page  # the calibration set, in words
     clean = api.fit("patchcore", root, tmp_path / "m", settings=SMALL, exclude_suspects=True, progress=False)
     assert str(planted) in clean.calibration.excluded
     assert content_hash(planted) not in clean.calibration.training_hashes

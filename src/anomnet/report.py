@@ -13,6 +13,7 @@ parts are left out.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import html
 import io as _bytesio
@@ -29,7 +30,7 @@ from PIL import Image
 
 from anomnet import __version__, io
 from anomnet.detectors.base import Detector
-from anomnet.errors import ConfigError
+from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, KeptImage
 from anomnet.metrics import precision_recall_curve, roc_curve
 from anomnet.visualize import draw_contour, heatmap, overlay
@@ -172,6 +173,7 @@ def render_report(
         _worst_section(
             "Lowest-scoring defective images (misses when below the threshold)", result.worst_defective, detector
         ),
+        _suspects_section(detector),
         "<h2>Model settings</h2>",
         _table([(k, _fmt_setting(v)) for k, v in detector.config.to_dict().items()]),
         "<h2>Calibration</h2>",
@@ -248,6 +250,8 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
     ]
     if cal.note:
         rows.append(("calibration note", cal.note))
+    if cal.source_note:
+        rows.append(("calibration set", cal.source_note))
     return _table(rows)
 
 
@@ -404,6 +408,52 @@ def _worst_section(heading: str, kept: Sequence[KeptImage], detector: Detector) 
         figure = _img(_case_png(k, detector), k.sample.path.name)
         out.append(f'<figure class="case">{figure}<figcaption>{_e(caption)}</figcaption></figure>')
     return "\n".join(out)
+
+
+def _suspects_section(detector: Detector) -> str:
+    """The suspect training images of the calibration, each with its left-out heat map."""
+    cal = detector.calibration
+    if not cal.suspects:
+        return ""
+    median = float(np.median(cal.validation_scores)) if cal.validation_scores else math.nan
+    out = [
+        "<h2>Suspect training images</h2>",
+        '<p class="note">Training images whose own left-out score stands far above the other training images\' '
+        f"(robust z &gt; 5; median calibration score {median:.5g}): a defective part among the good ones, another "
+        "product or a camera fault would show here. Check them; <code>anomnet fit --exclude-suspects</code> refits "
+        "without them. image | heat map over the image | heat map, scored without the image's own contribution</p>",
+    ]
+    for suspect in cal.suspects:
+        path = Path(suspect["image"])
+        caption = f"{suspect['rank']}. {path} — left-out score {suspect['score']:.5g} (robust z {suspect['z']:.1f})"
+        kept = _left_out_case(detector, path)
+        figure = "" if kept is None else _img(_case_png(kept, detector), path.name)
+        if kept is None:
+            caption += " (the image cannot be read here: no heat map)"
+        out.append(f'<figure class="case">{figure}<figcaption>{_e(caption)}</figcaption></figure>')
+    return "\n".join(out)
+
+
+def _left_out_case(detector: Detector, path: Path) -> KeptImage | None:
+    """A training image as the calibration scored it (its own contribution left out where the model can)."""
+    from anomnet.data import Sample, iter_batches
+    from anomnet.decisions import content_hash, supports_leave_out
+    from anomnet.evaluate import KEEP_SIDE, _WorstKeeper
+
+    try:
+        digest = content_hash(path)
+        batch = next(iter(iter_batches([Sample(path, 0)], 1, size=None)))
+    except (AnomnetError, OSError, StopIteration):
+        return None
+    owners = [i for i, h in enumerate(detector.calibration.training_hashes) if h == digest]
+    context = (
+        detector.leave_out(owners)  # type: ignore[attr-defined]
+        if owners and supports_leave_out(detector)
+        else contextlib.nullcontext()
+    )
+    with context:
+        pred = detector.predict(batch.images)
+    return _WorstKeeper(1, KEEP_SIDE, detector.calibration)._keep(batch, pred, 0, float(pred.scores[0]))
 
 
 def _case_png(k: KeptImage, detector: Detector) -> bytes:
