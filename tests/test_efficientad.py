@@ -400,3 +400,80 @@ def test_models_saved_before_the_new_settings_still_load(small_split, tmp_path: 
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(det.predict(x).scores, loaded.predict(x).scores)
     assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_pdn_m_is_the_reference_architecture(padding: bool) -> None:
+    """EfficientAD-M layer by layer as the authors' get_pdn_medium: (type, in, out, kernel, padding)."""
+    from torch import nn
+
+    p = 1 if padding else 0
+    expected = [
+        ("conv", 3, 256, 4, 3 * p),
+        ("relu",),
+        ("pool", 2, 2, p),
+        ("conv", 256, 512, 4, 3 * p),
+        ("relu",),
+        ("pool", 2, 2, p),
+        ("conv", 512, 512, 1, 0),
+        ("relu",),
+        ("conv", 512, 512, 3, p),
+        ("relu",),
+        ("conv", 512, 384, 4, 0),
+        ("relu",),
+        ("conv", 384, 384, 1, 0),
+    ]
+    layers = []
+    for m in pdn("m", 384, padding):
+        if isinstance(m, nn.Conv2d):
+            layers.append(("conv", m.in_channels, m.out_channels, m.kernel_size[0], m.padding[0]))
+        elif isinstance(m, nn.AvgPool2d):
+            layers.append(("pool", m.kernel_size, m.stride, m.padding))
+        else:
+            assert isinstance(m, nn.ReLU)
+            layers.append(("relu",))
+    assert layers == expected
+
+
+def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) -> None:
+    """st_map=normalized: the local map is CDO's discrepancy of the L2-normalised vectors, with its own
+    validation quantiles stored at fit; it travels with the saved model and is refused for a model saved
+    without those quantiles."""
+    from anomnet import bench
+    from anomnet.detectors import Detector
+    from anomnet.detectors.efficientad.model import OUT_CHANNELS
+
+    det = create_detector("efficientad", {**TINY, "steps": 2, "cache_dir": "off"})
+    det.fit(small_split.train, small_split.validation, progress=False)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    squared, _ = det.raw_maps(x)
+    normalized, _ = det.raw_maps(x, "normalized")
+    with torch.no_grad(), det._autocast():
+        s = det.student(x).float()[:, :OUT_CHANNELS]
+    expected = discrepancy(det._teacher_features(x), s)
+    assert torch.allclose(normalized, expected, atol=1e-5)
+    assert normalized.min() >= 0 and normalized.max() <= 4 and not torch.allclose(normalized, squared)
+    assert det.quantiles_normalized is not None and det.quantiles_normalized[0] < det.quantiles_normalized[1]
+    before = det.predict(x)
+    det.config.st_map = "normalized"
+    after = det.predict(x)
+    assert not torch.equal(before.maps, after.maps)
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded.config.st_map == "normalized"
+    assert torch.equal(loaded.predict(x).maps, after.maps)
+    # bench --rescore st_map=... scores the same fitted model both ways
+    det.config.st_map = "squared"
+    assert bench._accepts(det, "st_map=normalized")
+    bench.rescore(det, small_split, {"st_map": "normalized"})
+    assert det.config.st_map == "squared"
+    # a model saved before the setting has no such quantiles: the squared map works, the normalised one is refused
+    tensors = {k: v for k, v in det.state_tensors().items() if k != "quantiles_normalized"}
+    det.load_state_tensors(tensors)
+    assert det.quantiles_normalized is None
+    assert torch.equal(det.predict(x).maps, before.maps)
+    det.config.st_map = "normalized"
+    with pytest.raises(ConfigError, match="st_map=normalized"):
+        det.predict(x)
+    with pytest.raises(ConfigError):
+        create_detector("efficientad", {"st_map": "cosine"})

@@ -40,6 +40,7 @@ from anomnet.detectors.efficientad.distill import (
 )
 from anomnet.detectors.efficientad.losses import (
     cdo_loss,
+    discrepancy,
     hard_feature_loss,
     penalty_loss,
     quantile_value,
@@ -80,6 +81,8 @@ class EfficientAD(Detector):
         self.teacher_mean = torch.zeros(1, OUT_CHANNELS, 1, 1)
         self.teacher_std = torch.ones(1, OUT_CHANNELS, 1, 1)
         self.quantiles = torch.tensor([0.0, 1.0, 0.0, 1.0])  # st q_a, st q_b, ae q_a, ae q_b
+        # q_a, q_b of the normalised local map (st_map="normalized"); None for models saved before it existed
+        self.quantiles_normalized: torch.Tensor | None = None
         self.fitted = False
 
     @property
@@ -101,17 +104,29 @@ class EfficientAD(Detector):
         """The student's and autoencoder's input: ImageNet-normalised with ``imagenet_norm``, else as given."""
         return imagenet_normalize(images) if self.config.imagenet_norm else images
 
-    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``."""
+    def raw_maps(self, images: torch.Tensor, st_map: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``.
+
+        The student-teacher map is ``st_map`` (default the setting): ``"squared"``, the mean squared error over
+        the channels, or ``"normalized"``, :func:`~.losses.discrepancy` of the L2-normalised vectors (CDO's).
+        """
+        return self._maps(images, (st_map or self.config.st_map,))[0]
+
+    def _maps(self, images: torch.Tensor, st_maps: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`raw_maps` for each of ``st_maps`` from one forward pass."""
         t = self._teacher_features(images)
         x = self._student_input(images)
         with self._autocast():
             s = self.student(x)
             a = self.autoencoder(x)
         s, a = s.float(), a.float()
-        map_st = (t - s[:, :OUT_CHANNELS]).pow(2).mean(1)
         map_ae = (a - s[:, OUT_CHANNELS:]).pow(2).mean(1)
-        return map_st, map_ae
+        out = []
+        for kind in st_maps:
+            s_st = s[:, :OUT_CHANNELS]
+            map_st = discrepancy(t, s_st) if kind == "normalized" else (t - s_st).pow(2).mean(1)
+            out.append((map_st, map_ae))
+        return out
 
     # -- training ------------------------------------------------------------------------
     def _load_images(self, samples: Sequence[Sample], progress: str | None) -> torch.Tensor:
@@ -282,21 +297,31 @@ class EfficientAD(Detector):
 
     @torch.no_grad()
     def _map_quantiles(self, images: torch.Tensor) -> None:
-        st, ae = [], []
+        """Validation quantiles q_a, q_b of both maps, the local map as both kinds (``st_map`` is a scoring setting)."""
+        st, st_n, ae = [], [], []
         for i in range(0, len(images), self.config.batch_size):
-            m_st, m_ae = self.raw_maps(images[i : i + self.config.batch_size])
+            (m_st, m_ae), (m_st_n, _) = self._maps(images[i : i + self.config.batch_size], ("squared", "normalized"))
             st.append(m_st.reshape(-1))
+            st_n.append(m_st_n.reshape(-1))
             ae.append(m_ae.reshape(-1))
         c = self.config
-        v_st, v_ae = torch.cat(st), torch.cat(ae)
+        v_st, v_st_n, v_ae = torch.cat(st), torch.cat(st_n), torch.cat(ae)
         q = [quantile_value(v, p) for v in (v_st, v_ae) for p in (c.q_a, c.q_b)]
         self.quantiles = torch.stack(q).float()
+        self.quantiles_normalized = torch.stack([quantile_value(v_st_n, p) for p in (c.q_a, c.q_b)]).float()
 
     # -- inference -----------------------------------------------------------------------
     def combined_map(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,n,n]`` fused map: quantile-normalised local and global maps mixed by ``alpha``."""
         m_st, m_ae = self.raw_maps(images)
         q = self.quantiles
+        if self.config.st_map == "normalized":
+            if self.quantiles_normalized is None:
+                raise ConfigError(
+                    "st_map=normalized needs the normalised map's validation quantiles, which this model was saved "
+                    "without (it predates the setting): fit it again, or use st_map=squared"
+                )
+            q = torch.cat([self.quantiles_normalized, q[2:]])
         m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
         m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
         a = self.config.alpha
@@ -333,6 +358,8 @@ class EfficientAD(Detector):
                 {f"teacher.backbone.{k}": v for k, v in backbone_state(backbone_teacher.features.backbone).items()}
             )
         out.update(teacher_mean=self.teacher_mean, teacher_std=self.teacher_std, quantiles=self.quantiles)
+        if self.quantiles_normalized is not None:
+            out["quantiles_normalized"] = self.quantiles_normalized
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -352,6 +379,8 @@ class EfficientAD(Detector):
         self.teacher_mean = tensors["teacher_mean"].float()
         self.teacher_std = tensors["teacher_std"].float()
         self.quantiles = tensors["quantiles"].float()
+        qn = tensors.get("quantiles_normalized")
+        self.quantiles_normalized = None if qn is None else qn.float()
         self.fitted = True
 
 
