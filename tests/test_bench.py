@@ -138,6 +138,7 @@ OWN_DRIVERS = {
     "serve-load": "serve_load.py",
     "ray-throughput": "ray_throughput.py",
     "decisions": "decisions.py",
+    "learned-stages": "learned_stages.py",
 }
 
 
