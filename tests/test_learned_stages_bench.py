@@ -49,7 +49,8 @@ def test_plan_runs_row_by_row_and_rescores_efficientad_with_the_normalised_map()
     assert all(p[4]["image_size"] == "128" for p in anomnet if p[1] == "bottle-128")
     ead = [p for p in plan if p[0] == "efficientad"]
     assert [p[3] for p in ead[:2]] == ["S-100", "S-100"] and all(p[5] == [{"st_map": "normalized"}] for p in ead)
-    assert m.plan(["efficientad"], {"PA_BTN01_RL"}) == [p for p in ead if p[1] == "PA_BTN01_RL"]
+    assert all(p[4]["image_size"] == "128" for p in ead)
+    assert m.plan(["efficientad"], {"PA_BTN01_RL-128"}) == [p for p in ead if p[1] == "PA_BTN01_RL-128"]
 
 
 def test_render_shows_means_rescored_rows_and_missing_datasets() -> None:
@@ -71,12 +72,12 @@ def test_render_shows_means_rescored_rows_and_missing_datasets() -> None:
 
 def test_parts_run_side_by_side_are_merged_by_resume(tmp_path: Path) -> None:
     a, b, out, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json", tmp_path / "B.md"
-    planned = _module().plan(["efficientad"], {"PA_BTN01_RL"})
+    planned = _module().plan(["efficientad"], {"PA_BTN01_RL-128"})
     rows = [_row(p[0], p[1], p[3], 0.9, []) | {"settings": p[4]} for p in planned]
     a.write_text(json.dumps(_report(rows[:2], "first")))
     b.write_text(json.dumps(_report(rows[2:], "second")))
     md.write_text("# Benchmarks\n")
-    args = ["--parts", "efficientad", "--datasets", "PA_BTN01_RL", "--resume", str(a), "--resume", str(b)]
+    args = ["--parts", "efficientad", "--datasets", "PA_BTN01_RL-128", "--resume", str(a), "--resume", str(b)]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out), "--markdown", str(md)],
         capture_output=True,
