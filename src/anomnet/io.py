@@ -7,36 +7,51 @@ from deep inside PIL, tifffile or zlib reaches the caller.
 * :func:`read_image` -> ``float32`` ``HxWx3`` RGB in [0, 1]. 8-bit data is divided by 255,
   16-bit data by 65535 (so 16-bit precision survives), float TIFFs must already be in [0, 1].
   Gray, gray+alpha, RGB, RGBA, palette and 1-bit images are accepted; alpha is dropped.
-  Formats: PNG, JPEG, TIFF, BMP (recognised by content, not by the file name).
-  EXIF orientation is ignored: pixels are used as stored, so masks stay aligned.
 * :func:`read_mask` -> ``bool`` ``HxW``; the file must hold 0 and at most one other value.
 * :func:`list_images`, :func:`image_size`, :func:`to_tensor`.
 * :func:`write_png`, :func:`atomic_write_text`, :func:`atomic_write_bytes`: atomic writes (temporary file +
   ``os.replace``); :func:`encode_png` (PNG bytes, e.g. for HTTP).
 
-PIL does the decoding; two cases go around it because PIL would silently lose data:
-TIFFs whose pixels are plain gray/RGB samples of 8 bits or more are decoded with tifffile
-(PIL reduces 16-bit RGB TIFFs to 8 bits, cannot open float RGB TIFFs and silently drops
-extra channels), and 16-bit colour PNGs are re-decoded here at full precision (PIL keeps
-only the high byte).
+Rules every reader follows (docs/hostile-input.md lists how each is tested):
+
+* Formats: PNG, JPEG, TIFF and BMP, recognised by their first bytes, never by the file name.
+  PIL is asked to open only the one format found (``Image.open(formats=[...])``), so none of
+  its other plugins (GIF, WebP, ICO, PPM, EPS, which would run Ghostscript) is ever reached.
+* Size: at most :data:`MAX_IMAGE_PIXELS` pixels and sides at most :data:`MAX_ASPECT_RATIO`
+  times apart, checked from the header before any pixel is decoded.
+* Bounded decoding: compressed data is inflated into at most what the header promises. A PNG
+  is walked first (every chunk's CRC, image data inflating to exactly the promised size: a
+  bomb, a truncated stream or missing rows are refused, never zero-filled); TIFF strips and
+  tiles are decoded one at a time by :mod:`anomnet.decoders.tiff`, each capped at its share.
+* Orientation: the EXIF orientation (JPEG, PNG eXIf, XMP ``tiff:Orientation``, the TIFF
+  Orientation tag) is applied to every format and bit depth alike, so pixels come back as
+  image viewers show them; :func:`image_size` reports that size. Masks are read the same way,
+  so a mask stays aligned with its image when both carry the same tag.
+
+PIL does the decoding except where it would lose data: gray/RGB(A) TIFFs of 8 bits or more are
+decoded by :mod:`anomnet.decoders.tiff` (PIL reduces 16-bit RGB to 8 bits, cannot open float
+RGB and drops extra channels; tifffile's own decoding is unbounded and needs imagecodecs for
+LZW), and 16-bit colour PNGs (interlaced or not) are decoded twice by PIL's own C decoder, once
+for the high and once for the low bytes (PIL keeps only the high byte).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 import threading
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
+from anomnet.decoders import DecodeError
+from anomnet.decoders import png as png_decode
+from anomnet.decoders import tiff as tiff_decode
 from anomnet.errors import ConfigError, DatasetError, ImageReadError
 
 if TYPE_CHECKING:  # torch is imported where it is used: reading images needs no torch (exported models)
@@ -45,10 +60,15 @@ if TYPE_CHECKING:  # torch is imported where it is used: reading images needs no
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 """File name endings :func:`list_images` picks up (compared case-insensitively)."""
 
-MAX_IMAGE_PIXELS = 100_000_000
-"""Images with more pixels are refused (a corrupt header or a decompression bomb)."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Images with more pixels are refused (a corrupt header or a decompression bomb). Decoding one
+to float RGB takes about 16 bytes per pixel (0.7 GB here); scoring it takes a few times more."""
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_ASPECT_RATIO = 100
+"""Images whose long side exceeds this many times the short side are refused: resizing a strip
+of 2,000,000 x 1 pixels to a square takes gigabytes, and no inspected part is that shape."""
+
+_PNG_SIGNATURE = png_decode.SIGNATURE
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
@@ -79,12 +99,13 @@ def read_image(path: str | Path) -> np.ndarray:
     pixels = _read_pixels(Path(path))
     data = pixels.data
     color = data[..., :1] if data.shape[2] <= 2 else data[..., :3]
-    image = color.astype(np.float32)
+    # one float32 HxWx3 allocation (gray is broadcast into it): the decoded samples plus this are the peak
+    image = np.empty((data.shape[0], data.shape[1], 3), dtype=np.float32)
     if pixels.scale != 1.0:
-        image /= np.float32(pixels.scale)
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image)
+        np.divide(color, np.float32(pixels.scale), out=image, dtype=np.float32, casting="unsafe")
+    else:
+        image[...] = color
+    return image
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -131,25 +152,29 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> n
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image, read from its header without decoding the pixels.
+    """``(H, W)`` of an image as :func:`read_image` returns it (orientation applied), from its header only.
 
     Raises:
         ImageReadError: the file is missing, a folder, empty or not a readable image.
     """
     path = Path(path)
     _check_file(path)
-    if _is_tiff(path):
+    fmt = _format_of(path)
+    if fmt == "TIFF":
         try:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages.first
-                return int(page.imagelength), int(page.imagewidth)
+                height, width = int(page.imagelength), int(page.imagewidth)
+                if int(page.tags.valueof(274, 1) or 1) in _TRANSPOSING_ORIENTATIONS:
+                    return width, height
+                return height, width
         except Exception:  # noqa: BLE001 - PIL gets a try and reports the problem
             pass
     with _quiet_bomb_warning():
         try:
-            with Image.open(path) as im:
+            with _pil_open(path, fmt) as im:
                 if _exif_orientation(im) in _TRANSPOSING_ORIENTATIONS:
                     return im.width, im.height
                 return im.height, im.width
@@ -340,18 +365,78 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 # decoding
 # --------------------------------------------------------------------------------------
 
+_SUPPORTED = ("PNG", "JPEG", "TIFF", "BMP")
 _UNKNOWN_FORMAT = "not an image file, or a format that cannot be read (supported: PNG, JPEG, TIFF, BMP)"
+_OTHER_FORMATS = (
+    (b"GIF8", "GIF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"8BPS", "Photoshop"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"%PDF", "PDF"),
+)
+
+
+def _format_of(path: Path) -> str:
+    """The decoder for ``path`` by its first bytes (PNG, JPEG, TIFF or BMP); anything else is refused.
+
+    PIL is only ever asked to open the format found here, so its other plugins (EPS, which runs
+    Ghostscript, GIF, WebP, ICO, PPM, ...) are never reached whatever the file holds.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open the file ({exc.strerror or exc})") from None
+    if head.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:4] in _TIFF_MAGIC:
+        return "TIFF"
+    if head[:2] == b"BM":
+        return "BMP"
+    other = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        other = "WebP"
+    elif len(head) > 2 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3].isspace():
+        other = "PNM"
+    if other is not None:
+        return _refuse_format(path, other)
+    raise ImageReadError(path, _UNKNOWN_FORMAT)
+
+
+def _refuse_format(path: Path, name: str) -> str:
+    raise ImageReadError(path, f"{name} files are not read (supported: {', '.join(_SUPPORTED)})")
 
 
 def _read_pixels(path: Path) -> _Pixels:
-    """Decode ``path`` fully into :class:`_Pixels`; every failure is an :class:`ImageReadError`."""
+    """Decode ``path`` fully into :class:`_Pixels` (oriented); every failure is an :class:`ImageReadError`."""
     _check_file(path)
-    note = ""
-    if _is_tiff(path):
-        pixels, note = _read_tiff(path)
-        if pixels is not None:
-            return pixels
-    return _read_with_pil(path, note)
+    fmt = _format_of(path)
+    png: png_decode.PngHeader | None = None
+    try:
+        if fmt == "TIFF":
+            pixels, orientation = _read_tiff(path)
+            if pixels is not None:
+                return _oriented(pixels, orientation)
+        elif fmt == "PNG":
+            with open(path, "rb") as f:
+                png = png_decode.read_header(f.read(33))
+                _check_dims(path, png.height, png.width)
+                f.seek(0)
+                png_decode.check_png(f)
+    except DecodeError as exc:
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read the file ({exc.strerror or exc})") from None
+    pixels, orientation = _read_with_pil(path, fmt, png)
+    return _oriented(pixels, orientation)
 
 
 def _check_file(path: Path) -> None:
@@ -371,24 +456,23 @@ def _check_file(path: Path) -> None:
 
 
 def _check_dims(path: Path, height: int, width: int) -> None:
+    """Refuse zero sizes, more than :data:`MAX_IMAGE_PIXELS` and sides further apart than :data:`MAX_ASPECT_RATIO`."""
     if height <= 0 or width <= 0:
         raise ImageReadError(path, f"image has zero size ({width}x{height} pixels)")
     if height * width > MAX_IMAGE_PIXELS:
         raise ImageReadError(path, _too_large_message(height, width))
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise ImageReadError(
+            path,
+            f"image is {width}x{height} pixels, a side ratio of {max(height, width) / min(height, width):.0f}:1; "
+            f"the limit is {MAX_ASPECT_RATIO}:1 (a corrupt header, or a strip to cut into parts first)",
+        )
 
 
 def _too_large_message(height: int | None, width: int | None) -> str:
     limit = f"the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
     size = f"{width}x{height} = {height * width / 1e6:.0f} megapixels" if height and width else "too large"
     return f"image is {size}, more than {limit} (a corrupt header or a decompression bomb?)"
-
-
-def _is_tiff(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) in _TIFF_MAGIC
-    except OSError:
-        return False
 
 
 def _describe(exc: BaseException) -> str:
@@ -435,27 +519,34 @@ def _strict_truncation() -> Iterator[None]:
                 ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
 
 
-def _read_with_pil(path: Path, note: str = "") -> _Pixels:
-    suffix = f"; {note}" if note else ""
+@contextmanager
+def _pil_open(path: Path, fmt: str) -> Iterator[ImageFile.ImageFile]:
+    """``Image.open`` restricted to the one plugin ``fmt`` (no other PIL plugin is ever tried)."""
+    with open(path, "rb") as f, Image.open(f, formats=[fmt]) as im:
+        yield im
+
+
+def _read_with_pil(path: Path, fmt: str, png: png_decode.PngHeader | None) -> tuple[_Pixels, int]:
+    """Decode with PIL in stored pixel order; returns the pixels and the orientation to apply."""
     with _strict_truncation(), _quiet_bomb_warning():
         try:
-            with Image.open(path) as im:
+            with _pil_open(path, fmt) as im:
                 _check_dims(path, im.height, im.width)
                 im.load()
-                if _exif_orientation(im) not in (None, 1):
-                    # Viewers show the image rotated by its EXIF tag: read it the way people see it.
-                    return _pil_to_pixels(path, _with_format(ImageOps.exif_transpose(im), im.format))
-                return _pil_to_pixels(path, im)
+                orientation = _exif_orientation(im) or 1
+                if png is not None and png.depth == 16 and png.color_type in (2, 4, 6):
+                    return _Pixels(_png16(path, im, png.color_type), 65535.0, "PNG"), orientation
+                return _pil_to_pixels(path, im), orientation
         except ImageReadError:
             raise
         except Image.DecompressionBombError:
             raise ImageReadError(path, _too_large_message(None, None)) from None
         except UnidentifiedImageError:
-            raise ImageReadError(path, _UNKNOWN_FORMAT + suffix) from None
+            raise ImageReadError(path, _UNKNOWN_FORMAT) from None
         except MemoryError:
             raise ImageReadError(path, "not enough memory to decode the image") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure means bad data
-            raise ImageReadError(path, f"corrupt or truncated image data ({_describe(exc)}){suffix}") from None
+            raise ImageReadError(path, f"corrupt or truncated image data ({_describe(exc)})") from None
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -463,16 +554,32 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width an
 
 
 def _exif_orientation(im: Image.Image) -> int | None:
+    """The orientation PIL finds in EXIF (JPEG APP1, PNG eXIf, TIFF tag 274) or XMP, if valid."""
     try:
-        value = im.getexif().get(_EXIF_ORIENTATION)
+        if im.format == "PNG" and "exif" not in im.info and not im.im:
+            value = Image.Image.getexif(im).get(_EXIF_ORIENTATION)  # header only: PNG's getexif would decode
+        else:
+            value = im.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored like an absent one
         return None
     return value if isinstance(value, int) and 1 <= value <= 8 else None
 
 
-def _with_format(im: Image.Image, fmt: str | None) -> Image.Image:
-    im.format = fmt  # exif_transpose returns a new image without the source format
-    return im
+def _oriented(pixels: _Pixels, orientation: int) -> _Pixels:
+    """Turn stored pixels the way viewers show them (EXIF orientation 1-8, the same for every format)."""
+    data = pixels.data
+    turned = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda a: a.transpose(1, 0, 2)[::-1],
+    }.get(orientation)
+    if turned is None:
+        return pixels
+    return pixels._replace(data=np.ascontiguousarray(turned(data)))
 
 
 def _as_hwc(array: np.ndarray) -> np.ndarray:
@@ -486,12 +593,7 @@ def _pil_to_pixels(path: Path, im: Image.Image) -> _Pixels:
     if mode == "1":
         return _Pixels(_as_hwc(np.asarray(im.convert("L"))), 255.0, fmt)
     if mode in ("L", "LA", "RGB", "RGBA"):
-        data = _as_hwc(np.asarray(im))
-        if fmt == "PNG" and mode != "L":
-            precise = _png16_or_none(path, data)
-            if precise is not None:
-                return _Pixels(precise, 65535.0, fmt)
-        return _Pixels(data, 255.0, fmt)
+        return _Pixels(_as_hwc(np.asarray(im)), 255.0, fmt)
     if mode in ("P", "PA"):
         target = "RGBA" if mode == "PA" or "transparency" in im.info else "RGB"
         return _Pixels(np.asarray(im.convert(target)), 255.0, fmt)
@@ -523,24 +625,61 @@ def _checked_float(path: Path, data: np.ndarray) -> np.ndarray:
     return data
 
 
+# ----------------------------------------------------------------------------- 16-bit colour PNG
+
+
+def _png16(path: Path, im: Image.Image, color_type: int) -> np.ndarray:
+    """Full-precision pixels of a 16-bit colour PNG (``uint16`` HxWxC), decoded by PIL's own C decoder.
+
+    PIL keeps only the high byte of each 16-bit colour sample. Its PNG decoder (which undoes the
+    filters and the Adam7 interlacing) is run again with an unpacker that keeps the bytes PIL
+    drops: the low bytes for RGB / RGBA ("RGB;16L" reads the second byte of each big-endian
+    sample as its high one), all four bytes for gray+alpha (decoded as 8-bit RGBA, which has
+    the same bytes per pixel).
+    """
+    if color_type == 4:
+        raw = _pil_redecode(path, "RGBA").astype(np.uint16)
+        return np.stack([(raw[..., 0] << 8) | raw[..., 1], (raw[..., 2] << 8) | raw[..., 3]], axis=-1)
+    high = np.asarray(im)
+    low = _pil_redecode(path, "RGB;16L" if color_type == 2 else "RGBA;16L")
+    out = high.astype(np.uint16) << 8
+    out |= low
+    return out
+
+
+def _pil_redecode(path: Path, rawmode: str) -> np.ndarray:
+    with _pil_open(path, "PNG") as im:
+        tile = im.tile[0]
+        # Pillow >= 11 keeps tiles as named tuples, older versions as plain ones
+        replaced: Any = tile._replace(args=rawmode) if hasattr(tile, "_replace") else (*tile[:3], rawmode)
+        im.tile = [replaced]
+        im.load()
+        return np.asarray(im)
+
+
 # ----------------------------------------------------------------------------- TIFF
 
 _PHOTOMETRIC_COLOR_CHANNELS = {0: 1, 1: 1, 3: 1, 2: 3, 6: 3, 8: 3, 9: 3, 10: 3, 5: 4}
 """TIFF photometric interpretation -> colour samples (miniswhite, minisblack, palette, rgb,
 ycbcr, cielab, icclab, itulab, separated/CMYK)."""
+_SAMPLE_KINDS = {1: "u", 2: "i", 3: "f"}
 
 
-def _read_tiff(path: Path) -> tuple[_Pixels | None, str]:
-    """Decode a TIFF with tifffile where PIL would lose data; ``(None, note)`` lets PIL do it.
+def _read_tiff(path: Path) -> tuple[_Pixels | None, int]:
+    """Decode a TIFF's first page here (bounded, see :mod:`anomnet.decoders.tiff`) or leave it to PIL.
 
-    Channel layouts are checked here for every TIFF (PIL silently drops extra channels).
+    Gray and RGB(A) pages of 8 bits or more in a compression decoded here are read here (PIL
+    reduces 16-bit RGB to 8 bits, cannot open float RGB and drops extra channels); the others
+    (palette, CMYK, YCbCr, 1-bit, JPEG-compressed, ...) go to PIL: ``(None, 1)``. Channel
+    layouts are checked here for every TIFF. Returns the pixels in stored order and the
+    Orientation tag.
     """
     import tifffile
 
     try:
         tif = tifffile.TiffFile(path)
     except Exception:  # noqa: BLE001 - PIL gets a try and reports the problem
-        return None, ""
+        return None, 1
     with tif:
         if not tif.pages:
             raise ImageReadError(path, "TIFF file holds no image")
@@ -551,12 +690,31 @@ def _read_tiff(path: Path) -> tuple[_Pixels | None, str]:
             photometric = int(page.photometric)
             extras = [int(e) for e in (page.extrasamples or ())]
             bits = int(page.bitspersample)
+            kind = _SAMPLE_KINDS.get(int(page.sampleformat), "?")
+            compression = int(page.compression)
+            orientation = int(page.tags.valueof(274, 1) or 1)
+            layout = tiff_decode.Layout(
+                height,
+                width,
+                spp,
+                np.dtype(f"{tif.byteorder}{kind}{bits // 8}")
+                if kind != "?" and bits in (8, 16, 32, 64)
+                else np.dtype("V1"),
+                int(page.planarconfig) == 2,
+                compression,
+                int(page.predictor),
+                int(page.rowsperstrip),
+                (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else None,
+                tuple(int(o) for o in page.dataoffsets),
+                tuple(int(c) for c in page.databytecounts),
+            )
+            depth, fill_order = int(page.imagedepth), int(page.fillorder)
         except Exception as exc:  # noqa: BLE001 - damaged header
             raise ImageReadError(path, f"damaged TIFF header ({_describe(exc)})") from None
         _check_dims(path, height, width)
         color = _PHOTOMETRIC_COLOR_CHANNELS.get(photometric)
         if color is None:
-            return None, ""
+            return None, 1
         extra = spp - color
         has_alpha = extra == 1 and bool(extras) and extras[0] in (1, 2)
         if extra < 0 or extra > 1 or (extra == 1 and not has_alpha):
@@ -565,21 +723,37 @@ def _read_tiff(path: Path) -> tuple[_Pixels | None, str]:
                 f"{spp} channels per pixel are not supported; an image must be gray, gray+alpha, RGB or RGBA",
             )
         if photometric not in (1, 2) or bits < 8:
-            return None, ""
-        try:
-            data = page.asarray()
-        except (KeyError, ImportError) as exc:  # codec needs imagecodecs: PIL may know it
-            return None, f"tifffile: {_describe(exc)}"
-        except MemoryError:
-            raise ImageReadError(path, "not enough memory to decode the image") from None
-        except Exception as exc:  # noqa: BLE001 - truncated or corrupt strips
-            raise ImageReadError(path, f"corrupt or truncated TIFF data ({_describe(exc)})") from None
-    if data.ndim == 3 and page.axes.startswith("S"):
-        data = np.moveaxis(data, 0, -1)
-    if data.size != height * width * spp:
-        raise ImageReadError(path, f"unexpected TIFF data layout {page.axes} {data.shape}")
-    data = data.reshape(height, width, spp)
-    return _tiff_scale(path, data), ""
+            return None, 1
+        if layout.dtype.kind == "V":
+            raise ImageReadError(path, f"{bits}-bit TIFF samples (sample format {page.sampleformat}) are not supported")
+        if depth != 1 or fill_order != 1:
+            raise ImageReadError(path, "TIFF volumes and reversed bit order (FillOrder 2) are not supported")
+        pil_exact = bits == 8 or (bits == 16 and kind == "u" and spp == 1)
+        if compression == 5 and pil_exact:
+            return None, 1  # libtiff's LZW is fast; the one here (pure Python) is for what PIL would round
+        if compression not in tiff_decode.COMPRESSIONS:
+            if pil_exact:
+                return None, 1  # PIL (libtiff) decodes these exactly, with bounded buffers
+            raise ImageReadError(
+                path,
+                f"TIFF compression {compression} is not supported for {bits}-bit colour or float images "
+                f"(supported: {', '.join(sorted(set(tiff_decode.COMPRESSIONS.values())))})",
+            )
+    try:
+        with open(path, "rb") as f:
+            data = tiff_decode.decode(f, layout, path.stat().st_size)
+    except DecodeError as exc:
+        raise ImageReadError(path, f"corrupt or truncated TIFF data ({exc})") from None
+    except MemoryError:
+        raise ImageReadError(path, "not enough memory to decode the image") from None
+    return _tiff_scale(path, data), orientation
+
+
+def _tiff_dtype(byteorder: str, kind: str, bits: int) -> np.dtype:
+    """The samples' dtype in file byte order; ``V1`` (refused later) for kinds and sizes numpy has not."""
+    if kind == "?" or bits not in (8, 16, 32, 64) or (kind == "f" and bits == 8):
+        return np.dtype("V1")
+    return np.dtype(f"{byteorder}{kind}{bits // 8}")
 
 
 def _tiff_scale(path: Path, data: np.ndarray) -> _Pixels:
@@ -595,93 +769,6 @@ def _tiff_scale(path: Path, data: np.ndarray) -> _Pixels:
         f"{data.dtype.itemsize * 8}-bit {kind} pixels are not supported "
         f"(supported: 8- and 16-bit unsigned integers, float in [0, 1])",
     )
-
-
-# ----------------------------------------------------------------------------- 16-bit PNG
-
-
-def _png16_or_none(path: Path, pil_data: np.ndarray) -> np.ndarray | None:
-    """Full-precision pixels of a non-interlaced 16-bit colour PNG, else ``None``.
-
-    PIL has already decoded (and so validated) the file at 8 bits; the 16-bit result is
-    used only if its high bytes equal PIL's pixels, so a decoding slip here can only cost
-    precision, never give wrong pixels.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(33)
-        if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-            return None
-        width, height = struct.unpack(">II", head[16:24])
-        depth, color_type, _, _, interlace = head[24:29]
-        if depth != 16 or interlace != 0 or color_type not in (2, 4, 6):
-            return None
-        data = _decode_png16(path.read_bytes(), width, height, color_type)
-        if color_type == 4 and pil_data.shape[2] == 4:  # PIL opens 16-bit gray+alpha as RGBA
-            pil_data = pil_data[..., [0, 3]]
-        if data.shape != pil_data.shape or not np.array_equal((data >> 8).astype(np.uint8), pil_data):
-            return None
-        return data
-    except Exception:  # noqa: BLE001 - fall back to PIL's 8-bit pixels
-        return None
-
-
-def _decode_png16(raw: bytes, width: int, height: int, color_type: int) -> np.ndarray:
-    """Decode the IDAT stream of a 16-bit PNG (colour type 2, 4 or 6) to ``uint16`` ``HxWxC``."""
-    channels = {2: 3, 4: 2, 6: 4}[color_type]
-    chunks = []
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
-        if kind == b"IDAT":
-            chunks.append(raw[pos + 8 : pos + 8 + length])
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    stream = zlib.decompress(b"".join(chunks))
-    bpp = 2 * channels
-    stride = width * bpp + 1
-    rows = np.frombuffer(stream, dtype=np.uint8, count=height * stride).reshape(height, stride)
-    filters = rows[:, 0]
-    if (filters > 4).any():
-        raise ValueError("unknown PNG filter type")
-    filtered = rows[:, 1:].reshape(height, width, bpp).astype(np.int32)
-    data = _unfilter(filtered, filters.astype(np.int32))
-    pairs = data.reshape(height, width, channels, 2).astype(np.uint16)
-    return (pairs[..., 0] << 8) | pairs[..., 1]
-
-
-def _unfilter(filtered: np.ndarray, filters: np.ndarray) -> np.ndarray:
-    """Undo PNG scanline filters on ``[H, W, bpp]`` bytes (as int32)."""
-    height, width, bpp = filtered.shape
-    if not np.isin(filters, (3, 4)).any():
-        out = np.zeros_like(filtered)
-        prev = np.zeros((width, bpp), dtype=np.int32)
-        for r in range(height):
-            row = filtered[r]
-            if filters[r] == 1:
-                row = np.cumsum(row, axis=0)
-            elif filters[r] == 2:
-                row = row + prev
-            out[r] = row & 0xFF
-            prev = out[r]
-        return out
-    # Average and Paeth depend on the left neighbour: sweep anti-diagonals r + x = d, each
-    # of whose pixels needs only pixels of earlier diagonals (left, up, up-left).
-    padded = np.zeros((height + 1, width + 1, bpp), dtype=np.int32)
-    for d in range(height + width - 1):
-        rows = np.arange(max(0, d - width + 1), min(height - 1, d) + 1)
-        cols = d - rows
-        a = padded[rows + 1, cols]
-        b = padded[rows, cols + 1]
-        c = padded[rows, cols]
-        p = a + b - c
-        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        kind = filters[rows][:, None]
-        pred = np.select([kind == 1, kind == 2, kind == 3, kind == 4], [a, b, (a + b) >> 1, paeth], 0)
-        padded[rows + 1, cols + 1] = (filtered[rows, cols] + pred) & 0xFF
-    return padded[1:, 1:]
 
 
 # ----------------------------------------------------------------------------- folders

@@ -18,10 +18,21 @@ from anomnet.errors import ConfigError
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of ``[B,C,H,W]`` float images (no-op when already ``size``)."""
+    """Bilinear, antialiased resize of ``[B,C,H,W]`` float images (no-op when already ``size``).
+
+    Working memory stays within the input plus the output plus one pass's result: torch's
+    antialiased kernel resizes the width first and holds an ``H x out_W`` intermediate, which
+    for a tall strip (width grown, height shrunk: 2,000,000 x 1 pixels to 256 x 256 took 6 GB)
+    dwarfs both; such images get their height resized first, in a pass of its own (the same
+    result up to float rounding, since the kernel is separable).
+    """
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    out_h, out_w = int(size[0]), int(size[1])
+    if height * out_w > max(height * width, out_h * out_w) and out_h * width < height * out_w:
+        images = F.interpolate(images, size=(out_h, width), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(images, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
