@@ -30,11 +30,17 @@ from anomnet import io
 from anomnet.errors import ImageReadError
 
 folder = Path({folder!r})
-seeds = [(p.suffix, p.read_bytes()) for p in seed_files(folder / "seeds")]
+seed_paths = seed_files(folder / "seeds")
+seeds = [(p.suffix, p.read_bytes()) for p in seed_paths]
+problems, slowest = [], 0.0
+for p in seed_paths:  # every unmutated seed is a valid file and must read
+    try:
+        io.read_image(p)
+    except ImageReadError as exc:
+        problems.append(f"seed {{p.name}} refused: {{exc}}")
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rng = np.random.default_rng(21)
 counts = {{"read": 0, "refused": 0}}
-problems, slowest = [], 0.0
 for n in range({mutants}):
     suffix, data = seeds[n % len(seeds)]
     path = folder / f"m{{n:04d}}{{suffix}}"
