@@ -18,7 +18,8 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
 
 The JSON is written after every row, so an interrupted run keeps what it measured and ``--resume`` reuses
 those rows (same part, dataset, row and settings); ``--resume`` repeated merges the reports of parts run side by
-side (``--resume A.json --resume B.json`` with nothing left to run writes the merged report and section).
+side (``--resume A.json --resume B.json --merge-only`` writes the merged report and section, measuring nothing;
+rows of the plan that none of them has make it INCOMPLETE).
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", metavar="JSON", action="append", default=[], help="reuse the rows of earlier reports (repeatable)"
     )
     p.add_argument("--render", metavar="JSON", help="only write the table of an earlier run's JSON report")
+    p.add_argument(
+        "--merge-only", action="store_true", help="with --resume: write the merged report, measure nothing new"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the rows and exit")
     a = p.parse_args(argv)
     if a.render:
@@ -251,11 +255,15 @@ def main(argv: list[str] | None = None) -> int:
             "rows": kept + rows,
         }
 
+    skipped = 0
     try:
         for part, name, path, row, settings, rescore in todo:
             done = next((r for r in resumed if key(r) == (part, name, row, json.dumps(settings, sort_keys=True))), None)
             if done is not None:
                 rows.append(done)
+                continue
+            if a.merge_only:
+                skipped += 1
                 continue
             print(f"[{SECTION}] {part} {name}: {row}", file=sys.stderr, flush=True)
             detector = ROWS[part][0]
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(a.out, json.dumps(report(), indent=2, default=str))  # partial results survive
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    final = {**report(), "complete": True}
+    final = {**report(), "complete": not skipped}
     atomic_write_text(a.out, json.dumps(final, indent=2, default=str))
     text = render(final)
     print(text)

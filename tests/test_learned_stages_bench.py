@@ -89,3 +89,15 @@ def test_parts_run_side_by_side_are_merged_by_resume(tmp_path: Path) -> None:
     assert len(merged["rows"]) == len(planned) and merged["complete"] is True
     assert merged["commands"][:2] == ["first", "second"] and merged["seconds"] >= 120.0
     assert "<!-- bench:learned-stages -->" in md.read_text() and "Commands, one after another" in md.read_text()
+    # --merge-only measures nothing: a plan row that no report has leaves the merged report incomplete
+    b.write_text(json.dumps(_report(rows[2:-1], "second")))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--merge-only", "--out", str(out), "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    assert len(merged["rows"]) == len(planned) - 1 and merged["complete"] is False
+    assert "INCOMPLETE" in md.read_text()
