@@ -21,7 +21,7 @@ import tifffile
 from PIL import EpsImagePlugin, Image
 
 from anomnet import io
-from anomnet.errors import ImageReadError
+from anomnet.errors import ConfigError, ImageReadError
 from hostile_images import (
     bomb_stream,
     chunk,
@@ -54,7 +54,7 @@ def _read_peak(path: Path) -> dict:
         f"""
         import json, resource
         from anomnet import io
-        from anomnet.errors import ImageReadError
+        from anomnet.errors import ConfigError, ImageReadError
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             io.read_image({str(path)!r})
@@ -97,7 +97,7 @@ def test_wide_16bit_paeth_png_does_not_hang(tmp_path: Path) -> None:
         f"""
         import json, time
         from anomnet import io
-        from anomnet.errors import ImageReadError
+        from anomnet.errors import ConfigError, ImageReadError
         t = time.perf_counter()
         try:
             io.read_image({str(path)!r}); outcome = "read"
@@ -146,6 +146,23 @@ def test_header_limits(tmp_path: Path, width: int, height: int, problem: str) ->
 
 def test_limits_are_documented_values() -> None:
     assert io.MAX_IMAGE_PIXELS == 40_000_000 and io.MAX_ASPECT_RATIO == 100
+
+
+def test_pixel_limit_can_be_raised_for_large_cameras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((40, 100), np.uint8)).save(path)  # 4,000 pixels
+    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "0.001")
+    with pytest.raises(ConfigError, match="from 1 to 150"):
+        io.read_image(path)
+    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "lots")
+    with pytest.raises(ConfigError, match="ANOMNET_MAX_MEGAPIXELS"):
+        io.read_image(path)
+    monkeypatch.setattr(io, "MAX_IMAGE_PIXELS", 3_000)
+    monkeypatch.delenv(io.MAX_MEGAPIXELS_ENV)
+    with pytest.raises(ImageReadError, match="ANOMNET_MAX_MEGAPIXELS raises it"):
+        io.read_image(path)
+    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "1")  # 1 MP is above the 3,000 pixels patched in
+    assert io.read_image(path).shape == (40, 100, 3)
 
 
 def test_image_within_limits_reads(tmp_path: Path) -> None:

@@ -61,8 +61,26 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", "
 """File name endings :func:`list_images` picks up (compared case-insensitively)."""
 
 MAX_IMAGE_PIXELS = 40_000_000
-"""Images with more pixels are refused (a corrupt header or a decompression bomb). Decoding one
-to float RGB takes about 16 bytes per pixel (0.7 GB here); scoring it takes a few times more."""
+"""Images with more pixels are refused (a corrupt header or a decompression bomb), unless
+``$ANOMNET_MAX_MEGAPIXELS`` says otherwise (:func:`image_pixel_limit`). Decoding one to float RGB
+takes about 16 bytes per pixel (0.7 GB at 40 MP); scoring it takes a few times more."""
+
+MAX_MEGAPIXELS_ENV = "ANOMNET_MAX_MEGAPIXELS"
+
+
+def image_pixel_limit() -> int:
+    """:data:`MAX_IMAGE_PIXELS`, or ``$ANOMNET_MAX_MEGAPIXELS`` (1 to 150; PIL refuses more): larger cameras."""
+    raw = os.environ.get(MAX_MEGAPIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 150:  # NaN fails too; PIL itself refuses more than about 179 MP
+        raise ConfigError(f"{MAX_MEGAPIXELS_ENV}={raw!r} must be a number of megapixels from 1 to 150")
+    return int(value * 1_000_000)
+
 
 MAX_ASPECT_RATIO = 100
 """Images whose long side exceeds this many times the short side are refused: resizing a strip
@@ -459,7 +477,7 @@ def _check_dims(path: Path, height: int, width: int) -> None:
     """Refuse zero sizes, more than :data:`MAX_IMAGE_PIXELS` and sides further apart than :data:`MAX_ASPECT_RATIO`."""
     if height <= 0 or width <= 0:
         raise ImageReadError(path, f"image has zero size ({width}x{height} pixels)")
-    if height * width > MAX_IMAGE_PIXELS:
+    if height * width > image_pixel_limit():
         raise ImageReadError(path, _too_large_message(height, width))
     if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
         raise ImageReadError(
@@ -470,7 +488,7 @@ def _check_dims(path: Path, height: int, width: int) -> None:
 
 
 def _too_large_message(height: int | None, width: int | None) -> str:
-    limit = f"the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+    limit = f"the limit of {image_pixel_limit() / 1e6:.0f} megapixels (${MAX_MEGAPIXELS_ENV} raises it)"
     size = f"{width}x{height} = {height * width / 1e6:.0f} megapixels" if height and width else "too large"
     return f"image is {size}, more than {limit} (a corrupt header or a decompression bomb?)"
 
