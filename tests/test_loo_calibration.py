@@ -170,6 +170,10 @@ def test_crossfit_scores_each_image_with_a_model_fitted_without_its_fold(folder_
 def test_sources_a_detector_cannot_use_are_refused(folder_dataset) -> None:
     with pytest.raises(ConfigError, match="cannot leave one training image out"):
         api.fit("efficientad", folder_dataset, None, calibration="loo", progress=False)
+    one = load_dataset(folder_dataset, val_fraction=0)
+    one.train = one.train[:1]
+    with pytest.raises(ConfigError, match="needs at least 2 different training images, got 1"):
+        api.fit("patchcore", one, None, settings=SMALL, progress=False)
     with pytest.raises(ConfigError, match="at least 2 folds"):
         api.fit("patchcore", folder_dataset, None, settings=SMALL, calibration="crossfit", folds=1, progress=False)
 

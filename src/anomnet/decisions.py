@@ -321,6 +321,11 @@ def calibrate_detector(
     g = torch.Generator().manual_seed(0)
     own = ImageStatistics.empty()
     if source == "loo":
+        if len(set(hashes)) < 2:
+            raise ConfigError(
+                f"leave-one-out calibration needs at least 2 different training images, got {len(set(hashes))}: "
+                "add good images, or calibrate on held-out ones (--calibration holdout --val-fraction 0.1)"
+            )
         own = leave_one_out_statistics(detector, train, same_image_owners(hashes), g, progress=progress)
     elif source == "crossfit":
         if out_of_fold is None or out_of_fold.scores.size != len(train):
