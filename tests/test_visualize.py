@@ -134,3 +134,36 @@ def test_visualize_needs_neither_torch_nor_matplotlib() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_test_heatmaps_are_titled_panels_with_the_colour_bar(folder_dataset, tmp_path) -> None:
+    """``anomnet test --heatmaps``: image | overlay | heat map | ground truth under titles, then the bar."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from anomnet import api, io
+    from anomnet.data import Sample
+
+    cal = _cal(low=0.0, high=0.5, thr=0.75)
+    amap = np.linspace(0.0, 1.5, 64 * 64, dtype=np.float32).reshape(64, 64)
+    detector = SimpleNamespace(
+        calibration=cal, predict=lambda x: SimpleNamespace(maps=torch.from_numpy(amap)[None].expand(len(x), 64, 64))
+    )
+    image = folder_dataset / "test" / "blob" / "b000.png"
+    (written,) = api.write_heatmaps(
+        detector, [Sample(image, 1, folder_dataset / "masks" / "b000.png", "blob")], tmp_path
+    )
+    picture = np.asarray(Image.open(written).convert("RGB"))
+    rgb = io.read_image(image)
+    mask = io.read_mask(folder_dataset / "masks" / "b000.png", (64, 64))
+    panels = [
+        ("image", (rgb * 255 + 0.5).astype(np.uint8)),
+        ("overlay", overlay(rgb, amap, cal)),
+        ("heat map", heatmap(amap, cal)),
+        ("ground truth", np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2)),
+    ]
+    expected, layout = labelled_panels(panels, cal)
+    assert np.array_equal(picture, expected)
+    assert [t.label for t in layout.ticks] == ["1", "0.5", "0", "0.75"]

@@ -40,7 +40,7 @@ from anomnet.inputs import unique_names
 from anomnet.model_io import check_model_target
 from anomnet.outputs import predict_files
 from anomnet.scoring import ImagePrediction
-from anomnet.visualize import heatmap, overlay
+from anomnet.visualize import heatmap, labelled_panels, overlay
 
 
 def fit(
@@ -306,7 +306,9 @@ def expand_image_paths(items: Iterable[str | Path]) -> list[Path]:
 
 
 def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str | Path) -> list[Path]:
-    """For each sample: image | heat-map overlay | ground truth (if any), side by side, as one PNG."""
+    """For each sample one PNG: image | overlay | heat map | ground truth (if any), titled, side by side,
+    with the model's colour bar (its numbers in anomaly-map units, the pixel threshold marked;
+    :func:`anomnet.visualize.labelled_panels`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -315,15 +317,15 @@ def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str |
         image = io.read_image(s.path)
         amap = detector.predict(io.to_tensor(image)[None]).maps[0].numpy()
         panels = [
-            (image * 255 + 0.5).astype(np.uint8),
-            overlay(image, amap, detector.calibration),
-            heatmap(amap, detector.calibration),
+            ("image", (image * 255 + 0.5).astype(np.uint8)),
+            ("overlay", overlay(image, amap, detector.calibration)),
+            ("heat map", heatmap(amap, detector.calibration)),
         ]
         if s.mask_path is not None:
             mask = io.read_mask(s.mask_path, image.shape[:2])
-            panels.append(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))
+            panels.append(("ground truth", np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2)))
         target = out_dir / f"{named.name}.png"  # two images of one stem (nested folders) keep one file each
-        io.write_png(target, np.concatenate(panels, axis=1))
+        io.write_png(target, labelled_panels(panels, detector.calibration)[0])
         written.append(target)
     return written
 
