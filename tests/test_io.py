@@ -440,11 +440,10 @@ def test_write_png_failure_leaves_old_file(tmp_path: Path, monkeypatch: pytest.M
     target = tmp_path / "x.png"
     target.write_bytes(b"old")
 
-    def failing_save(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
-        fp.write(b"partial")  # type: ignore[attr-defined]
+    def failing_fsync(fd: int) -> None:  # the temporary file holds the new data, then the disk fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         io.write_png(target, _u8((3, 3)))
     assert target.read_bytes() == b"old"
@@ -470,3 +469,19 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (7, 5, 3), (33, 64, 3)])
+@pytest.mark.parametrize("level", [0, 1, 4, 9])
+def test_encode_png_settings_keep_the_pixels(tmp_path: Path, shape: tuple[int, ...], level: int) -> None:
+    from io import BytesIO
+
+    data = np.random.default_rng(level).integers(0, 256, shape, dtype=np.uint8)
+    for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_RLE):
+        png = io.encode_png(data, level, strategy)
+        assert np.array_equal(np.asarray(Image.open(BytesIO(png))), data)
+        io.atomic_write_bytes(tmp_path / "x.png", png)  # our own reader walks every chunk and CRC
+        rgb = data if data.ndim == 3 else np.repeat(data[..., None], 3, axis=2)
+        assert np.array_equal(np.round(io.read_image(tmp_path / "x.png") * 255).astype(np.uint8), rgb)
+    with pytest.raises(ConfigError, match="level"):
+        io.encode_png(data, 10)
