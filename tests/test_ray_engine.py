@@ -209,8 +209,25 @@ def test_finalise_keeps_one_row_per_input_in_input_order(tmp_path: Path) -> None
     assert table.column("score").to_pylist() == [2.0, 1.0]
     assert not (tmp_path / rows_mod.JOURNAL).exists()
     csv = (tmp_path / "results.csv").read_text().splitlines()
-    assert csv[0] == "path,product,score,p_value,defective,defect_pixels,regions,error" and len(csv) == 3
+    assert csv[0] == "path,product,score,p_value,defective,threshold,defect_pixels,regions,error" and len(csv) == 3
     assert done_keys(tmp_path) == {refs[1].key, refs[3].key}  # the final results count for --resume too
+
+
+def test_rows_carry_the_threshold_and_older_journals_read_without_it(tmp_path: Path) -> None:
+    refs = [InputRef(f"/img/{i}.png", str(i), None) for i in range(3)]
+    scored = ImagePrediction(refs[0].path, 0.7, 0.1, True, threshold=0.5, defect_pixels=4, regions=1)
+    ((pred, _),) = rows_mod.predictions_of(rows_table([scored], [None]))
+    assert pred.record() == scored.record()
+    old = rows_table([ImagePrediction(r.path, 0.2, 0.5, False, threshold=0.5) for r in refs[1:]], [None, None])
+    old = old.drop_columns(["threshold"])  # as written before rows carried the threshold
+    rows_mod.write_parquet(tmp_path / rows_mod.RESULTS_PARQUET, old.slice(0, 1))
+    rows_mod.write_parquet(tmp_path / rows_mod.JOURNAL / "part-0-000000.parquet", old.slice(1, 1))
+    assert rows_mod.drop_damaged(tmp_path) == []  # readable, not damaged
+    Journal(tmp_path, flush_rows=1).append(rows_table([scored], [None]))
+    table = finalise(tmp_path, refs)
+    assert table.column("threshold").to_pylist() == [0.5, None, None]
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert lines[0].split(",")[4] == "threshold" and [line.split(",")[4] for line in lines[1:]] == ["0.5", "", ""]
 
 
 # -- on Ray ----------------------------------------------------------------------------------------

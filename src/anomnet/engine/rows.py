@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from anomnet import io
 from anomnet.engine.inputs import InputRef
-from anomnet.outputs import CSV_COLUMNS
+from anomnet.outputs import PREDICT_CSV_COLUMNS
 from anomnet.scoring import ImagePrediction
 
 JOURNAL = ".anomnet-run"
@@ -59,6 +59,7 @@ SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("p_value", pa.float64()),
         ("defective", pa.bool_()),
+        ("threshold", pa.float64()),
         ("defect_pixels", pa.int64()),
         ("regions", pa.int64()),
         ("boxes", pa.list_(pa.list_(pa.int64()))),
@@ -66,7 +67,11 @@ SCHEMA = pa.schema(
         ("outputs", pa.map_(pa.string(), pa.string())),
     ]
 )
-"""One result row per input; the numbers are null on an error row."""
+"""One result row per input; the numbers are null on an error row.
+
+``threshold`` is the image threshold the decision was made with; part files and results written before
+rows carried it are read with it null (:func:`_read`).
+"""
 
 
 def inputs_table(refs: Sequence[InputRef]) -> pa.Table:
@@ -97,6 +102,7 @@ def rows_table(predictions: Sequence[ImagePrediction], products: Sequence[str | 
                 "score": rec["score"],
                 "p_value": rec["p_value"],
                 "defective": rec["defective"],
+                "threshold": rec["threshold"],
                 "defect_pixels": rec["defect_pixels"],
                 "regions": rec["regions"],
                 "boxes": rec["boxes"],
@@ -121,6 +127,7 @@ def predictions_of(table: pa.Table) -> list[tuple[ImagePrediction, str | None]]:
             math.nan if rec["p_value"] is None else rec["p_value"],
             rec["defective"],
             rec["error"],
+            threshold=math.nan if rec["threshold"] is None else rec["threshold"],
             defect_pixels=rec["defect_pixels"],
             regions=rec["regions"],
             boxes=rec["boxes"] or [],
@@ -181,7 +188,10 @@ def recorded(out: Path) -> pa.Table:
 
 
 def _read(path: Path) -> pa.Table:
-    return pq.read_table(path).select(SCHEMA.names).cast(SCHEMA)
+    table = pq.read_table(path)
+    if "threshold" not in table.column_names:  # written before rows carried the threshold: unknown
+        table = table.append_column("threshold", pa.nulls(table.num_rows, pa.float64()))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def drop_damaged(out: Path) -> list[str]:
@@ -240,7 +250,9 @@ def write_results(out: Path, table: pa.Table) -> None:
     """results.parquet, results.csv and results.jsonl (the columns of ``predict``, plus product when used)."""
     rows = predictions_of(table)
     with_product = any(product is not None for _, product in rows)
-    columns: Iterable[str] = CSV_COLUMNS[:1] + ("product",) + CSV_COLUMNS[1:] if with_product else CSV_COLUMNS
+    columns: Iterable[str] = (
+        PREDICT_CSV_COLUMNS[:1] + ("product",) + PREDICT_CSV_COLUMNS[1:] if with_product else PREDICT_CSV_COLUMNS
+    )
     lines, buf = [], _stdio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
