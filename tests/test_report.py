@@ -52,10 +52,13 @@ def test_report_has_metrics_curves_and_worst_cases(folder_dataset, model, tmp_pa
     assert len(pngs) == 4 + 2 * report.WORST_CASES
     assert all(img.format == "PNG" and img.size[0] > 100 for img in pngs)
     assert "PRO curve" in text and "image-level curves only" not in text
-    for key, value in res.metrics.items():
-        assert re.search(
-            rf"<td>{re.escape(key)}</td><td class=\"num\">{re.escape(report.format_metric(value))}</td>", text
-        ), key
+    for key, value in res.metrics.items():  # every metric shown with its meaning
+        row = re.search(
+            rf"<td>{re.escape(key)}</td><td class=\"num\">{re.escape(report.format_metric(value))}</td>"
+            r"<td>([^<]*)</td>",
+            text,
+        )
+        assert row and len(row.group(1)) > 20, key
     assert "pixel_auroc" in res.metrics and "au_pro@0.3" in res.metrics
     assert f"{model.calibration.threshold:.6g}" in text and "folder:data" in text and "coreset_ratio" in text
     # the worst cases are the highest-scoring good and lowest-scoring defective images, in order
@@ -140,3 +143,35 @@ def test_report_of_good_images_only_and_no_threshold(model) -> None:
     assert "ROC curve: not available (needs good and defective test images)" in text
     assert '<td class="num">n/a</td>' in text and "0 of 0 defective" in text and "2 of 2 good" not in text
     assert len(_embedded_pngs(text)) == 1  # the histogram
+
+
+def test_every_number_of_the_calibration_table_has_its_meaning(model) -> None:
+    res = evaluate.EvaluationResult({"image_auroc": 1.0}, ["a.png", "b.png"], np.array([0, 1]), np.array([0.1, 0.9]))
+    text = report.render_report(res, model)
+    table = text[text.index("<h2>Calibration</h2>") :]
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>[^<]*</td><td>([^<]*)</td></tr>", table)
+    shown = [k for k, v in model.calibration.to_dict().items() if not isinstance(v, (list, tuple, dict))]
+    assert [k for k, _ in rows] == shown
+    assert all(meaning for _, meaning in rows), [k for k, m in rows if not m]
+
+
+def test_worst_cases_are_titled_and_carry_the_models_colour_bar(folder_dataset, model) -> None:
+    from anomnet.data import load_dataset
+    from anomnet.visualize import colour_bar, format_value
+
+    res = evaluate.evaluate(model, load_dataset(folder_dataset).test, 4, progress=False, keep_worst=1)
+    cal = model.calibration
+    for kept in res.worst_good + res.worst_defective:
+        picture = np.asarray(Image.open(io.BytesIO(report._case_png(kept, model))).convert("RGB"))
+        h, w = kept.image.shape[:2]
+        title_h = picture.shape[0] - h
+        assert title_h > 8 and picture.shape[1] > 3 * w
+        assert (picture[:title_h, :w] != 255).any()  # the first panel's title
+        # the right end is the model's colour bar, its numbers the calibration's map_low / map_high / pixel threshold
+        strip, layout = colour_bar(cal, picture.shape[0], top_margin=title_h)
+        assert np.array_equal(picture[title_h:, -strip.shape[1] :], strip[title_h:])  # (its title above it)
+        labels = {t.kind: t.label for t in layout.ticks}
+        assert labels["low"] == format_value(cal.map_low) and labels["high"] == format_value(cal.map_high)
+        assert labels["pixel threshold"] == format_value(cal.pixel_threshold)
+    text = report.render_report(res, model)
+    assert "fixed colour scale" in text and "purple line is the pixel threshold" in text

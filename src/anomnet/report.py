@@ -33,7 +33,7 @@ from anomnet.detectors.base import Detector
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.evaluate import EvaluationResult, KeptImage
 from anomnet.metrics import precision_recall_curve, roc_curve
-from anomnet.visualize import draw_contour, heatmap, overlay
+from anomnet.visualize import draw_contour, heatmap, labelled_panels, overlay
 
 #: Good and defective images shown in the report's "worst cases" sections (each).
 WORST_CASES = 4
@@ -41,6 +41,8 @@ WORST_CASES = 4
 CURVE_POINTS = 1000
 #: Outline colour of the model's own defect mask in the worst-case images (ground truth: white).
 MODEL_MASK_COLOUR = (255, 220, 0)
+#: Titles of the worst cases' panels.
+PANEL_TITLES = ("image", "overlay", "heat map")
 #: FPR limit of the PRO curve plot (the MVTec AD AU-PRO limit).
 PRO_PLOT_LIMIT = 0.3
 
@@ -58,6 +60,35 @@ METRIC_NOTES = {
     "pixel_f1_max": "best pixel-level F1 over all thresholds (uses test masks; for comparison only)",
     "au_pro@0.3": "area under the per-region-overlap curve up to FPR 0.3, normalised (MVTec AD)",
     "au_pro@0.05": "area under the per-region-overlap curve up to FPR 0.05, normalised (MVTec AD 2)",
+}
+
+#: The meaning of each number of the report's calibration table (Calibration's fields, lists left out).
+CALIBRATION_NOTES = {
+    "max_false_alarm": "false-alarm rate asked for when the image threshold was chosen",
+    "threshold": "image threshold: a score at or above it is called defective",
+    "achieved_false_alarm": "false-alarm rate the good calibration images support for that threshold",
+    "note": "remark of the image-threshold choice",
+    "map_low": "median anomaly-map value of the good calibration images: the bottom (blue) of the heat maps' "
+    "colour scale",
+    "map_high": "highest anomaly-map value seen on them: the middle of the colour scale (its top is twice as far)",
+    "image_method": "how the image threshold was chosen (conformal, mean-std, fixed, f1)",
+    "std_k": "k of the mean-std image threshold (mean + k std of the calibration scores)",
+    "image_value": "the image threshold given by hand (fixed method)",
+    "score_mean": "mean of the good calibration images' scores",
+    "score_std": "standard deviation of the good calibration images' scores",
+    "pixel_method": "how the pixel threshold was chosen (quantile, mean-std, f1, segf1, fixed)",
+    "pixel_false_alarm": "share of good calibration pixels allowed at or above the pixel threshold (quantile method)",
+    "pixel_value": "the pixel threshold given by hand (fixed method)",
+    "pixel_threshold": "anomaly-map value where a defective image's mask begins (purple line on the colour bar)",
+    "pixel_achieved_false_alarm": "share of the sampled good calibration pixels at or above the pixel threshold",
+    "pixel_note": "remark of the pixel-threshold choice",
+    "pixel_std_k": "k of the mean-std pixel threshold (mean + k std of the good calibration pixels)",
+    "pixel_mean": "mean of the sampled good calibration pixels' map values",
+    "pixel_std": "standard deviation of those values",
+    "pixel_count": "good calibration pixels sampled for the pixel statistics",
+    "labelled": "what a labelled validation set told the thresholds (none when not given)",
+    "source": "where the calibration scores came from: holdout, loo (leave-one-out) or crossfit",
+    "source_note": "the calibration set in words",
 }
 
 
@@ -120,7 +151,7 @@ table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots img { width: 48%; min-width: 320px; }
-figure.case img { height: 260px; max-width: 100%; object-fit: contain; image-rendering: pixelated; }
+figure.case img { max-width: 100%; height: auto; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #444; }
 .note { color: #555; font-size: 0.9em; }
 """
@@ -177,10 +208,24 @@ def render_report(
         "<h2>Model settings</h2>",
         _table([(k, _fmt_setting(v)) for k, v in detector.config.to_dict().items()]),
         "<h2>Calibration</h2>",
-        _table([(k, _fmt_setting(v)) for k, v in cal.to_dict().items() if not isinstance(v, (list, tuple, dict))]),
+        _table(
+            [
+                (k, _fmt_setting(v), CALIBRATION_NOTES.get(k, ""))
+                for k, v in cal.to_dict().items()
+                if not isinstance(v, (list, tuple, dict))
+            ],
+            ["field", "value", "meaning"],
+        ),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+_SCALE_NOTE = (
+    "The bar on the right is the model's fixed colour scale, the same for every image, in anomaly-map units: "
+    "bottom (blue) the median map value of the good calibration images, middle the highest value seen on them, "
+    "top (red) twice as far; the purple line is the pixel threshold, where a defective image's mask begins."
+)
 
 
 def _e(text: Any) -> str:
@@ -393,9 +438,11 @@ def _worst_section(heading: str, kept: Sequence[KeptImage], detector: Detector) 
     cal = detector.calibration
     out = [
         f"<h2>{_e(heading)}</h2>",
-        '<p class="note">image | heat map over the image | heat map (the model\'s fixed colour scale)'
+        '<p class="note">image | overlay (heat map over the image) | heat map'
         + ("; white outline: ground truth" if any(k.mask is not None for k in kept) else "")
-        + "; yellow outline: the model's defect mask (an image called good has none)</p>",
+        + "; yellow outline: the model's defect mask (an image called good has none). "
+        + _SCALE_NOTE
+        + "</p>",
     ]
     for k in kept:
         p_value = float(cal.p_values(np.array([k.score]))[0])
@@ -421,7 +468,9 @@ def _suspects_section(detector: Detector) -> str:
         '<p class="note">Training images whose own left-out score stands far above the other training images\' '
         f"(robust z &gt; 5; median calibration score {median:.5g}): a defective part among the good ones, another "
         "product or a camera fault would show here. Check them; <code>anomnet fit --exclude-suspects</code> refits "
-        "without them. image | heat map over the image | heat map, scored without the image's own contribution</p>",
+        "without them. image | overlay | heat map, scored without the image's own contribution. "
+        + _SCALE_NOTE
+        + "</p>",
     ]
     for suspect in cal.suspects:
         path = Path(suspect["image"])
@@ -457,7 +506,8 @@ def _left_out_case(detector: Detector, path: Path) -> KeptImage | None:
 
 
 def _case_png(k: KeptImage, detector: Detector) -> bytes:
-    """image | overlay | heat map side by side (numpy panels, no plotting), ground truth outlined in white."""
+    """image | overlay | heat map under their titles with the model's colour bar (numpy + Pillow, no plotting);
+    ground truth outlined in white, the model's mask in yellow on the overlay."""
     image = k.image.astype(np.float32) / 255.0
     panels = [
         k.image,
@@ -468,8 +518,7 @@ def _case_png(k: KeptImage, detector: Detector) -> bytes:
         panels = [draw_contour(p, k.mask) for p in panels]
     if k.predicted is not None and k.predicted.any():
         panels[1] = draw_contour(panels[1], k.predicted, MODEL_MASK_COLOUR)
-    gap = np.full((k.image.shape[0], 4, 3), 255, dtype=np.uint8)
-    row = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+    row, _ = labelled_panels(list(zip(PANEL_TITLES, panels)), detector.calibration)
     buf = _bytesio.BytesIO()
     Image.fromarray(row).save(buf, format="PNG")
     return buf.getvalue()

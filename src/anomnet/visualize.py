@@ -171,7 +171,7 @@ def colour_bar(calibration: Calibration, height: int, top_margin: int = 0) -> tu
         return y0 + int(round(min(max(frac, 0.0), 1.0) * (n_rows - 1)))
 
     scale_ticks = [("top", top), ("high", high), ("low", low)]
-    right_text = {"top": "", "high": " max good", "low": " median good"}
+    right_text = {"top": "", "high": "  max good", "low": "  median good"}
     right_labels = [(kind, format_value(v) + right_text[kind]) for kind, v in scale_ticks]
     thr_label = ""
     if math.isfinite(thr):
