@@ -277,3 +277,68 @@ def test_review_page_opens_with_the_models_own_decisions_and_shows_the_threshold
             assert page.locator("#summary").get_attribute("data-flips") == "0"
         finally:
             browser.close()
+
+
+def test_review_page_shows_the_models_colour_scale_and_the_heat_map(tmp_path: Path) -> None:
+    """The legend's numbers are the model's map_low / map_high / top / pixel threshold, its colours the heat maps'."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from anomnet.visualize import heatmap, scale_range
+    from test_serve import FakeScorer, png
+
+    scorer = FakeScorer()  # map = the red channel
+    cal = scorer.calibration
+    cal.map_low, cal.map_high, cal.pixel_threshold = 0.1, 0.4, 0.55
+    low, top = scale_range(cal)
+    image = tmp_path / "bright.png"
+    image.write_bytes(png(240, (40, 60)))
+    app = create_app({"fake": scorer})
+    with background_server(app) as url, sync_playwright() as pw:
+        info = httpx.get(f"{url}/v1/models").json()["models"][0]
+        assert info["map_low"] == 0.1 and info["map_high"] == 0.4 and info["pixel_threshold"] == 0.55
+        expected = httpx.post(
+            f"{url}/v1/models/fake/predict?heatmap=true",
+            files={"file": (image.name, image.read_bytes(), "image/png")},
+        ).json()["results"][0]
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 700})
+            page.goto(url + "/")
+            page.wait_for_selector("#model option[value=fake]", state="attached")
+            expect(page.locator("#legend")).to_be_visible()
+            marks = page.eval_on_selector_all(
+                "#legend .tick, #legend .mark",
+                "els => els.map(e => ({kind: e.dataset.kind, value: Number(e.dataset.value),"
+                " at: Number(e.dataset.at), text: e.textContent}))",
+            )
+            shown = {m["kind"]: m for m in marks}
+            assert set(shown) == {"low", "high", "top", "pixel threshold"}
+            for kind, value in (("low", low), ("high", 0.4), ("top", top), ("pixel threshold", 0.55)):
+                assert shown[kind]["value"] == pytest.approx(value, rel=1e-12), kind
+                number = next(w for w in shown[kind]["text"].replace(":", " ").split() if w[0].isdigit())
+                assert float(number) == pytest.approx(value, rel=1e-3), (kind, shown[kind]["text"])
+                assert shown[kind]["at"] == pytest.approx((value - low) / (top - low), abs=1e-12)
+            assert "pixel threshold" in shown["pixel threshold"]["text"]
+            # the ramp as drawn: at each tick its colour is the heat maps' colour of that value
+            ramp = np.asarray(Image.open(io.BytesIO(page.locator("#legend-ramp").screenshot())).convert("RGB"))
+            inner = ramp[ramp.shape[0] // 2, 1:-1].astype(int)  # inside the 1-pixel border
+            for kind in ("low", "high", "top"):
+                x = min(round(shown[kind]["at"] * (len(inner) - 1)), len(inner) - 1)
+                want = heatmap(np.array([[shown[kind]["value"]]]), cal)[0, 0].astype(int)
+                assert np.abs(inner[x] - want).max() <= 12, (kind, inner[x], want)
+            # the picture choice: the card shows the service's heat map instead of the overlay
+            page.set_input_files("#files", [str(image)])
+            expect(page.locator("#cards .card[data-decision]")).to_have_count(1)
+            expect(page.locator("#cards img.overlay")).to_be_visible()
+            expect(page.locator("#cards img.heatmap")).to_be_hidden()
+            page.select_option("#picture", "heatmap")
+            heat = page.locator("#cards img.heatmap")
+            expect(heat).to_be_visible()
+            expect(page.locator("#cards img.overlay")).to_be_hidden()
+            assert heat.get_attribute("src") == "data:image/png;base64," + expected["heatmap_png"]
+            page.screenshot(path=str(tmp_path / "legend.png"), full_page=True)
+        finally:
+            browser.close()

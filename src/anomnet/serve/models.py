@@ -95,6 +95,9 @@ class ServedModel:
             "validation_images": n,
             "finest_false_alarm": 1.0 / (n + 1),
             "pixel_threshold": finite(cal.pixel_threshold),
+            # the heat maps' fixed colour scale (anomnet.visualize): blue at map_low, mid-scale at map_high
+            "map_low": finite(cal.map_low),
+            "map_high": finite(cal.map_high),
         }
 
 

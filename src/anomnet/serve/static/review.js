@@ -72,6 +72,7 @@
       `${n} good validation images, false-alarm rate ${percent(model.achieved_false_alarm)} ` +
       `(asked ${percent(model.max_false_alarm)})` + (model.version ? `, version ${model.version}` : "");
     $("model-info").dataset.threshold = String(model.threshold);
+    renderLegend(model);
     state.atModel = true;
     const rate = $("rate");
     rate.min = "1";
@@ -121,7 +122,7 @@
         const form = new FormData();
         form.append("file", item.file, item.file.name);
         try {
-          const data = await call("POST", `/v1/models/${encodeURIComponent(model)}/predict?overlay=true`, form);
+          const data = await call("POST", `/v1/models/${encodeURIComponent(model)}/predict?overlay=true&heatmap=true`, form);
           item.result = data.results[0];
         } catch (err) {
           item.error = err.message;
@@ -160,6 +161,71 @@
       item.markFile = `not saved: ${err.message}`;
     }
     render();
+  }
+
+  // ---------------------------------------------------------------- the heat maps' colour scale
+  // The same scale as anomnet.visualize: blue at map_low (the median map value of the good validation
+  // images), the middle at map_high (the highest value seen on them), red at twice that distance.
+  function colour(v) {  // visualize.colormap: a jet-like ramp, piecewise linear between multiples of 1/8
+    const c = (x) => Math.floor(Math.min(Math.max(x, 0), 1) * 255 + 0.5);
+    return [c(1.5 - Math.abs(4 * v - 3)), c(1.5 - Math.abs(4 * v - 2)), c(1.5 - Math.abs(4 * v - 1))];
+  }
+
+  function scaleValue(x) {  // visualize.format_value: 4 significant digits
+    return String(Number(Number(x).toPrecision(4)));
+  }
+
+  function renderLegend(model) {
+    const legend = $("legend");
+    legend.hidden = model.map_low === null || model.map_low === undefined || model.map_high === null;
+    if (legend.hidden) return;
+    const low = model.map_low;
+    const top = low + 2 * Math.max(model.map_high - low, 1e-12);
+    const where = (x) => Math.min(Math.max((x - low) / (top - low), 0), 1);
+    const stops = [];
+    for (let i = 0; i <= 8; i++) stops.push(`rgb(${colour(i / 8).join(",")}) ${(100 * i) / 8}%`);
+    const ramp = $("legend-ramp");
+    ramp.style.background = `linear-gradient(to right, ${stops.join(", ")})`;
+    ramp.dataset.low = String(low);
+    ramp.dataset.top = String(top);
+    const place = (el, x) => {
+      const at = where(x);
+      el.style.left = `${100 * at}%`;
+      el.classList.toggle("end", at > 0.75);
+      el.dataset.value = String(x);
+      el.dataset.at = String(at);
+    };
+    const ticks = $("legend-ticks");
+    ticks.textContent = "";
+    for (const [kind, value, words] of [
+      ["low", low, "median of good images"],
+      ["high", model.map_high, "highest on good images"],
+      ["top", top, ""],
+    ]) {
+      const tick = document.createElement("span");
+      tick.className = "tick";
+      tick.dataset.kind = kind;
+      tick.textContent = scaleValue(value) + (words ? ` ${words}` : "");
+      place(tick, value);
+      ticks.appendChild(tick);
+    }
+    const marks = $("legend-marks");
+    marks.textContent = "";
+    ramp.textContent = "";
+    const thr = model.pixel_threshold;
+    if (thr !== null && thr !== undefined) {
+      const mark = document.createElement("span");
+      mark.className = "mark";
+      mark.dataset.kind = "pixel threshold";
+      const off = thr > top ? " (beyond the scale)" : thr < low ? " (below the scale)" : "";
+      mark.textContent = `pixel threshold ${scaleValue(thr)}${off}: a defective image's mask starts here`;
+      place(mark, thr);
+      marks.appendChild(mark);
+      const line = document.createElement("span");
+      line.className = "threshold-line";
+      line.style.left = `${100 * where(thr)}%`;
+      ramp.appendChild(line);
+    }
   }
 
   // ---------------------------------------------------------------- drawing
@@ -226,15 +292,24 @@
       const overlayImg = card.querySelector(".overlay");
       overlayImg.src = `data:image/png;base64,${r.overlay_png}`;
       overlayImg.alt = `heat-map overlay of ${item.name}`;
+      const heatImg = card.querySelector(".heatmap");
+      heatImg.src = `data:image/png;base64,${r.heatmap_png}`;
+      heatImg.alt = `heat map of ${item.name}`;
       const original = card.querySelector(".original");
       const showOriginal = card.querySelector(".show-original");
+      const showPicture = () => {
+        const heat = $("picture").value === "heatmap";
+        original.hidden = !showOriginal.checked;
+        overlayImg.hidden = showOriginal.checked || heat;
+        heatImg.hidden = showOriginal.checked || !heat;
+      };
       showOriginal.addEventListener("change", () => {
         if (!item.objectUrl) item.objectUrl = URL.createObjectURL(item.file);
         original.src = item.objectUrl;
         original.alt = item.name;
-        original.hidden = !showOriginal.checked;
-        overlayImg.hidden = showOriginal.checked;
+        showPicture();
       });
+      showPicture();
       const wrong = card.querySelector(".mark-wrong");
       const right = card.querySelector(".mark-right");
       const wrongKind = defective ? "false_alarm" : "missed_defect";
@@ -266,6 +341,7 @@
   $("rate").addEventListener("input", fromSlider);
   $("at-model").addEventListener("click", toModel);
   $("sort").addEventListener("change", render);
+  $("picture").addEventListener("change", render);
   $("files").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
   $("api-key").addEventListener("change", (e) => {
     sessionStorage.setItem("anomnet-api-key", e.target.value);
