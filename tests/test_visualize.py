@@ -167,3 +167,11 @@ def test_test_heatmaps_are_titled_panels_with_the_colour_bar(folder_dataset, tmp
     expected, layout = labelled_panels(panels, cal)
     assert np.array_equal(picture, expected)
     assert [t.label for t in layout.ticks] == ["1", "0.5", "0", "0.75"]
+
+
+@pytest.mark.parametrize("thr", [100.0, -100.0, 0.5])
+def test_the_bar_leaves_its_title_rows_free(thr: float) -> None:
+    """Labels stay below ``top_margin`` (where labelled_panels writes the bar's title), whatever the threshold."""
+    for height in (64, 200):
+        strip, _ = colour_bar(_cal(low=-2.0, high=3.0, thr=thr), height, top_margin=20)
+        assert (strip[:20] == 255).all() and (strip[20:] != 255).any()

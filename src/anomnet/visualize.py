@@ -199,7 +199,7 @@ def colour_bar(calibration: Calibration, height: int, top_margin: int = 0) -> tu
     for (kind, value), (_, label) in zip(scale_ticks, right_labels):
         r = row_of(value)
         draw.line((x_bar + bar_w, r, x_bar + bar_w + tick_w, r), fill=_INK)
-        ty = min(max(r - text_h // 2, 0), height - text_h - 1)
+        ty = min(max(r - text_h // 2, top_margin), height - text_h - 1)
         _put_text(draw, (x_bar + bar_w + tick_w + 3, ty), label, font, _INK)
         ticks.append(Tick(kind, value, format_value(value), r))
     if math.isfinite(thr):
@@ -209,7 +209,7 @@ def colour_bar(calibration: Calibration, height: int, top_margin: int = 0) -> tu
         lines = ["pixel", "threshold", thr_label]
         line_h = _text_box(probe, "Apg0", font)[1] + max(2, size // 5)
         block = len(lines) * line_h
-        ty = min(max(r - block + line_h // 2 + text_h // 2, 0), height - block)  # the number beside the line
+        ty = min(max(r - block + line_h // 2 + text_h // 2, top_margin), height - block)  # the number by the line
         for i, line in enumerate(lines):
             w = _text_box(probe, line, font)[0]
             _put_text(draw, (x_bar - tick_w - 3 - w, ty + i * line_h), line, font, _THRESHOLD_INK)
