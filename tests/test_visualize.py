@@ -152,9 +152,8 @@ def test_test_heatmaps_are_titled_panels_with_the_colour_bar(folder_dataset, tmp
         calibration=cal, predict=lambda x: SimpleNamespace(maps=torch.from_numpy(amap)[None].expand(len(x), 64, 64))
     )
     image = folder_dataset / "test" / "blob" / "b000.png"
-    (written,) = api.write_heatmaps(
-        detector, [Sample(image, 1, folder_dataset / "masks" / "b000.png", "blob")], tmp_path
-    )
+    samples = [Sample(image, 1, folder_dataset / "masks" / "b000.png", "blob")]
+    (written,) = api.write_heatmaps(detector, samples, tmp_path)  # type: ignore[arg-type]  # a stand-in detector
     picture = np.asarray(Image.open(written).convert("RGB"))
     rgb = io.read_image(image)
     mask = io.read_mask(folder_dataset / "masks" / "b000.png", (64, 64))
