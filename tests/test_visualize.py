@@ -174,3 +174,25 @@ def test_the_bar_leaves_its_title_rows_free(thr: float) -> None:
     for height in (64, 200):
         strip, _ = colour_bar(_cal(low=-2.0, high=3.0, thr=thr), height, top_margin=20)
         assert (strip[:20] == 255).all() and (strip[20:] != 255).any()
+
+
+def test_side_by_side_is_image_overlay_and_heat_map_with_the_bar() -> None:
+    from anomnet.visualize import draw_contour, side_by_side
+
+    cal = _cal()
+    rng = np.random.default_rng(1)
+    image = rng.random((48, 40, 3))
+    amap = rng.random((48, 40)) * 1.5
+    mask = amap > 1.07
+    picture = side_by_side(image, amap, mask, cal)
+    expected, layout = labelled_panels(
+        [
+            ("image", (image * 255 + 0.5).astype(np.uint8)),
+            ("overlay", draw_contour(overlay(image, amap, cal), mask)),
+            ("heat map", heatmap(amap, cal)),
+        ],
+        cal,
+    )
+    assert np.array_equal(picture, expected)
+    assert [t.label for t in layout.ticks] == [format_value(v) for v in (1.58, 0.85, 0.12, 1.07)]
+    assert not np.array_equal(side_by_side(image, amap, None, cal), picture)  # no mask: no outline

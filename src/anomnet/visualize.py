@@ -275,3 +275,17 @@ def labelled_panels(
 def heatmap_with_scale(amap: np.ndarray, calibration: Calibration) -> np.ndarray:
     """The heat map under the title "heat map", with the model's colour bar beside it (uint8)."""
     return labelled_panels([("heat map", heatmap(amap, calibration))], calibration)[0]
+
+
+def side_by_side(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, calibration: Calibration) -> np.ndarray:
+    """image | overlay (the mask's outline in white) | heat map, titled, with the model's colour bar (uint8).
+
+    ``image``: float HxWx3 in [0,1]; ``amap`` and ``mask`` at the image's size (``mask`` None: no outline).
+    The one-picture view of a prediction (what ``anomnet predict`` can write per image).
+    """
+    rgb = (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    over = overlay(image, amap, calibration)
+    if mask is not None:
+        over = draw_contour(over, mask)
+    panels = [("image", rgb), ("overlay", over), ("heat map", heatmap(amap, calibration))]
+    return labelled_panels(panels, calibration)[0]
