@@ -273,7 +273,7 @@ def encode_png(array: np.ndarray, level: int = 6, strategy: int = zlib.Z_DEFAULT
     body[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=body[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's filter
     deflate = zlib.compressobj(level, zlib.DEFLATED, 15, zlib.DEF_MEM_LEVEL, strategy)
-    idat = deflate.compress(body) + deflate.flush()
+    idat = deflate.compress(body.data) + deflate.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if array.ndim == 2 else 2, 0, 0, 0)
     chunks = (_png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""))
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
