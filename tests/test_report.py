@@ -175,3 +175,4 @@ def test_worst_cases_are_titled_and_carry_the_models_colour_bar(folder_dataset, 
         assert labels["pixel threshold"] == format_value(cal.pixel_threshold)
     text = report.render_report(res, model)
     assert "fixed colour scale" in text and "purple line is the pixel threshold" in text
+    assert "p-value: the conformal p-value" in text  # the caption's numbers explained

@@ -441,6 +441,9 @@ def _worst_section(heading: str, kept: Sequence[KeptImage], detector: Detector) 
         '<p class="note">image | overlay (heat map over the image) | heat map'
         + ("; white outline: ground truth" if any(k.mask is not None for k in kept) else "")
         + "; yellow outline: the model's defect mask (an image called good has none). "
+        + "Score: the image's anomaly score, defective at or above the threshold; p-value: the conformal p-value, "
+        + f"(1 + good calibration images scoring at least as high) / ({len(cal.validation_scores)} + 1), small when "
+        + "the image is unlike every good one. "
         + _SCALE_NOTE
         + "</p>",
     ]
