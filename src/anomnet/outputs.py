@@ -24,6 +24,10 @@ no image's outputs can replace another's. A file that cannot be read gets its re
 atomically (temporary file + rename). ``OUT/.anomnet-outputs.json`` lists the files the last
 run wrote: a new run into the same folder first removes those (and only those), so no stale
 heat map of an earlier run survives next to the new results.
+
+The files are encoded and written beside scoring by :class:`OutputWriter`, a bounded pool of threads
+(PNG encoding in numpy and zlib runs without the GIL), with the PNG settings of :data:`PNG_SETTINGS`;
+``predict``, the hot folder and the batch engine's workers all write through it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ import io as _stdio
 import json
 import os
 import sys
+import zlib
+from collections import deque
 from collections.abc import Iterable
-from contextlib import suppress
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -172,11 +179,12 @@ def predict_images(
         clear_previous_run(out)
         claim_outputs(out, inputs, raw_maps)
     bar = _progress_bar(len(inputs), progress)
-    for start in range(0, len(inputs), scorer.batch_size):
-        chunk = inputs[start : start + scorer.batch_size]
-        results.extend(score_and_write(scorer, chunk, out, raw_maps, keep_maps))
-        if bar is not None:
-            bar.update(len(chunk))
+    with OutputWriter(out, raw_maps) if out is not None else nullcontext() as writer:
+        for start in range(0, len(inputs), scorer.batch_size):  # one writer: a batch's files while the next scores
+            chunk = inputs[start : start + scorer.batch_size]
+            results.extend(score_and_write(scorer, chunk, out, raw_maps, keep_maps, writer))
+            if bar is not None:
+                bar.update(len(chunk))
     if bar is not None:
         bar.close()
     if out is not None:
@@ -185,26 +193,109 @@ def predict_images(
 
 
 def score_and_write(
-    scorer: Scorer, inputs: list[InputImage], out: Path | None, raw_maps: bool = False, keep_maps: bool = False
+    scorer: Scorer,
+    inputs: list[InputImage],
+    out: Path | None,
+    raw_maps: bool = False,
+    keep_maps: bool = False,
+    writer: OutputWriter | None = None,
 ) -> list[ImagePrediction]:
     """One row per input (:func:`~anomnet.scoring.score_refs`); with ``out``, each scored image's files too.
 
-    The step every batch path shares (``predict`` here, the batch engine's workers): outputs that
-    cannot be written put their reason in the row's ``error`` (the score stays).
+    The step every batch path shares (``predict`` here, the hot folder, the batch engine's workers):
+    outputs that cannot be written put their reason in the row's ``error`` (the score stays). The
+    inputs are scored ``scorer.batch_size`` at a time and each batch's files are handed to ``writer``
+    (an :class:`OutputWriter` for ``out``), so they are written while the next batch is scored. Without a
+    ``writer`` one is used for this call and every file is written when it returns; with one, a row's
+    ``outputs`` (or ``error``) are final once ``writer.finish()`` returned.
     """
-    rows = score_refs(scorer, [ImageRef(str(item.path)) for item in inputs], keep_maps=True, keep_images=True)
-    for item, row in zip(inputs, rows):
-        if out is not None and row.image is not None and row.anomaly_map is not None and row.mask is not None:
-            try:
-                row.outputs = write_image_outputs(
-                    out, item.name, row.image, row.anomaly_map, row.mask, scorer.calibration, raw_maps
-                )
-            except (OSError, AnomnetError) as exc:
-                row.error = f"outputs could not be written: {exc}"
+    with OutputWriter(out, raw_maps) if out is not None and writer is None else nullcontext() as own:
+        writer = writer if writer is not None else own
+        rows: list[ImagePrediction] = []
+        for start in range(0, len(inputs), max(1, scorer.batch_size)):
+            chunk = inputs[start : start + max(1, scorer.batch_size)]
+            refs = [ImageRef(str(item.path)) for item in chunk]
+            scored = score_refs(scorer, refs, keep_maps=True, keep_images=writer is not None)
+            for item, row in zip(chunk, scored):
+                if writer is not None and row.image is not None:  # scored: image, map and mask kept
+                    writer.submit(row, item.name, scorer.calibration, keep_maps)
+                elif not keep_maps:
+                    row.anomaly_map = row.mask = None
+            rows.extend(scored)
+    return rows
+
+
+PNG_SETTINGS: dict[str, tuple[int, int]] = {
+    "heatmap": (4, zlib.Z_DEFAULT_STRATEGY),
+    "overlay": (1, zlib.Z_RLE),
+    "mask": (1, zlib.Z_RLE),
+}
+"""(zlib level, zlib strategy) of each PNG output, chosen by measurement (docs/design.md, "Output files")."""
+
+WRITER_THREADS = min(4, max(2, os.cpu_count() or 1))
+"""Threads of an :class:`OutputWriter` (at least 2: a thread also waits on the disk's fsync)."""
+
+
+class OutputWriter:
+    """Encodes and writes each scored image's files on a bounded pool of threads, beside scoring.
+
+    :meth:`submit` hands over one row (its decoded image, map and mask) and returns at once, unless
+    ``pending`` images are already waiting: then it first settles the oldest, so memory stays flat
+    however many images a run scores. Settling a row sets its ``outputs`` to the files written, or
+    its ``error`` to why they could not be (a failing write fails only that image); any other
+    exception is raised by :meth:`finish`. The files are the same as :func:`write_image_outputs`'
+    (same pixels, same settings), each written once, atomically.
+    """
+
+    def __init__(self, out: Path, raw_maps: bool = False, threads: int | None = None, pending: int | None = None):
+        self.out = Path(out)
+        self.raw_maps = raw_maps
+        io.file_mode()  # the umask is read once, here: reading it from several threads at once is not safe
+        threads = WRITER_THREADS if threads is None else max(1, threads)
+        self.pending = 2 * threads if pending is None else max(1, pending)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="anomnet-outputs")
+        self._queue: deque[tuple[ImagePrediction, Future[dict[str, str]]]] = deque()
+
+    def submit(self, row: ImagePrediction, name: str, cal: Calibration, keep_maps: bool = False) -> None:
+        """Write the files of ``row`` (scored, with its image) as ``name``; the row drops its image now."""
+        image, amap, mask = row.image, row.anomaly_map, row.mask
+        assert image is not None and amap is not None and mask is not None, "a scored row with its image"
+        while len(self._queue) >= self.pending:
+            self._settle_oldest()
         row.image = None
         if not keep_maps:
             row.anomaly_map = row.mask = None
-    return rows
+        job = self._pool.submit(write_image_outputs, self.out, name, image, amap, mask, cal, self.raw_maps)
+        self._queue.append((row, job))
+
+    def _settle_oldest(self) -> None:
+        row, job = self._queue.popleft()
+        try:
+            row.outputs = job.result()
+        except (OSError, AnomnetError) as exc:
+            row.error = f"outputs could not be written: {exc}"
+
+    def finish(self) -> None:
+        """Wait until every submitted row is settled (each written, or its error set)."""
+        while self._queue:
+            self._settle_oldest()
+
+    def close(self) -> None:
+        """Settle what is pending (errors of unexpected kinds are not raised here) and stop the threads."""
+        while self._queue:
+            with suppress(Exception):
+                self._settle_oldest()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            self.close()
 
 
 def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm or None
@@ -220,9 +311,9 @@ def write_image_outputs(
 ) -> dict[str, str]:
     """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
     files = output_files(out, name, raw_maps)
-    io.write_png(files["heatmap"], heatmap(amap, cal))
-    io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask))
-    io.write_png(files["mask"], mask.astype(np.uint8) * 255)
+    io.write_png(files["heatmap"], heatmap(amap, cal), *PNG_SETTINGS["heatmap"])
+    io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask), *PNG_SETTINGS["overlay"])
+    io.write_png(files["mask"], mask.astype(np.uint8) * 255, *PNG_SETTINGS["mask"])
     if raw_maps:
         io.write_tiff(files["map"], np.asarray(amap, dtype=np.float32))
     return {k: str(v) for k, v in files.items()}
