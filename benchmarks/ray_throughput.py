@@ -7,14 +7,20 @@ figures docs/scaling.md's arithmetic uses::
     python benchmarks/ray_throughput.py --images 12 --noop-images 64 --max-train 10 \\
         --out /tmp/rt.json --markdown /tmp/rt.md              # a quick check of the driver
     python benchmarks/ray_throughput.py --dry-run             # print the command only
+    python benchmarks/ray_throughput.py --png-settings --images 83 \\
+        --out benchmarks/png-settings.json                    # only the PNG settings table (section png-settings)
 
 Steps, each timed on the wall clock, one after another: fit PatchCore on ``--data`` (``--max-train``
 images); lay out ``--images`` test images (copies, cycled); run ``anomnet predict`` on one image
 (the fixed cost: start-up and model load) and on all of them, then ``anomnet predict --engine ray`` on
 all of them (a fresh local Ray: its start is in the wall time and reported apart), and check both give
-the same scores. Then the engine's own overhead: a model that costs nothing (``NullScorer``) on
+the same scores; the local run's CPU time (user + system of the process) is recorded too, a figure a busy
+machine changes little. Then the engine's own overhead: a model that costs nothing (``NullScorer``) on
 ``--noop-images`` tiny images, locally and on Ray. Last, the per-image costs on one core: decoding,
-the model, writing the outputs, and loading the model.
+the model, writing the outputs (drawing, PNG encoding, writing the files), and loading the model; and
+the PNG settings table: CPU time of this thread and file size of each output kind at several zlib levels
+and strategies (``anomnet.io.encode_png``) and with Pillow's default writer, every file checked to decode
+to the same pixels (``--png-settings``: this table only, as section ``png-settings``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -39,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 SECTION = "ray-throughput"
+PNG_SECTION = "png-settings"
 ANOMNET = [sys.executable, "-m", "anomnet.cli"]
 
 
@@ -66,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-ray"), help="model, images and outputs")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / f"{SECTION}.json"), help="the JSON report")
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file whose section is replaced")
+    p.add_argument("--png-settings", action="store_true", help="only the PNG settings table (section png-settings)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p
 
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command, flush=True)
     if a.dry_run:
         return 0
-    from anomnet.bench import _cpu_name, write_section
+    from anomnet.bench import _cpu_name
 
     work = Path(a.work_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -100,26 +109,44 @@ def main(argv: list[str] | None = None) -> int:
     fit = [*ANOMNET, "--threads", str(a.workers), "fit", "--data", a.data, "--out", str(model), "--quiet"]
     report["fit_seconds"] = _timed([*fit, "--max-train", str(a.max_train)])[0]
     images = _lay_out(Path(a.data), work / "images", a.images)
+    if a.png_settings:
+        report["png"] = _png_settings(model, images)
+        return _finish(a, report, PNG_SECTION, render_png(report))
     predict = [*ANOMNET, "--threads", str(a.workers), "predict", "--model-dir", str(model), "--quiet"]
     one, _ = _timed([*predict, str(next(iter(sorted(images.iterdir())))), "--out", str(work / "out-one")])
+    cpu_before = _children_cpu()
     local, _ = _timed([*predict, str(images), "--out", str(work / "out-local")])
+    local_cpu = _children_cpu() - cpu_before
     ray_cmd = [*ANOMNET, "predict", "--engine", "ray", "--model-dir", str(model), "--quiet", "--workers"]
     ray_wall, ray_out = _timed([*ray_cmd, str(a.workers), str(images), "--out", str(work / "out-ray")])
     report["runs"] = {
         "local_one_image": {"images": 1, "wall_s": one},
-        "local": {"images": a.images, "wall_s": local},
+        "local": {"images": a.images, "wall_s": local, "cpu_s": local_cpu},
         "ray": {"images": a.images, "wall_s": ray_wall, **_ray_summary(ray_out)},
     }
     report["max_score_difference"] = _score_difference(work / "out-local", work / "out-ray", a.images)
     report["noop"] = _noop(work / "tiny", a.noop_images, a.workers)
     report["per_image"] = _components(model, images)
+    report["png"] = _png_settings(model, images)
+    return _finish(a, report, SECTION, render(report))
+
+
+def _finish(a: argparse.Namespace, report: dict[str, Any], section: str, text: str) -> int:
+    from anomnet.bench import write_section
+
     report["load_avg_after"] = os.getloadavg()[0]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    text = render(report)
+    text = text.replace("LOAD_AFTER", f"{report['load_avg_after']:.2f}")
     print(text)
-    write_section(Path(a.markdown), SECTION, text)
+    write_section(Path(a.markdown), section, text)
     return 0
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _shown(path: Path) -> str:
@@ -208,11 +235,11 @@ def _noop(folder: Path, n: int, workers: int) -> dict[str, Any]:
 
 
 def _components(model: Path, images: Path) -> dict[str, float]:
-    """Seconds per image on one core: decode, model (batch 8), outputs; and the model's load time."""
+    """Seconds per image on one core: decode, model (batch 8), outputs (and their parts); the model's load time."""
     import torch
 
     from anomnet import io
-    from anomnet.outputs import write_image_outputs
+    from anomnet.outputs import PNG_SETTINGS, output_files, write_image_outputs
     from anomnet.scoring import ImageRef, load_scorer, score_refs
 
     torch.set_num_threads(1)
@@ -235,7 +262,104 @@ def _components(model: Path, images: Path) -> dict[str, float]:
             images.parent / "components", str(i), r.image, r.anomaly_map, r.mask, scorer.calibration, False
         )
     outputs = (time.perf_counter() - start) / len(rows)
-    return {"decode_s": decode, "model_s": model_s, "outputs_s": outputs, "model_load_s": load}
+    start = time.perf_counter()
+    drawn = [_drawn(r, scorer.calibration) for r in rows]
+    draw = (time.perf_counter() - start) / len(rows)
+    start = time.perf_counter()
+    encoded = [{k: io.encode_png(a, *PNG_SETTINGS[k]) for k, a in d.items()} for d in drawn]
+    encode = (time.perf_counter() - start) / len(rows)
+    start = time.perf_counter()
+    for i, e in enumerate(encoded):
+        for kind, path in output_files(images.parent / "components-write", str(i), False).items():
+            io.atomic_write_bytes(path, e[kind])
+    write = (time.perf_counter() - start) / len(rows)
+    return {
+        "decode_s": decode,
+        "model_s": model_s,
+        "outputs_s": outputs,
+        "outputs_draw_s": draw,
+        "outputs_encode_s": encode,
+        "outputs_write_s": write,
+        "model_load_s": load,
+    }
+
+
+def _drawn(row: Any, cal: Any) -> dict[str, np.ndarray]:
+    """The pictures of one scored row, as the output writer draws them."""
+    from anomnet.visualize import draw_contour, heatmap, overlay
+
+    return {
+        "heatmap": heatmap(row.anomaly_map, cal),
+        "overlay": draw_contour(overlay(row.image, row.anomaly_map, cal), row.mask),
+        "mask": row.mask.astype(np.uint8) * 255,
+    }
+
+
+PNG_CANDIDATES: list[tuple[str, int, int]] = [
+    ("default", 1, 0),
+    ("default", 2, 0),
+    ("default", 4, 0),
+    ("default", 6, 0),
+    ("default", 9, 0),
+    ("rle", 1, 3),
+    ("filtered", 4, 1),
+    ("huffman", 1, 2),
+]
+"""(strategy name, zlib level, zlib strategy constant) of the encoder settings measured."""
+
+
+def _png_settings(model: Path, images: Path) -> dict[str, Any]:
+    """Per output kind and setting: CPU ms of this thread per image and KB per file, on 8 of ``images``.
+
+    Every file is decoded again (Pillow) and compared with its picture: a setting never changes the pixels.
+    Also measured: Pillow's own PNG writer at its defaults (level 6, a filter chosen per row), the writer
+    before these settings, and a 1-bit mask (the same pixels, read back as 0/1 by some readers).
+    """
+    import io as _bytesio
+
+    from PIL import Image
+
+    from anomnet import io
+    from anomnet.outputs import PNG_SETTINGS
+    from anomnet.scoring import ImageRef, load_scorer, score_refs
+
+    scorer = load_scorer(model)
+    laid_out = sorted(images.iterdir())
+    files = laid_out[:: max(1, len(laid_out) // 8)][:8]  # spread over the test set's kinds of defect and good
+    rows = score_refs(scorer, [ImageRef(str(f)) for f in files], keep_maps=True, keep_images=True)
+    drawn = [_drawn(r, scorer.calibration) for r in rows]
+
+    def pillow(array: np.ndarray, **kw: Any) -> bytes:
+        buf = _bytesio.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    encoders: dict[str, Any] = {
+        f"{name} {level}": (lambda a, lv=level, st=strategy: io.encode_png(a, lv, st))
+        for name, level, strategy in PNG_CANDIDATES
+    }
+    encoders["pillow default (before)"] = pillow
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for kind in ("heatmap", "overlay", "mask"):
+        table[kind] = {}
+        candidates = dict(encoders)
+        if kind == "mask":
+            candidates["pillow 1-bit"] = lambda a: pillow(a > 0)
+        for label, encode in candidates.items():
+            cpu, size = 0.0, 0
+            for d in drawn:
+                start = time.thread_time()
+                data = encode(d[kind])
+                cpu += time.thread_time() - start
+                size += len(data)
+                back = np.asarray(Image.open(_bytesio.BytesIO(data)).convert("L" if kind == "mask" else "RGB"))
+                if not np.array_equal(back, d[kind]):
+                    raise SystemExit(f"{label} changed the pixels of a {kind}")
+            table[kind][label] = {"cpu_ms": 1000 * cpu / len(drawn), "kb": size / len(drawn) / 1024}
+    names = {(lv, st): f"{name} {lv}" for name, lv, st in PNG_CANDIDATES}
+    chosen = {kind: names.get(setting, str(setting)) for kind, setting in PNG_SETTINGS.items()}
+    shape = rows[0].anomaly_map.shape if rows[0].anomaly_map is not None else None
+    return {"images": len(drawn), "shape": list(shape or []), "table": table, "chosen": chosen}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -247,7 +371,7 @@ def render(r: dict[str, Any]) -> str:
         f"## {SECTION}",
         "",
         f"Command: `{r['command']}` ({r['date']}; {r['cpu']}, {r['cores']} cores; 1-minute load average "
-        f"{r['load_avg_before']:.2f} before, {r['load_avg_after']:.2f} after). JSON: `{r['json']}`.",
+        f"{r['load_avg_before']:.2f} before, LOAD_AFTER after). JSON: `{r['json']}`.",
         "",
         "| run | images | wall s | images/s | notes |",
         "|---|---|---|---|---|",
@@ -264,11 +388,52 @@ def render(r: dict[str, Any]) -> str:
         f"{1000 * noop['ray_steady_s_per_image']:.2f} ms per image over {noop['blocks']} blocks |",
         "",
         f"Per image on one core: decode {1000 * per['decode_s']:.0f} ms, model {1000 * per['model_s']:.0f} ms "
-        f"(batch 8), outputs (heat map, overlay, mask PNGs) {1000 * per['outputs_s']:.0f} ms; loading the model "
-        f"{per['model_load_s']:.1f} s. Local and Ray scores differ by at most {r['max_score_difference']:.2g}.",
+        f"(batch 8), outputs (heat map, overlay, mask PNGs) {1000 * per['outputs_s']:.0f} ms (drawing "
+        f"{1000 * per['outputs_draw_s']:.0f}, PNG encoding {1000 * per['outputs_encode_s']:.0f}, writing with fsync "
+        f"{1000 * per['outputs_write_s']:.0f}; `anomnet predict` writes them on a pool of threads beside scoring); "
+        f"loading the model {per['model_load_s']:.1f} s. The local run's process used "
+        f"{1000 * runs['local']['cpu_s'] / n:.0f} ms of CPU per image (user + system, all threads). "
+        f"Local and Ray scores differ by at most {r['max_score_difference']:.2g}.",
         "",
+        _png_table(r["png"]),
     ]
     return "\n".join(lines)
+
+
+def _png_table(png: dict[str, Any]) -> str:
+    table = png["table"]
+    labels = list(dict.fromkeys(label for kind in table.values() for label in kind))
+    lines = [
+        f"PNG settings (`anomnet.io.encode_png`: Up filter, zlib level and strategy), {png['images']} images "
+        f"of {'x'.join(map(str, png['shape']))} px: CPU ms of the encoding thread per image / KB per file; "
+        "every file decodes to the same pixels. Chosen: "
+        + ", ".join(f"{kind} `{label}`" for kind, label in png["chosen"].items())
+        + ".",
+        "",
+        "| setting | heat map ms | heat map KB | overlay ms | overlay KB | mask ms | mask KB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        cells = []
+        for kind in ("heatmap", "overlay", "mask"):
+            v = table[kind].get(label)
+            cells += [f"{v['cpu_ms']:.1f}", f"{v['kb']:.1f}"] if v else ["-", "-"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_png(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"## {PNG_SECTION}",
+            "",
+            f"Command: `{r['command']}` ({r['date']}; {r['cpu']}, {r['cores']} cores; 1-minute load average "
+            f"{r['load_avg_before']:.2f} before, LOAD_AFTER after; CPU time of one thread, which a busy machine "
+            f"changes little). JSON: `{r['json']}`.",
+            "",
+            _png_table(r["png"]),
+        ]
+    )
 
 
 if __name__ == "__main__":
