@@ -150,3 +150,23 @@ def test_every_batch_path_writes_through_the_writer(tmp_path: Path, monkeypatch:
     assert submitted == [p.stem for p in paths]
     assert all(Path(r.outputs["heatmap"]).is_file() for r in rows)
     assert all(r.anomaly_map is not None and r.image is None for r in rows)  # maps kept as asked, pixels dropped
+
+
+def test_the_next_batch_is_decoded_on_another_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _images(tmp_path / "in", 7)
+    (tmp_path / "in" / "img03.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")  # unreadable, mid-run
+    threads: list[str] = []
+    real = io.read_image
+
+    def recording(path: str | Path, *args: object, **kwargs: object) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io, "read_image", recording)
+    done: list[int] = []
+    rows = score_and_write(MapScorer(), [InputImage(p, p.stem) for p in paths], tmp_path / "out", progress=done.append)
+    assert done == [3, 3, 1]
+    assert sum(name.startswith("anomnet-read") for name in threads) == 7  # every file read ahead
+    assert [r.error is not None for r in rows] == [False, False, False, True, False, False, False]
+    assert rows[3].error is not None and "outputs" not in rows[3].error and not rows[3].outputs
+    assert [r.score for r in rows[:3]] == [r.score for r in predict_images(MapScorer(), paths[:3])]

@@ -39,9 +39,9 @@ import os
 import sys
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext, suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -49,7 +49,7 @@ import numpy as np
 
 from anomnet import io
 from anomnet.calibration import Calibration
-from anomnet.errors import AnomnetError, ConfigError
+from anomnet.errors import AnomnetError, ConfigError, ImageReadError
 from anomnet.inputs import InputImage, expand_inputs
 from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 from anomnet.visualize import draw_contour, heatmap, overlay
@@ -173,18 +173,12 @@ def predict_images(
     inputs = expand_inputs(images, stdin)
     if shard is not None:
         inputs = shard.select(inputs)
-    results: list[ImagePrediction] = []
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         clear_previous_run(out)
         claim_outputs(out, inputs, raw_maps)
     bar = _progress_bar(len(inputs), progress)
-    with OutputWriter(out, raw_maps) if out is not None else nullcontext() as writer:
-        for start in range(0, len(inputs), scorer.batch_size):  # one writer: a batch's files while the next scores
-            chunk = inputs[start : start + scorer.batch_size]
-            results.extend(score_and_write(scorer, chunk, out, raw_maps, keep_maps, writer))
-            if bar is not None:
-                bar.update(len(chunk))
+    results = score_and_write(scorer, inputs, out, raw_maps, keep_maps, progress=bar.update if bar else None)
     if bar is not None:
         bar.close()
     if out is not None:
@@ -199,30 +193,51 @@ def score_and_write(
     raw_maps: bool = False,
     keep_maps: bool = False,
     writer: OutputWriter | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[ImagePrediction]:
     """One row per input (:func:`~anomnet.scoring.score_refs`); with ``out``, each scored image's files too.
 
     The step every batch path shares (``predict`` here, the hot folder, the batch engine's workers):
     outputs that cannot be written put their reason in the row's ``error`` (the score stays). The
-    inputs are scored ``scorer.batch_size`` at a time and each batch's files are handed to ``writer``
-    (an :class:`OutputWriter` for ``out``), so they are written while the next batch is scored. Without a
-    ``writer`` one is used for this call and every file is written when it returns; with one, a row's
-    ``outputs`` (or ``error``) are final once ``writer.finish()`` returned.
+    inputs are scored ``scorer.batch_size`` at a time; the next batch is decoded on another thread
+    meanwhile, and each batch's files are handed to ``writer`` (an :class:`OutputWriter` for ``out``),
+    so they are written while the next batch is scored. Without a ``writer`` one is used for this call
+    and every file is written when it returns; with one, a row's ``outputs`` (or ``error``) are final
+    once ``writer.finish()`` returned. ``progress`` is called with each batch's size once it is scored.
     """
-    with OutputWriter(out, raw_maps) if out is not None and writer is None else nullcontext() as own:
-        writer = writer if writer is not None else own
-        rows: list[ImagePrediction] = []
-        for start in range(0, len(inputs), max(1, scorer.batch_size)):
-            chunk = inputs[start : start + max(1, scorer.batch_size)]
-            refs = [ImageRef(str(item.path)) for item in chunk]
+    size = max(1, scorer.batch_size)
+    batches = [inputs[start : start + size] for start in range(0, len(inputs), size)]
+    rows: list[ImagePrediction] = []
+    with ExitStack() as stack:
+        if out is not None and writer is None:
+            writer = stack.enter_context(OutputWriter(out, raw_maps))
+        reader = stack.enter_context(ThreadPoolExecutor(1, "anomnet-read")) if len(batches) > 1 else None
+        ahead = reader.submit(_decoded, batches[0]) if reader is not None else None
+        for k, batch in enumerate(batches):
+            refs = ahead.result() if ahead is not None else [ImageRef(str(item.path)) for item in batch]
+            if reader is not None and k + 1 < len(batches):
+                ahead = reader.submit(_decoded, batches[k + 1])  # decoded while this batch is scored
             scored = score_refs(scorer, refs, keep_maps=True, keep_images=writer is not None)
-            for item, row in zip(chunk, scored):
+            for item, row in zip(batch, scored):
                 if writer is not None and row.image is not None:  # scored: image, map and mask kept
                     writer.submit(row, item.name, scorer.calibration, keep_maps)
                 elif not keep_maps:
                     row.anomaly_map = row.mask = None
             rows.extend(scored)
+            if progress is not None:
+                progress(len(batch))
     return rows
+
+
+def _decoded(batch: list[InputImage]) -> list[ImageRef]:
+    """References carrying their decoded pixels; a file that cannot be read is left for ``score_refs`` to refuse."""
+    refs = []
+    for item in batch:
+        try:
+            refs.append(ImageRef(str(item.path), io.read_image(item.path)))
+        except ImageReadError:  # read again by score_refs, which makes its error row
+            refs.append(ImageRef(str(item.path)))
+    return refs
 
 
 PNG_SETTINGS: dict[str, tuple[int, int]] = {
