@@ -137,6 +137,7 @@ OWN_DRIVERS = {
     "export": "export_bench.py",
     "serve-load": "serve_load.py",
     "ray-throughput": "ray_throughput.py",
+    "png-settings": "ray_throughput.py",
     "decisions": "decisions.py",
     "learned-stages": "learned_stages.py",
 }
