@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from anomnet.components import nn_search
 from anomnet.components.coreset import greedy_coreset, random_projection
+from anomnet.components.graph_mode import graph_mode
 from anomnet.components.nn_search import NearestNeighbors, faiss_available
 from anomnet.errors import ConfigError
 
@@ -122,3 +124,67 @@ def test_search_rejects_bad_shapes() -> None:
         NearestNeighbors(torch.randn(4, 3), probe=0)
     with pytest.raises(ConfigError):
         NearestNeighbors(torch.randn(4, 3), "exact").search(torch.randn(2, 5))
+
+
+# -- graph mode: the exact search an exported graph carries ---------------------------------------
+
+
+def _graph_bank() -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered vectors like patch features, a bank not a multiple of the block, with duplicates across blocks."""
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(20, 24, generator=g) * 3
+    bank = centers[torch.randint(20, (700,), generator=g)] + torch.randn(700, 24, generator=g)
+    bank[650:660] = bank[10:20]  # exact ties in different blocks
+    q = torch.cat([centers[torch.randint(20, (290,), generator=g)] + torch.randn(290, 24, generator=g), bank[645:655]])
+    return bank, q
+
+
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_graph_nearest_is_exact(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks with a running minimum: a true nearest neighbour (ties allowed) and its distance to 1e-4 relative."""
+    monkeypatch.setattr(nn_search, "GRAPH_BANK_CHUNK", chunk)
+    bank, q = _graph_bank()
+    nn = NearestNeighbors(bank, "exact")
+    with graph_mode():
+        d, i = nn.search(q, 1)
+    assert d.shape == i.shape == (len(q), 1) and i.dtype == torch.long
+    exact = torch.cdist(q.double(), bank.double())
+    best = exact.min(1).values
+    assert torch.allclose(d[:, 0].double(), best, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(exact.gather(1, i)[:, 0], best, rtol=1e-5, atol=1e-6)  # the index is a nearest one
+    assert torch.equal(i[-10:-5, 0], torch.arange(645, 650)) and bool((d[-10:] == 0).all())
+    assert torch.equal(i[-5:, 0], torch.arange(10, 15))  # a tie keeps the lower index, in any block
+
+
+def test_graph_knn_and_bank_neighbours_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nn_search, "GRAPH_BANK_CHUNK", 128)
+    monkeypatch.setattr(nn_search, "TABLE_QUERY_CHUNK", 100)
+    bank, q = _graph_bank()
+    nn = NearestNeighbors(bank, "exact")
+    with graph_mode():
+        d, i = nn.search(q, 5)
+        rows = torch.tensor([3, 0, 699, 3, 655])
+        table = nn.bank_neighbors(rows, 4)
+        assert nn._bank_table is not None and nn._bank_table.shape == (700, 4)  # searched once, for every bank row
+        again = nn.bank_neighbors(rows, 2)
+    rd, _ = _nn_reference(bank, q, 5)
+    assert torch.allclose(d, rd, rtol=1e-4, atol=1e-4)
+    exact = torch.cdist(bank[rows].double(), bank.double())
+    assert torch.allclose(exact.gather(1, table), exact.topk(4, largest=False).values, atol=1e-5)
+    assert torch.equal(table[[0, 1, 2]][:, 0], rows[[0, 1, 2]]) and torch.equal(again, table[:, :2])
+    assert torch.equal(nn.bank_neighbors(rows, 4), nn.search(bank[rows], 4)[1])  # eager: the search itself
+
+
+def test_graph_nearest_traced_once_takes_any_batch() -> None:
+    bank, q = _graph_bank()
+    nn = NearestNeighbors(bank, "exact")
+
+    class Search(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return nn.search(x, 1)
+
+    traced = torch.jit.trace(Search(), (q[:1],), check_trace=False)
+    with graph_mode():
+        d, i = nn.search(q, 1)
+    td, ti = traced(q)
+    assert torch.equal(ti, i) and torch.allclose(td, d, rtol=1e-6)
