@@ -160,7 +160,7 @@ def test_the_next_batch_is_decoded_on_another_thread(tmp_path: Path, monkeypatch
 
     def recording(path: str | Path, *args: object, **kwargs: object) -> np.ndarray:
         threads.append(threading.current_thread().name)
-        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(io, "read_image", recording)
     done: list[int] = []
