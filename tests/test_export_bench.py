@@ -56,3 +56,18 @@ def test_peak_memory_is_the_workers_own_not_its_parents() -> None:
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert parent > 400 and 0 < float(child.stdout) < 200
     del ballast
+
+
+def test_cpu_clock_times_one_thread_and_says_so() -> None:
+    bench = _module()
+    row = {"ms_b1": 2.0, "ratio_b1": 0.5, "ms_b16": 1.0, "ratio_b16": 0.25, "peak_rss_mb": 120.4, "load_avg": [9.0]}
+    report = {"command": "c", "date": "d", "cpu": "c", "cpu_cores": 2, "threads": 1, "data": "bottle"}
+    rows = [{**row, "model": "patchcore", "runtime": "onnx", "torch_loaded": False}]
+    assert "CPU time on one thread, `--clock cpu`" in bench.render({**report, "clock": "cpu", "rows": rows})
+    assert "CPU time" not in bench.render({**report, "clock": "wall", "rows": rows})
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "patchcore", "--clock", "cpu", "--threads", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "--clock cpu times one thread" in refused.stderr
