@@ -116,3 +116,17 @@ def test_expand_inputs_keeps_subfolders(tmp_path: Path) -> None:
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / p)
     items = expand_inputs([tmp_path / "d", tmp_path / "d" / "a.png"])
     assert [i.name for i in items] == ["a", "x/a", "x/b", "a__2"]
+
+
+def test_predict_writes_the_models_colour_scale_once(model_dir: Path, folder_dataset: Path, tmp_path: Path) -> None:
+    from anomnet.outputs import COLOUR_SCALE, COLOUR_SCALE_HEIGHT
+    from anomnet.visualize import colour_bar
+
+    out = tmp_path / "out"
+    good = sorted((folder_dataset / "test" / "good").glob("*.png"))[:2]
+    assert main(["predict", "--model-dir", str(model_dir), *map(str, good), "--out", str(out), "--quiet"]) == EXIT_OK
+    legend = np.asarray(Image.open(out / COLOUR_SCALE).convert("RGB"))
+    expected, layout = colour_bar(api.load(model_dir).calibration, COLOUR_SCALE_HEIGHT)
+    assert legend.shape[0] == COLOUR_SCALE_HEIGHT and np.array_equal(legend, expected)
+    assert {t.kind for t in layout.ticks} >= {"low", "high"}
+    assert COLOUR_SCALE in json.loads((out / ".anomnet-outputs.json").read_text())["files"]  # a re-run replaces it

@@ -10,6 +10,8 @@ calibration says, and at least the region of its maximum). With an output folder
                           error
       results.jsonl       the same as JSON lines, plus each region's bounding box and the paths of the
                           files written for the image
+      colour-scale.png    the model's fixed heat-map colour scale with its numbers and the pixel threshold
+                          marked (one picture for every heat map and overlay of the run; predict only)
       heatmaps/<name>.png colour heat map (the model's fixed scale, see visualize.py)
       overlays/<name>.png heat map blended over the image, the mask's contour drawn in white
       masks/<name>.png    binary defect mask, 0 / 255, at the image's original resolution (all 0: called good)
@@ -52,7 +54,7 @@ from anomnet.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
 from anomnet.inputs import InputImage, expand_inputs
 from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
-from anomnet.visualize import draw_contour, heatmap, overlay
+from anomnet.visualize import colour_bar, draw_contour, heatmap, overlay
 
 if TYPE_CHECKING:
     from anomnet.detectors.base import Detector
@@ -65,6 +67,9 @@ PREDICT_CSV_COLUMNS = ("path", "score", "p_value", "defective", "threshold", "de
 
 
 OWNED_FILES = ".anomnet-outputs.json"
+COLOUR_SCALE = "colour-scale.png"
+"""The run's legend: every heat map and overlay of a run shares the model's fixed colour scale."""
+COLOUR_SCALE_HEIGHT = 400
 
 
 def clear_previous_run(out: Path) -> None:
@@ -176,7 +181,8 @@ def predict_images(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         clear_previous_run(out)
-        claim_outputs(out, inputs, raw_maps)
+        claim_outputs(out, inputs, raw_maps, summaries=[COLOUR_SCALE])
+        io.write_png(out / COLOUR_SCALE, colour_bar(scorer.calibration, COLOUR_SCALE_HEIGHT)[0])
     bar = _progress_bar(len(inputs), progress)
     results = score_and_write(scorer, inputs, out, raw_maps, keep_maps, progress=bar.update if bar else None)
     if bar is not None:
