@@ -59,7 +59,7 @@ class ToCoADModel(PatchCoreModel):
         if k < 2:
             return torch.ones(flat.shape[0], dtype=flat.dtype)
         if graph_mode_active():  # the same weights with no unique() and no loop over the patches (export)
-            _, support = self.nn.search(self.memory_bank[nearest], k)
+            support = self.nn.bank_neighbors(nearest, k)  # a lookup in a table of the bank's neighbours
             dists = torch.linalg.vector_norm(flat[:, None, :].float() - self.memory_bank[support], dim=-1)
             return 1.0 - torch.softmax(dists, dim=1)[:, 0]
         # the neighbours of each distinct m* in the bank (m* itself first), searched once per m*
