@@ -330,7 +330,7 @@ def render(r: dict[str, Any]) -> str:
     pools = {m: p for m, p in r.get("pooled_piped", {}).items() if p}
     if pools:
         lines += [
-            "Pooled over the eight PIPED classes (128 good, 128 defective test images):",
+            "Pooled over the eight PIPED classes (16 good and 48 defective test images each):",
             "",
             "| detector | calibration | asked | false alarms | 95 % interval | recall | oracle recall |",
             "|---|---|---|---|---|---|---|",
