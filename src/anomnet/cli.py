@@ -388,9 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", default=None, help="detector (default patchcore)")
     p.add_argument(
-        "--max-train", type=int, default=300, help="training cells used (default 300, keeps the demo to a few minutes)"
+        "--max-train",
+        type=int,
+        default=None,
+        help=f"training cells per model (default {2 * DEMO_TRAIN}, {DEMO_TRAIN} per cell type with --per-type: "
+        "keeps the demo to a few minutes)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the model an earlier demo left in --out")
+    p.add_argument(
+        "--per-type",
+        action="store_true",
+        help="one model per cell type (mono, poly), each calibrated on its own good cells; the test cells pooled by "
+        "conformal p-value (default: one model for both types)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
@@ -846,42 +856,125 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from anomnet import api
-    from anomnet.data import load_dataset
+    import json
+
+    from anomnet import api, io
+    from anomnet.data import elpv_cell_types, load_dataset
     from anomnet.detectors import DEFAULT_DETECTOR
 
     model = args.model or DEFAULT_DETECTOR
     out = Path(args.out)
     split = load_dataset("elpv")
+    parts = demo_parts(split, elpv_cell_types()) if args.per_type else {"": split}
     print(
-        f"ELPV solar cells: {len(split.train)} good training cells (using {min(args.max_train, len(split.train))}), "
-        f"{len(split.validation)} validation, {len(split.test)} test ({sum(s.label for s in split.test)} defective)"
+        f"ELPV solar cells: {len(split.train)} good training cells, {len(split.validation)} validation, "
+        f"{len(split.test)} test ({sum(s.label for s in split.test)} defective)"
+        + (f"; one model per cell type ({', '.join(parts)})" if len(parts) > 1 else "")
     )
-    det = api.fit(
-        model, split, out / "model", max_train=args.max_train, progress=not args.quiet, overwrite=args.overwrite
-    )
-    print(
-        f"fitted {model}; image threshold {det.calibration.threshold:.5g} at a "
-        f"{det.calibration.achieved_false_alarm:.3g} false-alarm rate on {len(det.calibration.validation_scores)} "
-        f"good calibration cells ({det.calibration.source_note})"
-    )
-    res = api.test(
-        out / "model",  # the saved model, so the report names its folder
-        split,
-        json_out=out / "metrics.json",
-        heatmaps_dir=out / "heatmaps",
-        heatmaps=8,
-        progress=not args.quiet,
-        report=out / "report.html",
-    )
-    print(format_metrics(res.metrics) + "  (percent)")
-    print(in_words(res.metrics, split.test))
-    print(
-        f"metrics: {out / 'metrics.json'}; heat maps (image | overlay | heat map): {out / 'heatmaps'}/; report: "
-        f"{out / 'report.html'}"
-    )
-    print("\n".join(demo_operating_points(det.calibration, res.scores, res.labels, out / "model")))
+    train = args.max_train or (DEMO_TRAIN if len(parts) > 1 else 2 * DEMO_TRAIN)
+    fitted: dict[str, tuple[Any, Any]] = {}
+    for kind, part in parts.items():
+        where, cells = (out / kind, f"{kind} cells") if kind else (out, "cells")
+        det = api.fit(model, part, where / "model", max_train=train, progress=not args.quiet, overwrite=args.overwrite)
+        print(
+            f"fitted {model} on {min(train, len(part.train))} good {cells}; image threshold "
+            f"{det.calibration.threshold:.5g} at a {det.calibration.achieved_false_alarm:.3g} false-alarm rate on "
+            f"{len(det.calibration.validation_scores)} good calibration {cells} ({det.calibration.source_note})"
+        )
+        res = api.test(
+            where / "model",  # the saved model, so the report names its folder
+            part,
+            json_out=where / "metrics.json",
+            heatmaps_dir=where / "heatmaps",
+            heatmaps=8 // len(parts),
+            progress=not args.quiet,
+            report=where / "report.html",
+        )
+        print(format_metrics(res.metrics) + f"  (percent, {len(part.test)} test {cells})")
+        print("\n".join(demo_operating_points(det.calibration, res.scores, res.labels, where / "model")))
+        print(
+            f"metrics: {where / 'metrics.json'}; heat maps (image | overlay | heat map): {where / 'heatmaps'}/; "
+            f"report: {where / 'report.html'}"
+        )
+        fitted[kind] = (det.calibration, res)
+    if len(parts) > 1:
+        metrics = pooled_metrics(fitted)
+        payload = {
+            "dataset": split.name,
+            "detector": model,
+            "pooled_by": POOLED_BY,
+            "test_images": len(split.test),
+            "metrics": metrics,
+            "parts": {k: str(out / k / "metrics.json") for k in parts},
+        }
+        io.atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=False))
+        print(
+            format_metrics(metrics) + f"  (percent, all {len(split.test)} test cells, each scored by its type's "
+            f"model, pooled by {POOLED_BY})"
+        )
+        print(f"pooled metrics: {out / 'metrics.json'}")
+    else:
+        metrics = fitted[""][1].metrics
+    print(in_words(metrics, split.test))
     return EXIT_OK
+
+
+DEMO_TRAIN = 150
+"""Good training cells per cell type the demo fits on (the same 300 cells in all as one model for both types)."""
+POOLED_BY = "conformal p-value"
+"""How the demo ranks cells scored by different models: each model's own calibration turns a score into a p-value."""
+
+
+def demo_parts(split: Any, types: dict[Path, str]) -> dict[str, Any]:
+    """The demo's split cut by cell type (train, validation and test alike); ``{"": split}`` when a cell has none."""
+    from anomnet.data import DatasetSplit
+
+    samples = [*split.train, *split.validation, *split.test]
+    if not samples or any(s.path not in types for s in samples):
+        return {"": split}
+    keep = lambda items, kind: [s for s in items if types[s.path] == kind]  # noqa: E731
+    return {
+        kind: DatasetSplit(
+            f"{split.name}:{kind}",
+            keep(split.train, kind),
+            keep(split.validation, kind),
+            keep(split.test, kind),
+            list(split.warnings),
+        )
+        for kind in sorted({types[s.path] for s in samples})
+    }
+
+
+def pooled_metrics(fitted: dict[str, tuple[Any, Any]]) -> dict[str, float]:
+    """Image metrics of test cells scored by different models: ranked by p-value, decided by each model's threshold.
+
+    A cell's conformal p-value against its own model's calibration scores puts the models on one scale; cells
+    above every calibration score share the smallest p-value, so the score over its model's threshold breaks ties.
+    """
+    import numpy as np
+
+    from anomnet.metrics import f1_max, image_auroc
+
+    rank, labels, called = [], [], []
+    for cal, res in fitted.values():
+        scores = np.asarray(res.scores, dtype=np.float64)
+        ratio = scores / cal.threshold if math.isfinite(cal.threshold) and cal.threshold > 0 else scores
+        rank.append(-np.log(cal.p_values(scores)) + 1e-6 * np.tanh(ratio))
+        labels.append(np.asarray(res.labels, dtype=np.int64))
+        called.append(cal.decide(scores))
+    r, y, c = np.concatenate(rank), np.concatenate(labels), np.concatenate(called)
+    bad, good = int((y == 1).sum()), int((y == 0).sum())
+    hits, alarms = int((c & (y == 1)).sum()), int((c & (y == 0)).sum())
+    precision = hits / (hits + alarms) if hits + alarms else math.nan
+    recall = hits / bad if bad else math.nan
+    return {
+        "image_auroc": float(image_auroc(r, y)) if bad and good else math.nan,
+        "image_f1_max": float(f1_max(r, y)[0]) if bad and good else math.nan,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else math.nan,
+        "false_alarm_rate": alarms / good if good else math.nan,
+    }
 
 
 def demo_operating_points(cal: Any, scores: Any, labels: Any, model_dir: Path) -> list[str]:

@@ -462,6 +462,12 @@ def load_elpv(data_dir: str | Path | None = None, seed: int = 0, cell_type: str 
     return DatasetSplit(name, train, validation, test, ["ELPV has no defect masks: only image-level metrics"])
 
 
+def elpv_cell_types(data_dir: str | Path | None = None) -> dict[Path, str]:
+    """The cell type (``"mono"`` or ``"poly"``) of every ELPV image, by its path (as :func:`load_elpv` gives it)."""
+    data_dir = _elpv_data_dir() if data_dir is None else Path(data_dir)
+    return {data_dir / p: kind for p, _, kind in _read_elpv_labels(data_dir / "labels.csv")}
+
+
 def _read_elpv_labels(labels: Path) -> list[tuple[str, float, str]]:
     if not labels.is_file():
         raise DatasetError(f"{labels}: ELPV labels file not found (reinstall with `{pip_command('elpv-dataset')}`)")
@@ -620,6 +626,7 @@ __all__ = [
     "UNLABELLED_SPLITS",
     "iter_batches",
     "load_dataset",
+    "elpv_cell_types",
     "load_elpv",
     "load_folder",
     "load_mvtec",
