@@ -141,7 +141,8 @@ def render(report: dict[str, Any]) -> str:
         ),
         "",
         f"Machine: {report['cpu']}, {report['cpu_cores']} cores, torch {report['torch']}; {report['started']}; "
-        f"whole run {report['seconds'] / 60:.0f} min; 1-minute load average {report['load_min']:.1f}-"
+        f"{'the commands added up (parts ran side by side)' if len(report.get('commands', [])) > 1 else 'whole run'} "
+        f"{report['seconds'] / 60:.0f} min; 1-minute load average {report['load_min']:.1f}-"
         f"{report['load_max']:.1f} during the run (other jobs shared the 2 cores: fit seconds and predict ratios "
         "are not comparable between rows, the accuracy columns are)"
         f"{'' if report.get('complete') else ' (INCOMPLETE: the run stopped before its last row)'}.",
