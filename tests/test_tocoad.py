@@ -255,3 +255,23 @@ def test_texture_source_is_explicit_and_recorded(folder_dataset, tmp_path, monke
         sources.append(det.fit_record.data_sources["textures"])
     assert sources[0] == sources[1] and str((folder_dataset / "train").resolve()) in sources[0]
     assert "files)" in sources[0]
+
+
+def test_stage_two_heads_on_deeper_levels(folder_dataset) -> None:
+    """head_layers puts the SimSiam heads on levels past the memory bank (the paper's layer3 + layer4 equivalent):
+    the training trunk runs to them, their gradient moves the levels the bank is built from."""
+    split = load_dataset(folder_dataset)
+    settings = {**SMALL, "stage1": "false", "generator": "cutpaste", "stage2_steps": 4, "warmup": 0.25}
+    det = create_detector("tocoad", {**settings, "head_layers": "stage5,stage7"})
+    assert det.trunk_layers[-1] == "stage7" and [det.trunk_layers[i] for i in det._bank_idx] == ["stage3", "stage4"]
+    before = {k: v.clone() for k, v in det.features.backbone.state_dict().items()}
+    det.fit(split.train[:6], split.validation, progress=False)
+    stage2 = det.fit_record.phase("stage2")
+    assert stage2 is not None and stage2.extra["levels"] == ["stage5", "stage7"]
+    after = det.features.backbone.state_dict()
+    assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
+    assert det.predict(torch.rand(2, 3, 64, 64)).maps.shape == (2, 64, 64)
+    default = create_detector("tocoad", settings)
+    assert [default.trunk_layers[i] for i in default._head_idx] == ["stage3", "stage4"]
+    with pytest.raises(ConfigError):
+        create_detector("tocoad", {"head_layers": "stage99"})

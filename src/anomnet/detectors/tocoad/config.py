@@ -13,6 +13,9 @@ class ToCoADConfig(PatchCoreConfig):
     stage1: bool = True  # discriminator pre-training on synthetic anomalies
     stage2: bool = True  # contrastive fine-tuning of the backbone
     decoder_layers: tuple[str, ...] | None = None  # None: the 4 levels up to the deepest memory-bank layer
+    # stage II SimSiam heads: None = the two deepest memory-bank levels; e.g. stage5,stage7 for EfficientNet-Lite
+    # (strides 16 and 32, the paper's layer3 + layer4 equivalent): levels past the bank are computed in training only
+    head_layers: tuple[str, ...] | None = None
     generator: Literal["perlin", "cutpaste"] = "perlin"
     textures: str | None = None  # texture folder (None: anomnet.image_pool's default source)
     texture_limit: int = 100  # textures read from the folder (seeded subset)

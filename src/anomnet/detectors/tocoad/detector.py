@@ -70,10 +70,12 @@ class ToCoAD(PatchCore):
         info = get_backbone_info(c.backbone)
         bank = resolve_layers(info, c.layers)
         decoder = resolve_layers(info, c.decoder_layers or default_decoder_layers(c.backbone, bank))
-        self.trunk_layers = tuple(n for n in info.layers if n in set(bank) | set(decoder))
+        # stage II heads: the two deepest memory-bank levels unless head_layers names others
+        heads = resolve_layers(info, c.head_layers) if c.head_layers else sorted(bank, key=info.layers.index)[-2:]
+        self.trunk_layers = tuple(n for n in info.layers if n in set(bank) | set(decoder) | set(heads))
         self._bank_idx = [self.trunk_layers.index(n) for n in bank]
         self._dec_idx = [self.trunk_layers.index(n) for n in decoder]
-        self._head_idx = sorted(self._bank_idx)[-2:]  # stage II heads: the two deepest memory-bank levels
+        self._head_idx = [self.trunk_layers.index(n) for n in heads]
         self.model = ToCoADModel(self.model.features, c.num_neighbors, c.blur_sigma, c.reweight)
         self._saves_backbone = True  # the fine-tuned weights travel with the model
 
@@ -86,7 +88,7 @@ class ToCoAD(PatchCore):
             with timed_phase(self.fit_record, "load"):
                 images = self._load_images(train, progress)
             trunk = create_backbone(c.backbone, self.trunk_layers, RANDOM_WEIGHTS)
-            trunk.load_state_dict(self.features.backbone.state_dict())
+            trunk.load_state_dict(self.features.backbone.state_dict())  # every level's weights, deeper ones too
             rng = torch.Generator().manual_seed(c.seed)
             generator = self._make_generator()
             disc = (
