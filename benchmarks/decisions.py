@@ -247,14 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         "rates": list(RATES),
         "default_rate": DEFAULT_RATE,
         "rows": [r for r in old.get("rows", [])],
-        "absent": [],
+        "absent": [n for n in old.get("absent", []) if n in DATASETS and not _present(DATASETS[n])],
     }
     done = {(r["dataset"], r["model"]) for r in report["rows"]}
     crossfit_on = set(a.crossfit_on.split(","))
     for name in [n for n in a.datasets.split(",") if n]:
         where = DATASETS[name]
-        if where != "elpv" and not (SHARED / where).is_dir():
-            report["absent"].append(name)
+        if not _present(where):
+            report["absent"] = sorted({*report["absent"], name}, key=list(DATASETS).index)
             print(f"{name}: not present ({SHARED / where})", flush=True)
             continue
         if (name, a.model) in done:
@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     write_section(Path(a.markdown), SECTION, text)
     return 0
+
+
+def _present(where: str) -> bool:
+    return where == "elpv" or (SHARED / where).is_dir()
 
 
 def pooled(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
