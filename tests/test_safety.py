@@ -239,10 +239,12 @@ def test_defective_images_without_masks_leave_pixel_metrics(
 
 
 def test_zero_validation_fraction_is_refused(folder_dataset: Path, tmp_path: Path, capsys) -> None:
-    code = main(["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0", "--quiet"])
-    assert code == EXIT_INPUT and "no good validation images" in capsys.readouterr().err
+    # hold-out calibration with nothing held out is refused (leave-one-out needs no hold-out)
+    fit = ["fit", "--data", str(folder_dataset), "--out", str(tmp_path / "m"), "--val-fraction", "0", "--quiet"]
+    assert main([*fit, "--calibration", "holdout"]) == EXIT_INPUT
+    assert "no good validation images" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        api.fit("patchcore", folder_dataset, val_fraction=0.0, settings=SMALL, progress=False)
+        api.fit("patchcore", folder_dataset, val_fraction=0.0, settings=SMALL, progress=False, calibration="holdout")
 
 
 def test_model_and_output_files_share_permissions(fitted: Path, folder_dataset: Path, tmp_path: Path) -> None:
@@ -374,5 +376,6 @@ def test_heatmap_names_of_nested_images_are_unique(fitted: Path, folder_dataset:
 def test_calibrate_with_zero_validation_fraction_is_refused(fitted: Path, folder_dataset: Path, capsys) -> None:
     before = (fitted / META_FILE).read_bytes()
     args = ["calibrate", "--model-dir", str(fitted), "--data", str(folder_dataset), "--val-fraction", "0", "--quiet"]
-    assert main(args) == EXIT_INPUT and "no good validation images" in capsys.readouterr().err
+    assert main([*args, "--calibration", "holdout"]) == EXIT_INPUT
+    assert "no good calibration images" in capsys.readouterr().err
     assert (fitted / META_FILE).read_bytes() == before
