@@ -40,19 +40,13 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import PIPED_CLASSES  # noqa: E402  (the suite's PIPED classes)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 SECTION = "decisions"
-PIPED = [
-    "PA_BDP01_TL",
-    "PA_BFT01_TL",
-    "PA_BRG01_RL",
-    "PA_BRG03_TL",
-    "PA_BTN01_RL",
-    "PA_FLR01_TL",
-    "PA_FVN01_TL",
-    "PA_FVN02_RL",
-]
+PIPED = list(PIPED_CLASSES)
 # name -> dataset path (relative to ../shared/datasets) or "elpv"
 DATASETS: dict[str, str] = {
     "bottle": "mvtec_ad/bottle",

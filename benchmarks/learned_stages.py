@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomnet.bench import write_section  # noqa: E402
 from suite import PIPED, SHARED  # noqa: E402  (the suite's data paths)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render(json.loads(Path(a.render).read_text()))
         print(text)
         if a.markdown:
-            _write_section(Path(a.markdown), text)
+            write_section(Path(a.markdown), SECTION, text)
         return 0
     parts = [x for x in a.parts.split(",") if x]
     unknown = [x for x in parts if x not in ROWS]
@@ -291,14 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render(final)
     print(text)
     if a.markdown:
-        _write_section(Path(a.markdown), text)
+        write_section(Path(a.markdown), SECTION, text)
     return 0
-
-
-def _write_section(markdown: Path, text: str) -> None:
-    from anomnet.bench import write_section
-
-    write_section(markdown, SECTION, text)
 
 
 if __name__ == "__main__":
