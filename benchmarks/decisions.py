@@ -104,7 +104,7 @@ def oracle_recall(good: np.ndarray, bad: np.ndarray, false_alarms: int) -> float
 
 def operating_point(cal_scores: np.ndarray, rate: float, good: np.ndarray, bad: np.ndarray) -> dict[str, Any]:
     """The conformal threshold at ``rate`` on ``cal_scores`` applied to the test scores."""
-    from anomnet.calibration import calibrate
+    from anomnet.decisions.calibration import calibrate
 
     cal = calibrate(cal_scores, rate)
     fa = int(np.count_nonzero(good >= cal.threshold))
@@ -126,7 +126,7 @@ def operating_point(cal_scores: np.ndarray, rate: float, good: np.ndarray, bad: 
 
 
 def _test_scores(det: Any, test: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    from anomnet.evaluate import run_predictions
+    from anomnet.evaluation.evaluate import run_predictions
 
     scores, labels = [], []
     for batch, pred in run_predictions(det, test, int(det.config.batch_size)):
@@ -140,7 +140,7 @@ def measure(name: str, where: str, sources: list[str], model: str, folds: int) -
     """Every source's calibration scores and operating points on one dataset."""
     from anomnet import api
     from anomnet.data import DatasetSplit, load_dataset
-    from anomnet.decisions import out_of_fold_statistics
+    from anomnet.decisions.calibrate import out_of_fold_statistics
     from anomnet.detectors import create_detector
 
     path = where if where == "elpv" else str(SHARED / where)
@@ -207,7 +207,7 @@ def measure(name: str, where: str, sources: list[str], model: str, folds: int) -
 
 
 def _holdout_scores(det: Any, split: Any) -> np.ndarray:
-    from anomnet.decisions import validation_pixel_statistics
+    from anomnet.decisions.calibrate import validation_pixel_statistics
 
     return validation_pixel_statistics(det, split.validation, per_image=1)[0]
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command, flush=True)
     if a.dry_run:
         return 0
-    from anomnet.bench import _cpu_name, write_section
+    from anomnet.evaluation.bench import _cpu_name, write_section
 
     out = Path(a.out)
     old = json.loads(out.read_text()) if a.resume and out.is_file() else {}

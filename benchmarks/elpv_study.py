@@ -41,8 +41,8 @@ import numpy as np
 
 from anomnet import api
 from anomnet.data import DatasetSplit, elpv_cell_types, load_elpv
-from anomnet.evaluate import evaluate
-from anomnet.metrics import false_alarm_rate, image_auroc, precision_recall_f1
+from anomnet.evaluation.evaluate import evaluate
+from anomnet.evaluation.metrics import false_alarm_rate, image_auroc, precision_recall_f1
 
 
 def _variant(text: str) -> tuple[str, str, int, dict[str, str]]:

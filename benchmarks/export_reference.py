@@ -25,8 +25,8 @@ import numpy as np
 from anomnet.components.graph_mode import graph_mode
 from anomnet.data import iter_batches, load_dataset
 from anomnet.detectors.base import Detector
-from anomnet.io import atomic_write_text
-from anomnet.metrics import image_auroc
+from anomnet.evaluation.metrics import image_auroc
+from anomnet.imageio import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_bench import BOTTLE, DEFAULT_SETTINGS, ROOT, _settings  # noqa: E402

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from anomnet.detectors.base import Detector
-from anomnet.io import list_images, read_image
+from anomnet.imageio import list_images, read_image
 
 
 def _cells(bank: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -44,11 +44,11 @@ def study_dataset(path: str, settings: dict[str, str], generators: list[str], ke
     from dataclasses import replace
 
     from anomnet.data import load_dataset
-    from anomnet.decisions import calibrate_detector
+    from anomnet.decisions.calibrate import calibrate_detector
     from anomnet.detectors import Detector, create_detector
     from anomnet.detectors.hybrid import FUSED, Hybrid, evaluate_candidates
     from anomnet.detectors.hybrid.selection import make_generator, synthetic_batches
-    from anomnet.evaluate import evaluate
+    from anomnet.evaluation.evaluate import evaluate
 
     split = load_dataset(path)
     if keep is not None and (keep / "anomnet.json").is_file():
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", default=None, help="save each fitted hybrid (all branches) here; reuse one found there")
     a = p.parse_args(argv)
     from anomnet.detectors.hybrid import METRICS
-    from anomnet.io import atomic_write_text
+    from anomnet.imageio import atomic_write_text
 
     settings = {"branches": a.branches, **dict(kv.split("=", 1) for kv in a.set)}
     out = Path(a.out)

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from anomnet.bench import command_line
-from anomnet.io import atomic_write_text
+from anomnet.evaluation.bench import command_line
+from anomnet.imageio import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import PIPED, PIPED_CLASSES, SHARED  # noqa: E402  (the suite's dataset list)
@@ -63,7 +63,7 @@ def run_one(
     """Fit once, test; then each rescoring (scoring-time settings changed, threshold recalibrated), tested too."""
     from anomnet import api
     from anomnet.data import load_dataset
-    from anomnet.decisions import calibrate_detector, split_choices
+    from anomnet.decisions.calibrate import calibrate_detector, split_choices
 
     split = load_dataset(data)
     start = time.perf_counter()

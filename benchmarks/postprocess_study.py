@@ -15,7 +15,7 @@ maps are computed once at the masks' resolution, and then, for each post-process
 * **best SegF1**: the best pooled F1 of the post-processed masks over a grid of thresholds (oracle);
 * **AU-PRO** of the post-processed map at the calibrated threshold: map values of pixels the
   cleaning removed are lowered to just below the threshold, of pixels it added raised to it
-  (:func:`anomnet.postprocess.postprocess_map`); all other values are unchanged.
+  (:func:`anomnet.decisions.postprocess.postprocess_map`); all other values are unchanged.
 
 A second table compares pixel-threshold choices on the raw masks: quantile targets, and the
 F1-optimal threshold tuned on one half of the test set (a stand-in for a labelled validation set,
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from anomnet.bench import command_line, write_outputs
+from anomnet.decisions.postprocess import MaskPostprocess, SegmentationCounts, postprocess_map
 from anomnet.errors import DatasetError
-from anomnet.postprocess import MaskPostprocess, SegmentationCounts, postprocess_map
+from anomnet.evaluation.bench import command_line, write_outputs
 
 PRO_LIMITS = (0.3, 0.05)
 QUANTILE_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-9)  # 1e-9: just above every sampled good pixel
@@ -63,7 +63,7 @@ class TestMaps:
 
 
 def collect_maps(detector: Any, samples: list[Any], batch_size: int = 8) -> TestMaps:
-    from anomnet.evaluate import run_predictions
+    from anomnet.evaluation.evaluate import run_predictions
 
     maps, masks, labels, types = [], [], [], []
     for batch, pred in run_predictions(detector, samples, batch_size, with_masks=True):
@@ -86,7 +86,7 @@ def seg_f1(tm: TestMaps, threshold: float, post: MaskPostprocess, idx: list[int]
 
 
 def raw_f1_threshold(tm: TestMaps, idx: list[int] | None = None) -> tuple[float, float]:
-    from anomnet.metrics import PixelMetricAccumulator
+    from anomnet.evaluation.metrics import PixelMetricAccumulator
 
     acc = PixelMetricAccumulator()
     for i in idx if idx is not None else range(len(tm.maps)):
@@ -96,7 +96,7 @@ def raw_f1_threshold(tm: TestMaps, idx: list[int] | None = None) -> tuple[float,
 
 
 def au_pro(tm: TestMaps, threshold: float, post: MaskPostprocess) -> dict[float, float]:
-    from anomnet.metrics import PixelMetricAccumulator
+    from anomnet.evaluation.metrics import PixelMetricAccumulator
 
     acc = PixelMetricAccumulator()
     for amap, mask in zip(tm.maps, tm.masks):

@@ -19,7 +19,7 @@ machine changes little. Then the engine's own overhead: a model that costs nothi
 ``--noop-images`` tiny images, locally and on Ray. Last, the per-image costs on one core: decoding,
 the model, writing the outputs (drawing, PNG encoding, writing the files), and loading the model; and
 the PNG settings table: CPU time of this thread and file size of each output kind at several zlib levels
-and strategies (``anomnet.io.encode_png``) and with Pillow's default writer, every file checked to decode
+and strategies (``anomnet.imageio.encode_png``) and with Pillow's default writer, every file checked to decode
 to the same pixels (``--png-settings``: this table only, as section ``png-settings``).
 """
 
@@ -56,7 +56,7 @@ class NullScorer:
     batch_size = 16
 
     def __init__(self) -> None:
-        from anomnet.calibration import Calibration
+        from anomnet.decisions.calibration import Calibration
 
         self.calibration = Calibration(validation_scores=[0.0, 1.0], threshold=0.5, pixel_threshold=0.5)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command, flush=True)
     if a.dry_run:
         return 0
-    from anomnet.bench import _cpu_name
+    from anomnet.evaluation.bench import _cpu_name
 
     work = Path(a.work_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finish(a: argparse.Namespace, report: dict[str, Any], section: str, text: str) -> int:
-    from anomnet.bench import write_section
+    from anomnet.evaluation.bench import write_section
 
     report["load_avg_after"] = os.getloadavg()[0]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def _noop(folder: Path, n: int, workers: int) -> dict[str, Any]:
 
     from anomnet.engine.inputs import collect_inputs
     from anomnet.engine.ray_predict import BATCH_SIZE, ensure_ray, predict_on_ray
-    from anomnet.outputs import predict_images
+    from anomnet.predict.outputs import predict_images
 
     folder.mkdir(parents=True)
     for i in range(n):
@@ -238,14 +238,14 @@ def _components(model: Path, images: Path) -> dict[str, float]:
     """Seconds per image on one core: decode, model (batch 8), outputs (and their parts); the model's load time."""
     import torch
 
-    from anomnet import io
-    from anomnet.outputs import PNG_SETTINGS, output_files, write_image_outputs
-    from anomnet.scoring import ImageRef, load_scorer, score_refs
+    from anomnet import imageio
+    from anomnet.predict.outputs import PNG_SETTINGS, output_files, write_image_outputs
+    from anomnet.predict.scoring import ImageRef, load_scorer, score_refs
 
     torch.set_num_threads(1)
     files = sorted(images.iterdir())[:8]
     start = time.perf_counter()
-    pixels = [io.read_image(f) for f in files]
+    pixels = [imageio.read_image(f) for f in files]
     decode = (time.perf_counter() - start) / len(files)
     start = time.perf_counter()
     scorer = load_scorer(model)
@@ -266,12 +266,12 @@ def _components(model: Path, images: Path) -> dict[str, float]:
     drawn = [_drawn(r, scorer.calibration) for r in rows]
     draw = (time.perf_counter() - start) / len(rows)
     start = time.perf_counter()
-    encoded = [{k: io.encode_png(a, *PNG_SETTINGS[k]) for k, a in d.items()} for d in drawn]
+    encoded = [{k: imageio.encode_png(a, *PNG_SETTINGS[k]) for k, a in d.items()} for d in drawn]
     encode = (time.perf_counter() - start) / len(rows)
     start = time.perf_counter()
     for i, e in enumerate(encoded):
         for kind, path in output_files(images.parent / "components-write", str(i), False).items():
-            io.atomic_write_bytes(path, e[kind])
+            imageio.atomic_write_bytes(path, e[kind])
     write = (time.perf_counter() - start) / len(rows)
     return {
         "decode_s": decode,
@@ -286,7 +286,7 @@ def _components(model: Path, images: Path) -> dict[str, float]:
 
 def _drawn(row: Any, cal: Any) -> dict[str, np.ndarray]:
     """The pictures of one scored row, as the output writer draws them."""
-    from anomnet.visualize import draw_contour, heatmap, overlay
+    from anomnet.predict.visualize import draw_contour, heatmap, overlay
 
     return {
         "heatmap": heatmap(row.anomaly_map, cal),
@@ -319,9 +319,9 @@ def _png_settings(model: Path, images: Path) -> dict[str, Any]:
 
     from PIL import Image
 
-    from anomnet import io
-    from anomnet.outputs import PNG_SETTINGS
-    from anomnet.scoring import ImageRef, load_scorer, score_refs
+    from anomnet import imageio
+    from anomnet.predict.outputs import PNG_SETTINGS
+    from anomnet.predict.scoring import ImageRef, load_scorer, score_refs
 
     scorer = load_scorer(model)
     laid_out = sorted(images.iterdir())
@@ -335,7 +335,7 @@ def _png_settings(model: Path, images: Path) -> dict[str, Any]:
         return buf.getvalue()
 
     encoders: dict[str, Any] = {
-        f"{name} {level}": (lambda a, lv=level, st=strategy: io.encode_png(a, lv, st))
+        f"{name} {level}": (lambda a, lv=level, st=strategy: imageio.encode_png(a, lv, st))
         for name, level, strategy in PNG_CANDIDATES
     }
     encoders["pillow default (before)"] = pillow
@@ -404,7 +404,7 @@ def _png_table(png: dict[str, Any]) -> str:
     table = png["table"]
     labels = list(dict.fromkeys(label for kind in table.values() for label in kind))
     lines = [
-        f"PNG settings (`anomnet.io.encode_png`: Up filter, zlib level and strategy), {png['images']} images "
+        f"PNG settings (`anomnet.imageio.encode_png`: Up filter, zlib level and strategy), {png['images']} images "
         f"of {'x'.join(map(str, png['shape']))} px: CPU ms of the encoding thread per image / KB per file; "
         "every file decodes to the same pixels. Chosen: "
         + ", ".join(f"{kind} `{label}`" for kind, label in png["chosen"].items())

@@ -11,7 +11,7 @@ maps are computed once at the masks' resolution. SegF1 (pixel F1 pooled over the
 counted for two mask rules at the model's own thresholds:
 
 * **before**: every image's mask is ``map >= pixel threshold``, post-processed (whatever the decision);
-* **after**: :meth:`anomnet.calibration.Calibration.verdict` -- no mask for an image called good, a
+* **after**: :meth:`anomnet.decisions.calibration.Calibration.verdict` -- no mask for an image called good, a
   defective image's mask holds at least the region of its maximum (what ``anomnet test`` counts now).
 
 It also counts the images whose two verdicts disagreed before: called good with defect pixels, and
@@ -30,8 +30,8 @@ import numpy as np
 
 from anomnet import api
 from anomnet.data import load_dataset
-from anomnet.evaluate import run_predictions
-from anomnet.postprocess import SegmentationCounts
+from anomnet.decisions.postprocess import SegmentationCounts
+from anomnet.evaluation.evaluate import run_predictions
 
 
 def study(data: str, model: str) -> dict[str, Any]:

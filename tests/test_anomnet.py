@@ -23,7 +23,7 @@ from anomnet.detectors.anomnet.losses import (
     squared_distances,
 )
 from anomnet.errors import ConfigError, NotFittedError
-from anomnet.evaluate import evaluate
+from anomnet.evaluation.evaluate import evaluate
 
 SMALL = {
     "image_size": 64,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anomnet.bench import write_section
+from anomnet.evaluation.bench import write_section
 
 
 def test_sections_replace_only_their_own_block(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_bench_markdown_section_only_when_asked(
 
 
 def test_fit_record_of_falls_back() -> None:
-    from anomnet.bench import fit_record_of
+    from anomnet.evaluation.bench import fit_record_of
 
     class Plain:
         pass

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomnet.calibration import Calibration, calibrate
+from anomnet.decisions.calibration import Calibration, calibrate
 from anomnet.detectors.base import DetectorConfig
 from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.model_io import META_FILE, TENSOR_FILE, read_model, write_model

@@ -155,7 +155,7 @@ def test_foreground_suppresses_background_responses(bottle: Path) -> None:
     det.fit(split.train[:24], [], progress=False)
     record = det.fit_record.phase("foreground")
     assert record is not None and record.extra["object_like"] and record.extra["used"]  # bottle: an object
-    from anomnet.io import read_image, to_tensor
+    from anomnet.imageio import read_image, to_tensor
 
     good = next(s for s in split.test if s.label == 0)
     image = det.preprocess(to_tensor(read_image(good.path))[None])

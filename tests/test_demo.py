@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import anomnet.data
-from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_OK, demo_parts, main, pooled_metrics
 from anomnet.data import elpv_cell_types, load_elpv
+from anomnet.decisions.calibration import Calibration
 
 
 def _fake_elpv(root: Path, good: int = 10, bad: int = 2) -> Path:

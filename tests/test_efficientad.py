@@ -237,7 +237,7 @@ def test_variants_fit_and_reload(folder_dataset: Path, tmp_path: Path, extra: di
 
 
 def test_bench_rescore_changes_alpha_and_restores(folder_dataset: Path, tmp_path: Path) -> None:
-    from anomnet import bench
+    from anomnet.evaluation import bench
 
     split = load_dataset(folder_dataset)
     det = api.fit("efficientad", split, settings={**TINY, "steps": 2, "cache_dir": "off"}, progress=False)
@@ -258,7 +258,7 @@ def _fit_on_blobs(folder: Path, steps: int):
 
 def test_finds_the_defects(tmp_path: Path) -> None:
     """Bright squares on a striped texture are found (random scores or flat maps fail these bars)."""
-    from anomnet.evaluate import evaluate
+    from anomnet.evaluation.evaluate import evaluate
 
     det, split = _fit_on_blobs(tmp_path / "data", steps=20)
     metrics = evaluate(det, split.test, progress=False).metrics
@@ -439,9 +439,9 @@ def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) 
     """st_map=normalized: the local map is CDO's discrepancy of the L2-normalised vectors, with its own
     validation quantiles stored at fit; it travels with the saved model and is refused for a model saved
     without those quantiles."""
-    from anomnet import bench
     from anomnet.detectors import Detector
     from anomnet.detectors.efficientad.model import OUT_CHANNELS
+    from anomnet.evaluation import bench
 
     det = create_detector("efficientad", {**TINY, "steps": 2, "cache_dir": "off"})
     det.fit(small_split.train, small_split.validation, progress=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tests.conftest import BOTTLE, make_folder_dataset
 
-from anomnet import api, io
+from anomnet import api, imageio
 from anomnet.components.graph_mode import graph_mode
 from anomnet.data import load_dataset
 from anomnet.detectors import DETECTORS
@@ -156,7 +156,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _bottle_batches() -> dict[str, np.ndarray]:
     """Real bottle test images, uint8: originals (900 x 900), non-square and small resizes."""
     names = ["broken_large/000.png", "good/000.png", "contamination/001.png"]
-    images = np.stack([(io.read_image(BOTTLE / "test" / n) * 255 + 0.5).astype(np.uint8) for n in names])
+    images = np.stack([(imageio.read_image(BOTTLE / "test" / n) * 255 + 0.5).astype(np.uint8) for n in names])
 
     def resized(h: int, w: int) -> np.ndarray:
         return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])

@@ -17,7 +17,7 @@ from anomnet.detectors import Detector, create_detector
 from anomnet.detectors.hybrid import FUSED, METRICS, Hybrid, Normalisation, choose, fuse
 from anomnet.detectors.hybrid.selection import CandidateScore, SelectionBatch, shrink
 from anomnet.errors import ConfigError
-from anomnet.metrics import PixelMetricAccumulator
+from anomnet.evaluation.metrics import PixelMetricAccumulator
 from anomnet.model_io import read_model
 
 # two quick PatchCore branches; "smooth" blurs its maps so much that small defects fade
@@ -153,7 +153,7 @@ def test_fused_map_is_the_mean_of_the_normalised_branch_maps(folder_dataset: Pat
     from anomnet.data import load_dataset
 
     validation = load_dataset(folder_dataset, val_fraction=0.25).validation
-    from anomnet.evaluate import run_predictions
+    from anomnet.evaluation.evaluate import run_predictions
 
     maps, scores = [], []
     for _, pred in run_predictions(det.branch("sharp"), validation, 4):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anomnet.decisions import parse_choices
+from anomnet.decisions.calibrate import parse_choices
 from anomnet.errors import ConfigError
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

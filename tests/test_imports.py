@@ -103,5 +103,5 @@ def test_no_import_cycle() -> None:
 def test_no_study_code_in_the_package() -> None:
     modules = _modules()
     assert "anomnet.postprocess_bench" not in modules
-    bench_imports = _imports("anomnet.bench", modules["anomnet.bench"], modules)
-    assert not any("postprocess" in m and m != "anomnet.postprocess" for m in bench_imports)
+    bench_imports = _imports("anomnet.evaluation.bench", modules["anomnet.evaluation.bench"], modules)
+    assert not any("postprocess" in m and m != "anomnet.decisions.postprocess" for m in bench_imports)

@@ -22,7 +22,7 @@ from anomnet.detectors.inpformer.losses import coherence_loss, scale_gradient, s
 from anomnet.detectors.inpformer.model import auto_heads, split_evenly
 from anomnet.detectors.inpformer.optim import StableAdamW, warm_cosine
 from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
-from anomnet.io import read_image, to_tensor
+from anomnet.imageio import read_image, to_tensor
 
 TINY = {"image_size": 64, "steps": 4, "train_batch_size": 4, "batch_size": 4, "decoder_depth": 4}
 

@@ -1,4 +1,4 @@
-"""Tests of anomnet.io: every supported image kind, every bad input, masks, folders, writers."""
+"""Tests of anomnet.imageio: every supported image kind, every bad input, masks, folders, writers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tifffile
 import torch
 from PIL import Image, ImageFile
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import ConfigError, DatasetError, ImageReadError
 
 RNG = np.random.default_rng(0)
@@ -78,14 +78,14 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_extensions() -> None:
-    assert frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) == io.IMAGE_EXTENSIONS
+    assert frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) == imageio.IMAGE_EXTENSIONS
 
 
 @pytest.mark.parametrize("ext", [".png", ".bmp", ".tif"])
 def test_rgb8_lossless(tmp_path: Path, ext: str) -> None:
     data = _u8((7, 11, 3))
     Image.fromarray(data).save(tmp_path / f"x{ext}")
-    img = io.read_image(tmp_path / f"x{ext}")
+    img = imageio.read_image(tmp_path / f"x{ext}")
     assert img.dtype == np.float32 and img.shape == (7, 11, 3) and img.flags.c_contiguous
     np.testing.assert_array_equal(img, data.astype(np.float32) / 255)
 
@@ -93,20 +93,20 @@ def test_rgb8_lossless(tmp_path: Path, ext: str) -> None:
 def test_gray8_repeated_to_rgb(tmp_path: Path) -> None:
     data = _u8((6, 5))
     Image.fromarray(data, "L").save(tmp_path / "g.png")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "g.png"), _as_rgb(data, 255))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "g.png"), _as_rgb(data, 255))
 
 
 def test_gray_alpha_drops_alpha(tmp_path: Path) -> None:
     data = _u8((6, 5, 2))
     Image.fromarray(data, "LA").save(tmp_path / "la.png")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "la.png"), _as_rgb(data[..., 0], 255))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "la.png"), _as_rgb(data[..., 0], 255))
 
 
 def test_rgba_drops_alpha(tmp_path: Path) -> None:
     data = _u8((6, 5, 4))
     data[..., 3] = 0  # fully transparent: colour must still come through unchanged
     Image.fromarray(data, "RGBA").save(tmp_path / "a.png")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "a.png"), data[..., :3].astype(np.float32) / 255)
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "a.png"), data[..., :3].astype(np.float32) / 255)
 
 
 def test_palette(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_palette(tmp_path: Path) -> None:
     im.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
     im.putdata([0, 1, 2, 1] * 3)
     im.save(tmp_path / "p.png")
-    img = io.read_image(tmp_path / "p.png")
+    img = imageio.read_image(tmp_path / "p.png")
     np.testing.assert_array_equal(img[0, 1], [1, 0, 0])
     np.testing.assert_array_equal(img[0, 2], [0, 0, 1])
     np.testing.assert_array_equal(img[0, 0], [0, 0, 0])
@@ -124,13 +124,13 @@ def test_palette(tmp_path: Path) -> None:
 def test_one_bit(tmp_path: Path, ext: str) -> None:
     bits = RNG.integers(0, 2, (9, 10)).astype(bool)
     Image.fromarray(bits).convert("1").save(tmp_path / f"b{ext}")
-    np.testing.assert_array_equal(io.read_image(tmp_path / f"b{ext}"), _as_rgb(bits.astype(np.uint8), 1))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / f"b{ext}"), _as_rgb(bits.astype(np.uint8), 1))
 
 
 def test_jpeg(tmp_path: Path) -> None:
     data = np.full((16, 16, 3), (200, 100, 50), np.uint8)
     Image.fromarray(data).save(tmp_path / "x.jpg", quality=95)
-    img = io.read_image(tmp_path / "x.jpg")
+    img = imageio.read_image(tmp_path / "x.jpg")
     assert img.shape == (16, 16, 3) and img.dtype == np.float32
     np.testing.assert_allclose(img, data / 255, atol=3 / 255)
 
@@ -139,7 +139,7 @@ def test_gray16_png_keeps_precision(tmp_path: Path) -> None:
     data = np.full((4, 5), 1000, np.uint16)
     data[0, 0], data[1, 1] = 1001, 65535
     Image.fromarray(data).save(tmp_path / "g16.png")
-    img = io.read_image(tmp_path / "g16.png")
+    img = imageio.read_image(tmp_path / "g16.png")
     assert img[2, 2, 0] == np.float32(1000) / np.float32(65535)
     assert img[0, 0, 0] != img[2, 2, 0]  # 1001 and 1000 stay distinct: no 8-bit rounding
     np.testing.assert_array_equal(img, _as_rgb(data, 65535))
@@ -154,7 +154,7 @@ def test_colour16_png_keeps_precision(tmp_path: Path, color_type: int, channels:
     kinds = RNG.integers(0, 5 if filters == "all" else 3, h)
     kinds[:5] = [0, 1, 2, 3, 4] if filters == "all" else [0, 1, 2, 0, 2]  # every filter type occurs
     (tmp_path / "c16.png").write_bytes(_png16(data, color_type, kinds))
-    img = io.read_image(tmp_path / "c16.png")
+    img = imageio.read_image(tmp_path / "c16.png")
     expected = _as_rgb(data[..., 0], 65535) if channels == 2 else data[..., :3].astype(np.float32) / np.float32(65535)
     np.testing.assert_array_equal(img, expected)
 
@@ -163,14 +163,14 @@ def test_rgb16_tiff_keeps_precision(tmp_path: Path) -> None:
     data = _u16((5, 6, 3))
     data[0, 0] = (1000, 1001, 65535)
     tifffile.imwrite(tmp_path / "x.tif", data, photometric="rgb")
-    img = io.read_image(tmp_path / "x.tif")
+    img = imageio.read_image(tmp_path / "x.tif")
     np.testing.assert_array_equal(img, data.astype(np.float32) / np.float32(65535))
 
 
 def test_rgb16_tiff_planar(tmp_path: Path) -> None:
     data = _u16((4, 3, 5))  # planar RGB: S, Y, X
     tifffile.imwrite(tmp_path / "p.tiff", data[:3], photometric="rgb", planarconfig="separate")
-    img = io.read_image(tmp_path / "p.tiff")
+    img = imageio.read_image(tmp_path / "p.tiff")
     np.testing.assert_array_equal(img, np.moveaxis(data[:3], 0, -1).astype(np.float32) / np.float32(65535))
 
 
@@ -179,20 +179,20 @@ def test_float_tiff(tmp_path: Path) -> None:
     rgb = RNG.random((5, 4, 3), dtype=np.float32)
     tifffile.imwrite(tmp_path / "g.tif", gray)
     tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "g.tif"), np.repeat(gray[..., None], 3, axis=2))
-    np.testing.assert_array_equal(io.read_image(tmp_path / "c.tif"), rgb)
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "g.tif"), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "c.tif"), rgb)
 
 
 def test_float_tiff_out_of_range(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "f.tif", np.full((3, 3), 2.5, np.float32))
     with pytest.raises(ImageReadError, match=r"\[0, 1\].*2\.5"):
-        io.read_image(tmp_path / "f.tif")
+        imageio.read_image(tmp_path / "f.tif")
 
 
 def test_extension_does_not_matter(tmp_path: Path) -> None:
     data = _u8((3, 4, 3))
     Image.fromarray(data).save(tmp_path / "really_a_png.jpg", format="PNG")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "really_a_png.jpg"), data / np.float32(255))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "really_a_png.jpg"), data / np.float32(255))
 
 
 # ------------------------------------------------------------------ bad images
@@ -270,7 +270,7 @@ BAD = {
 def test_bad_image_names_file_and_problem(tmp_path: Path, kind: str) -> None:
     path = _bad(tmp_path, kind)
     with pytest.raises(ImageReadError) as info:
-        io.read_image(path)
+        imageio.read_image(path)
     message = str(info.value)
     assert str(path) in message and BAD[kind] in message
     assert info.value.path == path
@@ -280,14 +280,14 @@ def test_bad_image_names_file_and_problem(tmp_path: Path, kind: str) -> None:
 def test_truncated_refused_even_if_pil_is_lenient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(ImageReadError, match="truncated"):
-        io.read_image(_bad(tmp_path, "truncated_png"))
+        imageio.read_image(_bad(tmp_path, "truncated_png"))
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
 
 
 def test_zero_size(tmp_path: Path) -> None:
     path = _png_header_only(tmp_path / "z.png", 0, 10)
     with pytest.raises(ImageReadError, match="z.png"):
-        io.read_image(path)
+        imageio.read_image(path)
 
 
 # ------------------------------------------------------------------ masks
@@ -308,7 +308,7 @@ def test_mask_binary(tmp_path: Path, dtype: type, value: int, mode: str | None) 
     else:
         im = Image.fromarray(values)
     im.save(tmp_path / "m.png")
-    mask = io.read_mask(tmp_path / "m.png", expected_hw=(8, 9))
+    mask = imageio.read_mask(tmp_path / "m.png", expected_hw=(8, 9))
     assert mask.dtype == np.bool_
     np.testing.assert_array_equal(mask, truth)
 
@@ -316,13 +316,13 @@ def test_mask_binary(tmp_path: Path, dtype: type, value: int, mode: str | None) 
 @pytest.mark.parametrize("value", [0, 255])
 def test_mask_single_value(tmp_path: Path, value: int) -> None:
     Image.fromarray(np.full((4, 4), value, np.uint8)).save(tmp_path / "m.png")
-    assert (io.read_mask(tmp_path / "m.png") == bool(value)).all()
+    assert (imageio.read_mask(tmp_path / "m.png") == bool(value)).all()
 
 
 def test_mask_wrong_size_names_mask_and_sizes(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "m.png")
     with pytest.raises(ImageReadError) as info:
-        io.read_mask(tmp_path / "m.png", expected_hw=(20, 24))
+        imageio.read_mask(tmp_path / "m.png", expected_hw=(20, 24))
     message = str(info.value)
     assert str(tmp_path / "m.png") in message and "10x12" in message and "20x24" in message
 
@@ -330,19 +330,19 @@ def test_mask_wrong_size_names_mask_and_sizes(tmp_path: Path) -> None:
 def test_mask_not_binary_lists_values(tmp_path: Path) -> None:
     Image.fromarray(np.array([[0, 7, 255, 128]], np.uint8)).save(tmp_path / "m.png")
     with pytest.raises(ImageReadError, match=r"m\.png.*not binary.*0, 7, 128, 255"):
-        io.read_mask(tmp_path / "m.png")
+        imageio.read_mask(tmp_path / "m.png")
 
 
 def test_mask_two_nonzero_values(tmp_path: Path) -> None:
     Image.fromarray(np.array([[100, 200]], np.uint8)).save(tmp_path / "m.png")
     with pytest.raises(ImageReadError, match="100, 200"):
-        io.read_mask(tmp_path / "m.png")
+        imageio.read_mask(tmp_path / "m.png")
 
 
 def test_mask_many_values_are_abbreviated(tmp_path: Path) -> None:
     Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(tmp_path / "m.png")
     with pytest.raises(ImageReadError, match=r"256 distinct values"):
-        io.read_mask(tmp_path / "m.png")
+        imageio.read_mask(tmp_path / "m.png")
 
 
 def test_mask_coloured(tmp_path: Path) -> None:
@@ -350,7 +350,7 @@ def test_mask_coloured(tmp_path: Path) -> None:
     data[1, 1] = (255, 0, 0)
     Image.fromarray(data).save(tmp_path / "m.png")
     with pytest.raises(ImageReadError, match="coloured"):
-        io.read_mask(tmp_path / "m.png")
+        imageio.read_mask(tmp_path / "m.png")
 
 
 def test_mask_jpeg_hint(tmp_path: Path) -> None:
@@ -358,12 +358,12 @@ def test_mask_jpeg_hint(tmp_path: Path) -> None:
     data[8:20, 5:27] = 255
     Image.fromarray(data).save(tmp_path / "m.jpg", quality=50)
     with pytest.raises(ImageReadError, match="PNG"):
-        io.read_mask(tmp_path / "m.jpg")
+        imageio.read_mask(tmp_path / "m.jpg")
 
 
 def test_mask_bad_file(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="not found"):
-        io.read_mask(tmp_path / "none.png")
+        imageio.read_mask(tmp_path / "none.png")
 
 
 # ------------------------------------------------------------------ headers, folders, tensors
@@ -372,17 +372,17 @@ def test_mask_bad_file(tmp_path: Path) -> None:
 def test_image_size(tmp_path: Path) -> None:
     Image.fromarray(_u8((7, 11, 3))).save(tmp_path / "x.jpg")
     tifffile.imwrite(tmp_path / "f.tif", RNG.random((5, 9, 3), dtype=np.float32), photometric="rgb")
-    assert io.image_size(tmp_path / "x.jpg") == (7, 11)
-    assert io.image_size(str(tmp_path / "f.tif")) == (5, 9)
+    assert imageio.image_size(tmp_path / "x.jpg") == (7, 11)
+    assert imageio.image_size(str(tmp_path / "f.tif")) == (5, 9)
     with pytest.raises(ImageReadError, match="not found"):
-        io.image_size(tmp_path / "none.png")
+        imageio.image_size(tmp_path / "none.png")
     with pytest.raises(ImageReadError, match="not an image"):
-        io.image_size(_bad(tmp_path, "random"))
+        imageio.image_size(_bad(tmp_path, "random"))
 
 
 def test_image_size_does_not_decode(tmp_path: Path) -> None:
     path = _bad(tmp_path, "truncated_png")
-    assert io.image_size(path) == (64, 64)
+    assert imageio.image_size(path) == (64, 64)
 
 
 def test_list_images(tmp_path: Path) -> None:
@@ -392,29 +392,29 @@ def test_list_images(tmp_path: Path) -> None:
     (tmp_path / "sub" / "z.png").write_bytes(b"x")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "y.png").write_bytes(b"x")
-    names = [p.name for p in io.list_images(tmp_path)]
+    names = [p.name for p in imageio.list_images(tmp_path)]
     assert names == ["a.JPG", "b.png", "c.tiff", "d.bmp", "e.jpeg", "f.TIF"]
-    recursive = io.list_images(str(tmp_path), recursive=True)
+    recursive = imageio.list_images(str(tmp_path), recursive=True)
     assert recursive[-1] == tmp_path / "sub" / "z.png" and len(recursive) == 7
 
 
 def test_list_images_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"no image files.*\.png"):
-        io.list_images(tmp_path)
+        imageio.list_images(tmp_path)
     with pytest.raises(DatasetError, match="not found"):
-        io.list_images(tmp_path / "missing")
+        imageio.list_images(tmp_path / "missing")
     (tmp_path / "f.png").write_bytes(b"x")
     with pytest.raises(DatasetError, match="not a folder"):
-        io.list_images(tmp_path / "f.png")
+        imageio.list_images(tmp_path / "f.png")
 
 
 def test_to_tensor() -> None:
     image = RNG.random((4, 5, 3), dtype=np.float32)
-    t = io.to_tensor(image)
+    t = imageio.to_tensor(image)
     assert t.shape == (3, 4, 5) and t.dtype == torch.float32 and t.is_contiguous()
     np.testing.assert_array_equal(t.numpy(), image.transpose(2, 0, 1))
     with pytest.raises(ConfigError):
-        io.to_tensor(np.zeros((4, 5), np.float32))
+        imageio.to_tensor(np.zeros((4, 5), np.float32))
 
 
 # ------------------------------------------------------------------ writers
@@ -424,7 +424,7 @@ def test_to_tensor() -> None:
 def test_write_png_round_trip(tmp_path: Path, shape: tuple[int, ...]) -> None:
     data = _u8(shape)
     target = tmp_path / "out" / "x.png"
-    io.write_png(target, data)
+    imageio.write_png(target, data)
     np.testing.assert_array_equal(np.asarray(Image.open(target)), data)
     assert os.listdir(target.parent) == ["x.png"]
 
@@ -432,7 +432,7 @@ def test_write_png_round_trip(tmp_path: Path, shape: tuple[int, ...]) -> None:
 def test_write_png_rejects_bad_arrays(tmp_path: Path) -> None:
     for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8)):
         with pytest.raises(ConfigError):
-            io.write_png(tmp_path / "x.png", bad)
+            imageio.write_png(tmp_path / "x.png", bad)
     assert not list(tmp_path.iterdir())
 
 
@@ -445,15 +445,15 @@ def test_write_png_failure_leaves_old_file(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
-        io.write_png(target, _u8((3, 3)))
+        imageio.write_png(target, _u8((3, 3)))
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.png"]
 
 
 def test_atomic_write_text(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b.json"
-    io.atomic_write_text(target, "first")
-    io.atomic_write_text(str(target), "zweite ünïcode\n")
+    imageio.atomic_write_text(target, "first")
+    imageio.atomic_write_text(str(target), "zweite ünïcode\n")
     assert target.read_text(encoding="utf-8") == "zweite ünïcode\n"
     assert os.listdir(target.parent) == ["b.json"]
 
@@ -461,7 +461,7 @@ def test_atomic_write_text(tmp_path: Path) -> None:
 def test_atomic_writes_get_the_usual_permissions(tmp_path) -> None:
     import os
 
-    from anomnet.io import atomic_write_text
+    from anomnet.imageio import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -478,10 +478,10 @@ def test_encode_png_settings_keep_the_pixels(tmp_path: Path, shape: tuple[int, .
 
     data = np.random.default_rng(level).integers(0, 256, shape, dtype=np.uint8)
     for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_RLE):
-        png = io.encode_png(data, level, strategy)
+        png = imageio.encode_png(data, level, strategy)
         assert np.array_equal(np.asarray(Image.open(BytesIO(png))), data)
-        io.atomic_write_bytes(tmp_path / "x.png", png)  # our own reader walks every chunk and CRC
+        imageio.atomic_write_bytes(tmp_path / "x.png", png)  # our own reader walks every chunk and CRC
         rgb = data if data.ndim == 3 else np.repeat(data[..., None], 3, axis=2)
-        assert np.array_equal(np.round(io.read_image(tmp_path / "x.png") * 255).astype(np.uint8), rgb)
+        assert np.array_equal(np.round(imageio.read_image(tmp_path / "x.png") * 255).astype(np.uint8), rgb)
     with pytest.raises(ConfigError, match="level"):
-        io.encode_png(data, 10)
+        imageio.encode_png(data, 10)

@@ -13,7 +13,7 @@ from tests.conftest import make_folder_dataset
 
 from anomnet import api
 from anomnet.data import Sample, iter_batches, load_dataset
-from anomnet.decisions import content_hash, find_suspects, fold_assignment
+from anomnet.decisions.calibrate import content_hash, find_suspects, fold_assignment
 from anomnet.detectors import create_detector
 from anomnet.errors import ConfigError
 

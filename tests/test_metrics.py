@@ -1,4 +1,4 @@
-"""Tests of anomnet.metrics against plain reference implementations and hand-computed cases."""
+"""Tests of anomnet.evaluation.metrics against plain reference implementations and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import label
 
-from anomnet import metrics
 from anomnet.errors import ConfigError
-from anomnet.metrics import (
+from anomnet.evaluation import metrics
+from anomnet.evaluation.metrics import (
     PixelMetricAccumulator,
     PixelMetrics,
     f1_max,

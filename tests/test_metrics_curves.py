@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anomnet.errors import ConfigError
-from anomnet.metrics import (
+from anomnet.evaluation.metrics import (
     PixelMetricAccumulator,
     f1_max,
     image_auroc,

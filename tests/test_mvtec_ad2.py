@@ -18,7 +18,7 @@ from tests.read_spy import spy_on_image_reads
 from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.errors import ConfigError
-from anomnet.submission import map_float16, relative_name
+from anomnet.predict.submission import map_float16, relative_name
 
 pytestmark = pytest.mark.slow
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomnet.calibration import ThresholdOptions, calibrate
 from anomnet.cli import EXIT_OK, demo_operating_points, main
-from anomnet.operating_points import calibrate_command, changes, format_table, operating_points, suggest
+from anomnet.decisions.calibration import ThresholdOptions, calibrate
+from anomnet.decisions.operating_points import calibrate_command, changes, format_table, operating_points, suggest
 
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
 VALIDATION = np.arange(1.0, 100.0)  # 99 good calibration scores 1..99: the finest rate is 1 %

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import io, outputs
-from anomnet.calibration import Calibration
-from anomnet.inputs import InputImage
-from anomnet.outputs import OutputWriter, predict_images, score_and_write, write_image_outputs
-from anomnet.scoring import ImagePrediction, ImageRef, score_refs
-from anomnet.visualize import draw_contour, heatmap, overlay
+from anomnet import imageio
+from anomnet.decisions.calibration import Calibration
+from anomnet.predict import outputs
+from anomnet.predict.inputs import InputImage
+from anomnet.predict.outputs import OutputWriter, predict_images, score_and_write, write_image_outputs
+from anomnet.predict.scoring import ImagePrediction, ImageRef, score_refs
+from anomnet.predict.visualize import draw_contour, heatmap, overlay
 
 
 class MapScorer:
@@ -76,14 +77,14 @@ def test_pooled_files_decode_to_the_serial_writers_pixels(tmp_path: Path) -> Non
 
 def test_a_failing_write_is_that_images_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _images(tmp_path / "in", 7)
-    real = io.write_png
+    real = imageio.write_png
 
     def full_disk_for_img03(path: str | Path, *args: object, **kwargs: object) -> None:
         if "img03" in str(path) and "overlays" in str(path):
             raise OSError(28, "No space left on device")
         real(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(io, "write_png", full_disk_for_img03)
+    monkeypatch.setattr(imageio, "write_png", full_disk_for_img03)
     rows = predict_images(MapScorer(), [tmp_path / "in"], tmp_path / "out")
     failed = [r for r in rows if r.error]
     assert [Path(r.path).name for r in failed] == ["img03.png"]
@@ -156,13 +157,13 @@ def test_the_next_batch_is_decoded_on_another_thread(tmp_path: Path, monkeypatch
     paths = _images(tmp_path / "in", 7)
     (tmp_path / "in" / "img03.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")  # unreadable, mid-run
     threads: list[str] = []
-    real = io.read_image
+    real = imageio.read_image
 
     def recording(path: str | Path, *args: object, **kwargs: object) -> np.ndarray:
         threads.append(threading.current_thread().name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(io, "read_image", recording)
+    monkeypatch.setattr(imageio, "read_image", recording)
     done: list[int] = []
     rows = score_and_write(MapScorer(), [InputImage(p, p.stem) for p in paths], tmp_path / "out", progress=done.append)
     assert done == [3, 3, 1]

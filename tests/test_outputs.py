@@ -14,7 +14,7 @@ from PIL import Image
 
 from anomnet import api
 from anomnet.cli import EXIT_OK, EXIT_SOME_FAILED, main
-from anomnet.inputs import expand_inputs
+from anomnet.predict.inputs import expand_inputs
 
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
 
@@ -119,8 +119,8 @@ def test_expand_inputs_keeps_subfolders(tmp_path: Path) -> None:
 
 
 def test_predict_writes_the_models_colour_scale_once(model_dir: Path, folder_dataset: Path, tmp_path: Path) -> None:
-    from anomnet.outputs import COLOUR_SCALE, COLOUR_SCALE_HEIGHT
-    from anomnet.visualize import colour_bar
+    from anomnet.predict.outputs import COLOUR_SCALE, COLOUR_SCALE_HEIGHT
+    from anomnet.predict.visualize import colour_bar
 
     out = tmp_path / "out"
     good = sorted((folder_dataset / "test" / "good").glob("*.png"))[:2]

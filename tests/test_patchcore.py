@@ -9,7 +9,7 @@ from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.detectors import Detector, create_detector
 from anomnet.errors import BackboneWeightsError, ConfigError, NotFittedError
-from anomnet.evaluate import evaluate
+from anomnet.evaluation.evaluate import evaluate
 
 SMALL = {"image_size": 64, "batch_size": 4}
 

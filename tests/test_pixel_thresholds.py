@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from anomnet import api
-from anomnet.calibration import Calibration, LabelledStatistics, ThresholdOptions, calibrate
+from anomnet.decisions.calibration import Calibration, LabelledStatistics, ThresholdOptions, calibrate
+from anomnet.decisions.postprocess import MaskPostprocess, SegmentationCounts
+from anomnet.decisions.segsearch import candidate_settings, candidate_thresholds, search_segmentation
 from anomnet.errors import ConfigError
-from anomnet.postprocess import MaskPostprocess, SegmentationCounts
-from anomnet.segsearch import candidate_settings, candidate_thresholds, search_segmentation
 
 SMALL = {"image_size": 64, "batch_size": 4}
 
@@ -159,7 +159,7 @@ def test_segf1_method_uses_the_stored_search() -> None:
 
 
 def test_fit_with_the_segf1_search_on_a_labelled_set(folder_dataset: Path, tmp_path: Path) -> None:
-    from anomnet.decisions import load_labelled
+    from anomnet.decisions.calibrate import load_labelled
 
     labelled = load_labelled(folder_dataset)  # its test split: good/, blob/ and the masks
     det = api.fit(
@@ -177,7 +177,7 @@ def test_fit_with_the_segf1_search_on_a_labelled_set(folder_dataset: Path, tmp_p
     assert cal.pixel_threshold == lab["search_threshold"]
     assert cal.postprocess == MaskPostprocess(lab["search_closing"], lab["search_fill_holes"], lab["search_min_area"])
     # the recorded SegF1 is what the chosen settings give on the labelled maps, and it is the best of the grid
-    from anomnet.evaluate import run_predictions
+    from anomnet.evaluation.evaluate import run_predictions
 
     maps, masks = [], []
     for batch, pred in run_predictions(det, labelled, 4, with_masks=True):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anomnet.decisions.postprocess import MaskPostprocess, close, count_regions, disk, postprocess_map
 from anomnet.errors import ConfigError
-from anomnet.postprocess import MaskPostprocess, close, count_regions, disk, postprocess_map
-from anomnet.visualize import draw_contour
+from anomnet.predict.visualize import draw_contour
 
 
 def _mask(rows: list[str]) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from anomnet import api
 from anomnet.data import load_dataset
-from anomnet.postprocess import MaskPostprocess
+from anomnet.decisions.postprocess import MaskPostprocess
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "postprocess_study.py"
 _spec = importlib.util.spec_from_file_location("postprocess_study", SCRIPT)

@@ -22,15 +22,15 @@ from PIL import Image
 pa = pytest.importorskip("pyarrow", reason="the batch engine needs the anomnet[ray] extra (pyarrow, ray[data])")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from anomnet.calibration import Calibration  # noqa: E402
+from anomnet.decisions.calibration import Calibration  # noqa: E402
 from anomnet.engine import rows as rows_mod  # noqa: E402
 from anomnet.engine import worker as worker_mod  # noqa: E402
 from anomnet.engine.inputs import InputRef, check_products, collect_inputs, resolve_models  # noqa: E402
 from anomnet.engine.rows import Journal, done_keys, finalise, inputs_table, rows_table  # noqa: E402
 from anomnet.engine.worker import BatchScorer  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
-from anomnet.outputs import clear_previous_run  # noqa: E402
-from anomnet.scoring import ImagePrediction  # noqa: E402
+from anomnet.predict.outputs import clear_previous_run  # noqa: E402
+from anomnet.predict.scoring import ImagePrediction  # noqa: E402
 
 
 class FakeScorer:

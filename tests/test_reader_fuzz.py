@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 from hostile_images import mutate, seed_files
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import ImageReadError
 
 folder = Path({folder!r})
@@ -35,7 +35,7 @@ seeds = [(p.suffix, p.read_bytes()) for p in seed_paths]
 problems, slowest = [], 0.0
 for p in seed_paths:  # every unmutated seed is a valid file and must read
     try:
-        io.read_image(p)
+        imageio.read_image(p)
     except ImageReadError as exc:
         problems.append(f"seed {{p.name}} refused: {{exc}}")
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -47,11 +47,11 @@ for n in range({mutants}):
     path.write_bytes(mutate(data, rng))
     t = time.perf_counter()
     try:
-        image = io.read_image(path)
+        image = imageio.read_image(path)
         h, w = image.shape[:2]
         ok = (
             image.dtype == np.float32 and image.ndim == 3 and image.shape[2] == 3
-            and 0 < h * w <= io.MAX_IMAGE_PIXELS and max(h, w) <= io.MAX_ASPECT_RATIO * min(h, w)
+            and 0 < h * w <= imageio.MAX_IMAGE_PIXELS and max(h, w) <= imageio.MAX_ASPECT_RATIO * min(h, w)
             and bool(np.isfinite(image).all()) and float(image.min()) >= 0.0 and float(image.max()) <= 1.0
         )
         counts["read"] += 1

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 from PIL import EpsImagePlugin, Image
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import ConfigError, ImageReadError
 from hostile_images import (
     bomb_stream,
@@ -53,11 +53,11 @@ def _read_peak(path: Path) -> dict:
     return _child(
         f"""
         import json, resource
-        from anomnet import io
+        from anomnet import imageio
         from anomnet.errors import ConfigError, ImageReadError
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            io.read_image({str(path)!r})
+            imageio.read_image({str(path)!r})
             outcome = "read"
         except ImageReadError as exc:
             outcome = exc.problem
@@ -81,9 +81,9 @@ def test_decompression_bombs_are_refused_within_bounded_memory(tmp_path: Path, m
 
 def test_bomb_is_refused_by_image_size_too_cheaply(tmp_path: Path) -> None:
     path = make_png16_bomb(tmp_path, size=8 << 20)
-    assert io.image_size(path) == (1, 1)  # the header is honest; the data is refused on read
+    assert imageio.image_size(path) == (1, 1)  # the header is honest; the data is refused on read
     with pytest.raises(ImageReadError, match="png16_bomb.png"):
-        io.read_image(path)
+        imageio.read_image(path)
 
 
 # ------------------------------------------------------------------ time: the Paeth hang
@@ -96,11 +96,11 @@ def test_wide_16bit_paeth_png_does_not_hang(tmp_path: Path) -> None:
     result = _child(
         f"""
         import json, time
-        from anomnet import io
+        from anomnet import imageio
         from anomnet.errors import ConfigError, ImageReadError
         t = time.perf_counter()
         try:
-            io.read_image({str(path)!r}); outcome = "read"
+            imageio.read_image({str(path)!r}); outcome = "read"
         except ImageReadError as exc:
             outcome = exc.problem
         print(json.dumps({{"s": time.perf_counter() - t, "outcome": outcome}}))
@@ -116,7 +116,7 @@ def test_16bit_paeth_and_average_rows_decode_fast_and_exactly(tmp_path: Path) ->
     values = RNG.integers(0, 65536, (30, 3000, 3), dtype=np.uint16)
     path = tmp_path / "paeth.png"
     path.write_bytes(_png16(values, 2, np.array([4, 3] * 15)))
-    image = io.read_image(path)
+    image = imageio.read_image(path)
     np.testing.assert_array_equal(image, values / np.float32(65535))
 
 
@@ -140,42 +140,42 @@ def test_header_limits(tmp_path: Path, width: int, height: int, problem: str) ->
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(width, height, 8, 0, zlib.compress(b"\0")))
     with pytest.raises(ImageReadError, match=problem) as info:
-        io.read_image(path)
+        imageio.read_image(path)
     assert info.value.path == path
 
 
 def test_limits_are_documented_values() -> None:
-    assert io.MAX_IMAGE_PIXELS == 40_000_000 and io.MAX_ASPECT_RATIO == 100
+    assert imageio.MAX_IMAGE_PIXELS == 40_000_000 and imageio.MAX_ASPECT_RATIO == 100
 
 
 def test_pixel_limit_can_be_raised_for_large_cameras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "wide.png"
     Image.fromarray(np.zeros((40, 100), np.uint8)).save(path)  # 4,000 pixels
-    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "0.001")
+    monkeypatch.setenv(imageio.MAX_MEGAPIXELS_ENV, "0.001")
     with pytest.raises(ConfigError, match="from 1 to 150"):
-        io.read_image(path)
-    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "lots")
+        imageio.read_image(path)
+    monkeypatch.setenv(imageio.MAX_MEGAPIXELS_ENV, "lots")
     with pytest.raises(ConfigError, match="ANOMNET_MAX_MEGAPIXELS"):
-        io.read_image(path)
-    monkeypatch.setattr(io, "MAX_IMAGE_PIXELS", 3_000)
-    monkeypatch.delenv(io.MAX_MEGAPIXELS_ENV)
+        imageio.read_image(path)
+    monkeypatch.setattr(imageio, "MAX_IMAGE_PIXELS", 3_000)
+    monkeypatch.delenv(imageio.MAX_MEGAPIXELS_ENV)
     with pytest.raises(ImageReadError, match="ANOMNET_MAX_MEGAPIXELS raises it"):
-        io.read_image(path)
-    monkeypatch.setenv(io.MAX_MEGAPIXELS_ENV, "1")  # 1 MP is above the 3,000 pixels patched in
-    assert io.read_image(path).shape == (40, 100, 3)
+        imageio.read_image(path)
+    monkeypatch.setenv(imageio.MAX_MEGAPIXELS_ENV, "1")  # 1 MP is above the 3,000 pixels patched in
+    assert imageio.read_image(path).shape == (40, 100, 3)
 
 
 def test_image_within_limits_reads(tmp_path: Path) -> None:
     data = RNG.integers(0, 256, (3, 300), dtype=np.uint8)  # 100:1 exactly
     Image.fromarray(data).save(tmp_path / "strip.png")
-    assert io.read_image(tmp_path / "strip.png").shape == (3, 300, 3)
+    assert imageio.read_image(tmp_path / "strip.png").shape == (3, 300, 3)
 
 
 def test_deflate_tiff_near_the_pixel_limit_is_refused_from_its_header(tmp_path: Path) -> None:
     path = tmp_path / "big.tif"
     path.write_bytes(tiff_bytes(10_000, 10_000, 3, 16, [bomb_stream(1 << 16)], compression=8))
     with pytest.raises(ImageReadError, match="megapixels"):
-        io.read_image(path)
+        imageio.read_image(path)
 
 
 def test_resize_of_a_tall_strip_takes_little_memory() -> None:
@@ -213,7 +213,7 @@ def test_resize_in_two_passes_matches_one() -> None:
 def test_lzw_tiff_8bit_reads(tmp_path: Path) -> None:
     data = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(data).save(tmp_path / "lzw.tif", compression="tiff_lzw")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "lzw.tif"), data / np.float32(255))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "lzw.tif"), data / np.float32(255))
 
 
 @pytest.mark.parametrize("predictor", [1, 2])
@@ -227,7 +227,7 @@ def test_lzw_tiff_16bit_rgb_reads_at_full_precision(tmp_path: Path, predictor: i
     strips = [lzw_encode(rows[:half]), lzw_encode(rows[half:])]
     path = tmp_path / "lzw16.tif"
     path.write_bytes(tiff_bytes(50, 40, 3, 16, strips, compression=5, predictor=predictor))
-    np.testing.assert_array_equal(io.read_image(path), data / np.float32(65535))
+    np.testing.assert_array_equal(imageio.read_image(path), data / np.float32(65535))
 
 
 # ------------------------------------------------------------------ silently wrong before
@@ -239,7 +239,7 @@ def test_truncated_zlib_stream_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "half.png"
     path.write_bytes(png_bytes(64, 48, 8, 0, stream[: len(stream) // 2]))
     with pytest.raises(ImageReadError, match="truncated") as info:
-        io.read_image(path)
+        imageio.read_image(path)
     assert info.value.path == path
     del rows
 
@@ -249,7 +249,7 @@ def test_header_promising_more_rows_than_the_data_holds_is_refused(tmp_path: Pat
     path = tmp_path / "short.png"
     path.write_bytes(png_bytes(64, 4_800, 8, 0, zlib.compress(rows)))  # 4,800 rows promised, 48 there
     with pytest.raises(ImageReadError, match="fewer than"):
-        io.read_image(path)
+        imageio.read_image(path)
 
 
 def test_idat_crc_is_checked(tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_idat_crc_is_checked(tmp_path: Path) -> None:
     path = tmp_path / "flip.png"
     path.write_bytes(bytes(data))
     with pytest.raises(ImageReadError, match="CRC"):
-        io.read_image(path)
+        imageio.read_image(path)
 
 
 def _exif(orientation: int) -> bytes:
@@ -292,11 +292,11 @@ def test_16bit_colour_png_orientation_like_8bit(tmp_path: Path, orientation: int
     path.write_bytes(
         png_bytes(6, 4, 16, 2, zlib.compress(png16_rows(values)), extra=chunk(b"eXIf", _exif(orientation)))
     )
-    image = io.read_image(path)
+    image = imageio.read_image(path)
     high = _viewer((values >> 8).astype(np.uint8), orientation).astype(np.uint16)
     low = _viewer((values & 0xFF).astype(np.uint8), orientation)
     np.testing.assert_array_equal(image, ((high << 8) | low) / np.float32(65535))
-    assert io.image_size(path) == image.shape[:2]
+    assert imageio.image_size(path) == image.shape[:2]
 
 
 def test_16bit_png_xmp_orientation(tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_16bit_png_xmp_orientation(tmp_path: Path) -> None:
     itxt = chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
     path = tmp_path / "xmp16.png"
     path.write_bytes(png_bytes(6, 4, 16, 2, zlib.compress(png16_rows(values)), extra=itxt))
-    assert io.read_image(path).shape == (6, 4, 3)
+    assert imageio.read_image(path).shape == (6, 4, 3)
 
 
 @pytest.mark.parametrize(("color_type", "channels"), [(2, 3), (6, 4), (4, 2)])
@@ -314,7 +314,7 @@ def test_interlaced_16bit_png_keeps_16_bits(tmp_path: Path, color_type: int, cha
     path = tmp_path / "adam7.png"
     path.write_bytes(png_bytes(11, 13, 16, color_type, zlib.compress(_adam7_rows(values)), interlace=1))
     color = values[..., :1].repeat(3, axis=2) if channels == 2 else values[..., :3]
-    np.testing.assert_array_equal(io.read_image(path), color / np.float32(65535))
+    np.testing.assert_array_equal(imageio.read_image(path), color / np.float32(65535))
 
 
 def _adam7_rows(values: np.ndarray) -> bytes:
@@ -334,15 +334,15 @@ def test_tiff_orientation_applied_once_for_every_layout(tmp_path: Path, mode: st
     path = tmp_path / "o.tif"
     im.save(path, exif=exif)
     expected = _viewer(np.asarray(im.convert("RGB")), orientation) / np.float32(255)
-    np.testing.assert_allclose(io.read_image(path), expected, atol=0.02)
-    assert io.image_size(path) == expected.shape[:2]
+    np.testing.assert_allclose(imageio.read_image(path), expected, atol=0.02)
+    assert imageio.image_size(path) == expected.shape[:2]
 
 
 def test_16bit_tiff_orientation(tmp_path: Path) -> None:
     values = RNG.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "o16.tif", values, photometric="rgb", extratags=[(274, 3, 1, 6, True)])
     expected = np.rot90(values, -1)
-    np.testing.assert_array_equal(io.read_image(tmp_path / "o16.tif"), expected / np.float32(65535))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "o16.tif"), expected / np.float32(65535))
 
 
 # ------------------------------------------------------------------ format policy
@@ -364,19 +364,19 @@ def test_other_formats_are_refused_by_content(tmp_path: Path, fmt: str, monkeypa
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append("gs"))
     path = _other_format(tmp_path, fmt)
     with pytest.raises(ImageReadError, match="supported: PNG, JPEG, TIFF, BMP") as info:
-        io.read_image(path)
+        imageio.read_image(path)
     assert info.value.path == path
     with pytest.raises(ImageReadError):
-        io.image_size(path)
+        imageio.image_size(path)
     assert calls == []  # PIL's EPS plugin was never even asked
 
 
 def test_bmp_and_jpeg_still_read_by_content(tmp_path: Path) -> None:
     data = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     Image.fromarray(data).save(tmp_path / "x.png", format="BMP")
-    np.testing.assert_array_equal(io.read_image(tmp_path / "x.png"), data / np.float32(255))
+    np.testing.assert_array_equal(imageio.read_image(tmp_path / "x.png"), data / np.float32(255))
     Image.fromarray(data).save(tmp_path / "y.tif", format="JPEG")
-    assert io.read_image(tmp_path / "y.tif").shape == (5, 7, 3)
+    assert imageio.read_image(tmp_path / "y.tif").shape == (5, 7, 3)
 
 
 # ------------------------------------------------------------------ predict: error rows, exit 3
@@ -423,7 +423,7 @@ def test_struct_helpers_build_valid_files(tmp_path: Path) -> None:
     values = RNG.integers(0, 65536, (3, 4, 3), dtype=np.uint16)
     path = tmp_path / "ok.tif"
     path.write_bytes(tiff_bytes(4, 3, 3, 16, [zlib.compress(values.astype("<u2").tobytes())], compression=8))
-    np.testing.assert_array_equal(io.read_image(path), values / np.float32(65535))
+    np.testing.assert_array_equal(imageio.read_image(path), values / np.float32(65535))
     assert struct.unpack(">I", chunk(b"IEND", b"")[-4:])[0] == zlib.crc32(b"IEND")
 
 
@@ -434,4 +434,4 @@ def test_float_tiff_with_floating_point_predictor(tmp_path: Path) -> None:
     path = tmp_path / "fp3.tif"
     strip = zlib.compress(diffs.tobytes())
     path.write_bytes(tiff_bytes(7, 5, 1, 32, [strip], compression=8, predictor=3, extra_tags=[(339, 3, 3)]))
-    np.testing.assert_array_equal(io.read_image(path), np.repeat(values[..., None], 3, axis=2))
+    np.testing.assert_array_equal(imageio.read_image(path), np.repeat(values[..., None], 3, axis=2))

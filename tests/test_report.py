@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import api, evaluate, report
+from anomnet import api
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main
 from anomnet.errors import ConfigError
+from anomnet.evaluation import evaluate, report
 
 SMALL = {"image_size": 64, "batch_size": 4}
 PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -157,7 +158,7 @@ def test_every_number_of_the_calibration_table_has_its_meaning(model) -> None:
 
 def test_worst_cases_are_titled_and_carry_the_models_colour_bar(folder_dataset, model) -> None:
     from anomnet.data import load_dataset
-    from anomnet.visualize import colour_bar, format_value
+    from anomnet.predict.visualize import colour_bar, format_value
 
     res = evaluate.evaluate(model, load_dataset(folder_dataset).test, 4, progress=False, keep_worst=1)
     cal = model.calibration

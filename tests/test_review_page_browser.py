@@ -286,7 +286,7 @@ def test_review_page_shows_the_models_colour_scale_and_the_heat_map(tmp_path: Pa
     import numpy as np
     from PIL import Image
 
-    from anomnet.visualize import heatmap, scale_range
+    from anomnet.predict.visualize import heatmap, scale_range
     from test_serve import FakeScorer, png
 
     scorer = FakeScorer()  # map = the red channel

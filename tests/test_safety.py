@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import DatasetError
 
 
@@ -27,7 +27,7 @@ def test_symlink_loops_are_walked_once(tmp_path: Path) -> None:
     os.symlink(".", root / "x")
     os.symlink(".", root / "sub" / "y")
     result: list[Path] = []
-    worker = threading.Thread(target=lambda: result.extend(io.list_images(root, recursive=True)), daemon=True)
+    worker = threading.Thread(target=lambda: result.extend(imageio.list_images(root, recursive=True)), daemon=True)
     worker.start()
     worker.join(timeout=20)
     assert not worker.is_alive(), "listing a folder with a symlink loop did not finish"
@@ -40,7 +40,7 @@ def test_symlinked_folder_outside_is_still_read(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     _png(root / "a.png")
     os.symlink(other, root / "linked")
-    assert sorted(p.name for p in io.list_images(root, recursive=True)) == ["a.png", "c.png"]
+    assert sorted(p.name for p in imageio.list_images(root, recursive=True)) == ["a.png", "c.png"]
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -51,16 +51,16 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # viewers rotate 90 degrees clockwise
     path = tmp_path / "rotated.jpg"
     im.save(path, exif=exif, quality=100)
-    image = io.read_image(path)
+    image = imageio.read_image(path)
     assert image.shape[:2] == (6, 4)
-    assert io.image_size(path) == (6, 4)
+    assert imageio.image_size(path) == (6, 4)
     # the stored top row is the rightmost column once rotated clockwise
     assert image[:, -1].mean() > 0.8 and image[:, 0].mean() < 0.2
 
 
 def test_missing_folder_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError):
-        io.list_images(tmp_path / "nope")
+        imageio.list_images(tmp_path / "nope")
 
 
 # ------------------------------------------------------------------ fitted-model cases
@@ -72,8 +72,8 @@ from anomnet import api  # noqa: E402
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main  # noqa: E402
 from anomnet.detectors.base import Detector  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
-from anomnet.inputs import expand_inputs  # noqa: E402
 from anomnet.model_io import META_FILE, TENSOR_FILE  # noqa: E402
+from anomnet.predict.inputs import expand_inputs  # noqa: E402
 
 SMALL = {"image_size": 64}
 

@@ -1,4 +1,4 @@
-"""The scoring step (anomnet.scoring): one row per reference, in order, batched by size, torch-free to import."""
+"""The scoring step (anomnet.predict.scoring): a row per reference, in order, batched by size, torch-free to import."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import model_io, scoring
-from anomnet.calibration import Calibration
+from anomnet import model_io
+from anomnet.decisions.calibration import Calibration
+from anomnet.decisions.postprocess import region_boxes
 from anomnet.errors import ConfigError, ModelFormatError
-from anomnet.postprocess import region_boxes
-from anomnet.scoring import ImageRef, load_scorer, score_refs
+from anomnet.predict import scoring
+from anomnet.predict.scoring import ImageRef, load_scorer, score_refs
 
 
 class FakeScorer:
@@ -104,6 +105,6 @@ def test_load_scorer_errors(tmp_path: Path) -> None:
 
 
 def test_importing_the_scoring_step_does_not_import_torch() -> None:
-    code = "import sys, anomnet.scoring, anomnet.outputs; print('torch' in sys.modules)"
+    code = "import sys, anomnet.predict.scoring, anomnet.predict.outputs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

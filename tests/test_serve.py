@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import io as stdio
+import io
 import struct
 import threading
 import time
@@ -22,9 +22,12 @@ pytest.importorskip("multipart", reason="the serve extra is not installed (make 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from anomnet import api, io  # noqa: E402
-from anomnet.calibration import Calibration  # noqa: E402
+from anomnet import (
+    api,  # noqa: E402
+    imageio,
+)
 from anomnet.cli import EXIT_INPUT, main  # noqa: E402
+from anomnet.decisions.calibration import Calibration  # noqa: E402
 from anomnet.errors import ConfigError  # noqa: E402
 from anomnet.serve.app import background_server, create_app  # noqa: E402
 from anomnet.serve.limits import Limits  # noqa: E402
@@ -63,7 +66,7 @@ class FakeScorer:
 
 
 def png(value: int = 200, size: tuple[int, int] = (16, 16)) -> bytes:
-    return io.encode_png(np.full((*size, 3), value, np.uint8))
+    return imageio.encode_png(np.full((*size, 3), value, np.uint8))
 
 
 def upload(data: bytes, name: str = "part.png", content_type: str = "image/png") -> dict[str, Any]:
@@ -103,10 +106,10 @@ def test_upload_gives_the_predict_command_results(fitted: tuple[Path, Path]) -> 
         assert got["decision"] == ("defective" if expected.defective else "good")
         assert got["defect_pixels"] == expected.defect_pixels
         assert [r["box"] for r in got["regions"]] == expected.boxes
-        mask = np.asarray(Image.open(stdio.BytesIO(base64.b64decode(got["mask_png"]))))
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["mask_png"]))))
         assert mask.shape == (64, 64) and int((mask == 255).sum()) == expected.defect_pixels
         for key in ("heatmap_png", "overlay_png"):
-            assert Image.open(stdio.BytesIO(base64.b64decode(got[key]))).size == (64, 64)
+            assert Image.open(io.BytesIO(base64.b64decode(got[key]))).size == (64, 64)
     assert (
         c.post("/v1/models/synth/predict", files=upload(png()))
         .json()["results"][0]
@@ -205,10 +208,10 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch: pyt
         raise AssertionError("the image was decoded before its size was checked")
 
     c = client(limits=Limits(max_pixels=10_000))
-    monkeypatch.setattr(io, "read_image", must_not_decode)
+    monkeypatch.setattr(imageio, "read_image", must_not_decode)
     r = c.post("/v1/models/fake/predict", files=upload(_png_header_only(9_000, 9_000), "bomb.png"))
     assert_refused(r, 413, "bomb.png: the image is 9000x9000 = 81.0 megapixels, more than this service's limit")
-    # beyond even anomnet.io's own limit (100 MP): the message quotes the service's limit, not the reader's
+    # beyond even anomnet.imageio's own limit (100 MP): the message quotes the service's limit, not the reader's
     r = client().post("/v1/models/fake/predict", files=upload(_png_header_only(30_000, 30_000), "huge.png"))
     assert_refused(r, 413, "huge.png: the image is too large: its header announces more than this service's limit")
     assert "limit of 40 megapixels" in r.json()["detail"] and "100" not in r.json()["detail"]

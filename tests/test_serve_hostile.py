@@ -17,7 +17,7 @@ pytest.importorskip("multipart", reason="the serve extra is not installed: pip i
 
 import httpx  # noqa: E402
 
-from anomnet import io  # noqa: E402
+from anomnet import imageio  # noqa: E402
 from anomnet.serve.app import background_server, create_app  # noqa: E402
 from anomnet.serve.limits import Limits  # noqa: E402
 from test_serve import FakeScorer, assert_refused, client, png, upload  # noqa: E402
@@ -61,7 +61,7 @@ def test_a_review_mark_of_the_wrong_type_is_a_400(tmp_path: Path) -> None:
 
 
 def _flat_png(side: int) -> bytes:
-    return io.encode_png(np.full((side, side, 3), 90, np.uint8))
+    return imageio.encode_png(np.full((side, side, 3), 90, np.uint8))
 
 
 def test_a_request_has_a_pixel_budget_checked_from_the_headers() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import ConfigError
 from anomnet.install import install_command
 from anomnet.serve.limits import (
@@ -28,7 +28,7 @@ from anomnet.serve.review import ReviewStore, image_id, safe_stem
 
 
 def _png_bytes(size: tuple[int, int] = (8, 8)) -> bytes:
-    return io.encode_png(np.zeros((*size, 3), np.uint8))
+    return imageio.encode_png(np.zeros((*size, 3), np.uint8))
 
 
 @pytest.mark.parametrize(
@@ -239,10 +239,10 @@ def test_safe_stem() -> None:
 
 def test_encode_png_and_atomic_write_bytes(tmp_path: Path) -> None:
     array = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
-    io.atomic_write_bytes(tmp_path / "a.png", io.encode_png(array))
+    imageio.atomic_write_bytes(tmp_path / "a.png", imageio.encode_png(array))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), array)
     with pytest.raises(ConfigError):
-        io.encode_png(np.zeros((4, 4), np.float32))
+        imageio.encode_png(np.zeros((4, 4), np.float32))
 
 
 def test_cli_serve_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

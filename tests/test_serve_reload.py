@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from anomnet.cli import main  # noqa: E402
 from anomnet.detectors.base import Detector  # noqa: E402
-from anomnet.io import atomic_write_text  # noqa: E402
+from anomnet.imageio import atomic_write_text  # noqa: E402
 from anomnet.serve.app import background_server, create_app  # noqa: E402
 from anomnet.serve.limits import Limits  # noqa: E402
 

@@ -15,9 +15,9 @@ pytest.importorskip("multipart", reason="the serve extra is not installed (make 
 from fastapi.testclient import TestClient  # noqa: E402
 
 from anomnet.cli import EXIT_OK, main  # noqa: E402
-from anomnet.decisions import load_labelled  # noqa: E402
+from anomnet.decisions.calibrate import load_labelled  # noqa: E402
 from anomnet.detectors.base import Detector  # noqa: E402
-from anomnet.metrics import f1_max  # noqa: E402
+from anomnet.evaluation.metrics import f1_max  # noqa: E402
 from anomnet.serve.app import create_app  # noqa: E402
 from anomnet.serve.review import image_id  # noqa: E402
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main
-from anomnet.engine.shard import Shard
+from anomnet.decisions.calibration import Calibration
 from anomnet.errors import ConfigError
-from anomnet.inputs import InputImage, expand_inputs
-from anomnet.outputs import predict_images
+from anomnet.predict.inputs import InputImage, expand_inputs
+from anomnet.predict.outputs import predict_images
+from anomnet.predict.shard import Shard
 
 
 class FakeScorer:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from anomnet import api
-from anomnet.calibration import (
+from anomnet.decisions.calibrate import load_labelled
+from anomnet.decisions.calibration import (
     DEFAULT_PIXEL_FALSE_ALARM,
     Calibration,
     LabelledStatistics,
@@ -20,9 +21,8 @@ from anomnet.calibration import (
     pixel_quantile_threshold,
     tail_table,
 )
-from anomnet.decisions import load_labelled
+from anomnet.decisions.postprocess import MaskPostprocess
 from anomnet.errors import ConfigError, DatasetError
-from anomnet.postprocess import MaskPostprocess
 
 SMALL = {"image_size": 64, "batch_size": 4}
 

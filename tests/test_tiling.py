@@ -16,7 +16,7 @@ from anomnet.cli import EXIT_OK, main
 from anomnet.data import Sample, load_dataset
 from anomnet.detectors import DETECTORS, Detector, DetectorConfig, create_detector
 from anomnet.errors import ConfigError
-from anomnet.evaluate import evaluate
+from anomnet.evaluation.evaluate import evaluate
 
 
 class GrayDetector(Detector):

@@ -18,7 +18,7 @@ from anomnet.detectors.tocoad.discriminator import Discriminator
 from anomnet.detectors.tocoad.losses import focal_loss
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_loss, simsiam_loss
 from anomnet.errors import ConfigError
-from anomnet.evaluate import evaluate
+from anomnet.evaluation.evaluate import evaluate
 
 SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "stage1_steps": 15, "stage2_steps": 8}
 

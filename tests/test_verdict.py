@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from anomnet import api
-from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_OK, main
-from anomnet.postprocess import MaskPostprocess, SegmentationCounts, peak_region
-from anomnet.scoring import ImageRef, score_refs
+from anomnet.decisions.calibration import Calibration
+from anomnet.decisions.postprocess import MaskPostprocess, SegmentationCounts, peak_region
+from anomnet.predict.scoring import ImageRef, score_refs
 
 
 def _cal(**kw: object) -> Calibration:

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from anomnet.calibration import Calibration
-from anomnet.visualize import (
+from anomnet.decisions.calibration import Calibration
+from anomnet.predict.visualize import (
     colour_bar,
     format_value,
     heatmap,
@@ -128,7 +128,8 @@ def test_heatmap_with_scale_is_the_heat_map_and_its_bar() -> None:
 
 def test_visualize_needs_neither_torch_nor_matplotlib() -> None:
     code = (
-        "import sys, numpy as np; from anomnet.calibration import Calibration; from anomnet import visualize; "
+        "import sys, numpy as np; from anomnet.decisions.calibration import Calibration; "
+        "from anomnet.predict import visualize; "
         "visualize.heatmap_with_scale(np.zeros((32, 32)), Calibration(pixel_threshold=0.5)); "
         "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
     )
@@ -143,7 +144,7 @@ def test_test_heatmaps_are_titled_panels_with_the_colour_bar(folder_dataset, tmp
     import torch
     from PIL import Image
 
-    from anomnet import api, io
+    from anomnet import api, imageio
     from anomnet.data import Sample
 
     cal = _cal(low=0.0, high=0.5, thr=0.75)
@@ -155,8 +156,8 @@ def test_test_heatmaps_are_titled_panels_with_the_colour_bar(folder_dataset, tmp
     samples = [Sample(image, 1, folder_dataset / "masks" / "b000.png", "blob")]
     (written,) = api.write_heatmaps(detector, samples, tmp_path)  # type: ignore[arg-type]  # a stand-in detector
     picture = np.asarray(Image.open(written).convert("RGB"))
-    rgb = io.read_image(image)
-    mask = io.read_mask(folder_dataset / "masks" / "b000.png", (64, 64))
+    rgb = imageio.read_image(image)
+    mask = imageio.read_mask(folder_dataset / "masks" / "b000.png", (64, 64))
     panels = [
         ("image", (rgb * 255 + 0.5).astype(np.uint8)),
         ("overlay", overlay(rgb, amap, cal)),
@@ -177,7 +178,7 @@ def test_the_bar_leaves_its_title_rows_free(thr: float) -> None:
 
 
 def test_side_by_side_is_image_overlay_and_heat_map_with_the_bar() -> None:
-    from anomnet.visualize import draw_contour, side_by_side
+    from anomnet.predict.visualize import draw_contour, side_by_side
 
     cal = _cal()
     rng = np.random.default_rng(1)

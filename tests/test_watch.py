@@ -20,11 +20,11 @@ import tifffile
 from PIL import Image
 from tests.conftest import make_folder_dataset
 
-from anomnet.calibration import Calibration
 from anomnet.cli import EXIT_OK, EXIT_SOME_FAILED, main
+from anomnet.decisions.calibration import Calibration
 from anomnet.errors import ConfigError
-from anomnet.io import read_image
-from anomnet.scoring import load_scorer
+from anomnet.imageio import read_image
+from anomnet.predict.scoring import load_scorer
 from anomnet.watch import HotFolder, WatchError, WatchOptions
 from anomnet.watch.inbox import SettleTracker, is_candidate, scan
 from anomnet.watch.journal import STATE_FILE, WATCH_CSV_COLUMNS

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomnet import io
-from anomnet.calibration import SOURCES
+from anomnet import imageio
 from anomnet.data import DatasetSplit, Sample, load_dataset
-from anomnet.decisions import (
+from anomnet.decisions.calibrate import (
     DEFAULT_FOLDS,
     DEFAULT_SOURCES,
     calibrate_detector,
@@ -32,15 +31,16 @@ from anomnet.decisions import (
     recalibrate,
     split_choices,
 )
+from anomnet.decisions.calibration import SOURCES
 from anomnet.detectors import DEFAULT_DETECTOR, Detector, create_detector
-from anomnet.engine.shard import Shard
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.evaluate import EvaluationResult, evaluate
-from anomnet.inputs import unique_names
+from anomnet.evaluation.evaluate import EvaluationResult, evaluate
 from anomnet.model_io import check_model_target
-from anomnet.outputs import predict_files
-from anomnet.scoring import ImagePrediction
-from anomnet.visualize import heatmap, labelled_panels, overlay
+from anomnet.predict.inputs import unique_names
+from anomnet.predict.outputs import predict_files
+from anomnet.predict.scoring import ImagePrediction
+from anomnet.predict.shard import Shard
+from anomnet.predict.visualize import heatmap, labelled_panels, overlay
 
 
 def fit(
@@ -74,8 +74,8 @@ def fit(
     ``exclude_suspects``: refit without the suspect training images the first calibration lists.
     ``thresholds``: threshold and mask post-processing choices (``image_method``, ``std_k``,
     ``image_value``, ``pixel_method``, ``pixel_false_alarm``, ``pixel_value``, ``closing``,
-    ``fill_holes``, ``min_area``; see :mod:`anomnet.calibration`); ``labelled``: a labelled
-    validation set for the ``f1`` methods (see :mod:`anomnet.decisions`). ``out`` must not
+    ``fill_holes``, ``min_area``; see :mod:`anomnet.decisions.calibration`); ``labelled``: a labelled
+    validation set for the ``f1`` methods (see :mod:`anomnet.decisions.calibrate`). ``out`` must not
     hold a model yet unless ``overwrite``; it is checked before any work.
     """
     if max_train is not None and max_train < 1:
@@ -187,7 +187,7 @@ def test(
 ) -> EvaluationResult:
     """Evaluate a model on the test split of ``data``; optionally write metrics JSON, heat maps and an HTML report."""
     if report is not None:
-        from anomnet import report as _report  # matplotlib is imported only when a report is asked for
+        from anomnet.evaluation import report as _report  # matplotlib is imported only when a report is asked for
 
         _report.check_report_path(report)  # a bad path fails now, not after the evaluation
     detector = model_dir if isinstance(model_dir, Detector) else load(model_dir)
@@ -219,7 +219,7 @@ def test(
             "seconds_per_image": result.seconds_per_image,
             "metrics": {k: (None if v != v else v) for k, v in result.metrics.items()},  # NaN -> null
         }
-        io.atomic_write_text(json_out, json.dumps(payload, indent=2, default=_json_default, allow_nan=False))
+        imageio.atomic_write_text(json_out, json.dumps(payload, indent=2, default=_json_default, allow_nan=False))
     if heatmaps_dir is not None and heatmaps > 0:
         write_heatmaps(detector, _showcase(split.test, heatmaps), heatmaps_dir)
     return result
@@ -238,15 +238,15 @@ def predict(
     """Score each image file (folders are searched recursively, ``"-"`` reads paths from stdin).
 
     ``model_dir``: a fitted model folder, an exported model folder (``anomnet export``) or a detector.
-    (The work is :func:`anomnet.outputs.predict_files`, which imports no torch.)
+    (The work is :func:`anomnet.predict.outputs.predict_files`, which imports no torch.)
 
     Each result has score, p_value, defective, the mask's size, regions and boxes; ``anomaly_map`` and
     ``mask`` are arrays only with ``keep_maps=True`` (else None). A bad file gets ``error`` set, the rest
     go on. With ``out_dir``: heat maps, overlays, masks (and raw float32 maps with
-    ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.outputs`). ``shard``
-    (``"i/N"``): only shard ``i`` of ``N`` of the path-sorted inputs (see :mod:`anomnet.engine.shard`).
+    ``raw_maps``), results.csv and results.jsonl (layout in :mod:`anomnet.predict.outputs`). ``shard``
+    (``"i/N"``): only shard ``i`` of ``N`` of the path-sorted inputs (see :mod:`anomnet.predict.shard`).
     ``out_layout="mvtec-ad2"``: instead of those files only the float16 maps and the masks in MVTec AD 2's
-    submission layout (:mod:`anomnet.submission`).
+    submission layout (:mod:`anomnet.predict.submission`).
     """
     return predict_files(model_dir, images, keep_maps, out_dir, raw_maps, progress, shard, out_layout)
 
@@ -301,31 +301,31 @@ def expand_image_paths(items: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        out.extend(io.list_images(p, recursive=True) if p.is_dir() else [p])
+        out.extend(imageio.list_images(p, recursive=True) if p.is_dir() else [p])
     return out
 
 
 def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str | Path) -> list[Path]:
     """For each sample one PNG: image | overlay | heat map | ground truth (if any), titled, side by side,
     with the model's colour bar (its numbers in anomaly-map units, the pixel threshold marked;
-    :func:`anomnet.visualize.labelled_panels`)."""
+    :func:`anomnet.predict.visualize.labelled_panels`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     names = unique_names([(s.path, f"{s.defect_type}_{s.path.stem}") for s in samples])
     for s, named in zip(samples, names):
-        image = io.read_image(s.path)
-        amap = detector.predict(io.to_tensor(image)[None]).maps[0].numpy()
+        image = imageio.read_image(s.path)
+        amap = detector.predict(imageio.to_tensor(image)[None]).maps[0].numpy()
         panels = [
             ("image", (image * 255 + 0.5).astype(np.uint8)),
             ("overlay", overlay(image, amap, detector.calibration)),
             ("heat map", heatmap(amap, detector.calibration)),
         ]
         if s.mask_path is not None:
-            mask = io.read_mask(s.mask_path, image.shape[:2])
+            mask = imageio.read_mask(s.mask_path, image.shape[:2])
             panels.append(("ground truth", np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2)))
         target = out_dir / f"{named.name}.png"  # two images of one stem (nested folders) keep one file each
-        io.write_png(target, labelled_panels(panels, detector.calibration)[0])
+        imageio.write_png(target, labelled_panels(panels, detector.calibration)[0])
         written.append(target)
     return written
 

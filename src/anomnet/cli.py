@@ -41,7 +41,7 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
 
 def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alarm: bool) -> None:
     """Threshold and mask post-processing options (default None = keep the default / current value)."""
-    from anomnet.calibration import DEFAULT_PIXEL_FALSE_ALARM, IMAGE_METHODS, PIXEL_METHODS
+    from anomnet.decisions.calibration import DEFAULT_PIXEL_FALSE_ALARM, IMAGE_METHODS, PIXEL_METHODS
 
     g = parser.add_argument_group("thresholds and masks (see README 'Thresholds')")
     g.add_argument(
@@ -113,7 +113,7 @@ def add_threshold_arguments(parser: argparse.ArgumentParser, with_max_false_alar
 
 def choices_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The threshold / post-processing values the user set on the command line."""
-    from anomnet.decisions import OPTION_FIELDS, POSTPROCESS_FIELDS
+    from anomnet.decisions.calibrate import OPTION_FIELDS, POSTPROCESS_FIELDS
 
     names = OPTION_FIELDS | POSTPROCESS_FIELDS
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -655,10 +655,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def operating_points_lines(cal: Any, model_dir: str | Path) -> list[str]:
-    """The operating-points table of a model (anomnet.operating_points) and how to pick another point."""
+    """The operating-points table of a model (anomnet.decisions.operating_points) and how to pick another point."""
     import shlex
 
-    from anomnet.operating_points import format_table, operating_points
+    from anomnet.decisions.operating_points import format_table, operating_points
 
     return format_table(operating_points(cal), cal) + [
         f"pick another: anomnet calibrate --model-dir {shlex.quote(str(model_dir))} --max-false-alarm RATE "
@@ -668,7 +668,7 @@ def operating_points_lines(cal: Any, model_dir: str | Path) -> list[str]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from anomnet import api
-    from anomnet.operating_points import changes
+    from anomnet.decisions.operating_points import changes
 
     before = _saved_calibration(args.model_dir)
     det = api.calibrate(
@@ -698,7 +698,7 @@ def _saved_calibration(model_dir: str) -> Any:
     """The calibration saved in a model folder, or None when it cannot be read (calibrate then says why)."""
     import json
 
-    from anomnet.calibration import Calibration
+    from anomnet.decisions.calibration import Calibration
     from anomnet.errors import AnomnetError
 
     try:
@@ -719,7 +719,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from anomnet import api, io
+    from anomnet import api, imageio
     from anomnet.model_io import model_files
 
     json_out = args.json or str(Path(args.model_dir) / "metrics.json")
@@ -730,8 +730,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         ("--heatmaps", args.heatmaps, True),
     ):
         if target:
-            io.check_not_input(target, protected, what, folder)
-            io.check_writable(target, what, folder)
+            imageio.check_not_input(target, protected, what, folder)
+            imageio.check_writable(target, what, folder)
     res = api.test(
         args.model_dir,
         args.data,
@@ -761,16 +761,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return command.predict_command(args)
     command.check_local(args)
-    from anomnet import io
-    from anomnet.outputs import model_folder_files, predict_files  # no torch: an exported model scores without
+    from anomnet import imageio
+    from anomnet.predict.outputs import model_folder_files, predict_files  # no torch: an exported model scores without
 
     inputs = [Path(i) for i in args.images if i != "-"] + model_folder_files(args.model_dir)
     if args.out:
-        io.check_not_input(args.out, inputs, "--out", folder=True)
-        io.check_writable(args.out, "--out", folder=True)
+        imageio.check_not_input(args.out, inputs, "--out", folder=True)
+        imageio.check_writable(args.out, "--out", folder=True)
     if args.csv:
-        io.check_not_input(args.csv, inputs, "--csv")
-        io.check_writable(args.csv, "--csv")
+        imageio.check_not_input(args.csv, inputs, "--csv")
+        imageio.check_writable(args.csv, "--csv")
     results = predict_files(
         args.model_dir,
         args.images,
@@ -793,10 +793,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 + (f"\terror: {r.error}" if r.error else "")
             )
     if args.csv:
-        from anomnet import io
-        from anomnet.outputs import csv_text
+        from anomnet import imageio
+        from anomnet.predict.outputs import csv_text
 
-        io.atomic_write_text(args.csv, csv_text(results))
+        imageio.atomic_write_text(args.csv, csv_text(results))
     if args.raw_maps and not args.out:
         print("anomnet: --raw-maps writes nothing without --out", file=sys.stderr)
     if args.out and args.out_layout == "mvtec-ad2":
@@ -858,7 +858,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from anomnet import api, io
+    from anomnet import api, imageio
     from anomnet.data import elpv_cell_types, load_dataset
     from anomnet.detectors import DEFAULT_DETECTOR
 
@@ -907,7 +907,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "metrics": metrics,
             "parts": {k: str(out / k / "metrics.json") for k in parts},
         }
-        io.atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=False))
+        imageio.atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=False))
         print(
             format_metrics(metrics) + f"  (percent, all {len(split.test)} test cells, each scored by its type's "
             f"model, pooled by {POOLED_BY})"
@@ -953,7 +953,7 @@ def pooled_metrics(fitted: dict[str, tuple[Any, Any]]) -> dict[str, float]:
     """
     import numpy as np
 
-    from anomnet.metrics import f1_max, image_auroc
+    from anomnet.evaluation.metrics import f1_max, image_auroc
 
     rank, labels, called = [], [], []
     for cal, res in fitted.values():
@@ -979,7 +979,7 @@ def pooled_metrics(fitted: dict[str, tuple[Any, Any]]) -> dict[str, float]:
 
 def demo_operating_points(cal: Any, scores: Any, labels: Any, model_dir: Path) -> list[str]:
     """The operating points on the demo's own test cells, and the command that sets a sensible one."""
-    from anomnet.operating_points import calibrate_command, format_table, operating_points, suggest
+    from anomnet.decisions.operating_points import calibrate_command, format_table, operating_points, suggest
 
     points = operating_points(cal, scores, labels)
     lines = format_table(points, cal, "test")
@@ -1025,7 +1025,7 @@ def cmd_fit_many(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomnet import bench
+    from anomnet.evaluation import bench
 
     return bench.main(args)
 
@@ -1075,11 +1075,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from anomnet import io
+    from anomnet import imageio
     from anomnet.model_io import model_files
     from anomnet.watch import WatchOptions, watch
 
-    io.check_not_input(args.out, [Path(args.inbox), *model_files(args.model_dir)], "--out", folder=True)
+    imageio.check_not_input(args.out, [Path(args.inbox), *model_files(args.model_dir)], "--out", folder=True)
     options = WatchOptions(
         settle=args.settle,
         poll=args.poll,

@@ -29,7 +29,7 @@ Three layouts are understood (:func:`load_dataset` detects them with ``layout="a
 
   ``test_public`` is the test set of ``anomnet test``; the unlabelled splits are listed in
   :attr:`DatasetSplit.unlabelled` (``anomnet predict --out-layout mvtec-ad2`` writes their
-  maps for the evaluation server, see :mod:`anomnet.submission`).
+  maps for the evaluation server, see :mod:`anomnet.predict.submission`).
 
 **Generic folders**::
 
@@ -71,8 +71,8 @@ import numpy as np
 import torch
 
 from anomnet.errors import ConfigError, DatasetError
+from anomnet.imageio import IMAGE_EXTENSIONS, list_images, read_image, read_mask, to_tensor
 from anomnet.install import pip_command
-from anomnet.io import IMAGE_EXTENSIONS, list_images, read_image, read_mask, to_tensor
 
 LAYOUTS = ("auto", "mvtec", "folder", "elpv")
 GOOD = "good"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from anomnet.errors import ConfigError
-from anomnet.io import file_mode, folder_mode
+from anomnet.imageio import file_mode, folder_mode
 
 MARK = ".anomnet-swap"
 """The hidden file that marks a folder of an unfinished swap and says what it holds."""

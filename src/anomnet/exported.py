@@ -15,7 +15,7 @@ images of one call share a size); outputs ``scores`` ``float32 [B]``, ``maps`` `
 (the anomaly map at the input's resolution) and ``decisions`` ``bool [B]`` (score at or above the
 image threshold). Preprocessing, the detector's networks, the exact nearest-neighbour search,
 blur and normalisation are inside it. :func:`load_exported` opens a folder as a
-:class:`~anomnet.scoring.Scorer`, so ``anomnet predict``, the service, the hot folder and the
+:class:`~anomnet.predict.scoring.Scorer`, so ``anomnet predict``, the service, the hot folder and the
 Ray engine score exported models like fitted ones. This module imports no torch (only the
 TorchScript runtime does, when a TorchScript graph is opened).
 """
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from anomnet import __version__
-from anomnet.calibration import Calibration
+from anomnet.decisions.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ModelFormatError
 from anomnet.install import install_command
 
@@ -269,7 +269,7 @@ def parity(
 
 
 class ExportedModel:
-    """An exported model folder in the :class:`~anomnet.scoring.Scorer` shape (no torch, except TorchScript)."""
+    """An exported model folder in the :class:`~anomnet.predict.scoring.Scorer` shape (no torch, except TorchScript)."""
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         self.folder = Path(folder)
@@ -317,7 +317,7 @@ class ExportedModel:
 
 
 def load_exported(folder: str | Path, threads: int | None = None) -> ExportedModel:
-    """The :class:`~anomnet.scoring.Scorer` of an exported model folder (``threads``: the runtime's CPU threads).
+    """The :class:`~anomnet.predict.scoring.Scorer` of an exported model folder (``threads``: its CPU threads).
 
     ``threads`` defaults to ``$ANOMNET_THREADS`` (set by ``anomnet --threads``), else the runtime's own default.
     """

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import AnomnetError, ConfigError, DatasetError
 
 ENGINES = ("auto", "local", "ray")
@@ -146,8 +146,8 @@ def fit_many(
         raise ConfigError(f"--cpus-per-fit must be above 0, got {cpus_per_fit}")
     found = find_categories(root, categories)
     out = Path(out)
-    io.check_not_input(out, [Path(root)], "--out", folder=True)
-    io.check_writable(out, "--out", folder=True)
+    imageio.check_not_input(out, [Path(root)], "--out", folder=True)
+    imageio.check_writable(out, "--out", folder=True)
     if engine == "auto":
         engine = "ray" if _have_ray() else "local"
     threads = max(1, int(cpus_per_fit))
@@ -172,7 +172,7 @@ def fit_many(
     ordered = [results[name] for name, _ in found]
     out.mkdir(parents=True, exist_ok=True)
     summary = {"root": str(root), "engine": engine, "categories": [asdict(r) for r in ordered]}
-    io.atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
+    imageio.atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     return ordered
 
 

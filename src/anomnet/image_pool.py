@@ -11,7 +11,7 @@ installed:
 A folder that is configured (1 or 2) but missing or without images is a :class:`ConfigError`
 naming it: no silent fallback. Folder images come first, then the bundled photos. Detectors record
 :func:`describe_source` in their fit record. Images are float32 ``H x W x 3`` arrays in ``[0, 1]``
-read through :mod:`anomnet.io`.
+read through :mod:`anomnet.imageio`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from anomnet.errors import ConfigError, DatasetError
-from anomnet.io import list_images, read_image
+from anomnet.imageio import list_images, read_image
 
 # Bundled with scikit-image (no download); textures first.
 BUILTIN_NAMES = (

@@ -89,7 +89,7 @@ def model_files(directory: str | Path) -> list[Path]:
 
 def check_model_target(directory: str | Path, overwrite: bool) -> None:
     """Before a fit: ``directory`` must be writable and, unless ``overwrite``, hold no model yet."""
-    from anomnet.io import check_writable
+    from anomnet.imageio import check_writable
 
     directory = Path(directory)
     ours = owned_files(directory)

@@ -27,7 +27,7 @@ import torch
 
 from anomnet.data import Sample, iter_batches
 from anomnet.errors import ConfigError
-from anomnet.io import image_size
+from anomnet.imageio import image_size
 from anomnet.transforms import Preprocess, resize, upsample_maps
 
 SCORES = ("map", "tile")

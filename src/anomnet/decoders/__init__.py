@@ -1,8 +1,8 @@
-"""Bounded decoding helpers behind :mod:`anomnet.io` (nothing else should import them).
+"""Bounded decoding helpers behind :mod:`anomnet.imageio` (nothing else should import them).
 
 Every helper here decodes at most what the file's header promises: a compressed stream that
 inflates to more, or stops short, is refused with :class:`DecodeError` (a plain message that
-:mod:`anomnet.io` turns into an :class:`~anomnet.errors.ImageReadError` naming the file).
+:mod:`anomnet.imageio` turns into an :class:`~anomnet.errors.ImageReadError` naming the file).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from anomnet import tiling
-from anomnet.calibration import Calibration
 from anomnet.data import Sample, iter_batches
+from anomnet.decisions.calibration import Calibration
 from anomnet.errors import ConfigError, ModelFormatError
-from anomnet.io import image_size
+from anomnet.imageio import image_size
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
 from anomnet.transforms import Aspect, Preprocess, rotate, rotation_angles

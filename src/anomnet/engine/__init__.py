@@ -1,6 +1,6 @@
 """Scoring past one process: shards for plain job schedulers, and a Ray engine for clusters.
 
-- :mod:`anomnet.engine.shard`: ``predict --shard i/N``, a deterministic split of the input list.
+- :mod:`anomnet.predict.shard`: ``predict --shard i/N``, a deterministic split of the input list.
 - :mod:`anomnet.engine.inputs`: the references of a batch run (folders, globs, manifests, products).
 - :mod:`anomnet.engine.rows`: result rows as a table, their journal, resume and the final files.
 - :mod:`anomnet.engine.worker`: the scorer each engine worker runs (one model per product, loaded once).

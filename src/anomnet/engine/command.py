@@ -84,8 +84,8 @@ def check_local(args: argparse.Namespace) -> None:
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run ``predict --engine ray``; returns the exit code."""
-    from anomnet import io
-    from anomnet.engine.shard import Shard
+    from anomnet import imageio
+    from anomnet.predict.shard import Shard
 
     if args.out is None:
         raise ConfigError("--engine ray needs --out (the folder for results.parquet/.csv/.jsonl and the image files)")
@@ -104,8 +104,8 @@ def predict_command(args: argparse.Namespace) -> int:
 
     models = resolve_models(args.model_dir, args.model, args.model_root)
     protected = [Path(i) for i in args.images if i != "-" and Path(i).exists()] + [Path(m) for m in models.values()]
-    io.check_not_input(args.out, protected, "--out", folder=True)
-    io.check_writable(args.out, "--out", folder=True)
+    imageio.check_not_input(args.out, protected, "--out", folder=True)
+    imageio.check_writable(args.out, "--out", folder=True)
     refs = collect_inputs(args.images)
     if shard is not None:
         refs = shard.select(refs)

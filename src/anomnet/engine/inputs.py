@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import ConfigError, ModelFormatError
-from anomnet.inputs import unique_names
 from anomnet.install import install_command
-from anomnet.scoring import EXPORT_MANIFEST, MODEL_META
+from anomnet.predict.inputs import unique_names
+from anomnet.predict.scoring import EXPORT_MANIFEST, MODEL_META
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 PATH_COLUMN, PRODUCT_COLUMN = "path", "product"
@@ -64,7 +64,7 @@ def collect_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> 
                 if line.strip():
                     found.append((_absolute(line.strip()), Path(line.strip()).stem, None))
         elif path.is_dir():
-            for f in io.list_images(path, recursive=True):
+            for f in imageio.list_images(path, recursive=True):
                 found.append((_absolute(f), f.relative_to(path).with_suffix("").as_posix(), None))
         elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
             found.extend(_manifest_inputs(path))
@@ -93,7 +93,7 @@ def _glob_inputs(pattern: str) -> list[tuple[str, str, None]]:
     fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
     base = Path(*parts[:fixed]) if fixed else Path(".")
     matches = sorted(
-        Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).suffix.lower() in io.IMAGE_EXTENSIONS
+        Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).suffix.lower() in imageio.IMAGE_EXTENSIONS
     )
     files = [m for m in matches if m.is_file()]
     if not files:

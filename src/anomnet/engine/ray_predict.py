@@ -43,9 +43,9 @@ from anomnet.engine.rows import (
 )
 from anomnet.engine.worker import BatchScorer
 from anomnet.errors import ConfigError
-from anomnet.inputs import InputImage
-from anomnet.outputs import OWNED_FILES, claim_outputs, clear_previous_run
-from anomnet.scoring import Scorer
+from anomnet.predict.inputs import InputImage
+from anomnet.predict.outputs import OWNED_FILES, claim_outputs, clear_previous_run
+from anomnet.predict.scoring import Scorer
 
 if TYPE_CHECKING:  # the ray extra's pyarrow: a core install imports this module without it
     import pyarrow as pa
@@ -140,7 +140,7 @@ def predict_on_ray(
 
     ``note``: where remarks go (a damaged file set aside by ``resume``); default standard error.
 
-    ``models``: product -> model folder (or a :class:`~anomnet.scoring.Scorer`), key None for every
+    ``models``: product -> model folder (or a :class:`~anomnet.predict.scoring.Scorer`), key None for every
     image without its own; ``workers``: scorer actors (default: the cluster's CPUs / ``worker_cpus``);
     ``image_outputs``: False writes only the result rows (no heat maps, overlays, masks).
     """

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import io as _stdio
+import io
 import json
 import math
 import os
@@ -36,10 +36,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.engine.inputs import InputRef
-from anomnet.outputs import PREDICT_CSV_COLUMNS
-from anomnet.scoring import ImagePrediction
+from anomnet.predict.outputs import PREDICT_CSV_COLUMNS
+from anomnet.predict.scoring import ImagePrediction
 
 JOURNAL = ".anomnet-run"
 """Folder of ``OUT`` that holds the part files of a run until it is finalised."""
@@ -172,7 +172,7 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     """``table`` as a Parquet file at ``path``, atomically."""
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    io.atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    imageio.atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def recorded(out: Path) -> pa.Table:
@@ -253,7 +253,7 @@ def write_results(out: Path, table: pa.Table) -> None:
     columns: Iterable[str] = (
         PREDICT_CSV_COLUMNS[:1] + ("product",) + PREDICT_CSV_COLUMNS[1:] if with_product else PREDICT_CSV_COLUMNS
     )
-    lines, buf = [], _stdio.StringIO()
+    lines, buf = [], io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for pred, product in rows:
@@ -263,8 +263,8 @@ def write_results(out: Path, table: pa.Table) -> None:
         w.writerow(["" if rec[c] is None else rec[c] for c in columns])
         lines.append(json.dumps(rec) + "\n")
     write_parquet(out / RESULTS_PARQUET, table)
-    io.atomic_write_text(out / "results.csv", buf.getvalue())
-    io.atomic_write_text(out / "results.jsonl", "".join(lines))
+    imageio.atomic_write_text(out / "results.csv", buf.getvalue())
+    imageio.atomic_write_text(out / "results.jsonl", "".join(lines))
 
 
 # -- attempts ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 :class:`BatchScorer` is a plain callable (Ray Data builds one per worker actor and calls it with
 each batch of references), so it is tested without Ray. A batch's images are grouped by product and
-scored with :func:`anomnet.outputs.score_and_write`, the step ``predict`` uses: same rows, same
+scored with :func:`anomnet.predict.outputs.score_and_write`, the step ``predict`` uses: same rows, same
 per-image files. It never raises for an input: an unreadable image, a model that cannot be loaded or a
 scoring failure each become error rows and the batch goes on (after an unexpected failure the group's
 images are scored one by one, so only the image that fails gets an error row); only the death of the
@@ -26,9 +26,9 @@ import pyarrow as pa
 from anomnet.engine.inputs import InputRef, model_for
 from anomnet.engine.rows import Attempts, error_rows, refs_of, rows_table
 from anomnet.errors import AnomnetError
-from anomnet.inputs import InputImage
-from anomnet.outputs import score_and_write
-from anomnet.scoring import DetectorScorer, Scorer, load_scorer
+from anomnet.predict.inputs import InputImage
+from anomnet.predict.outputs import score_and_write
+from anomnet.predict.scoring import DetectorScorer, Scorer, load_scorer
 
 MAX_MODELS = 8
 """Models a worker keeps loaded at once (least recently used ones are dropped beyond this)."""

@@ -33,7 +33,7 @@ class ExportGraph(nn.Module):
     The detector's preprocessing (:class:`~anomnet.export.geometry.GraphGeometry`), its
     ``predict_preprocessed`` (traced in graph mode: exact search, float32) and the map's way back
     to the input's resolution, then ``score >= threshold`` with the model's image threshold.
-    Pixels are divided by 255, as :func:`anomnet.io.read_image` does for 8-bit files.
+    Pixels are divided by 255, as :func:`anomnet.imageio.read_image` does for 8-bit files.
     """
 
     def __init__(self, detector: Detector) -> None:

@@ -45,9 +45,9 @@ from anomnet.exported import (
     parity,
     score_scale,
 )
+from anomnet.imageio import check_writable
 from anomnet.install import install_command
-from anomnet.io import check_writable
-from anomnet.scoring import MODEL_META
+from anomnet.predict.scoring import MODEL_META
 
 OPSET = 17
 PROBE_SEED = 1234

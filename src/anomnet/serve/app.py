@@ -12,7 +12,7 @@ Routes (``docs/serve.md`` has examples):
   operator's marks (:mod:`anomnet.serve.review`).
 * ``GET /`` -- the review page (``static/``, every asset local).
 
-Every image is scored by :func:`anomnet.scoring.score_refs`, the step ``anomnet predict`` uses. A request's
+Every image is scored by :func:`anomnet.predict.scoring.score_refs`, the step ``anomnet predict`` uses. A request's
 body is read (bounded in size and time) before it takes a worker place; on the worker every image header is
 checked (pixels per image and per request) before the images are decoded and scored, one at a time, all
 with one snapshot of the model (:mod:`anomnet.serve.models`: a recalibrated folder is picked up whole).
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
-from anomnet.scoring import ImagePrediction, ImageRef, Scorer, score_refs
+from anomnet.predict.scoring import ImagePrediction, ImageRef, Scorer, score_refs
+from anomnet.predict.visualize import draw_contour, heatmap, overlay
 from anomnet.serve.limits import (
     EXTENSIONS,
     Limits,
@@ -50,7 +51,6 @@ from anomnet.serve.limits import (
 from anomnet.serve.metrics import Metrics
 from anomnet.serve.models import CHECK_SECONDS, ModelRegistry, ServedModel, finite, load_served
 from anomnet.serve.review import MARKS, ReviewStore
-from anomnet.visualize import draw_contour, heatmap, overlay
 
 # FastAPI is imported where it is used: this module imports without the serve extra (create_app says what is
 # missing). No `from __future__ import annotations` here: FastAPI reads the routes' annotations as objects.
@@ -463,7 +463,7 @@ def _materialise(state: _State, image: _Image) -> tuple[bytes, str, Path, int]:
     with open(tmp, "xb") as f:  # a private scratch file, removed after scoring: no fsync, no rename needed
         f.write(data)
     try:
-        height, width = io.image_size(tmp)
+        height, width = imageio.image_size(tmp)
     except ImageReadError as exc:
         tmp.unlink(missing_ok=True)
         if "megapixels" in exc.problem:  # io's own pixel limit (a header beyond anything it reads): say ours
@@ -556,7 +556,7 @@ def _result(name: str, row: ImagePrediction, model: ServedModel, options: dict[s
 def _save_mark(state: _State, store: ReviewStore, model: str, image: _Image, mark: str) -> dict[str, Any]:
     data, fmt, tmp, _ = _materialise(state, image)
     try:
-        io.read_image(tmp)  # a file calibrate could not read must not enter the labelled folder
+        imageio.read_image(tmp)  # a file calibrate could not read must not enter the labelled folder
     except ImageReadError as exc:
         raise RequestError(400, f"{image.name}: {exc.problem}") from None
     finally:
@@ -565,7 +565,7 @@ def _save_mark(state: _State, store: ReviewStore, model: str, image: _Image, mar
 
 
 def _png64(array: Any) -> str:
-    return base64.b64encode(io.encode_png(array)).decode("ascii")
+    return base64.b64encode(imageio.encode_png(array)).decode("ascii")
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from anomnet.errors import ConfigError
-from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, Scorer, load_scorer
+from anomnet.predict.scoring import EXPORT_MANIFEST, MODEL_META, Scorer, load_scorer
 
 LOG = logging.getLogger("anomnet.serve")
 
@@ -95,7 +95,7 @@ class ServedModel:
             "validation_images": n,
             "finest_false_alarm": 1.0 / (n + 1),
             "pixel_threshold": finite(cal.pixel_threshold),
-            # the heat maps' fixed colour scale (anomnet.visualize): blue at map_low, mid-scale at map_high
+            # the heat maps' fixed colour scale (anomnet.predict.visualize): blue at map_low, mid-scale at map_high
             "map_low": finite(cal.map_low),
             "map_high": finite(cal.map_high),
         }

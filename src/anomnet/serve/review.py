@@ -3,7 +3,7 @@
 An operator who looks at a scored image can say the model was wrong (``false_alarm``: flagged
 but good; ``missed_defect``: passed but defective) or right (``confirmed_good``,
 ``confirmed_defect``). Each mark stores the image, exactly as it was sent, in the layout that
-``anomnet calibrate --labelled`` reads (:func:`anomnet.decisions.load_labelled`)::
+``anomnet calibrate --labelled`` reads (:func:`anomnet.decisions.calibrate.load_labelled`)::
 
     REVIEW/<model>/
       good/<stem>-<id>.<ext>        false alarms and confirmed good images
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.serve.limits import EXTENSIONS, RequestError
 
 MARKS: dict[str, str] = {
@@ -81,7 +81,7 @@ class ReviewStore:
             index = self._read_index(model)
             old = index["marks"].get(key)
             target = self._inside(model, rel)
-            io.atomic_write_bytes(target, data)
+            imageio.atomic_write_bytes(target, data)
             entry = {
                 "id": key,
                 "mark": mark,
@@ -139,7 +139,7 @@ class ReviewStore:
         return index
 
     def _write_index(self, model: str, index: dict[str, Any]) -> None:
-        io.atomic_write_text(self._inside(model, INDEX), json.dumps(index, indent=1, sort_keys=True) + "\n")
+        imageio.atomic_write_text(self._inside(model, INDEX), json.dumps(index, indent=1, sort_keys=True) + "\n")
 
     def _unlink(self, model: str, rel: str) -> None:
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:

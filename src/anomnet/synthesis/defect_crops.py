@@ -36,7 +36,7 @@ class DefectCrop:
 
 def defect_crop_paths(folder: str | Path) -> list[tuple[Path, Path | None]]:
     """``(crop, mask or None)`` for every crop in ``folder`` (recursive, sorted)."""
-    from anomnet.io import list_images
+    from anomnet.imageio import list_images
 
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -56,7 +56,7 @@ def load_defect_crops(
     folder: str | Path, limit: int | None = None, seed: int = 0, max_side: int = 512, threshold: float = 0.1
 ) -> list[DefectCrop]:
     """The crops of ``folder`` (a seeded subset of ``limit`` when given), longer side at most ``max_side``."""
-    from anomnet.io import read_image, read_mask, to_tensor
+    from anomnet.imageio import read_image, read_mask, to_tensor
 
     pairs = defect_crop_paths(folder)
     if limit is not None and len(pairs) > limit:

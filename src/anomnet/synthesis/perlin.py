@@ -87,7 +87,7 @@ def load_textures(
     empty: ConfigError), plus scikit-image's bundled photos. An empty list only when there is
     nothing at all (the generator then uses the image itself, shifted and recoloured)."""
     from anomnet.image_pool import generic_images
-    from anomnet.io import to_tensor
+    from anomnet.imageio import to_tensor
     from anomnet.transforms import resize
 
     try:

@@ -5,7 +5,7 @@ batch of settled files
 
 1. **claim** them: choose each output name, save the claims and the results files' sizes in the
    state file (atomically);
-2. **score** them and write their image outputs (:func:`anomnet.outputs.score_and_write`, the step
+2. **score** them and write their image outputs (:func:`anomnet.predict.outputs.score_and_write`, the step
    ``predict`` uses), then re-check that no file changed meanwhile;
 3. **record** them: choose where each file goes (processed or errors folder, a free name), append
    the rows to results.jsonl then results.csv (synced), mark the claims ``recorded``;
@@ -39,12 +39,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.durable import fsync_folder
 from anomnet.errors import ConfigError
-from anomnet.inputs import InputImage
-from anomnet.outputs import output_files, score_and_write
-from anomnet.scoring import ImagePrediction, Scorer, load_scorer
+from anomnet.predict.inputs import InputImage
+from anomnet.predict.outputs import output_files, score_and_write
+from anomnet.predict.scoring import ImagePrediction, Scorer, load_scorer
 from anomnet.watch.inbox import SettleTracker, Signature, scan, signature
 from anomnet.watch.journal import CLAIMED, RECORDED, Claim, Journal, WatchError
 from anomnet.watch.moves import MoveResult, finish_move, free_path
@@ -168,8 +168,8 @@ class HotFolder:
             raise ConfigError(f"poll must be a number of seconds > 0, got {opts.poll}")
         if not self.inbox.is_dir():
             raise ConfigError(f"inbox {self.inbox}: no such folder")
-        io.check_not_input(self.out, [self.inbox], "--out", folder=True)
-        io.check_writable(self.out, "--out", folder=True)
+        imageio.check_not_input(self.out, [self.inbox], "--out", folder=True)
+        imageio.check_writable(self.out, "--out", folder=True)
         inbox = os.path.realpath(self.inbox)
         for what, folder in (("--done", self.done_dir), ("--errors", self.error_dir)):
             if opts.keep:  # nothing is moved
@@ -179,7 +179,7 @@ class HotFolder:
                 raise ConfigError(
                     f"{what} {folder} lies in the watched inbox {self.inbox}: its files would be scored again"
                 )
-            io.check_writable(folder, what, folder=True)
+            imageio.check_writable(folder, what, folder=True)
 
     def close(self) -> None:
         self.journal.close()
@@ -340,7 +340,7 @@ class HotFolder:
         return recorded
 
     def _score(self, claims: list[Claim]) -> list[ImagePrediction]:
-        """Rows of the claimed files, their image outputs written (:func:`anomnet.outputs.score_and_write`).
+        """Rows of the claimed files, their image outputs written (:func:`anomnet.predict.outputs.score_and_write`).
 
         A file that makes the model itself fail gets an error row and the others go on (a file that
         crashed the watcher would otherwise crash it again at every restart).

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomnet.io import IMAGE_EXTENSIONS
+from anomnet.imageio import IMAGE_EXTENSIONS
 
 TEMPORARY_SUFFIXES: tuple[str, ...] = (
     ".tmp",
@@ -42,7 +42,7 @@ def is_temporary(name: str) -> bool:
 
 
 def is_candidate(name: str) -> bool:
-    """An image file name (by :data:`anomnet.io.IMAGE_EXTENSIONS`) that is not a temporary name."""
+    """An image file name (by :data:`anomnet.imageio.IMAGE_EXTENSIONS`) that is not a temporary name."""
     return not is_temporary(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 

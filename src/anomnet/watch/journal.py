@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io as _stdio
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import AnomnetError
-from anomnet.outputs import CSV_COLUMNS
+from anomnet.predict.outputs import CSV_COLUMNS
 
 STATE_FILE = ".anomnet-watch.json"
 LOCK_FILE = ".anomnet-watch.lock"
@@ -111,7 +111,7 @@ class Journal:
             "csv_offset": state.csv_offset,
         }
         try:
-            io.atomic_write_text(self.state_path, json.dumps(data, indent=1))
+            imageio.atomic_write_text(self.state_path, json.dumps(data, indent=1))
         except OSError as exc:
             raise WatchError(
                 f"{self.state_path}: cannot be written ({exc.strerror or exc}); the watcher stops, and its next "
@@ -196,7 +196,7 @@ class Journal:
 
 def csv_rows(records: list[dict[str, Any]], header: bool) -> str:
     """The CSV lines of ``records`` (the header first when ``header``)."""
-    buf = _stdio.StringIO()
+    buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
         w.writerow(WATCH_CSV_COLUMNS)
@@ -208,7 +208,7 @@ def csv_rows(records: list[dict[str, Any]], header: bool) -> str:
 def _append(path: Path, text: str) -> None:
     data = text.encode("utf-8", errors="surrogateescape")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, io.file_mode())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, imageio.file_mode())
         try:
             view = memoryview(data)
             while view:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.backbones import backbone_state, build_backbone, load_backbone_state
 from anomnet.components import kmeans
 from anomnet.data import Sample
@@ -88,7 +88,7 @@ class CPR(Detector):
         with timed_phase(self.fit_record, "levels") as phase:
             native = c.tile  # a tile is what is resized to the input; else the median image's short side
             if native <= 0:
-                sides = sorted(min(io.image_size(s.path)) for s in train[:: max(1, len(train) // 16)])
+                sides = sorted(min(imageio.image_size(s.path)) for s in train[:: max(1, len(train) // 16)])
                 native = sides[len(sides) // 2]
             layers = default_layers(c.backbone, upsampled=native < c.image_size)
             if layers is not None and layers != self.layers:

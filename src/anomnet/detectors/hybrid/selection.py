@@ -15,7 +15,7 @@ the detector's ``fit``.
 (:func:`~anomnet.detectors.hybrid.model.fuse`, normalised on the good validation images). Each is
 run on the selection images at their own resolution (so tiling and each branch's own preprocessing
 apply), its maps and the masks then shrunk to at most ``select_side`` pixels on the long side, and
-measured with the evaluation's metrics (:mod:`anomnet.metrics`): AU-PRO@0.05 and @0.3, pixel
+measured with the evaluation's metrics (:mod:`anomnet.evaluation.metrics`): AU-PRO@0.05 and @0.3, pixel
 F1-max, pixel AUROC, image AUROC. The candidate with the highest ``criterion`` is chosen (the
 first in branch order on a tie; a NaN criterion never wins). All values are the choice's evidence.
 """
@@ -34,7 +34,7 @@ from anomnet.detectors.base import Detector, Prediction
 from anomnet.detectors.hybrid.config import HybridConfig
 from anomnet.detectors.hybrid.model import Normalisation, fuse
 from anomnet.errors import ConfigError
-from anomnet.metrics import PixelMetricAccumulator, image_auroc
+from anomnet.evaluation.metrics import PixelMetricAccumulator, image_auroc
 from anomnet.synthesis.base import AnomalyGenerator
 from anomnet.transforms import resize
 

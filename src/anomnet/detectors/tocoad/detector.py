@@ -169,7 +169,7 @@ class ToCoAD(PatchCore):
         batches: int = 4,
     ) -> float:
         """Pixel AUROC of the discriminator on fresh synthetic anomalies (a sanity figure for the notes)."""
-        from anomnet.metrics import image_auroc
+        from anomnet.evaluation.metrics import image_auroc
 
         scores, labels = [], []
         with torch.no_grad():

@@ -164,7 +164,7 @@
   }
 
   // ---------------------------------------------------------------- the heat maps' colour scale
-  // The same scale as anomnet.visualize: blue at map_low (the median map value of the good validation
+  // The same scale as anomnet.predict.visualize: blue at map_low (the median map value of the good validation
   // images), the middle at map_high (the highest value seen on them), red at twice that distance.
   function colour(v) {  // visualize.colormap: a jet-like ramp, piecewise linear between multiples of 1/8
     const c = (x) => Math.floor(Math.min(Math.max(x, 0), 1) * 255 + 0.5);

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from anomnet import io
+from anomnet import imageio
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.inputs import expand_inputs
-from anomnet.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
+from anomnet.predict.inputs import expand_inputs
+from anomnet.predict.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 
 if TYPE_CHECKING:
     from anomnet.detectors.base import Detector
@@ -77,7 +77,7 @@ def map_float16(amap: np.ndarray) -> np.ndarray:
 def predict_submission(
     model: Detector | Scorer | str | Path, images: Iterable[str | Path], out_dir: str | Path, progress: bool = False
 ) -> list[ImagePrediction]:
-    """Score every image (:func:`anomnet.scoring.score_refs`) and write its map and mask in the submission layout.
+    """Score every image (:func:`~anomnet.predict.scoring.score_refs`); write its map and mask in the submission layout.
 
     ``model``: a fitted detector, a scorer, or a fitted or exported model folder. Every input's name
     is checked before any work: two inputs with the same object, split and stem (``x.png`` and
@@ -101,8 +101,8 @@ def predict_submission(
             if row.error is None and row.anomaly_map is not None and row.mask is not None:
                 files = submission_files(out_dir, name)
                 try:
-                    io.write_tiff(files["map"], map_float16(row.anomaly_map))
-                    io.write_png(files["mask"], row.mask.astype(np.uint8) * 255)
+                    imageio.write_tiff(files["map"], map_float16(row.anomaly_map))
+                    imageio.write_png(files["mask"], row.mask.astype(np.uint8) * 255)
                     row.outputs = {k: str(v) for k, v in files.items()}
                 except (OSError, AnomnetError) as exc:
                     row.error = f"outputs could not be written: {exc}"

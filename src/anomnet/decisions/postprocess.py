@@ -8,10 +8,10 @@ Three optional steps, applied in this order to ``anomaly map >= pixel threshold`
 2. **hole filling**: background enclosed by a region (not connected to the border) becomes part
    of it (``scipy.ndimage.binary_fill_holes``, 4-connected background).
 3. **minimum area**: 8-connected regions smaller than ``min_area`` pixels are dropped (the same
-   connectivity as the AU-PRO regions in :mod:`anomnet.metrics`).
+   connectivity as the AU-PRO regions in :mod:`anomnet.evaluation.metrics`).
 
 Sizes are in pixels of the mask, which is at the original image's resolution. The settings are
-part of a model's :class:`~anomnet.calibration.Calibration`, so every mask a model produces
+part of a model's :class:`~anomnet.decisions.calibration.Calibration`, so every mask a model produces
 (``anomnet predict``, ``api.predict``) is cleaned the same way.
 
 :func:`postprocess_map` carries the cleaning over to the anomaly map, for metrics that need a

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from anomnet import io
-from anomnet.calibration import Calibration
+from anomnet import imageio
+from anomnet.decisions.calibration import Calibration
+from anomnet.decisions.postprocess import region_boxes
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError, ModelFormatError
-from anomnet.postprocess import region_boxes
 
 if TYPE_CHECKING:
     from anomnet.detectors.base import Detector
@@ -52,7 +52,7 @@ class ImageRef:
 class ImagePrediction:
     """The result row of one input; ``error`` is set (and the numbers are NaN) when it failed.
 
-    ``defective`` and ``mask`` are the model's one verdict (:meth:`~anomnet.calibration.Calibration.verdict`):
+    ``defective`` and ``mask`` are the model's one verdict (:meth:`~anomnet.decisions.calibration.Calibration.verdict`):
     a good image has no defect pixels and no regions, a defective one at least the region of its maximum.
     """
 
@@ -180,7 +180,7 @@ def score_refs(
 
 def _read(ref: ImageRef) -> np.ndarray:
     if ref.image is None:
-        return io.read_image(ref.path)
+        return imageio.read_image(ref.path)
     image = np.asarray(ref.image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ImageReadError(Path(ref.path), f"expected an HxWx3 RGB image, got an array of shape {image.shape}")

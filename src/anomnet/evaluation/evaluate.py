@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomnet.calibration import Calibration
 from anomnet.data import Batch, Sample, iter_batches
+from anomnet.decisions.calibration import Calibration
+from anomnet.decisions.postprocess import SegmentationCounts
 from anomnet.detectors.base import Detector, Prediction
 from anomnet.errors import ConfigError
-from anomnet.metrics import (
+from anomnet.evaluation.metrics import (
     PixelCurves,
     PixelMetricAccumulator,
     f1_max,
@@ -28,7 +29,6 @@ from anomnet.metrics import (
     image_auroc,
     precision_recall_f1,
 )
-from anomnet.postprocess import SegmentationCounts
 from anomnet.transforms import resize
 
 PRO_LIMITS = (0.3, 0.05)
@@ -62,7 +62,7 @@ class KeptImage:
     mask: np.ndarray | None = None
     """``bool`` ``h x w`` ground truth, when the test set has masks."""
     defective: bool = False
-    """The model's decision (:meth:`~anomnet.calibration.Calibration.verdict`)."""
+    """The model's decision (:meth:`~anomnet.decisions.calibration.Calibration.verdict`)."""
     predicted: np.ndarray | None = None
     """``bool`` ``h x w``: the model's defect mask (its verdict at full resolution, shrunk); empty when called good."""
 
@@ -149,7 +149,7 @@ def evaluate(
 
     For reports: ``keep_worst`` keeps that many highest-scoring good and lowest-scoring defective
     images with their maps (shrunk to :data:`KEEP_SIDE`); ``curve_points`` records the pixel
-    curves at that resolution (see :class:`~anomnet.metrics.PixelCurves`).
+    curves at that resolution (see :class:`~anomnet.evaluation.metrics.PixelCurves`).
     """
     low, high = EVAL_SIZE_RANGE
     if eval_size not in (None, 0) and not (isinstance(eval_size, int) and low <= eval_size <= high):

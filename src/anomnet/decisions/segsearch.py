@@ -13,7 +13,7 @@ set. Candidates (all in pixels of the original images):
 * minimum areas: 0 and :data:`AREA_FRACTIONS` of the median image area.
 
 SegF1 is pooled over the images (``2 TP / (2 TP + FP + FN)``, as MVTec AD 2 and
-:class:`~anomnet.postprocess.SegmentationCounts` count it). For each image, threshold, radius and
+:class:`~anomnet.decisions.postprocess.SegmentationCounts` count it). For each image, threshold, radius and
 hole-filling choice the mask is labelled once; every minimum area is then scored from the regions'
 sizes and true-positive counts. Ties go to the earlier candidate: no post-processing before any,
 smaller radii and areas before larger ones, so a setting is only switched on when it helps.
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from anomnet.decisions.postprocess import MaskPostprocess, close
 from anomnet.errors import ConfigError
-from anomnet.postprocess import MaskPostprocess, close
 
 SHARE_FACTORS = (4.0, 2.8, 2.0, 1.4, 1 / 1.4, 1 / 2.0, 1 / 2.8, 1 / 4.0)
 CLOSING_FRACTIONS = (0.002, 0.005, 0.01, 0.02)

@@ -1,6 +1,6 @@
 """Thresholds and normalisation statistics, derived from good validation images, saved with a model.
 
-Everything here works on numbers only (no detector): :mod:`anomnet.decisions` runs a detector
+Everything here works on numbers only (no detector): :mod:`anomnet.decisions.calibrate` runs a detector
 over the validation (and an optional labelled) set and hands the statistics to :func:`calibrate`.
 
 **Image threshold** (``image_method``); an image is called defective when ``score >= threshold``:
@@ -30,10 +30,10 @@ least the region of its maximum: :meth:`Calibration.verdict`):
 * ``f1``: the F1-optimal pixel threshold on a labelled validation set with masks.
 * ``segf1``: the pixel threshold searched jointly with the mask post-processing (closing radius,
   hole filling, minimum area) for the best SegF1 on a labelled validation set with masks
-  (:mod:`anomnet.segsearch`); the chosen post-processing replaces the current one.
+  (:mod:`anomnet.decisions.segsearch`); the chosen post-processing replaces the current one.
 * ``fixed``: a value the user gives.
 
-Mask post-processing settings (:class:`~anomnet.postprocess.MaskPostprocess`) are kept here too,
+Mask post-processing settings (:class:`~anomnet.decisions.postprocess.MaskPostprocess`) are kept here too,
 so every mask a saved model produces is cleaned identically. :meth:`Calibration.rethreshold`
 picks other methods on a fitted model without refitting.
 """
@@ -47,12 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from anomnet.decisions.postprocess import PEAK_LEVEL, MaskPostprocess, peak_region
 from anomnet.errors import ConfigError
-from anomnet.postprocess import PEAK_LEVEL, MaskPostprocess, peak_region
 
 IMAGE_METHODS = ("conformal", "mean-std", "fixed", "f1")
 PIXEL_METHODS = ("quantile", "mean-std", "f1", "segf1", "fixed")
-SOURCES = ("holdout", "loo", "crossfit")  # where the calibration scores come from (anomnet.decisions)
+SOURCES = ("holdout", "loo", "crossfit")  # where the calibration scores come from (anomnet.decisions.calibrate)
 DEFAULT_PIXEL_FALSE_ALARM = 1e-4  # measured on bottle, docs/decisions.md
 PIXELS_PER_IMAGE = 65536
 _TAIL_DENSE = 256
@@ -106,7 +106,7 @@ class LabelledStatistics:
     masks: int = 0
     pixel_f1: float = math.nan
     pixel_f1_threshold: float = math.nan
-    # the joint search of the ``segf1`` pixel method (anomnet.segsearch); NaN / 0 when not run
+    # the joint search of the ``segf1`` pixel method (anomnet.decisions.segsearch); NaN / 0 when not run
     search_f1: float = math.nan
     search_threshold: float = math.nan
     search_closing: int = 0
@@ -128,7 +128,7 @@ class LabelledStatistics:
         pixel_f1_threshold: float = math.nan,
         masks: int = 0,
     ) -> LabelledStatistics:
-        from anomnet.metrics import f1_max
+        from anomnet.evaluation.metrics import f1_max
 
         labels = np.asarray(labels, dtype=np.int64)
         n_bad = int(labels.sum())
@@ -169,7 +169,7 @@ class Calibration:
     )  # [rank, value]: value of the rank-th highest sampled pixel
     labelled: dict[str, Any] | None = None  # LabelledStatistics as a dict, when one was given
     postprocess: MaskPostprocess = field(default_factory=MaskPostprocess)
-    # Where the calibration scores came from (anomnet.decisions, docs/decisions.md): "holdout" (good images
+    # Where the calibration scores came from (anomnet.decisions.calibrate, docs/decisions.md): "holdout" (good images
     # held out of training), "loo" (also every training image, scored without its own memory-bank patches),
     # "crossfit" (also every training image, scored by a model fitted on the other folds).
     source: str = "holdout"
@@ -196,7 +196,7 @@ class Calibration:
         The image threshold decides: a score below it is a good image, whose mask is empty. A defective image's
         mask is ``map >= pixel_threshold``, post-processed, plus the region of its maximum when that mask misses
         it: the 8-connected region around the maximum of ``map >= min(pixel_threshold, map_low + PEAK_LEVEL *
-        (max - map_low))`` (:func:`~anomnet.postprocess.peak_region`). So a defective image always shows where
+        (max - map_low))`` (:func:`~anomnet.decisions.postprocess.peak_region`). So a defective image always shows where
         it is most anomalous, and the pixel threshold never contradicts the image threshold.
         """
         amap = np.asarray(anomaly_map, dtype=np.float32)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from anomnet import io
+from anomnet import imageio
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def expand_inputs(items: Iterable[str | Path], stdin: TextIO | None = None) -> l
             continue
         p = Path(item)
         if p.is_dir():
-            for f in io.list_images(p, recursive=True):
+            for f in imageio.list_images(p, recursive=True):
                 add(f, f.relative_to(p).with_suffix("").as_posix())
         else:
             add(p, p.stem)

@@ -257,7 +257,7 @@ def encode_png(array: np.ndarray, level: int = 6, strategy: int = zlib.Z_DEFAULT
     on heat maps and photos about as small as libpng's per-row filter choice), in one IDAT chunk
     deflated at zlib ``level`` (0-9) with ``strategy`` (``zlib.Z_DEFAULT_STRATEGY``, ``Z_RLE``...).
     The settings change size and time, never the pixels. numpy and zlib release the GIL, so
-    several threads encode side by side (:class:`anomnet.outputs.OutputWriter`).
+    several threads encode side by side (:class:`anomnet.predict.outputs.OutputWriter`).
     """
     array = np.asarray(array)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
@@ -286,7 +286,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def write_tiff(path: str | Path, array: np.ndarray) -> None:
     """Write a 2-D ``float32`` or ``float16`` array (a raw anomaly map) as a single-page TIFF, atomically.
 
-    ``float16`` is what MVTec AD 2's evaluation server accepts (:mod:`anomnet.submission`).
+    ``float16`` is what MVTec AD 2's evaluation server accepts (:mod:`anomnet.predict.submission`).
     """
     from io import BytesIO as _BytesIO
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from anomnet.decisions import OPTION_FIELDS, POSTPROCESS_FIELDS, parse_choices
+from anomnet.decisions.calibrate import OPTION_FIELDS, POSTPROCESS_FIELDS, parse_choices
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.io import atomic_write_text
+from anomnet.imageio import atomic_write_text
 
 BATCHES = (1, 16)
 CHOICES = OPTION_FIELDS | POSTPROCESS_FIELDS
@@ -162,7 +162,7 @@ def branch_report(det: Any, split: Any, choices: dict[str, str]) -> dict[str, An
     if branches is None:
         return None
     from anomnet import api
-    from anomnet.decisions import calibrate_detector, split_choices
+    from anomnet.decisions.calibrate import calibrate_detector, split_choices
 
     options, post = split_choices(parse_choices(choices))
     tested: dict[str, Any] = {}
@@ -185,7 +185,7 @@ def rescore(det: Any, split: Any, changes: dict[str, str]) -> dict[str, float]:
     choices (e.g. ``pixel_method=mean-std``) changed: the thresholds are recalibrated on the validation
     images, then the test split is evaluated; the settings and thresholds are restored."""
     from anomnet import api
-    from anomnet.decisions import recalibrate
+    from anomnet.decisions.calibrate import recalibrate
 
     settings = {k: v for k, v in changes.items() if k not in CHOICES}
     chosen = parse_choices({k: v for k, v in changes.items() if k in CHOICES})
@@ -226,7 +226,7 @@ def _bank_shape(det: Any) -> list[int] | None:
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "anomnet.bench", kind, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "anomnet.evaluation.bench", kind, json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise BenchError(

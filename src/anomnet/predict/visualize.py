@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from anomnet.calibration import Calibration
+from anomnet.decisions.calibration import Calibration
 
 
 def colormap(values: np.ndarray) -> np.ndarray:

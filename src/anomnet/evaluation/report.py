@@ -1,11 +1,11 @@
 """One self-contained HTML report of a test run (``anomnet test --report PATH.html``).
 
-Everything comes from one :func:`anomnet.evaluate.evaluate` call made with ``keep_worst`` and
+Everything comes from one :func:`anomnet.evaluation.evaluate.evaluate` call made with ``keep_worst`` and
 ``curve_points`` (as ``api.test(..., report=PATH)`` does): the metrics table, the image ROC / PR curves
-(from the image scores, :func:`anomnet.metrics.roc_curve`), the pixel ROC / PR / PRO curves
+(from the image scores, :func:`anomnet.evaluation.metrics.roc_curve`), the pixel ROC / PR / PRO curves
 (recorded by the same pass that computes pixel AUROC and AU-PRO), score histograms with the
 threshold, and the highest-scoring good / lowest-scoring defective images with their heat maps
-(:mod:`anomnet.visualize`). Plots are drawn with matplotlib's Agg renderer and embedded as
+(:mod:`anomnet.predict.visualize`). Plots are drawn with matplotlib's Agg renderer and embedded as
 base64 PNG; the file references nothing outside itself. Without masks (e.g. ELPV) the pixel
 parts are left out.
 """
@@ -16,7 +16,7 @@ import base64
 import contextlib
 import datetime as _dt
 import html
-import io as _bytesio
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -28,12 +28,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from anomnet import __version__, io
+from anomnet import __version__, imageio
 from anomnet.detectors.base import Detector
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.evaluate import EvaluationResult, KeptImage
-from anomnet.metrics import precision_recall_curve, roc_curve
-from anomnet.visualize import draw_contour, heatmap, labelled_panels, overlay
+from anomnet.evaluation.evaluate import EvaluationResult, KeptImage
+from anomnet.evaluation.metrics import precision_recall_curve, roc_curve
+from anomnet.predict.visualize import draw_contour, heatmap, labelled_panels, overlay
 
 #: Good and defective images shown in the report's "worst cases" sections (each).
 WORST_CASES = 4
@@ -127,14 +127,14 @@ def write_report(
 ) -> Path:
     """Write the HTML report of ``result`` to ``path``; returns the path.
 
-    ``result`` should come from :func:`~anomnet.evaluate.evaluate` with ``keep_worst`` (e.g.
+    ``result`` should come from :func:`~anomnet.evaluation.evaluate.evaluate` with ``keep_worst`` (e.g.
     :data:`WORST_CASES`) and ``curve_points`` (e.g. :data:`CURVE_POINTS`); without them the
     pixel curves and the worst-case images are left out.
     """
     target = check_report_path(path)
     text = render_report(result, detector, dataset, model_dir)
     try:
-        io.atomic_write_text(target, text)
+        imageio.atomic_write_text(target, text)
     except OSError as exc:
         raise ConfigError(f"cannot write report {target}: {exc.strerror or exc}") from None
     return target
@@ -301,7 +301,7 @@ def _decision_table(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
 
 
 def _operating_points(s: np.ndarray, y: np.ndarray, cal: Any) -> str:
-    from anomnet.operating_points import cells, describe, operating_points
+    from anomnet.decisions.operating_points import cells, describe, operating_points
 
     rows = cells(operating_points(cal, s, y), cal, "test")
     return f'<p class="note">{_e(describe(cal, "test"))}.</p>' + _table(rows[1:], rows[0])
@@ -315,7 +315,7 @@ def _img(png: bytes | None, alt: str, missing: str = "") -> str:
 
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
-    buf = _bytesio.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
     return buf.getvalue()
 
@@ -489,8 +489,8 @@ def _suspects_section(detector: Detector) -> str:
 def _left_out_case(detector: Detector, path: Path) -> KeptImage | None:
     """A training image as the calibration scored it (its own contribution left out where the model can)."""
     from anomnet.data import Sample, iter_batches
-    from anomnet.decisions import content_hash, supports_leave_out
-    from anomnet.evaluate import KEEP_SIDE, _WorstKeeper
+    from anomnet.decisions.calibrate import content_hash, supports_leave_out
+    from anomnet.evaluation.evaluate import KEEP_SIDE, _WorstKeeper
 
     try:
         digest = content_hash(path)
@@ -522,7 +522,7 @@ def _case_png(k: KeptImage, detector: Detector) -> bytes:
     if k.predicted is not None and k.predicted.any():
         panels[1] = draw_contour(panels[1], k.predicted, MODEL_MASK_COLOUR)
     row, _ = labelled_panels(list(zip(PANEL_TITLES, panels)), detector.calibration)
-    buf = _bytesio.BytesIO()
+    buf = io.BytesIO()
     Image.fromarray(row).save(buf, format="PNG")
     return buf.getvalue()
 

@@ -1,7 +1,7 @@
 """What ``anomnet predict`` / ``api.predict`` produce for each image, and the files they write.
 
 Per image: score, conformal p-value, decision with the image threshold it was made with, and the
-defect mask of the model's one verdict (:meth:`~anomnet.calibration.Calibration.verdict`: none for an
+defect mask of the model's one verdict (:meth:`~anomnet.decisions.calibration.Calibration.verdict`: none for an
 image called good; for a defective one the pixel threshold's mask, post-processed as the model's
 calibration says, and at least the region of its maximum). With an output folder::
 
@@ -35,7 +35,7 @@ The files are encoded and written beside scoring by :class:`OutputWriter`, a bou
 from __future__ import annotations
 
 import csv
-import io as _stdio
+import io
 import json
 import os
 import sys
@@ -49,16 +49,24 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from anomnet import io
-from anomnet.calibration import Calibration
+from anomnet import imageio
+from anomnet.decisions.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
-from anomnet.inputs import InputImage, expand_inputs
-from anomnet.scoring import EXPORT_MANIFEST, MODEL_META, ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
-from anomnet.visualize import colour_bar, draw_contour, heatmap, overlay
+from anomnet.predict.inputs import InputImage, expand_inputs
+from anomnet.predict.scoring import (
+    EXPORT_MANIFEST,
+    MODEL_META,
+    ImagePrediction,
+    ImageRef,
+    Scorer,
+    load_scorer,
+    score_refs,
+)
+from anomnet.predict.visualize import colour_bar, draw_contour, heatmap, overlay
 
 if TYPE_CHECKING:
     from anomnet.detectors.base import Detector
-    from anomnet.engine.shard import Shard
+    from anomnet.predict.shard import Shard
 
 CSV_COLUMNS = ("path", "score", "p_value", "defective", "defect_pixels", "regions", "error")
 """The columns every results.csv shares (``predict``'s, the hot folder's and the batch engine's)."""
@@ -103,7 +111,7 @@ def claim_outputs(out: Path, inputs: list[InputImage], raw_maps: bool, summaries
     files = dict.fromkeys(["results.csv", "results.jsonl", *summaries])  # each once, in order
     for item in inputs:
         files.update(dict.fromkeys(str(f.relative_to(out)) for f in output_files(out, item.name, raw_maps).values()))
-    io.atomic_write_text(out / OWNED_FILES, json.dumps({"files": list(files)}, indent=1))
+    imageio.atomic_write_text(out / OWNED_FILES, json.dumps({"files": list(files)}, indent=1))
 
 
 def output_files(out: Path, name: str, raw_maps: bool) -> dict[str, Path]:
@@ -139,8 +147,8 @@ def predict_files(
     The output folder is checked before any work (never over an input or the model, never inside a
     scanned folder); ``out_layout="mvtec-ad2"`` writes MVTec AD 2's submission layout instead.
     """
-    from anomnet.engine.shard import Shard
-    from anomnet.submission import LAYOUTS, predict_submission
+    from anomnet.predict.shard import Shard
+    from anomnet.predict.submission import LAYOUTS, predict_submission
 
     if out_layout not in LAYOUTS:
         raise ConfigError(f"unknown output layout {out_layout!r}; use one of: {', '.join(LAYOUTS)}")
@@ -152,8 +160,8 @@ def predict_files(
         protected = [Path(i) for i in images if str(i) != "-"]
         if isinstance(model, (str, Path)):
             protected += model_folder_files(model)
-        io.check_not_input(out_dir, protected, "out_dir", folder=True)
-        io.check_writable(out_dir, "out_dir", folder=True)
+        imageio.check_not_input(out_dir, protected, "out_dir", folder=True)
+        imageio.check_writable(out_dir, "out_dir", folder=True)
     if out_layout == "mvtec-ad2" and out_dir is not None:
         return predict_submission(load_scorer(model), images, out_dir, progress)
     return predict_images(load_scorer(model), images, out_dir, raw_maps, keep_maps, progress, shard=picked)
@@ -169,10 +177,10 @@ def predict_images(
     stdin: TextIO | None = None,
     shard: Shard | None = None,
 ) -> list[ImagePrediction]:
-    """Score every image (:func:`anomnet.scoring.score_refs`); with ``out_dir`` write the files described above.
+    """Score every image (:func:`anomnet.predict.scoring.score_refs`); with ``out_dir`` write the files described above.
 
     ``model``: a fitted detector, a scorer, or a fitted or exported model folder. ``shard``: score only
-    this shard of the expanded inputs (:mod:`anomnet.engine.shard`; output names as in the whole list).
+    this shard of the expanded inputs (:mod:`anomnet.predict.shard`; output names as in the whole list).
     """
     scorer = load_scorer(model)
     inputs = expand_inputs(images, stdin)
@@ -182,7 +190,7 @@ def predict_images(
     if out is not None:
         clear_previous_run(out)
         claim_outputs(out, inputs, raw_maps, summaries=[COLOUR_SCALE])
-        io.write_png(out / COLOUR_SCALE, colour_bar(scorer.calibration, COLOUR_SCALE_HEIGHT)[0])
+        imageio.write_png(out / COLOUR_SCALE, colour_bar(scorer.calibration, COLOUR_SCALE_HEIGHT)[0])
     bar = _progress_bar(len(inputs), progress)
     results = score_and_write(scorer, inputs, out, raw_maps, keep_maps, progress=bar.update if bar else None)
     if bar is not None:
@@ -201,7 +209,7 @@ def score_and_write(
     writer: OutputWriter | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> list[ImagePrediction]:
-    """One row per input (:func:`~anomnet.scoring.score_refs`); with ``out``, each scored image's files too.
+    """One row per input (:func:`~anomnet.predict.scoring.score_refs`); with ``out``, each scored image's files too.
 
     The step every batch path shares (``predict`` here, the hot folder, the batch engine's workers):
     outputs that cannot be written put their reason in the row's ``error`` (the score stays). The
@@ -240,7 +248,7 @@ def _decoded(batch: list[InputImage]) -> list[ImageRef]:
     refs = []
     for item in batch:
         try:
-            refs.append(ImageRef(str(item.path), io.read_image(item.path)))
+            refs.append(ImageRef(str(item.path), imageio.read_image(item.path)))
         except ImageReadError:  # read again by score_refs, which makes its error row
             refs.append(ImageRef(str(item.path)))
     return refs
@@ -271,7 +279,7 @@ class OutputWriter:
     def __init__(self, out: Path, raw_maps: bool = False, threads: int | None = None, pending: int | None = None):
         self.out = Path(out)
         self.raw_maps = raw_maps
-        io.file_mode()  # the umask is read once, here: reading it from several threads at once is not safe
+        imageio.file_mode()  # the umask is read once, here: reading it from several threads at once is not safe
         threads = WRITER_THREADS if threads is None else max(1, threads)
         self.pending = 2 * threads if pending is None else max(1, pending)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="anomnet-outputs")
@@ -332,22 +340,22 @@ def write_image_outputs(
 ) -> dict[str, str]:
     """Heat map, overlay with the mask's contour, mask (and raw map) of one image; returns their paths."""
     files = output_files(out, name, raw_maps)
-    io.write_png(files["heatmap"], heatmap(amap, cal), *PNG_SETTINGS["heatmap"])
-    io.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask), *PNG_SETTINGS["overlay"])
-    io.write_png(files["mask"], mask.astype(np.uint8) * 255, *PNG_SETTINGS["mask"])
+    imageio.write_png(files["heatmap"], heatmap(amap, cal), *PNG_SETTINGS["heatmap"])
+    imageio.write_png(files["overlay"], draw_contour(overlay(image, amap, cal), mask), *PNG_SETTINGS["overlay"])
+    imageio.write_png(files["mask"], mask.astype(np.uint8) * 255, *PNG_SETTINGS["mask"])
     if raw_maps:
-        io.write_tiff(files["map"], np.asarray(amap, dtype=np.float32))
+        imageio.write_tiff(files["map"], np.asarray(amap, dtype=np.float32))
     return {k: str(v) for k, v in files.items()}
 
 
 def write_summaries(results: list[ImagePrediction], out: Path) -> None:
     """``results.csv`` and ``results.jsonl`` in ``out``."""
-    io.atomic_write_text(out / "results.jsonl", "".join(json.dumps(r.record()) + "\n" for r in results))
-    io.atomic_write_text(out / "results.csv", csv_text(results))
+    imageio.atomic_write_text(out / "results.jsonl", "".join(json.dumps(r.record()) + "\n" for r in results))
+    imageio.atomic_write_text(out / "results.csv", csv_text(results))
 
 
 def csv_text(results: list[ImagePrediction]) -> str:
-    buf = _stdio.StringIO()
+    buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PREDICT_CSV_COLUMNS)
     for r in results:

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomnet.calibration import (
+from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _progress_bar, _subfolders, load_dataset
+from anomnet.decisions.calibration import (
     PIXELS_PER_IMAGE,
     SOURCES,
     Calibration,
@@ -44,14 +45,13 @@ from anomnet.calibration import (
     ThresholdOptions,
     calibrate,
 )
-from anomnet.data import _GOOD_NAMES, Sample, _MaskIndex, _progress_bar, _subfolders, load_dataset
+from anomnet.decisions.postprocess import MaskPostprocess
+from anomnet.decisions.segsearch import search_segmentation
 from anomnet.detectors.base import Detector
 from anomnet.errors import ConfigError, DatasetError
-from anomnet.evaluate import run_predictions
-from anomnet.io import list_images
-from anomnet.metrics import PixelMetricAccumulator
-from anomnet.postprocess import MaskPostprocess
-from anomnet.segsearch import search_segmentation
+from anomnet.evaluation.evaluate import run_predictions
+from anomnet.evaluation.metrics import PixelMetricAccumulator
+from anomnet.imageio import list_images
 
 OPTION_FIELDS = {f.name for f in dataclasses.fields(ThresholdOptions)}
 POSTPROCESS_FIELDS = {f.name for f in dataclasses.fields(MaskPostprocess)}
@@ -247,7 +247,7 @@ def labelled_statistics(
     """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set.
 
     ``search``: also search the pixel threshold jointly with the mask post-processing for the best
-    SegF1 (the ``segf1`` pixel method, :mod:`anomnet.segsearch`); the maps are kept for it.
+    SegF1 (the ``segf1`` pixel method, :mod:`anomnet.decisions.segsearch`); the maps are kept for it.
     """
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
@@ -304,7 +304,7 @@ def calibrate_detector(
 ) -> Calibration:
     """Set ``detector.calibration`` from its calibration images (and a labelled set) and return it.
 
-    ``source`` says which images calibrate (see :data:`anomnet.calibration.SOURCES`): ``holdout``
+    ``source`` says which images calibrate (see :data:`anomnet.decisions.calibration.SOURCES`): ``holdout``
     the good ``validation`` images only; ``loo`` also every ``train`` image, scored without its own
     memory-bank patches (:func:`leave_one_out_statistics`); ``crossfit`` also every ``train`` image
     with its ``out_of_fold`` statistics (:func:`out_of_fold_statistics`). The scores are pooled.

@@ -1,7 +1,8 @@
 """Operating points in words: what other false-alarm rates would do, before a user re-picks the threshold.
 
 An *operating point* is an image threshold and what it means: the false-alarm rate asked for, the
-threshold the model's conformal rule gives for it (:meth:`~anomnet.calibration.Calibration.conformal_threshold`),
+threshold the model's conformal rule gives for it
+(:meth:`~anomnet.decisions.calibration.Calibration.conformal_threshold`),
 the rate its good calibration images support, and -- where labelled images exist (the demo's and
 ``anomnet test``'s test set) -- the false alarms and the recall it gives there. ``anomnet fit``,
 ``anomnet calibrate --dry-run``, the demo and the test report print the same table.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomnet.calibration import Calibration
+from anomnet.decisions.calibration import Calibration
 
 RATES = (0.01, 0.02, 0.05, 0.1)
 """False-alarm rates the table shows by default."""
