@@ -87,6 +87,24 @@ def test_search_fills_a_ring_whose_inside_is_the_defect() -> None:
     assert _seg_f1([amap], [truth], 0.5, MaskPostprocess()) < 1.0
 
 
+def test_search_scores_no_mask_on_an_image_called_good() -> None:
+    """The search scores masks as the verdict makes them: an image called good predicts no pixel."""
+    truth = np.zeros((30, 30), bool)
+    truth[5:15, 5:15] = True
+    defective = np.where(truth, 0.8, 0.0).astype(np.float32)
+    good = np.zeros((30, 30), np.float32)
+    good[20:28, 20:28] = 0.9  # a bright false blob on an image the image threshold calls good
+    maps, masks = [defective, good], [truth, np.zeros_like(truth)]
+    found = search_segmentation(maps, masks, 0.7, thresholds=[0.7, 0.85], radii=[0], areas=[0], called_good=[0, 1])
+    assert found.threshold == 0.7 and found.f1 == 1.0
+    ungated = search_segmentation(maps, masks, 0.7, thresholds=[0.7, 0.85], radii=[0], areas=[0])
+    assert ungated.f1 == pytest.approx(200 / 264)  # TP 100, FP 64: the good image's blob counted
+    missed = search_segmentation(maps, masks, 0.7, thresholds=[0.7], radii=[0], areas=[0], called_good=[1, 1])
+    assert missed.f1 == 0.0  # the defective image called good: all its pixels missed
+    with pytest.raises(ConfigError, match="a verdict per map"):
+        search_segmentation(maps, masks, 0.7, called_good=[0])
+
+
 def test_search_drops_speckle_with_a_minimum_area_and_keeps_the_defect() -> None:
     truth = np.zeros((50, 50), bool)
     truth[10:20, 10:20] = True  # 100 px
@@ -176,17 +194,52 @@ def test_fit_with_the_segf1_search_on_a_labelled_set(folder_dataset: Path, tmp_p
     assert lab is not None and lab["search_candidates"] == 9 * 2 * 2 * 2 and lab["masks"] == 4
     assert cal.pixel_threshold == lab["search_threshold"]
     assert cal.postprocess == MaskPostprocess(lab["search_closing"], lab["search_fill_holes"], lab["search_min_area"])
-    # the recorded SegF1 is what the chosen settings give on the labelled maps, and it is the best of the grid
+    # the recorded SegF1 is what the chosen settings give on the labelled maps under the image threshold
+    # (an image called good has no mask), and it is the best of the grid
     from anomnet.evaluation.evaluate import run_predictions
 
     maps, masks = [], []
     for batch, pred in run_predictions(det, labelled, 4, with_masks=True):
         assert batch.masks is not None
-        maps += [m.numpy() for m in pred.maps]
+        maps += [
+            m.numpy() if s >= cal.threshold else np.full_like(m.numpy(), -np.inf)
+            for m, s in zip(pred.maps, pred.scores)
+        ]
         masks += [m.numpy() for m in batch.masks]
+    assert any(np.isinf(m).all() for m in maps)  # some labelled images are called good
     assert _seg_f1(maps, masks, cal.pixel_threshold, cal.postprocess) == pytest.approx(lab["search_f1"])
     assert lab["search_f1"] >= _seg_f1(maps, masks, lab["pixel_f1_threshold"], MaskPostprocess()) - 1e-12
     # picked again later from the stored search, without the images
     api.calibrate(tmp_path / "m", pixel_method="quantile", progress=False)
     again = api.calibrate(tmp_path / "m", pixel_method="segf1", progress=False)
     assert again.calibration.pixel_threshold == cal.pixel_threshold
+
+
+def test_labelled_search_uses_the_image_threshold_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """labelled_statistics scores the segf1 search under the image threshold its ``search`` callable gives."""
+    import torch
+
+    from anomnet.data import Sample
+    from anomnet.decisions import calibrate as calibrate_mod
+    from anomnet.detectors.base import Prediction
+
+    truth = np.zeros((30, 30), bool)
+    truth[5:15, 5:15] = True
+    defective = np.where(truth, 0.8, 0.0).astype(np.float32)
+    good = np.zeros((30, 30), np.float32)
+    good[20:28, 20:28] = 0.9  # a bright false blob on the good image, whose image score is low
+    samples = [Sample(Path("bad.png"), 1, Path("bad_mask.png"), "blob"), Sample(Path("good.png"), 0)]
+
+    class FakeBatch:
+        def __init__(self) -> None:
+            self.samples = samples
+            self.masks = torch.from_numpy(np.stack([truth, np.zeros_like(truth)]))
+
+    def fake_run(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        yield FakeBatch(), Prediction(torch.tensor([0.9, 0.1]), torch.from_numpy(np.stack([defective, good])))
+
+    monkeypatch.setattr(calibrate_mod, "run_predictions", fake_run)
+    gated = calibrate_mod.labelled_statistics(None, samples, "fake", search=lambda lab: 0.5)  # type: ignore[arg-type]
+    ungated = calibrate_mod.labelled_statistics(None, samples, "fake", search=lambda lab: -math.inf)  # type: ignore[arg-type]
+    assert gated.search_f1 == 1.0  # the good image predicts nothing: the defect alone decides
+    assert ungated.search_f1 < 0.9  # every image masked: the good image's blob costs false pixels

@@ -59,6 +59,8 @@ HASH_CHARS = 16  # hex digits of SHA-256 kept per training image (64 bits: no co
 SUSPECT_Z = 5.0  # a training image is suspect when its left-out score lies this many robust stds above the median
 MAX_SUSPECTS = 5
 DEFAULT_FOLDS = 5
+# the image threshold a model decides with, given its labelled statistics (the segf1 search scores under it)
+ImageThresholdOf = Callable[[LabelledStatistics], float]
 # Calibration source per detector when none is asked for (measured, docs/decisions.md); others: holdout.
 DEFAULT_SOURCES = {"patchcore": "loo", "tocoad": "loo"}
 
@@ -130,11 +132,6 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()[:HASH_CHARS]
 
 
-def supports_leave_out(detector: Detector) -> bool:
-    """True when ``detector`` can score a training image without that image's own contribution."""
-    return bool(getattr(detector, "supports_leave_out", False))
-
-
 def leave_one_out_statistics(
     detector: Detector,
     samples: Sequence[Sample],
@@ -145,16 +142,15 @@ def leave_one_out_statistics(
 ) -> ImageStatistics:
     """Each training image ``samples[i]`` scored with the bank patches of the training images ``owners[i]``
     (itself, and any byte-identical copy) left out of every nearest-neighbour search: one pass, no refit."""
-    if not supports_leave_out(detector):
+    if not detector.supports_leave_out:
         raise ConfigError(
             f"the {detector.name} model cannot leave one training image out (it does not record which image each "
             "part of it came from): calibrate with held-out images (--calibration holdout) or refit"
         )
-    leave_out = detector.leave_out  # type: ignore[attr-defined]
     stats = ImageStatistics.empty()
     bar = _progress_bar("leave-one-out" if progress else None, len(samples))
     for sample, own in zip(samples, owners):
-        with leave_out(own):
+        with detector.leave_out(own):
             stats = stats + image_statistics(detector, [sample], 1, g, per_image)
         if bar is not None:
             bar.update(1)
@@ -242,17 +238,20 @@ def labelled_statistics(
     source: str,
     batch_size: int = 8,
     progress: bool = False,
-    search: bool = False,
+    search: ImageThresholdOf | None = None,
 ) -> LabelledStatistics:
     """Image F1-optimal threshold and (with masks) the pixel F1-optimal threshold on a labelled set.
 
     ``search``: also search the pixel threshold jointly with the mask post-processing for the best
     SegF1 (the ``segf1`` pixel method, :mod:`anomnet.decisions.segsearch`); the maps are kept for it.
+    ``search`` gives the image threshold the model will decide with (it may depend on these labelled
+    statistics): images scored below it have no mask in the search, as in the model's verdict.
     """
     has_masks = any(s.mask_path is not None for s in samples)
     acc = PixelMetricAccumulator() if has_masks else None
     kept_maps: list[np.ndarray] = []
     kept_masks: list[np.ndarray] = []
+    kept_scores: list[float] = []
     scores: list[float] = []
     labels: list[int] = []
     for batch, pred in run_predictions(
@@ -262,20 +261,22 @@ def labelled_statistics(
         labels.extend(s.label for s in batch.samples)
         if acc is not None:
             assert batch.masks is not None
-            for amap, mask, s in zip(pred.maps, batch.masks, batch.samples):
+            for amap, mask, s, score in zip(pred.maps, batch.masks, batch.samples, pred.scores.tolist()):
                 if s.label == 0 or s.mask_path is not None:  # a defective image without mask says nothing about pixels
                     acc.add(amap.numpy(), mask.numpy())
-                    if search:
+                    if search is not None:
                         kept_maps.append(amap.numpy().astype(np.float32))
                         kept_masks.append(mask.numpy().astype(bool))
+                        kept_scores.append(float(score))
     pixel_f1 = pixel_thr = math.nan
     n_masks = sum(1 for s in samples if s.mask_path is not None)
     if acc is not None:
         px = acc.compute(pro_limits=(0.3,))
         pixel_f1, pixel_thr = px.f1_max, px.f1_threshold
     stats = LabelledStatistics.from_scores(source, np.asarray(scores), np.asarray(labels), pixel_f1, pixel_thr, n_masks)
-    if search and n_masks and not math.isnan(pixel_thr):
-        found = search_segmentation(kept_maps, kept_masks, pixel_thr)
+    if search is not None and n_masks and not math.isnan(pixel_thr):
+        threshold = search(stats)
+        found = search_segmentation(kept_maps, kept_masks, pixel_thr, called_good=[s < threshold for s in kept_scores])
         post = found.postprocess
         stats = dataclasses.replace(
             stats,
@@ -370,15 +371,25 @@ def _calibrate(
     batch_size: int,
     progress: bool,
 ) -> Calibration:
-    search = options is not None and options.pixel_method == "segf1"
+    options = options or ThresholdOptions()
+
+    def image_threshold(lab: LabelledStatistics) -> float:
+        return calibrate(stats.scores, options=_image_only(options), labelled=lab).threshold
+
+    search = image_threshold if options.pixel_method == "segf1" else None
     lab = _labelled(detector, labelled, batch_size, progress, search)
     return calibrate(
         stats.scores,
         map_values=stats.pooled_pixels(),
-        options=options or ThresholdOptions(),
+        options=options,
         labelled=lab,
         postprocess=postprocess,
     )
+
+
+def _image_only(options: ThresholdOptions) -> ThresholdOptions:
+    """``options`` with a pixel threshold that needs nothing: for the image threshold alone."""
+    return dataclasses.replace(options, pixel_method="fixed", pixel_value=0.0)
 
 
 def _labelled(
@@ -386,7 +397,7 @@ def _labelled(
     labelled: Sequence[Sample] | str | Path | None,
     batch_size: int,
     progress: bool,
-    search: bool = False,
+    search: ImageThresholdOf | None = None,
 ) -> LabelledStatistics | None:
     if labelled is None:
         return None
@@ -428,7 +439,11 @@ def recalibrate(
     if validation is not None:
         return _recalibrate_on(detector, validation, options, labelled, post, progress)
     bs = getattr(detector.config, "batch_size", 8)
-    lab = _labelled(detector, labelled, bs, progress, options.pixel_method == "segf1")
+
+    def image_threshold(lab: LabelledStatistics) -> float:
+        return old.rethreshold(_image_only(options), lab, post).threshold
+
+    lab = _labelled(detector, labelled, bs, progress, image_threshold if options.pixel_method == "segf1" else None)
     detector.calibration = old.rethreshold(options, lab, post)
     return detector.calibration
 
@@ -455,7 +470,7 @@ def _recalibrate_on(
         else:
             fresh.append(sample)
     trained.sort(key=lambda t: t[0])  # training order, as at fit: the same data gives the same calibration
-    loo = bool(trained) and supports_leave_out(detector)
+    loo = bool(trained) and detector.supports_leave_out
     if not fresh and not loo and options.image_method != "fixed":
         raise ConfigError(
             "no good calibration images left: "

@@ -13,10 +13,12 @@ set. Candidates (all in pixels of the original images):
 * minimum areas: 0 and :data:`AREA_FRACTIONS` of the median image area.
 
 SegF1 is pooled over the images (``2 TP / (2 TP + FP + FN)``, as MVTec AD 2 and
-:class:`~anomnet.decisions.postprocess.SegmentationCounts` count it). For each image, threshold, radius and
-hole-filling choice the mask is labelled once; every minimum area is then scored from the regions'
-sizes and true-positive counts. Ties go to the earlier candidate: no post-processing before any,
-smaller radii and areas before larger ones, so a setting is only switched on when it helps.
+:class:`~anomnet.decisions.postprocess.SegmentationCounts` count it), each mask as the model's one verdict
+makes it: an image the image threshold calls good has no mask (its defect pixels count as missed).
+For each image, threshold, radius and hole-filling choice the mask is labelled once; every minimum area
+is then scored from the regions' sizes and true-positive counts. Ties go to the earlier candidate: no
+post-processing before any, smaller radii and areas before larger ones, so a setting is only switched on
+when it helps.
 Memory: the labelled maps are kept in float32 with their masks (5 bytes per pixel).
 """
 
@@ -88,14 +90,19 @@ def search_segmentation(
     thresholds: Sequence[float] | None = None,
     radii: Sequence[int] | None = None,
     areas: Sequence[int] | None = None,
+    called_good: Sequence[bool] | None = None,
 ) -> SearchResult:
     """The threshold / closing / hole filling / minimum area of the best pooled SegF1 over ``maps``.
 
-    ``masks`` are the ground truth (all False for good images). Candidates default to the ones
-    described in this module's docstring.
+    ``masks`` are the ground truth (all False for good images). ``called_good``: per image, whether the
+    image threshold calls it good (then it predicts no pixel, whatever the pixel threshold). Candidates
+    default to the ones described in this module's docstring.
     """
     if len(maps) != len(masks) or not maps:
         raise ConfigError(f"the segmentation search needs maps and masks in pairs, got {len(maps)} and {len(masks)}")
+    good = [False] * len(maps) if called_good is None else [bool(g) for g in called_good]
+    if len(good) != len(maps):
+        raise ConfigError(f"the segmentation search needs a verdict per map, got {len(good)} for {len(maps)} maps")
     truth_total = 0
     for amap, mask in zip(maps, masks):
         if np.shape(amap) != np.shape(mask):
@@ -113,7 +120,9 @@ def search_segmentation(
     tp = np.zeros(shape, dtype=np.int64)
     predicted = np.zeros(shape, dtype=np.int64)
     area_edges = np.asarray(areas, dtype=np.int64)
-    for amap, mask in zip(maps, masks):
+    for amap, mask, is_good in zip(maps, masks, good):
+        if is_good:  # no mask: predicts nothing, misses its defect pixels (counted in truth_total)
+            continue
         amap = np.asarray(amap, dtype=np.float32)
         truth = np.asarray(mask, dtype=bool)
         for ti, t in enumerate(thresholds):
