@@ -71,6 +71,28 @@ def test_local_engine_isolates_a_failing_category(tmp_path: Path) -> None:
     assert refused[0].status == "failed" and "already holds a model" in (refused[0].error or "")
 
 
+def test_categories_calibrate_as_fit_does(tmp_path: Path) -> None:
+    """Each category's split and calibration are `anomnet fit`'s: PatchCore on all 8 training images, leave-one-out."""
+    from anomnet.detectors.base import Detector
+
+    root, out = _root(tmp_path), tmp_path / "models"
+    fm.fit_many(root, out, "patchcore", settings=SMALL, engine="local", progress=False, categories=["alpha"])
+    cal = Detector.load(out / "alpha").calibration
+    assert cal.source == "loo" and len(cal.validation_scores) == 8 and len(cal.training_hashes) == 8
+    fm.fit_many(
+        root,
+        out,
+        "patchcore",
+        settings=SMALL,
+        engine="local",
+        progress=False,
+        categories=["beta"],
+        calibration="holdout",
+    )
+    held = Detector.load(out / "beta").calibration
+    assert held.source == "holdout" and len(held.validation_scores) == 1  # 10 % of 8, at least one
+
+
 def test_cli_fit_many_exit_code_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from anomnet.cli import main
 

@@ -56,7 +56,8 @@ class FitJob:
     model_dir: str
     detector: str
     settings: dict[str, Any] = field(default_factory=dict)
-    val_fraction: float = 0.1
+    val_fraction: float | None = None  # None: api.fit's default for the detector's calibration
+    calibration: str = "auto"
     seed: int = 0
     max_false_alarm: float = 0.01
     max_train: int | None = None
@@ -95,13 +96,14 @@ def fit_category(job: FitJob) -> CategoryResult:
         from anomnet import api
         from anomnet.data import load_dataset
 
-        split = load_dataset(job.data_dir, val_fraction=job.val_fraction, seed=job.seed)
         start = time.perf_counter()
-        det = api.fit(
+        det = api.fit(  # the split and the calibration as `anomnet fit` makes them
             job.detector,
-            split,
+            job.data_dir,
             job.model_dir,
             settings=job.settings,
+            val_fraction=job.val_fraction,
+            calibration=job.calibration,
             seed=job.seed,
             max_false_alarm=job.max_false_alarm,
             max_train=job.max_train,
@@ -109,7 +111,8 @@ def fit_category(job: FitJob) -> CategoryResult:
             overwrite=job.overwrite,
         )
         result.fit_seconds = time.perf_counter() - start
-        if job.test and split.test:
+        split = load_dataset(job.data_dir, val_fraction=0.0, seed=job.seed) if job.test else None
+        if split is not None and split.test:
             start = time.perf_counter()
             res = api.test(det, split, json_out=Path(job.model_dir) / "metrics.json", progress=False)
             result.test_seconds = time.perf_counter() - start
@@ -138,7 +141,8 @@ def fit_many(
 ) -> list[CategoryResult]:
     """Fit every category of ``root`` into ``out/<category>`` (see the module docstring); one result each.
 
-    ``fit_options``: ``val_fraction``, ``seed``, ``max_false_alarm``, ``max_train``, ``overwrite``, ``test``.
+    ``fit_options``: ``val_fraction``, ``calibration``, ``seed``, ``max_false_alarm``, ``max_train``, ``overwrite``,
+    ``test``.
     """
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -262,7 +266,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
     p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
     p.add_argument("--max-train", type=int, default=None, help="at most this many training images per category")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="good training images held out (default 0.1)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="good training images held out (default: 0.1 with --calibration holdout, none otherwise)",
+    )
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        choices=["auto", "holdout", "loo", "crossfit"],
+        help="what calibrates the thresholds, as in 'anomnet fit' (default auto: the detector's measured default)",
+    )
     p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the detectors (default 0)")
     p.add_argument("--no-test", action="store_true", help="do not evaluate on the test splits")
@@ -290,6 +305,7 @@ def command(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         skip_existing=args.skip_existing,
         progress=not args.quiet,
         val_fraction=args.val_fraction,
+        calibration=args.calibration,
         seed=args.seed,
         max_false_alarm=args.max_false_alarm,
         max_train=args.max_train,
