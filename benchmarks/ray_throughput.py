@@ -204,8 +204,8 @@ def _score_difference(a: Path, b: Path, n: int) -> float:
 def _noop(folder: Path, n: int, workers: int) -> dict[str, Any]:
     from PIL import Image
 
-    from anomnet.engine.inputs import collect_inputs
     from anomnet.engine.ray_predict import BATCH_SIZE, ensure_ray, predict_on_ray
+    from anomnet.predict.inputs import collect_inputs
     from anomnet.predict.outputs import predict_images
 
     folder.mkdir(parents=True)
@@ -216,7 +216,11 @@ def _noop(folder: Path, n: int, workers: int) -> dict[str, Any]:
     local = time.perf_counter() - start
     ensure_ray(num_cpus=workers)
     summary = predict_on_ray(
-        collect_inputs([folder]), {None: NullScorer()}, folder.parent / "noop-ray", workers=workers, progress=False
+        collect_inputs([folder], batch=True),
+        {None: NullScorer()},
+        folder.parent / "noop-ray",
+        workers=workers,
+        progress=False,
     )
     import ray
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from anomnet import api
 from anomnet.cli import EXIT_OK, EXIT_SOME_FAILED, main
-from anomnet.predict.inputs import expand_inputs
+from anomnet.predict.inputs import collect_inputs
 
 SMALL = ["--image-size", "64", "--set", "batch_size=4", "--quiet"]
 
@@ -110,12 +110,27 @@ def test_paths_from_stdin_and_name_clashes(
     assert not (out / "maps").exists()  # raw maps only when asked
 
 
-def test_expand_inputs_keeps_subfolders(tmp_path: Path) -> None:
+def test_collect_inputs_keeps_subfolders(tmp_path: Path) -> None:
     (tmp_path / "d" / "x").mkdir(parents=True)
     for p in ("d/a.png", "d/x/a.png", "d/x/b.jpg"):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / p)
-    items = expand_inputs([tmp_path / "d", tmp_path / "d" / "a.png"])
+    items = collect_inputs([tmp_path / "d", tmp_path / "d" / "a.png"])
     assert [i.name for i in items] == ["a", "x/a", "x/b", "a__2"]
+
+
+def test_predict_inputs_keep_paths_as_given_and_list_twice_twice(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "d").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "d" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    items = collect_inputs(["./d/a.png", "d/a.png", "d/*.png", "m.csv"])  # globs and manifests: --engine ray only
+    assert [(i.path, i.name) for i in items] == [
+        ("d/a.png", "a"),
+        ("d/a.png", "a__2"),
+        ("d/*.png", "*"),
+        ("m.csv", "m"),
+    ]
+    batch = collect_inputs(["./d/a.png", "d/a.png", "d/*.png"], batch=True)
+    assert [(i.path, i.name) for i in batch] == [(str(tmp_path / "d" / "a.png"), "a")]
 
 
 def test_predict_writes_the_models_colour_scale_once(model_dir: Path, folder_dataset: Path, tmp_path: Path) -> None:

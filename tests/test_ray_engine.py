@@ -25,10 +25,11 @@ pq = pytest.importorskip("pyarrow.parquet")
 from anomnet.decisions.calibration import Calibration  # noqa: E402
 from anomnet.engine import rows as rows_mod  # noqa: E402
 from anomnet.engine import worker as worker_mod  # noqa: E402
-from anomnet.engine.inputs import InputRef, check_products, collect_inputs, resolve_models  # noqa: E402
+from anomnet.engine.models import check_products, resolve_models  # noqa: E402
 from anomnet.engine.rows import Journal, done_keys, finalise, inputs_table, rows_table  # noqa: E402
 from anomnet.engine.worker import BatchScorer  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
+from anomnet.predict.inputs import InputImage, collect_inputs  # noqa: E402
 from anomnet.predict.outputs import clear_previous_run  # noqa: E402
 from anomnet.predict.scoring import ImagePrediction  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_folders_globs_and_files_give_absolute_paths_and_unique_names(tmp_path: 
     _images(tmp_path / "a" / "x", 2)
     _images(tmp_path / "b", 2)
     monkeypatch.chdir(tmp_path)
-    refs = collect_inputs(["a", "b/**/*.png", "b/000.png", "missing.png"])
+    refs = collect_inputs(["a", "b/**/*.png", "b/000.png", "missing.png"], batch=True)
     assert [r.path for r in refs] == [
         str(tmp_path / "a/x/000.png"),
         str(tmp_path / "a/x/001.png"),
@@ -73,7 +74,7 @@ def test_folders_globs_and_files_give_absolute_paths_and_unique_names(tmp_path: 
     ]
     assert [r.name for r in refs] == ["x/000", "x/001", "000", "001", "missing"]
     with pytest.raises(ConfigError, match="no image file matches"):
-        collect_inputs([str(tmp_path / "nothing" / "*.png")])
+        collect_inputs([str(tmp_path / "nothing" / "*.png")], batch=True)
 
 
 def test_manifests_csv_and_parquet_with_products(tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_manifests_csv_and_parquet_with_products(tmp_path: Path) -> None:
         "path,product,extra\ndata/cam1/000.png,bolt,1\ndata/cam1/001.png,nut,2\ndata/cam2/000.png,bolt,3\n"
         "data/cam1/000.png,bolt,4\ndata/cam1/000.png,nut,5\n"
     )
-    refs = collect_inputs([tmp_path / "m.csv"])
+    refs = collect_inputs([tmp_path / "m.csv"], batch=True)
     assert [(Path(r.path).relative_to(tmp_path).as_posix(), r.product) for r in refs] == [
         ("data/cam1/000.png", "bolt"),
         ("data/cam1/001.png", "nut"),
@@ -92,20 +93,20 @@ def test_manifests_csv_and_parquet_with_products(tmp_path: Path) -> None:
     ]
     assert [r.name for r in refs] == ["cam1/000", "cam1/001", "cam2/000", "cam1/000__2"]
     pq.write_table(pa.table({"path": [str(tmp_path / "data/cam2/000.png")]}), tmp_path / "m.parquet")
-    (ref,) = collect_inputs([tmp_path / "m.parquet"])
+    (ref,) = collect_inputs([tmp_path / "m.parquet"], batch=True)
     assert ref.product is None and ref.path == str(tmp_path / "data/cam2/000.png")
 
 
 def test_bad_manifests_are_refused_with_their_name(tmp_path: Path) -> None:
     (tmp_path / "nopath.csv").write_text("file\na.png\n")
     with pytest.raises(ConfigError, match=r"nopath.csv: a manifest needs a 'path' column"):
-        collect_inputs([tmp_path / "nopath.csv"])
+        collect_inputs([tmp_path / "nopath.csv"], batch=True)
     (tmp_path / "empty-row.csv").write_text('path\na.png\n""\n')
     with pytest.raises(ConfigError, match=r"empty-row.csv: row 2 has no path"):
-        collect_inputs([tmp_path / "empty-row.csv"])
+        collect_inputs([tmp_path / "empty-row.csv"], batch=True)
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(ConfigError, match=r"broken.parquet: not a readable PARQUET manifest"):
-        collect_inputs([tmp_path / "broken.parquet"])
+        collect_inputs([tmp_path / "broken.parquet"], batch=True)
 
 
 def test_models_map_and_products_without_a_model(tmp_path: Path) -> None:
@@ -115,7 +116,7 @@ def test_models_map_and_products_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "models" / "notes").mkdir()
     models = resolve_models(root=tmp_path / "models", named=[f"screw={tmp_path / 'models' / 'nut'}"])
     assert sorted(models, key=str) == ["bolt", "nut", "screw"]
-    refs = [InputRef("/a.png", "a", "bolt"), InputRef("/b.png", "b", "washer"), InputRef("/c.png", "c", None)]
+    refs = [InputImage("/a.png", "a", "bolt"), InputImage("/b.png", "b", "washer"), InputImage("/c.png", "c", None)]
     with pytest.raises(ConfigError, match=r"no model for product\(s\) None, washer"):
         check_products(refs, models)
     check_products(refs, {**models, None: "x"})  # --model-dir covers the rest
@@ -151,12 +152,12 @@ def test_batch_scorer_uses_each_products_model_once_keeps_order_and_isolates_fai
     models = {"bolt": bolt, "nut": nut, "bad": "broken-model", "lean": "needs-torch"}
     scorer = BatchScorer(models, out=str(tmp_path / "out"))
     refs = [
-        InputRef(str(paths[0]), "000", "bolt"),
-        InputRef(str(paths[1]), "001", "nut"),
-        InputRef(str(tmp_path / "in" / "bad.png"), "bad", "bolt"),
-        InputRef(str(paths[2]), "002", "bad"),
-        InputRef(str(paths[3]), "003", "bolt"),
-        InputRef(str(paths[3]), "003__2", "lean"),
+        InputImage(str(paths[0]), "000", "bolt"),
+        InputImage(str(paths[1]), "001", "nut"),
+        InputImage(str(tmp_path / "in" / "bad.png"), "bad", "bolt"),
+        InputImage(str(paths[2]), "002", "bad"),
+        InputImage(str(paths[3]), "003", "bolt"),
+        InputImage(str(paths[3]), "003__2", "lean"),
     ]
     for _ in range(2):
         table = scorer(inputs_table(refs))
@@ -183,7 +184,7 @@ def test_batch_scorer_gives_an_unexpected_failure_to_the_failing_image_only(tmp_
 
     paths = _images(tmp_path / "in", 3)
     Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(paths[1])
-    table = BatchScorer({None: FailsOnWide()})(inputs_table([InputRef(str(p), p.stem) for p in paths]))
+    table = BatchScorer({None: FailsOnWide()})(inputs_table([InputImage(str(p), p.stem) for p in paths]))
     assert [r["error"] for r in table.to_pylist()] == [None, "could not be scored: RuntimeError: out of cheese", None]
     assert table.column("path").to_pylist() == [str(p) for p in paths]
 
@@ -192,7 +193,7 @@ def test_batch_scorer_gives_an_unexpected_failure_to_the_failing_image_only(tmp_
 
 
 def test_finalise_keeps_one_row_per_input_in_input_order(tmp_path: Path) -> None:
-    refs = [InputRef(f"/img/{i}.png", str(i), "p" if i % 2 else None) for i in range(5)]
+    refs = [InputImage(f"/img/{i}.png", str(i), "p" if i % 2 else None) for i in range(5)]
 
     def rows(idx: list[int], score: float) -> pa.Table:
         preds = [ImagePrediction(refs[i].path, score, 0.5, False, defect_pixels=0, regions=0) for i in idx]
@@ -214,7 +215,7 @@ def test_finalise_keeps_one_row_per_input_in_input_order(tmp_path: Path) -> None
 
 
 def test_rows_carry_the_threshold_and_older_journals_read_without_it(tmp_path: Path) -> None:
-    refs = [InputRef(f"/img/{i}.png", str(i), None) for i in range(3)]
+    refs = [InputImage(f"/img/{i}.png", str(i), None) for i in range(3)]
     scored = ImagePrediction(refs[0].path, 0.7, 0.1, True, threshold=0.5, defect_pixels=4, regions=1)
     ((pred, _),) = rows_mod.predictions_of(rows_table([scored], [None]))
     assert pred.record() == scored.record()
@@ -270,7 +271,7 @@ def test_ray_every_input_one_row_after_a_killed_worker_and_per_product_models(ra
     (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
     lines = ["path,product"] + [f"in/{p.name},{'bolt' if i % 3 else 'nut'}" for i, p in enumerate(paths)]
     (tmp_path / "m.csv").write_text("\n".join([*lines, "in/bad.png,bolt"]) + "\n")
-    refs = collect_inputs([tmp_path / "m.csv"])
+    refs = collect_inputs([tmp_path / "m.csv"], batch=True)
     marker = tmp_path / "killed"
     summary = predict_on_ray(
         refs,
@@ -295,7 +296,7 @@ def test_ray_every_input_one_row_after_a_killed_worker_and_per_product_models(ra
 
     # --resume: only the new inputs are scored, the final files hold every input once
     new = _images(tmp_path / "in", 5, start=40)
-    more = collect_inputs([tmp_path / "m.csv", *map(str, new)])
+    more = collect_inputs([tmp_path / "m.csv", *map(str, new)], batch=True)
     again = predict_on_ray(
         more,
         {"bolt": FakeScorer(0.0), "nut": FakeScorer(10.0), None: FakeScorer()},
@@ -414,7 +415,7 @@ def test_ray_engine_failure_keeps_the_rows_for_resume(
             time.sleep(0.3)
             return super().__call__(batch)
 
-    refs = collect_inputs([_images(tmp_path / "in", 24)[0].parent])
+    refs = collect_inputs([_images(tmp_path / "in", 24)[0].parent], batch=True)
     out = tmp_path / "out"
     with pytest.raises(EngineFailed, match="run the same command with --resume"):
         predict_on_ray(
@@ -456,7 +457,7 @@ class DiesOnWide(FakeScorer):
 def test_an_image_that_kills_every_worker_becomes_an_error_row_not_a_retry_loop(tmp_path: Path) -> None:
     paths = _images(tmp_path / "in", 4)
     Image.fromarray(np.zeros((8, 30, 3), np.uint8)).save(paths[2])
-    batch = inputs_table([InputRef(str(p), p.stem) for p in paths])
+    batch = inputs_table([InputImage(str(p), p.stem) for p in paths])
     attempts = str(tmp_path / "out" / rows_mod.JOURNAL / rows_mod.ATTEMPTS)
     deaths = 0
     for _ in range(worker_mod.MAX_ATTEMPTS + 2):  # Ray starts a new worker and gives it the batch again
@@ -495,7 +496,7 @@ def test_ray_an_image_that_kills_its_worker_ends_as_an_error_row(ray_here: None,
 
     paths = _images(tmp_path / "in", 8)
     Image.fromarray(np.zeros((8, 30, 3), np.uint8)).save(paths[5])
-    refs = collect_inputs([tmp_path / "in"])
+    refs = collect_inputs([tmp_path / "in"], batch=True)
     summary = predict_on_ray(
         refs,
         {None: FakeScorer()},
@@ -518,7 +519,7 @@ def test_resume_with_a_damaged_results_file_or_journal_part_says_so_and_scores_t
 ) -> None:
     from anomnet.engine.ray_predict import predict_on_ray
 
-    refs = collect_inputs([_images(tmp_path / "in", 6)[0].parent])
+    refs = collect_inputs([_images(tmp_path / "in", 6)[0].parent], batch=True)
     out = tmp_path / "out"
     predict_on_ray(refs, {None: FakeScorer()}, out, workers=1, progress=False, image_outputs=False)
     final = out / "results.parquet"

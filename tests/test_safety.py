@@ -73,7 +73,7 @@ from anomnet.cli import EXIT_INPUT, EXIT_OK, main  # noqa: E402
 from anomnet.detectors.base import Detector  # noqa: E402
 from anomnet.errors import ConfigError, ModelFormatError  # noqa: E402
 from anomnet.model_io import META_FILE, TENSOR_FILE  # noqa: E402
-from anomnet.predict.inputs import expand_inputs  # noqa: E402
+from anomnet.predict.inputs import collect_inputs  # noqa: E402
 
 SMALL = {"image_size": 64}
 
@@ -88,7 +88,7 @@ def test_suffixed_names_never_equal_a_real_name(tmp_path: Path) -> None:
     a = _png(tmp_path / "a" / "x.png")
     b = _png(tmp_path / "b" / "x.png")
     real = _png(tmp_path / "c" / "x__2.png")
-    names = [i.name for i in expand_inputs([a, b, real])]
+    names = [i.name for i in collect_inputs([a, b, real])]
     assert len(set(names)) == 3 and "x__2" in names
     assert dict(zip(names, [a, b, real]))["x__2"] == real  # the real x__2 keeps its own name
 

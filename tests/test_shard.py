@@ -12,7 +12,7 @@ from PIL import Image
 from anomnet.cli import EXIT_INPUT, EXIT_OK, main
 from anomnet.decisions.calibration import Calibration
 from anomnet.errors import ConfigError
-from anomnet.predict.inputs import InputImage, expand_inputs
+from anomnet.predict.inputs import InputImage, collect_inputs
 from anomnet.predict.outputs import predict_images
 from anomnet.predict.shard import Shard
 
@@ -73,7 +73,7 @@ def test_parse_accepts_spaces_and_prints_back() -> None:
 
 def test_sharded_predict_writes_each_image_once_with_whole_list_names(tmp_path: Path) -> None:
     data = _images(tmp_path / "in", 10)
-    whole = {i.name for i in expand_inputs([data])}
+    whole = {i.name for i in collect_inputs([data])}
     out = tmp_path / "out"
     seen: list[str] = []
     for i in range(3):
@@ -95,7 +95,7 @@ def test_cli_shards_cover_the_inputs(tmp_path: Path, folder_dataset: Path, capsy
         assert main(["predict", "--model-dir", str(model), images, "--quiet", "--shard", f"{i}/2"]) == EXIT_OK
         lines = capsys.readouterr().out.strip().splitlines()[1:]
         paths += [line.split("\t")[0] for line in lines]
-    assert sorted(paths) == sorted(str(i.path) for i in expand_inputs([images]))
+    assert sorted(paths) == sorted(str(i.path) for i in collect_inputs([images]))
     assert len(paths) == len(set(paths)) == 8
 
 

@@ -99,14 +99,15 @@ def predict_command(args: argparse.Namespace) -> int:
         import ray.data  # noqa: F401
     except ImportError:
         raise ConfigError(f"--engine ray needs Ray: {install_command('ray')}") from None
-    from anomnet.engine.inputs import collect_inputs, resolve_models
+    from anomnet.engine.models import resolve_models
     from anomnet.engine.ray_predict import BATCH_SIZE, EngineFailed, predict_on_ray
+    from anomnet.predict.inputs import collect_inputs
 
     models = resolve_models(args.model_dir, args.model, args.model_root)
     protected = [Path(i) for i in args.images if i != "-" and Path(i).exists()] + [Path(m) for m in models.values()]
     imageio.check_not_input(args.out, protected, "--out", folder=True)
     imageio.check_writable(args.out, "--out", folder=True)
-    refs = collect_inputs(args.images)
+    refs = collect_inputs(args.images, batch=True)
     if shard is not None:
         refs = shard.select(refs)
     try:

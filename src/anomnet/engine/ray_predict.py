@@ -1,6 +1,6 @@
 """``anomnet predict --engine ray``: score many images on a Ray cluster (or a local Ray), nothing lost.
 
-The driver lists the inputs (:mod:`anomnet.engine.inputs`) and hands Ray Data a table of references
+The driver lists the inputs (:mod:`anomnet.predict.inputs`) and hands Ray Data a table of references
 (path, output name, product; never pixels), cut into blocks. ``map_batches`` runs a pool of
 :class:`~anomnet.engine.worker.BatchScorer` actors, each loading a product's model once and keeping it;
 every worker reads its images from the shared storage, writes their heat maps, overlays and masks into
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anomnet.engine.inputs import InputRef, check_products
+from anomnet.engine.models import check_products
 from anomnet.engine.rows import (
     ATTEMPTS,
     JOURNAL,
@@ -72,7 +72,7 @@ class RunSummary:
     """Rows this run produced."""
     failed: int = 0
     """Error rows among all the inputs' rows."""
-    missing: list[InputRef] = field(default_factory=list)
+    missing: list[InputImage] = field(default_factory=list)
     """Inputs without a row at the end (none unless the engine failed them twice)."""
     startup_seconds: float = 0.0
     """Connecting to (or starting) Ray."""
@@ -121,7 +121,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def predict_on_ray(
-    refs: Sequence[InputRef],
+    refs: Sequence[InputImage],
     models: Mapping[str | None, str | Scorer],
     out: str | Path,
     *,
@@ -162,8 +162,12 @@ def predict_on_ray(
             (note or _stderr_note)(line)
     done = done_keys(out) if resume else set()
     todo = [r for r in refs if r.key not in done]
-    images = [InputImage(Path(r.path), r.name) for r in refs] if image_outputs else []
-    claim_outputs(out, images, raw_maps, summaries=[RESULTS_PARQUET, *(_claimed(out) if resume else [])])
+    claim_outputs(
+        out,
+        list(refs) if image_outputs else [],
+        raw_maps,
+        summaries=[RESULTS_PARQUET, *(_claimed(out) if resume else [])],
+    )
     summary = RunSummary(inputs=len(refs), resumed=len(refs) - len(todo))
     if todo:
         _run(
@@ -194,7 +198,7 @@ def _claimed(out: Path) -> list[str]:
 
 
 def _run(
-    todo: list[InputRef],
+    todo: list[InputImage],
     models: Mapping[str | None, str | Scorer],
     out: Path,
     image_out: Path | None,
@@ -251,7 +255,7 @@ def _run(
 
 
 def _stream(
-    refs: list[InputRef],
+    refs: list[InputImage],
     models: Mapping[str | None, str | Scorer],
     journal_folder: Path,
     out: Path | None,

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from anomnet import imageio
-from anomnet.engine.inputs import InputRef
+from anomnet.predict.inputs import InputImage
 from anomnet.predict.outputs import PREDICT_CSV_COLUMNS
 from anomnet.predict.scoring import ImagePrediction
 
@@ -74,7 +74,7 @@ rows carried it are read with it null (:func:`_read`).
 """
 
 
-def inputs_table(refs: Sequence[InputRef]) -> pa.Table:
+def inputs_table(refs: Sequence[InputImage]) -> pa.Table:
     return pa.table(
         {
             "path": pa.array([r.path for r in refs], pa.string()),
@@ -85,9 +85,9 @@ def inputs_table(refs: Sequence[InputRef]) -> pa.Table:
     )
 
 
-def refs_of(table: pa.Table) -> list[InputRef]:
+def refs_of(table: pa.Table) -> list[InputImage]:
     cols = table.to_pydict()
-    return [InputRef(p, n, pr) for p, n, pr in zip(cols["path"], cols["name"], cols["product"])]
+    return [InputImage(p, n, pr) for p, n, pr in zip(cols["path"], cols["name"], cols["product"])]
 
 
 def rows_table(predictions: Sequence[ImagePrediction], products: Sequence[str | None]) -> pa.Table:
@@ -113,7 +113,7 @@ def rows_table(predictions: Sequence[ImagePrediction], products: Sequence[str | 
     return pa.Table.from_pylist(records, schema=SCHEMA)
 
 
-def error_rows(refs: Sequence[InputRef], error: str) -> pa.Table:
+def error_rows(refs: Sequence[InputImage], error: str) -> pa.Table:
     return rows_table([ImagePrediction(r.path, error=error) for r in refs], [r.product for r in refs])
 
 
@@ -229,7 +229,7 @@ def clear_journal(out: Path, keep_attempts: bool = False) -> None:
         part.unlink(missing_ok=True)
 
 
-def finalise(out: Path, refs: Sequence[InputRef]) -> pa.Table:
+def finalise(out: Path, refs: Sequence[InputImage]) -> pa.Table:
     """One row per input of ``refs`` that has one, in input order; written as results.parquet/.csv/.jsonl.
 
     Rows of inputs not in ``refs`` (an earlier run over other inputs) are dropped; the journal is
@@ -280,17 +280,17 @@ class Attempts:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def _path(self, ref: InputRef) -> Path:
+    def _path(self, ref: InputImage) -> Path:
         key = hashlib.sha256(f"{ref.product}\0{ref.path}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
         return self.folder / key
 
-    def get(self, ref: InputRef) -> int:
+    def get(self, ref: InputImage) -> int:
         try:
             return int(self._path(ref).read_text() or 0)
         except (OSError, ValueError):
             return 0
 
-    def set(self, refs: Sequence[InputRef], count: int) -> None:
+    def set(self, refs: Sequence[InputImage], count: int) -> None:
         """Record ``count`` for each input (0: forget it).
 
         Not synced to disk: the counts must outlive a worker process, not the machine (after a power cut an

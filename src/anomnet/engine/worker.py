@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from anomnet.engine.inputs import InputRef, model_for
+from anomnet.engine.models import model_for
 from anomnet.engine.rows import Attempts, error_rows, refs_of, rows_table
 from anomnet.errors import AnomnetError
 from anomnet.predict.inputs import InputImage
@@ -91,7 +91,7 @@ class BatchScorer:
         # a worker died while scoring this batch: each image alone, so only the one that kills is given up
         return pa.concat_tables([self._score_counted(ref, n) for ref, n in zip(refs, tries)])
 
-    def _score_counted(self, ref: InputRef, tries: int) -> pa.Table:
+    def _score_counted(self, ref: InputImage, tries: int) -> pa.Table:
         assert self.attempts is not None
         if tries >= MAX_ATTEMPTS:
             return error_rows(
@@ -104,7 +104,7 @@ class BatchScorer:
         self.attempts.set([ref], 0)  # it returned: whatever stops the worker now is not this image's doing
         return table
 
-    def _score_refs(self, refs: list[InputRef]) -> pa.Table:
+    def _score_refs(self, refs: list[InputImage]) -> pa.Table:
         groups: dict[str | None, list[int]] = {}
         for i, ref in enumerate(refs):
             groups.setdefault(ref.product, []).append(i)
@@ -116,7 +116,7 @@ class BatchScorer:
         position = {i: k for k, i in enumerate(order)}
         return table.take(pa.array([position[i] for i in range(len(refs))], pa.int64()))
 
-    def _score_group(self, product: str | None, refs: list[InputRef]) -> pa.Table:
+    def _score_group(self, product: str | None, refs: list[InputImage]) -> pa.Table:
         try:
             scorer = self.scorer(product)
         except AnomnetError as exc:
@@ -124,14 +124,14 @@ class BatchScorer:
         except Exception as exc:  # e.g. a fitted model on a worker without the training stack (torch)
             return error_rows(refs, f"model could not be loaded: {type(exc).__name__}: {exc}")
         try:
-            rows = score_and_write(scorer, [InputImage(Path(r.path), r.name) for r in refs], self.out, self.raw_maps)
+            rows = score_and_write(scorer, refs, self.out, self.raw_maps)
         except Exception:  # an unexpected failure: score the images one by one, so only the culprit fails
             return pa.concat_tables([self._score_one(scorer, ref) for ref in refs])
         return rows_table(rows, [r.product for r in refs])
 
-    def _score_one(self, scorer: Scorer, ref: InputRef) -> pa.Table:
+    def _score_one(self, scorer: Scorer, ref: InputImage) -> pa.Table:
         try:
-            rows = score_and_write(scorer, [InputImage(Path(ref.path), ref.name)], self.out, self.raw_maps)
+            rows = score_and_write(scorer, [ref], self.out, self.raw_maps)
         except Exception as exc:  # one input must never stop the batch: it becomes an error row
             return error_rows([ref], f"could not be scored: {type(exc).__name__}: {exc}")
         return rows_table(rows, [ref.product])

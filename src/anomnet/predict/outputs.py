@@ -52,7 +52,7 @@ import numpy as np
 from anomnet import imageio
 from anomnet.decisions.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
-from anomnet.predict.inputs import InputImage, expand_inputs
+from anomnet.predict.inputs import InputImage, collect_inputs
 from anomnet.predict.scoring import (
     EXPORT_MANIFEST,
     MODEL_META,
@@ -183,7 +183,7 @@ def predict_images(
     this shard of the expanded inputs (:mod:`anomnet.predict.shard`; output names as in the whole list).
     """
     scorer = load_scorer(model)
-    inputs = expand_inputs(images, stdin)
+    inputs = collect_inputs(images, stdin)
     if shard is not None:
         inputs = shard.select(inputs)
     out = Path(out_dir) if out_dir is not None else None

@@ -37,7 +37,7 @@ import numpy as np
 
 from anomnet import imageio
 from anomnet.errors import AnomnetError, ConfigError
-from anomnet.predict.inputs import expand_inputs
+from anomnet.predict.inputs import collect_inputs
 from anomnet.predict.scoring import ImagePrediction, ImageRef, Scorer, load_scorer, score_refs
 
 if TYPE_CHECKING:
@@ -85,8 +85,8 @@ def predict_submission(
     """
     scorer = load_scorer(model)
     # a split's ground_truth/ folder holds masks, not test images (MVTec's own pattern takes good/ and bad/)
-    inputs = [item for item in expand_inputs(images) if GROUND_TRUTH not in relative_name(item.path).parts]
-    names: dict[PurePosixPath, Path] = {}
+    inputs = [item for item in collect_inputs(images) if GROUND_TRUTH not in relative_name(item.path).parts]
+    names: dict[PurePosixPath, str] = {}
     for item in inputs:
         name = relative_name(item.path)
         if name in names:

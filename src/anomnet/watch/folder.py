@@ -345,7 +345,7 @@ class HotFolder:
         A file that makes the model itself fail gets an error row and the others go on (a file that
         crashed the watcher would otherwise crash it again at every restart).
         """
-        items = [InputImage(Path(c.source), c.name) for c in claims]
+        items = [InputImage(c.source, c.name) for c in claims]
         try:
             return score_and_write(self.scorer, items, self.out, self.options.raw_maps)
         except Exception:  # noqa: BLE001 - one bad file must not stop the line: find it
