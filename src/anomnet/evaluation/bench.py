@@ -120,13 +120,14 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from anomnet import api
     from anomnet.data import load_dataset
 
-    split = load_dataset(spec["data"], spec.get("category"))
+    split = load_dataset(spec["data"], spec.get("category"), val_fraction=0.0)  # its test split
     choices = spec.get("thresholds", {})  # threshold / mask post-processing choices of the row, as text
     t = time.perf_counter()
-    det = api.fit(
+    det = api.fit(  # the training split and calibration as `anomnet fit` makes them
         spec["model"],
-        split,
+        spec["data"],
         spec["out"],
+        category=spec.get("category"),
         settings=spec["settings"],
         max_train=spec.get("max_train"),
         progress=False,
