@@ -157,7 +157,7 @@ def measure(name: str, where: str, sources: list[str], model: str, folds: int) -
         whole = load_dataset(path, val_fraction=0.0)
         held = load_dataset(path, val_fraction=0.1)
     row["train_images"] = len(whole.train)
-    can_loo = hasattr(create_detector(model), "leave_out")
+    can_loo = create_detector(model).can_leave_out
     sources = [s for s in sources if s != "loo" or can_loo]
     final = None
     good = bad = np.zeros(0)

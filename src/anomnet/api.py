@@ -102,8 +102,8 @@ def fit(
     options, post = split_choices({"max_false_alarm": max_false_alarm, **thresholds})
     excluded: list[str] = []
     for attempt in range(2):
-        if labelled is not None and getattr(detector, "accepts_labelled", False):  # the hybrid chooses its branch
-            detector.labelled_validation = labelled_samples(labelled)[1]  # type: ignore[attr-defined]
+        if labelled is not None and detector.accepts_labelled:  # the hybrid chooses its branch
+            detector.labelled_validation = labelled_samples(labelled)[1]
         out_of_fold = None
         if source == "crossfit":
             out_of_fold = out_of_fold_statistics(make, train, split.validation, folds, seed, progress=progress)
@@ -136,7 +136,7 @@ def resolve_source(calibration: str, detector: Detector) -> str:
         return DEFAULT_SOURCES.get(detector.name, "holdout")
     if calibration not in SOURCES:
         raise ConfigError(f"calibration {calibration!r} unknown; use auto or one of: {', '.join(SOURCES)}")
-    if calibration == "loo" and not hasattr(detector, "leave_out"):
+    if calibration == "loo" and not detector.can_leave_out:
         raise ConfigError(
             f"the {detector.name} detector cannot leave one training image out (only memory-bank and retrieval "
             "detectors: patchcore, tocoad, cpr); use --calibration crossfit or holdout"

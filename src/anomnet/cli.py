@@ -646,9 +646,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"left out {len(det.calibration.excluded)} suspect training image(s) and refitted without them:")
         print("\n".join(f"  {path}" for path in det.calibration.excluded))
     print(f"saved {model} model to {args.out}")
-    describe = getattr(det, "describe_choice", None)  # the hybrid: which branch predicts, and why
-    if describe is not None:
-        print(describe())
+    choice = det.describe_choice()  # the hybrid: which branch predicts, and why
+    if choice is not None:
+        print(choice)
     print("\n".join(det.calibration.summary()))
     print("\n".join(operating_points_lines(det.calibration, args.out)))
     return EXIT_OK

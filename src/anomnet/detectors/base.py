@@ -162,6 +162,10 @@ class Detector(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     description: ClassVar[str] = ""
+    # Extension points (see docs/adding-a-detector.md): the defaults say "not this detector".
+    accepts_labelled: ClassVar[bool] = False  # fit reads labelled_validation (defective images), set by api.fit
+    can_leave_out: ClassVar[bool] = False  # implements leave_out (calibration "loo"; see supports_leave_out)
+    labelled_validation: list[Sample] | None = None
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or self.config_class()
@@ -255,6 +259,34 @@ class Detector(ABC):
     @abstractmethod
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors`."""
+
+    # -- extension points --------------------------------------------------------------
+    @property
+    def supports_leave_out(self) -> bool:
+        """True when this fitted detector can score a training image without that image's own contribution."""
+        return False
+
+    def leave_out(self, images: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """Predict, within the block, as if the training images at the positions ``images`` were not learned."""
+        raise ConfigError(f"the {self.name} detector cannot leave a training image out")
+
+    @property
+    def backbone_name(self) -> str | None:
+        """The backbone the detector predicts with, if it has a backbone setting."""
+        return getattr(self.config, "backbone", None)
+
+    def fitted_branches(self) -> dict[str, Detector]:
+        """The fitted detectors this one is made of, by alias (empty: it is not made of branches)."""
+        return {}
+
+    @property
+    def choice(self) -> dict[str, Any] | None:
+        """Which of its branches a detector made of branches predicts with, and the evidence (None: no choice)."""
+        return None
+
+    def describe_choice(self) -> str | None:
+        """One line for the user after fit: what predicts, and why (None: nothing to say)."""
+        return None
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -24,13 +24,16 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from anomnet.decisions.calibrate import OPTION_FIELDS, POSTPROCESS_FIELDS, parse_choices
 from anomnet.errors import AnomnetError, ConfigError
 from anomnet.imageio import atomic_write_text
+
+if TYPE_CHECKING:
+    from anomnet.detectors.base import Detector
 
 BATCHES = (1, 16)
 CHOICES = OPTION_FIELDS | POSTPROCESS_FIELDS
@@ -73,20 +76,15 @@ def _time_interleaved(fn: Any, ref: Any, images: torch.Tensor, batch: int, repea
     return statistics.median(a), statistics.median(b)
 
 
-def _trunk_for(det: Any) -> Any:
+def _trunk_for(det: Detector) -> Any:
     """The whole backbone trunk of the detector's backbone (random weights for the ResNets), or None."""
     from anomnet.backbones import available_backbones, create_backbone
 
-    name = backbone_of(det)
+    name = det.backbone_name
     info = next((b for b in available_backbones() if b.name == name), None)
     if info is None:
         return None
     return create_backbone(info.name, (info.layers[-1],), "random" if info.needs_weights_file else None)
-
-
-def backbone_of(det: Any) -> str | None:
-    """The detector's backbone setting; a hybrid's: that of the branch it predicts with."""
-    return getattr(det.config, "backbone", None) or getattr(det, "backbone_name", None)
 
 
 def _timing_images(split: Any, size: int | None, n: int = 16) -> torch.Tensor:
@@ -155,19 +153,19 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def branch_report(det: Any, split: Any, choices: dict[str, str]) -> dict[str, Any] | None:
+def branch_report(det: Detector, split: Any, choices: dict[str, str]) -> dict[str, Any] | None:
     """For a detector made of branches (the hybrid): its choice and its evidence, and every fitted branch
     calibrated on the validation images with the row's choices and evaluated on the test split, so the choice
     can be judged in hindsight. None for other detectors."""
-    branches = getattr(det, "fitted_branches", None)
-    if branches is None:
+    branches = det.fitted_branches()
+    if not branches:
         return None
     from anomnet import api
     from anomnet.decisions.calibrate import calibrate_detector, split_choices
 
     options, post = split_choices(parse_choices(choices))
     tested: dict[str, Any] = {}
-    for alias, branch in branches().items():
+    for alias, branch in branches.items():
         calibrate_detector(branch, split.validation, options, None, post)
         tested[alias] = {"detector": branch.name, "metrics": api.test(branch, split, progress=False).metrics}
     return {"choice": det.choice, "tested": tested}
@@ -278,7 +276,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         thresholds = {k: v for k, v in given.items() if k in CHOICES}  # threshold / post-processing choices
         parse_choices(thresholds)  # checked before any long work, as the settings are
         det = create_detector(model, settings)  # validates the settings before any long work
-        key = (backbone_of(det) or "efficientnet_lite0", det.config.image_size)
+        key = (det.backbone_name or "efficientnet_lite0", det.config.image_size)
         if key not in backbones:
             print(f"[bench] backbone {key[0]} at {key[1]} px", file=sys.stderr)
             spec = {"backbone": key[0], "image_size": key[1], "data": args.data, "category": args.category}

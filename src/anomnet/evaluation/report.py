@@ -489,7 +489,7 @@ def _suspects_section(detector: Detector) -> str:
 def _left_out_case(detector: Detector, path: Path) -> KeptImage | None:
     """A training image as the calibration scored it (its own contribution left out where the model can)."""
     from anomnet.data import Sample, iter_batches
-    from anomnet.decisions.calibrate import content_hash, supports_leave_out
+    from anomnet.decisions.calibrate import content_hash
     from anomnet.evaluation.evaluate import KEEP_SIDE, _WorstKeeper
 
     try:
@@ -498,11 +498,7 @@ def _left_out_case(detector: Detector, path: Path) -> KeptImage | None:
     except (AnomnetError, OSError, StopIteration):
         return None
     owners = [i for i, h in enumerate(detector.calibration.training_hashes) if h == digest]
-    context = (
-        detector.leave_out(owners)  # type: ignore[attr-defined]
-        if owners and supports_leave_out(detector)
-        else contextlib.nullcontext()
-    )
+    context = detector.leave_out(owners) if owners and detector.supports_leave_out else contextlib.nullcontext()
     with context:
         pred = detector.predict(batch.images)
     return _WorstKeeper(1, KEEP_SIDE, detector.calibration)._keep(batch, pred, 0, float(pred.scores[0]))

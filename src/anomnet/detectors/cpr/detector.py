@@ -50,6 +50,7 @@ CODEBOOK_SAMPLES = 50_000  # descriptor locations the k-means codebook is fitted
 @register
 class CPR(Detector):
     name = "cpr"
+    can_leave_out = True
     config_class = CPRConfig
     description = (
         "CPR: cascade patch retrieval (global image retrieval, windowed local retrieval, foreground "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -53,7 +53,7 @@ class Hybrid(Detector):
         "synthetic (or labelled) defects predicts, or their normalised maps fused (Wang et al., VAND 2025)"
     )
     config: HybridConfig
-    accepts_labelled: ClassVar[bool] = True  # api.fit hands it the labelled validation set for the choice
+    accepts_labelled = True  # api.fit hands it the labelled validation set for the choice
 
     def __init__(self, config: HybridConfig | None = None) -> None:
         super().__init__(config)
@@ -62,7 +62,6 @@ class Hybrid(Detector):
         if not c.branch_configs:
             c.branch_configs = {alias: self._resolve(alias, det).to_dict() for alias, det in self.specs.items()}
         self.model = HybridModel()
-        self.labelled_validation: list[Sample] | None = None
         self.evidence: dict[str, dict[str, float]] = {}
 
     def _resolve(self, alias: str, detector: str) -> DetectorConfig:
@@ -180,6 +179,8 @@ class Hybrid(Detector):
     @property
     def backbone_name(self) -> str | None:
         """The backbone of the first branch predict uses (for timing against the backbone trunk)."""
+        if self.config.backbone:
+            return self.config.backbone
         used = self.model.used or list(self.specs)
         return self.config.branch_configs[used[0]].get("backbone")
 

@@ -31,6 +31,7 @@ BACKBONE_PREFIX = "backbone."
 @register
 class PatchCore(Detector):
     name = "patchcore"
+    can_leave_out = True
     config_class = PatchCoreConfig
     description = "PatchCore: coreset memory bank of pretrained patch features (Roth et al. 2022)"
     config: PatchCoreConfig
