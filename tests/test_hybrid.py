@@ -297,3 +297,33 @@ def test_selection_defects_lie_on_the_object_unless_asked_otherwise() -> None:
             else:
                 outside += not inside
     assert on_object == 20 and outside > 5
+
+
+# -- golden scores: the prediction path of the hybrid pinned on real images ------------------------
+
+# the fused prediction of two PatchCore branches at different input sizes, so each branch preprocesses on its own
+GOLDEN_SETTINGS = {**QUICK, "mode": "fuse", "smooth.image_size": 48, "seed": 0}
+GOLDEN = [  # 6 image scores (3 broken, 3 good), then the maps' mean and maximum
+    12.339292526245117,
+    14.402299880981445,
+    14.406293869018555,
+    0.027362734079360962,
+    2.9842722415924072,
+    0.39298009872436523,
+    4.426599502563477,
+    12.04889965057373,
+]
+
+
+@pytest.mark.slow
+def test_hybrid_scores_are_unchanged(bottle: Path) -> None:
+    from anomnet.data import iter_batches, load_dataset
+
+    split = load_dataset(bottle)
+    det = create_detector("hybrid", GOLDEN_SETTINGS)
+    det.fit(split.train[:8], split.validation[:3], progress=False)
+    batch = next(iter(iter_batches(split.test[:3] + split.test[-3:], 6, size=96)))
+    pred = det.predict(batch.images)
+    got = [float(v) for v in pred.scores] + [float(pred.maps.mean()), float(pred.maps.amax())]
+    assert pred.maps.shape == (6, 96, 96)
+    assert got == pytest.approx(GOLDEN, rel=1e-4)
