@@ -242,7 +242,7 @@ def _components(model: Path, images: Path) -> dict[str, float]:
     """Seconds per image on one core: decode, model (batch 8), outputs (and their parts); the model's load time."""
     import torch
 
-    from anomnet import imageio
+    from anomnet import durable, imageio
     from anomnet.predict.outputs import PNG_SETTINGS, output_files, write_image_outputs
     from anomnet.predict.scoring import ImageRef, load_scorer, score_refs
 
@@ -275,7 +275,7 @@ def _components(model: Path, images: Path) -> dict[str, float]:
     start = time.perf_counter()
     for i, e in enumerate(encoded):
         for kind, path in output_files(images.parent / "components-write", str(i), False).items():
-            imageio.atomic_write_bytes(path, e[kind])
+            durable.write_file(path, e[kind])
     write = (time.perf_counter() - start) / len(rows)
     return {
         "decode_s": decode,

@@ -13,7 +13,7 @@ import tifffile
 import torch
 from PIL import Image, ImageFile
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.errors import ConfigError, DatasetError, ImageReadError
 
 RNG = np.random.default_rng(0)
@@ -480,7 +480,7 @@ def test_encode_png_settings_keep_the_pixels(tmp_path: Path, shape: tuple[int, .
     for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_RLE):
         png = imageio.encode_png(data, level, strategy)
         assert np.array_equal(np.asarray(Image.open(BytesIO(png))), data)
-        imageio.atomic_write_bytes(tmp_path / "x.png", png)  # our own reader walks every chunk and CRC
+        durable.write_file(tmp_path / "x.png", png)  # our own reader walks every chunk and CRC
         rgb = data if data.ndim == 3 else np.repeat(data[..., None], 3, axis=2)
         assert np.array_equal(np.round(imageio.read_image(tmp_path / "x.png") * 255).astype(np.uint8), rgb)
     with pytest.raises(ConfigError, match="level"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.errors import ConfigError
 from anomnet.install import install_command
 from anomnet.serve.limits import (
@@ -237,9 +237,9 @@ def test_safe_stem() -> None:
     assert len(safe_stem("x" * 300 + ".png")) == 40
 
 
-def test_encode_png_and_atomic_write_bytes(tmp_path: Path) -> None:
+def test_encode_png_and_write_file(tmp_path: Path) -> None:
     array = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
-    imageio.atomic_write_bytes(tmp_path / "a.png", imageio.encode_png(array))
+    durable.write_file(tmp_path / "a.png", imageio.encode_png(array))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), array)
     with pytest.raises(ConfigError):
         imageio.encode_png(np.zeros((4, 4), np.float32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -143,6 +144,31 @@ def test_moves_never_replace_a_file_and_can_be_finished_after_a_kill(tmp_path: P
     assert finish_move(src, dst).value == "already moved"
     assert not src.exists() and dst.read_bytes() == b"new"
     assert finish_move(src, dst).value == "already moved"  # repeating is harmless
+
+
+def test_a_move_across_file_systems_copies_never_replaces_and_keeps_the_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+
+    def link(a: str | Path, b: str | Path, **kw: object) -> None:
+        if Path(a).parent == tmp_path:  # the inbox is on another file system: no link from there
+            raise OSError(errno.EXDEV, "cross-device link")
+        real_link(a, b, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    src = tmp_path / "a.png"
+    src.write_bytes(b"new")
+    os.utime(src, ns=(1_000_000_000, 2_000_000_000))
+    os.chmod(src, 0o640)
+    move_no_clobber(src, tmp_path / "done" / "a.png")
+    dst = tmp_path / "done" / "a.png"
+    assert not src.exists() and dst.read_bytes() == b"new" and dst.stat().st_mtime_ns == 2_000_000_000
+    assert dst.stat().st_mode & 0o777 == 0o640 and os.listdir(dst.parent) == ["a.png"]  # no temporary left
+    src.write_bytes(b"other")
+    with pytest.raises(FileExistsError):
+        move_no_clobber(src, dst)
+    assert dst.read_bytes() == b"new" and os.listdir(dst.parent) == ["a.png"]
 
 
 # -- one run ------------------------------------------------------------------------------------

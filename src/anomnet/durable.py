@@ -1,4 +1,9 @@
-"""Durable writes: the fsync helpers, and folders replaced whole without losing the user's files.
+"""Durable writes: files replaced atomically, the fsync helpers, and folders replaced whole without losing the
+user's files.
+
+:func:`write_file` writes one file: the data goes to a temporary file in the target folder, is flushed to
+disk and then replaces the file in one step, so an error or a kill never leaves a half-written file.
+Every file anomnet writes gets :func:`file_mode` (0666 minus the umask).
 
 :func:`write_folder` writes a model folder or an exported folder. The new files go into a staging
 folder beside the target (``.NAME.*.staging``) and are flushed to disk; the entries of the target
@@ -33,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from anomnet.errors import ConfigError
-from anomnet.imageio import file_mode, folder_mode
 
 MARK = ".anomnet-swap"
 """The hidden file that marks a folder of an unfinished swap and says what it holds."""
@@ -41,6 +45,46 @@ _SUFFIX = ".staging"
 
 Owned = Callable[[Path], Collection[str]]
 """The names of the entries that a folder's kind owns in a given folder (an empty collection: none)."""
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, flushed, + ``os.replace``); parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make shared outputs unreadable to others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
+def file_mode() -> int:
+    """Permissions of every file anomnet writes (outputs and model files alike): 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """Permissions of the folders anomnet creates itself with mkdtemp: 0777 minus the umask."""
+    return 0o777 & ~_umask()
 
 
 def fsync_file(path: str | Path) -> None:

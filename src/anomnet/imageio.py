@@ -9,8 +9,8 @@ from deep inside PIL, tifffile or zlib reaches the caller.
   Gray, gray+alpha, RGB, RGBA, palette and 1-bit images are accepted; alpha is dropped.
 * :func:`read_mask` -> ``bool`` ``HxW``; the file must hold 0 and at most one other value.
 * :func:`list_images`, :func:`image_size`, :func:`to_tensor`.
-* :func:`write_png`, :func:`atomic_write_text`, :func:`atomic_write_bytes`: atomic writes (temporary file +
-  ``os.replace``); :func:`encode_png` (PNG bytes, e.g. for HTTP).
+* :func:`write_png`, :func:`write_tiff`, :func:`atomic_write_text`: atomic writes (:func:`anomnet.durable.write_file`);
+  :func:`encode_png` (PNG bytes, e.g. for HTTP).
 
 Rules every reader follows (docs/hostile-input.md lists how each is tested):
 
@@ -43,14 +43,15 @@ import tempfile
 import threading
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from anomnet import durable
 from anomnet.decoders import DecodeError
 from anomnet.decoders import png as png_decode
 from anomnet.decoders import tiff as tiff_decode
@@ -247,7 +248,7 @@ def write_png(path: str | Path, array: np.ndarray, level: int = 6, strategy: int
     an error never leaves a half-written file. Missing parent folders are created.
     """
     data = encode_png(array, level, strategy)
-    _atomic_write(Path(path), lambda f: f.write(data))
+    durable.write_file(path, data)
 
 
 def encode_png(array: np.ndarray, level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
@@ -297,40 +298,13 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
         raise ConfigError(f"write_tiff needs a float32 or float16 HxW array, got {array.dtype} of shape {array.shape}")
     buf = _BytesIO()
     tifffile.imwrite(buf, np.ascontiguousarray(array))
-    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+    durable.write_file(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
     data = text.encode("utf-8", errors="surrogateescape")  # non-UTF-8 file names keep their bytes
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + ``os.replace``), e.g. an image file kept as sent."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def _umask() -> int:
-    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return _UMASK
-
-
-_UMASK: int | None = None
-
-
-def file_mode() -> int:
-    """Permissions of every file anomnet writes (outputs and model files alike): 0666 minus the umask."""
-    return 0o666 & ~_umask()
-
-
-def folder_mode() -> int:
-    """Permissions of the folders anomnet creates itself with mkdtemp: 0777 minus the umask."""
-    return 0o777 & ~_umask()
+    durable.write_file(path, data)
 
 
 # --------------------------------------------------------------------------------------
@@ -384,22 +358,6 @@ def check_not_input(target: str | Path, inputs: list[Path], what: str, folder: b
             raise ConfigError(
                 f"{what} {target} would be read as an image of the input folder {item}: choose another path"
             )
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make shared outputs unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp_name)
-        raise
 
 
 # --------------------------------------------------------------------------------------

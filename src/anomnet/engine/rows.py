@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.predict.inputs import InputImage
 from anomnet.predict.outputs import PREDICT_CSV_COLUMNS
 from anomnet.predict.scoring import ImagePrediction
@@ -172,7 +172,7 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     """``table`` as a Parquet file at ``path``, atomically."""
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    imageio.atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    durable.write_file(path, buf.getvalue().to_pybytes())
 
 
 def recorded(out: Path) -> pa.Table:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.decisions.calibration import Calibration
 from anomnet.errors import AnomnetError, ConfigError, ImageReadError
 from anomnet.predict.inputs import InputImage, collect_inputs
@@ -279,7 +279,7 @@ class OutputWriter:
     def __init__(self, out: Path, raw_maps: bool = False, threads: int | None = None, pending: int | None = None):
         self.out = Path(out)
         self.raw_maps = raw_maps
-        imageio.file_mode()  # the umask is read once, here: reading it from several threads at once is not safe
+        durable.file_mode()  # the umask is read once, here: reading it from several threads at once is not safe
         threads = WRITER_THREADS if threads is None else max(1, threads)
         self.pending = 2 * threads if pending is None else max(1, pending)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="anomnet-outputs")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.serve.limits import EXTENSIONS, RequestError
 
 MARKS: dict[str, str] = {
@@ -81,7 +81,7 @@ class ReviewStore:
             index = self._read_index(model)
             old = index["marks"].get(key)
             target = self._inside(model, rel)
-            imageio.atomic_write_bytes(target, data)
+            durable.write_file(target, data)
             entry = {
                 "id": key,
                 "mark": mark,

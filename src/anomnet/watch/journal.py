@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from anomnet import imageio
+from anomnet import durable, imageio
 from anomnet.errors import AnomnetError
 from anomnet.predict.outputs import CSV_COLUMNS
 
@@ -208,7 +208,7 @@ def csv_rows(records: list[dict[str, Any]], header: bool) -> str:
 def _append(path: Path, text: str) -> None:
     data = text.encode("utf-8", errors="surrogateescape")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, imageio.file_mode())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, durable.file_mode())
         try:
             view = memoryview(data)
             while view:
@@ -225,10 +225,8 @@ def _append(path: Path, text: str) -> None:
 
 
 def _truncate(path: Path, size: int) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(size)
-        f.flush()
-        os.fsync(f.fileno())
+    os.truncate(path, size)
+    durable.fsync_file(path)
 
 
 def _size(path: Path) -> int:

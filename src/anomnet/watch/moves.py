@@ -19,6 +19,8 @@ from contextlib import suppress
 from enum import Enum
 from pathlib import Path
 
+from anomnet.durable import fsync_file
+
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
@@ -61,12 +63,10 @@ def move_no_clobber(src: Path, dst: Path) -> None:
 
 def _copy_no_clobber(src: Path, dst: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        shutil.copystat(src, tmp)
+        shutil.copy2(src, tmp)  # the data and the times and permissions
+        fsync_file(tmp)
         os.link(tmp, dst)
     finally:
         with suppress(OSError):
