@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from anomnet.components.blur import gaussian_blur
+from anomnet.detectors.base import DetectorConfig
 from anomnet.errors import ConfigError
-from anomnet.transforms import Preprocess, resize
+from anomnet.transforms import MIN_IMAGE_SIZE, Preprocess, resize
 
 
 def test_resize_and_crop_shapes() -> None:
@@ -19,6 +20,16 @@ def test_resize_and_crop_shapes() -> None:
         Preprocess(256, 300)
     with pytest.raises(ConfigError):
         Preprocess(256)(torch.rand(2, 1, 30, 30))
+
+
+@pytest.mark.parametrize("name", ["image_size", "crop"])
+def test_the_settings_refuse_every_size_the_preprocessing_cannot_take(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"setting {name}={MIN_IMAGE_SIZE - 1} is out of range \[{MIN_IMAGE_SIZE}, "):
+        DetectorConfig(**{name: MIN_IMAGE_SIZE - 1})
+    with pytest.raises(ConfigError, match=f"must be .*{MIN_IMAGE_SIZE}"):
+        Preprocess(MIN_IMAGE_SIZE - 1) if name == "image_size" else Preprocess(64, MIN_IMAGE_SIZE - 1)
+    config = DetectorConfig(image_size=MIN_IMAGE_SIZE, crop=MIN_IMAGE_SIZE)  # the least size both take
+    assert Preprocess(config.image_size, config.crop)(torch.rand(1, 3, 40, 50)).shape == (1, 3, 32, 32)
 
 
 def test_restore_returns_input_resolution_and_keeps_constants() -> None:

@@ -61,6 +61,8 @@ def rotation_angles(count: int) -> tuple[float, ...]:
 
 
 Aspect = Literal["stretch", "pad"]
+MIN_IMAGE_SIZE = 32
+"""The least ``image_size`` and ``crop`` (also the lower bound of :class:`~anomnet.detectors.base.DetectorConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,12 @@ class Preprocess:
     aspect: Aspect = "stretch"
 
     def __post_init__(self) -> None:
-        if self.image_size < 32:
-            raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
-        if self.crop is not None and not 32 <= self.crop <= self.image_size:
-            raise ConfigError(f"crop must be between 32 and image_size={self.image_size}, got {self.crop}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}")
+        if self.crop is not None and not MIN_IMAGE_SIZE <= self.crop <= self.image_size:
+            raise ConfigError(
+                f"crop must be between {MIN_IMAGE_SIZE} and image_size={self.image_size}, got {self.crop}"
+            )
         if self.aspect not in ("stretch", "pad"):
             raise ConfigError(f"aspect must be 'stretch' or 'pad', got {self.aspect!r}")
 

@@ -25,7 +25,7 @@ from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.imageio import image_size
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
-from anomnet.transforms import Aspect, Preprocess, rotate, rotation_angles
+from anomnet.transforms import MIN_IMAGE_SIZE, Aspect, Preprocess, rotate, rotation_angles
 
 
 @dataclass
@@ -59,8 +59,8 @@ class DetectorConfig:
     ALIASES: ClassVar[dict[str, str]] = {}
     # Inclusive numeric bounds, checked once in __post_init__: name -> (low, high); None = open.
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
-        "image_size": (16, 4096),
-        "crop": (16, 4096),
+        "image_size": (MIN_IMAGE_SIZE, 4096),
+        "crop": (MIN_IMAGE_SIZE, 4096),
         "batch_size": (1, 4096),
         "tile": (0, 16384),
         "tile_overlap": (0.0, 0.9),
