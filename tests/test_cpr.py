@@ -18,7 +18,6 @@ from anomnet.detectors.cpr import CPR
 from anomnet.detectors.cpr.foreground import ForegroundBranch, fisher_discriminant
 from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.losses import distance_weights, features_at, hinge_power, retrieval_loss
-from anomnet.detectors.cpr.model import image_scores
 from anomnet.detectors.cpr.pairs import sample_pairs
 from anomnet.detectors.cpr.retrieval import GlobalRetrieval, block_matrix, window_distances
 from anomnet.errors import ConfigError
@@ -216,12 +215,6 @@ def test_pairs_respect_the_defect_the_foreground_and_the_shift() -> None:
     n_valid = neg.weight > 0
     assert ((neg.query - neg.reference).norm(dim=-1)[n_valid] > 5.0).all()
     assert n_valid.sum() > 0 and (neg.reference[..., 1][n_valid] >= 8).all()
-
-
-def test_image_score_max_or_top_share() -> None:
-    maps = torch.arange(16.0).reshape(1, 4, 4)
-    assert image_scores(maps, 0.0).item() == 15.0
-    assert image_scores(maps, 0.25).item() == pytest.approx((15 + 14 + 13 + 12) / 4)
 
 
 def test_fused_head_computes_the_same_features() -> None:

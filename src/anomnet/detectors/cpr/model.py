@@ -16,6 +16,7 @@ from torch import nn
 
 from anomnet.backbones import FeatureExtractor, get_backbone_info
 from anomnet.components import gaussian_blur
+from anomnet.components.score_reduction import top_share_mean
 from anomnet.detectors.cpr.foreground import ForegroundBranch
 from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.retrieval import GlobalRetrieval, window_distances
@@ -35,15 +36,6 @@ def default_layers(backbone: str, upsampled: bool = False) -> tuple[str, ...] | 
         if set(wanted) <= set(info.layers):
             return wanted
     return None  # the backbone's own default
-
-
-def image_scores(maps: torch.Tensor, top_share: float) -> torch.Tensor:
-    """``[B]``: the maximum of each map (``top_share`` 0), or the mean of its ``top_share`` highest pixels."""
-    if top_share <= 0:
-        return maps.amax((1, 2))
-    flat = maps.flatten(1)
-    k = max(1, int(round(top_share * flat.shape[1])))
-    return flat.topk(k, dim=1).values.mean(1)
 
 
 class CPRModel(nn.Module):
@@ -133,4 +125,4 @@ class CPRModel(nn.Module):
         if self.use_foreground:
             maps = maps * upsample_maps(self.foreground_weights(desc, index), size)
         maps = gaussian_blur(maps, self.blur_sigma)
-        return image_scores(maps, self.top_share), maps
+        return top_share_mean(maps, self.top_share), maps

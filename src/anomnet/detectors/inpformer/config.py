@@ -61,7 +61,7 @@ class INPFormerConfig(DetectorConfig):
     scale_jitter: float = 0.0  # random zoom by a factor in [1 - j, 1 + j] (0: off)
     # scoring
     blur_sigma: float = 4.0
-    top_ratio: float = 0.01  # image score: mean of this share of the highest map pixels (the paper: 1 %)
+    top_share: float = 0.01  # image score: mean of this share of the highest map pixels (the paper: 1 %); 0: maximum
 
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
         "train_batch_size": (1, 4096),
@@ -85,12 +85,11 @@ class INPFormerConfig(DetectorConfig):
         "train_tokens": (0, None),
         "scale_jitter": (0.0, 0.5),
         "blur_sigma": (0.0, 64.0),
-        "top_ratio": (0.0, 1.0),
+        "top_share": (0.0, 1.0),
     }
+    ALIASES: ClassVar[dict[str, str]] = {"top_ratio": "top_share"}
 
     def validate(self) -> None:
         super().validate()
         if self.patch_size % 2 == 0:
             raise ConfigError(f"setting patch_size={self.patch_size!r} must be odd")
-        if self.top_ratio <= 0.0:
-            raise ConfigError(f"setting top_ratio={self.top_ratio!r} must be above 0")

@@ -109,7 +109,7 @@ class INPFormer(Detector):
             c.heads,
             c.mlp_ratio,
             c.blur_sigma,
-            c.top_ratio,
+            c.top_share,
         )
         self.fitted = False
 

@@ -14,7 +14,7 @@
 * **Scoring**: the encoder levels form ``groups``; each group's target is compared with the mean
   of its share of the decoder blocks (mirror order: the last decoder blocks reconstruct the
   shallowest group) by ``1 - cos`` per location; the group maps are upsampled, summed and
-  Gaussian-smoothed; the image score is the mean of the top ``top_ratio`` of the map's pixels.
+  Gaussian-smoothed; the image score is the mean of the top ``top_share`` of the map's pixels.
 
 Prediction is a pure tensor computation (no numpy, no loops over pixels), ready for export.
 """
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomnet.components import PatchFeatures, gaussian_blur
+from anomnet.components.score_reduction import top_share_mean
 from anomnet.detectors.inpformer.losses import cosine_distance_maps
 from anomnet.errors import ConfigError
 from anomnet.transforms import upsample_maps
@@ -139,7 +140,7 @@ class INPFormerModel(nn.Module):
         heads: int = 0,
         mlp_ratio: float = 4.0,
         blur_sigma: float = 4.0,
-        top_ratio: float = 0.01,
+        top_share: float = 0.01,
     ) -> None:
         super().__init__()
         self.features = features
@@ -166,7 +167,7 @@ class INPFormerModel(nn.Module):
             raise ConfigError(f"heads={heads} does not divide the token width {self.dim}")
         self.heads = heads
         self.blur_sigma = blur_sigma
-        self.top_ratio = top_ratio
+        self.top_share = top_share
         hidden = int(self.dim * mlp_ratio)
         self.inps = nn.Parameter(torch.randn(num_inps, self.dim))
         self.extractor = nn.ModuleList([INPExtractorBlock(self.dim, heads, mlp_ratio) for _ in range(extractor_depth)])
@@ -278,12 +279,6 @@ class INPFormerModel(nn.Module):
         maps = torch.stack([upsample_maps(m, size) for m in group_maps]).sum(0)
         return gaussian_blur(maps, self.blur_sigma)
 
-    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
-        """Mean of the top ``top_ratio`` share of each map's pixels (at least one pixel)."""
-        flat = maps.flatten(1)
-        k = max(1, int(flat.shape[1] * self.top_ratio))
-        return flat.topk(k, dim=1).values.mean(1)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.maps_from_features(self.encode(images), (int(images.shape[-2]), int(images.shape[-1])))
-        return self.image_scores(maps), maps
+        return top_share_mean(maps, self.top_share), maps
