@@ -153,9 +153,14 @@ class Hybrid(Detector):
         return {a: v.result() for a, v in acc.items()}
 
     @property
+    def fitted(self) -> bool:
+        """True once fit or load has chosen the branch(es) predict uses."""
+        return bool(self.model.used)
+
+    @property
     def choice(self) -> dict[str, Any]:
         """The branch(es) predict uses and the evidence of the choice (from the saved state)."""
-        if not self.model.used:
+        if not self.fitted:
             raise NotFittedError("the hybrid detector is not fitted: call fit() or load a saved model")
         return {
             "chosen": FUSED if self.model.fused else self.model.used[0],
@@ -185,22 +190,18 @@ class Hybrid(Detector):
         return self.config.branch_configs[used[0]].get("backbone")
 
     # -- inference ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict_batch(self, images: torch.Tensor) -> Prediction:
         """The used branch's prediction (each branch preprocesses and tiles as it was fitted), or the fused one."""
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
         return self.model(images)
 
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.predict(images)
+        """What the export traces: the images its graph preprocessed at the hybrid's size, predicted as above."""
+        pred = self.model(images)
         return pred.scores, pred.maps
 
     # -- persistence -------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.model.used:
+        if not self.fitted:
             raise NotFittedError("the hybrid detector is not fitted: nothing to save")
         aliases = list(self.specs)
         keep = aliases if self.config.keep_branches else self.model.used
