@@ -198,6 +198,12 @@ class Detector(ABC):
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
+        return self.predict_batch(images)
+
+    def predict_batch(self, images: torch.Tensor) -> Prediction:
+        """The prediction of ``[B,3,H,W]`` images that :meth:`predict` checked: preprocessed (or tiled),
+        :meth:`predict_preprocessed`, the maps back at ``H x W``. A detector made of detectors (the hybrid)
+        overrides this hook: each of its branches preprocesses and tiles as it was fitted."""
         if self.tiling is not None:
             scores, maps = tiling.predict_tiled(
                 self.predict_preprocessed, self.preprocess, images, self.tiling, self.config.batch_size
