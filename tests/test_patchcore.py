@@ -47,7 +47,7 @@ def test_ivf_model_saves_its_cells(folder_dataset, tmp_path) -> None:
     assert "nn_centroids" in det.state_tensors()
     det.save(tmp_path / "m")
     loaded = Detector.load(tmp_path / "m")
-    assert loaded._nn.backend == "ivf"
+    assert loaded.model.nn.backend == "ivf"
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
 

@@ -1,4 +1,4 @@
-"""Model folders written by an earlier anomnet load and give the scores that anomnet gave.
+"""A detector's state is its model's state dict; model folders written by an earlier anomnet still load.
 
 The folders in ``tests/data/old_models`` were written by the code of the commit named in each
 ``scores.json`` (see ``tests/old_models.py``); their scores on the fixed input were recorded then.
@@ -10,9 +10,12 @@ import json
 import warnings
 
 import pytest
+import torch
 from tests.old_models import ROOT, fixed_input
 
-from anomnet.detectors import Detector
+from anomnet.data import load_dataset
+from anomnet.detectors import Detector, create_detector
+from anomnet.errors import NotFittedError
 
 OLD = sorted(p.name for p in ROOT.iterdir() if (p / "scores.json").is_file())
 
@@ -27,3 +30,22 @@ def test_old_model_folder_gives_its_recorded_scores(name: str) -> None:
     assert [float(v) for v in pred.scores] == pytest.approx(record["scores"], rel=1e-5)
     assert float(pred.maps.mean()) == pytest.approx(record["map_mean"], rel=1e-5)
     assert float(pred.maps.amax()) == pytest.approx(record["map_max"], rel=1e-5)
+
+
+def test_the_saved_state_is_the_models_state_dict(folder_dataset, tmp_path) -> None:
+    """Saved tensors are named as ``detector.model.state_dict()`` names them; the packaged backbone stays out."""
+    split = load_dataset(folder_dataset)
+    det = create_detector("patchcore", {"image_size": 64, "batch_size": 4})
+    assert not det.fitted
+    with pytest.raises(NotFittedError, match="not fitted"):
+        det.state_tensors()
+    det.fit(split.train, split.validation, progress=False)
+    assert det.fitted
+    saved = det.state_tensors()
+    assert set(saved) == {k for k in det.model.state_dict() if not k.startswith("features.backbone.")}
+    assert {"memory_bank", "bank_owner"} <= set(saved)
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded.fitted and not create_detector("patchcore").fitted
+    for key, value in det.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key

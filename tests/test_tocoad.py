@@ -146,7 +146,7 @@ def test_fit_predict_save_load(folder_dataset, tmp_path) -> None:
     tuned = det.features.backbone.state_dict()
     assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained)
     saved = det.state_tensors()
-    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in tuned.items())
+    assert all(torch.equal(saved[f"features.backbone.{k}"], v) for k, v in tuned.items())
     loaded = Detector.load(tmp_path / "m")
     x = torch.rand(3, 3, 70, 60, generator=torch.Generator().manual_seed(0))
     a, b = det.predict(x), loaded.predict(x)

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 from anomnet import tiling
+from anomnet.backbones import FeatureExtractor, backbone_state, load_backbone_state
 from anomnet.data import Sample, iter_batches
 from anomnet.decisions.calibration import Calibration
-from anomnet.errors import ConfigError, ModelFormatError
+from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
 from anomnet.imageio import image_size
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
@@ -157,11 +159,39 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 class Detector(ABC):
-    """Base class of all detectors."""
+    """Base class of all detectors.
+
+    **Predict-time state: one module.** Everything :meth:`predict_preprocessed` reads lives in
+    ``self.model``, one ``nn.Module`` built in ``__init__`` from the config:
+
+    * networks as submodules; banks, centroids, statistics, quantiles as buffers
+      (``register_buffer``), named as the saved tensors are named (the ``state_dict`` keys);
+    * a buffer that fit fills is registered empty (``torch.empty(0)``): the detector is
+      :attr:`fitted` when no buffer of ``self.model`` is empty, the one "is it fitted" test. A
+      buffer only some fitted models have (an index's cells, the owners of a bank's rows) is
+      registered as ``None`` and stays out of the saved file while it is ``None``;
+    * settings are not state: the module takes them from the config when it is built, and
+      nothing sets them on it later; what is derived from the state (a search index) is rebuilt
+      by :meth:`state_loaded`.
+
+    :meth:`save` writes ``self.model.state_dict()`` (:meth:`state_tensors`), except the weights
+    of a backbone (:class:`~anomnet.backbones.FeatureExtractor`) that come from an installed
+    package, unless :attr:`trains_backbone`. :meth:`load` builds the detector from its saved
+    config, replaces each saved buffer by the saved tensor (whatever its shape), loads every
+    parameter strictly and calls :meth:`state_loaded`. Tensor names of folders written before
+    the state lived in one module are mapped by :attr:`renamed_keys`. ``anomnet.export`` traces
+    :meth:`predict_preprocessed` with ``self.model`` registered in the graph, in graph mode
+    (:mod:`anomnet.components.graph_mode`): it must trace (no data-dependent Python loops there).
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     description: ClassVar[str] = ""
+    model: nn.Module  # the predict-time state (see the class docstring)
+    # fit changes the backbone's weights: they are saved even when they come from an installed package
+    trains_backbone: ClassVar[bool] = False
+    # saved tensor names of older model folders: old prefix -> prefix in ``model.state_dict()``
+    renamed_keys: ClassVar[dict[str, str]] = {}
     # Extension points (see docs/adding-a-detector.md): the defaults say "not this detector".
     accepts_labelled: ClassVar[bool] = False  # fit reads labelled_validation (defective images), set by api.fit
     can_leave_out: ClassVar[bool] = False  # implements leave_out (calibration "loo"; see supports_leave_out)
@@ -198,6 +228,8 @@ class Detector(ABC):
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"predict expects images of shape [B,3,H,W], got {tuple(images.shape)}")
+        if not self.fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load a saved model")
         return self.predict_batch(images)
 
     def predict_batch(self, images: torch.Tensor) -> Prediction:
@@ -258,13 +290,44 @@ class Detector(ABC):
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``[B]`` and maps ``[B,S,S]`` for images already preprocessed to ``S x S``."""
 
-    @abstractmethod
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every learned tensor needed to predict (saved with safetensors)."""
+    # -- the predict-time state --------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        """True once fit or load has filled the model: no buffer of ``self.model`` is empty."""
+        return all(buffer.numel() > 0 for buffer in self.model.buffers())
 
-    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to predict, by ``self.model.state_dict()`` name (saved with safetensors)."""
+        if not self.fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: nothing to save")
+        state = dict(self.model.state_dict())
+        for prefix, backbone in _backbones(self.model):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            saved = dict(backbone.state_dict()) if self.trains_backbone else backbone_state(backbone)
+            state.update({prefix + k: v for k, v in saved.items()})
+        return state
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state_tensors`."""
+        """Inverse of :meth:`state_tensors` (names of older folders mapped by :attr:`renamed_keys`)."""
+        tensors = {_renamed(k, self.renamed_keys): v for k, v in tensors.items()}
+        for prefix, backbone in _backbones(self.model):
+            load_backbone_state(backbone, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        for key, value in tensors.items():
+            owner, _, name = key.rpartition(".")
+            module = self.model.get_submodule(owner)
+            if name in module._buffers:  # takes the saved shape (registered empty, or None, before fit)
+                module._buffers[name] = value.contiguous()
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if not any(k.startswith(p) for p, _ in _backbones(self.model))]
+        if missing or unexpected:
+            raise KeyError(f"missing tensors {missing[:3]}, unknown tensors {unexpected[:3]}")
+        self.model.eval().requires_grad_(False)
+        self.state_loaded()
+
+    def state_loaded(self) -> None:
+        """Rebuild what is derived from the loaded state (a search index); the default: nothing."""
+        return None
 
     # -- extension points --------------------------------------------------------------
     @property
@@ -323,6 +386,16 @@ class Detector(ABC):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise ModelFormatError(f"{directory}: saved tensors do not fit the {name} detector ({exc})") from None
         return detector
+
+
+def _backbones(model: nn.Module) -> list[tuple[str, FeatureExtractor]]:
+    """The backbones inside ``model``, each with the prefix of its tensor names."""
+    return [(name + ".", m) for name, m in model.named_modules() if isinstance(m, FeatureExtractor)]
+
+
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    old = next((p for p in renames if key.startswith(p)), None)
+    return key if old is None else renames[old] + key[len(old) :]
 
 
 class InputOwners:

@@ -15,33 +15,29 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from anomnet.backbones import backbone_state, build_backbone, get_backbone_info, load_backbone_state
+from anomnet.backbones import build_backbone
 from anomnet.components import PatchFeatures, faiss_available, greedy_coreset
-from anomnet.components.nn_search import NearestNeighbors
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.patchcore.config import PatchCoreConfig
 from anomnet.detectors.patchcore.model import PatchCoreModel
-from anomnet.errors import ConfigError, NotFittedError
+from anomnet.errors import ConfigError
 from anomnet.training import PhaseRecord, timed_phase
-
-BACKBONE_PREFIX = "backbone."
 
 
 @register
 class PatchCore(Detector):
     name = "patchcore"
+    renamed_keys = {"backbone.": "features.backbone."}  # before the state lived in one module
     can_leave_out = True
     config_class = PatchCoreConfig
     description = "PatchCore: coreset memory bank of pretrained patch features (Roth et al. 2022)"
     config: PatchCoreConfig
+    model: PatchCoreModel
 
     def __init__(self, config: PatchCoreConfig | None = None) -> None:
         super().__init__(config)
         c = self.config
-        # file-backed (ResNet) weights are read by fit() and then travel inside the saved model
-        self._weights_from_file = get_backbone_info(c.backbone).needs_weights_file
-        self._saves_backbone = False  # subclasses that train the backbone set True: its full state is saved
         self.model = PatchCoreModel(self._build_features(None), c.num_neighbors, c.blur_sigma)
 
     def _build_features(self, weights: str | None, search: bool = False) -> PatchFeatures:
@@ -53,17 +49,9 @@ class PatchCore(Detector):
     def features(self) -> PatchFeatures:
         return self.model.features
 
-    @features.setter
-    def features(self, value: PatchFeatures) -> None:
-        self.model.features = value
-
     @property
-    def memory_bank(self) -> torch.Tensor | None:
+    def memory_bank(self) -> torch.Tensor:
         return self.model.memory_bank
-
-    @property
-    def _nn(self) -> NearestNeighbors | None:
-        return self.model.nn
 
     # -- training ----------------------------------------------------------------------
     def extract(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,7 +66,7 @@ class PatchCore(Detector):
     def ensure_backbone(self) -> None:
         """Give a file-backed backbone its weights (``weights`` setting or the weights folder) before fit."""
         if not self.features.backbone.ready:
-            self.features = self._build_features(self.config.weights, search=True)
+            self.model.features = self._build_features(self.config.weights, search=True)
 
     def build_memory_bank(
         self,
@@ -163,30 +151,14 @@ class PatchCore(Detector):
         return self.model(images)
 
     # -- persistence -------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.model.memory_bank is None or self.model.nn is None:
-            raise NotFittedError("PatchCore is not fitted: nothing to save")
-        tensors = {"memory_bank": self.model.memory_bank}
-        if self.model.bank_owner is not None:
-            tensors["bank_owner"] = self.model.bank_owner
-        if self.model.nn.centroids is not None:
-            tensors["nn_centroids"] = self.model.nn.centroids
-        backbone = self.features.backbone
-        state = dict(backbone.state_dict()) if self._saves_backbone else backbone_state(backbone)
-        tensors.update({BACKBONE_PREFIX + k: v for k, v in state.items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        n = len(BACKBONE_PREFIX)
-        load_backbone_state(
-            self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
-        )
-        bank = tensors["memory_bank"].float().contiguous()
-        backend = self.config.nn_backend
+    def state_loaded(self) -> None:
+        """The search index of the loaded bank: the saved IVF cells, or an exact index."""
+        m, c = self.model, self.config
+        backend = c.nn_backend
         if backend == "auto":  # search the way the fitted model did: IVF cells saved, or an exact index
-            backend = "ivf" if "nn_centroids" in tensors else ("faiss" if faiss_available() else "exact")
-        self.model.set_bank(bank, backend, self.config.nn_probe, tensors.get("nn_centroids"))
-        owner = tensors.get("bank_owner")
-        if owner is not None and owner.shape != (bank.shape[0],):
-            raise ConfigError(f"bank_owner has shape {tuple(owner.shape)}, the bank {bank.shape[0]} rows")
-        self.model.bank_owner = None if owner is None else owner.to(torch.int32)
+            backend = "ivf" if m.nn_centroids is not None else ("faiss" if faiss_available() else "exact")
+        if m.bank_owner is not None and m.bank_owner.shape != (m.memory_bank.shape[0],):
+            raise ConfigError(
+                f"bank_owner has shape {tuple(m.bank_owner.shape)}, the bank {m.memory_bank.shape[0]} rows"
+            )
+        m.set_bank(m.memory_bank, backend, c.nn_probe, m.nn_centroids)

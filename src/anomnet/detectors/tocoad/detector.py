@@ -57,12 +57,14 @@ def default_decoder_layers(backbone: str, bank_layers: Sequence[str]) -> tuple[s
 @register
 class ToCoAD(PatchCore):
     name = "tocoad"
+    trains_backbone = True  # the fine-tuned weights travel with the model
     config_class = ToCoADConfig
     description = (
         "ToCoAD: synthetic anomalies, discriminator, SimSiam fine-tuning of the backbone, "
         "PatchCore memory bank (Liang et al.)"
     )
     config: ToCoADConfig
+    model: ToCoADModel
 
     def __init__(self, config: ToCoADConfig | None = None) -> None:
         super().__init__(config)
@@ -77,7 +79,6 @@ class ToCoAD(PatchCore):
         self._dec_idx = [self.trunk_layers.index(n) for n in decoder]
         self._head_idx = [self.trunk_layers.index(n) for n in heads]
         self.model = ToCoADModel(self.model.features, c.num_neighbors, c.blur_sigma, c.reweight)
-        self._saves_backbone = True  # the fine-tuned weights travel with the model
 
     # -- training ----------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], validation: Sequence[Sample], progress: bool = True) -> None:
