@@ -102,10 +102,11 @@ def test_models_lists_detectors_and_backbones(capsys) -> None:
 def test_help_explains_every_option(capsys) -> None:
     import argparse
 
-    from anomnet.cli import build_parser
+    from anomnet.cli import COMMANDS, build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subparsers.choices) == list(COMMANDS)  # each command: its parser and its run, in the help's order
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"anomnet {name} {action.option_strings or action.dest} has no help text"

@@ -1,6 +1,7 @@
 """Command-line interface: ``anomnet fit | test | predict | export | models | demo | bench | serve | watch | fit-many``.
 
-Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
+Each command has its ``add_<command>_parser`` (its options) and its ``cmd_<command>`` (its run), paired in
+:data:`COMMANDS`. Exit codes: 0 success; 2 bad input or settings (the message says which file or value);
 3 ``predict`` finished but some images could not be read; 1 an unexpected internal error.
 """
 
@@ -10,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +129,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    # Before torch starts its OpenMP threads: idle threads sleep instead of spinning. With
+    # spinning, any other busy process on a 2-core machine made a batch-1 forward many times slower
+    # (timed by hand, docs/design.md). A value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    from anomnet.runtime import tune_allocator
+
+    tune_allocator()
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        print(f"anomnet: error: --threads must be between 1 and 1024, got {args.threads}", file=sys.stderr)
+        return EXIT_INPUT
+    from anomnet.errors import AnomnetError
+
+    try:
+        if args.threads:
+            os.environ["ANOMNET_THREADS"] = str(args.threads)  # an exported model's runtime reads it
+            if not _scores_exported_model(args):  # scoring an exported model imports no torch
+                import torch
+
+                torch.set_num_threads(args.threads)
+        return COMMANDS[args.command][1](args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINING_STACK:
+            raise
+        print(
+            f"anomnet: error: '{args.command}' needs {exc.name}, part of the training stack: "
+            f"{install_command('train')} (exported models score without it: docs/export.md)",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
+    except AnomnetError as exc:
+        print(f"anomnet: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("anomnet: interrupted", file=sys.stderr)
+        return 130
+
+
+TRAINING_STACK = {"torch", "safetensors", "faiss", "efficientnet_lite_pytorch", "matplotlib", "skimage", "elpv_dataset"}
+"""Modules of the ``anomnet[train]`` extra (a lean runtime install has none of them)."""
+
+
+def _scores_exported_model(args: argparse.Namespace) -> bool:
+    from anomnet.exported import is_exported
+
+    return args.command == "predict" and args.model_dir is not None and is_exported(args.model_dir)
+
+
+def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = dict(_parse_settings(args.settings))
+    for key, value in (
+        ("backbone", args.backbone),
+        ("weights", args.weights),
+        ("image_size", args.image_size),
+        ("tile", args.tile),
+        ("tile_scales", args.tile_scales),
+        ("tile_overlap", args.tile_overlap),
+    ):
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def add_fit_parser(sub: Any) -> None:
     p = sub.add_parser(
         "fit",
         help="train a detector on good images and save it",
@@ -221,402 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for splits and sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser(
-        "test",
-        help="evaluate a saved model on a test set",
-        description=(
-            "Score the test split, print image AUROC, pixel AUROC, AU-PRO and F1 values, and write them as JSON."
-        ),
-    )
-    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
-    p.add_argument(
-        "--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)"
-    )
-    p.add_argument("--json", default=None, help="metrics JSON path (default: <model-dir>/metrics.json)")
-    p.add_argument(
-        "--eval-size",
-        type=int,
-        default=None,
-        help="compare maps and masks at this fixed size instead of each mask's own resolution",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument(
-        "--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)"
-    )
-    p.add_argument(
-        "--report",
-        default=None,
-        metavar="PATH.html",
-        help=(
-            "also write one self-contained HTML report: metrics, ROC / PR / PRO curves, score histograms with "
-            "the threshold, the worst false alarms and misses with heat maps"
-        ),
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser(
-        "predict",
-        help="score images with a saved model",
-        description=(
-            "Print each image's anomaly score, conformal p-value and decision; with --out also write "
-            "heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that "
-            "cannot be read is listed with its reason; the others are still scored (exit code 3)."
-        ),
-    )
-    p.add_argument(
-        "--model-dir",
-        default=None,
-        help="model folder written by 'anomnet fit' (required unless --engine ray with --model / --model-root)",
-    )
-    p.add_argument(
-        "images",
-        nargs="+",
-        help="image files or folders (searched recursively); '-' reads paths from stdin, one per line; "
-        "with --engine ray also globs ('dir/**/*.png', quoted) and CSV/Parquet manifests (a 'path' column, "
-        "optionally 'product')",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        help="output folder: heatmaps/, overlays/, masks/ (maps/ with --raw-maps), results.csv, results.jsonl",
-    )
-    p.add_argument(
-        "--raw-maps",
-        action="store_true",
-        help=(
-            "with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 "
-            "submission format)"
-        ),
-    )
-    p.add_argument(
-        "--out-layout",
-        default="anomnet",
-        choices=["anomnet", "mvtec-ad2"],
-        help="with --out: anomnet's files (default), or mvtec-ad2: only anomaly_images/<object>/<split>/<stem>.tiff "
-        "(float16) and anomaly_images_thresholded/.../<stem>.png, the layout MVTec AD 2's evaluation server reads "
-        "(docs/mvtec_ad2.md)",
-    )
-    p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--shard",
-        default=None,
-        metavar="i/N",
-        help="score only shard i (from 0) of N: every N-th image of the path-sorted input list, so N jobs "
-        "cover it once (output names as in the whole list)",
-    )
-    from anomnet.engine.command import add_engine_arguments
-
-    add_engine_arguments(p)
-
-    p = sub.add_parser(
-        "export",
-        help="export a fitted model as one ONNX, OpenVINO or TorchScript graph (scored without torch)",
-        description=(
-            "Write the fitted model as one graph from raw uint8 images (any size) to image scores, anomaly maps at "
-            "the input's resolution and decisions, with its thresholds and a manifest (docs/export.md). The graph "
-            "is checked against the model before the folder is written."
-        ),
-    )
-    p.add_argument("--model-dir", required=True, help="fitted model folder written by 'anomnet fit'")
-    p.add_argument(
-        "--format",
-        required=True,
-        choices=["onnx", "openvino", "torchscript"],
-        help="onnx (ONNX Runtime), openvino (OpenVINO IR, float32) or torchscript (needs torch to run)",
-    )
-    p.add_argument("--out", required=True, help="folder to write the exported model into (new or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
-
-    p = sub.add_parser(
-        "calibrate",
-        help="choose other thresholds / mask post-processing for a fitted model",
-        description=(
-            "Re-pick the image and pixel thresholds and the mask post-processing of a saved model "
-            "without refitting, from its saved validation statistics (or, with --data, recomputed from "
-            "the dataset's validation split), then save the model again."
-        ),
-    )
-    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
-    p.add_argument(
-        "--data",
-        default=None,
-        help=(
-            "recompute the validation statistics from this dataset's validation split (same --val-fraction and "
-            "the model's seed as at fit)"
-        ),
-    )
-    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="with --data: share of good training images held out (default 0.1)",
-    )
-    p.add_argument(
-        "--calibration",
-        default=None,
-        choices=["holdout", "loo"],
-        help="with --data: also score the model's training images found in the data leave-one-out (loo; "
-        "memory-bank detectors), or only images it was not trained on (holdout); default: as at fit",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the thresholds, the operating points and what would change; save nothing",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_threshold_arguments(p, with_max_false_alarm=True)
-
-    p = sub.add_parser(
-        "models",
-        help="list detectors and backbones",
-        description="List the detectors and backbones this anomnet provides.",
-    )
-    p.add_argument("--settings", action="store_true", help="also list each detector's settings with defaults")
-
-    p = sub.add_parser(
-        "demo",
-        help="the built-in example: fit and test PatchCore on ELPV solar cells",
-        description=(
-            "Fit the default detector on good ELPV solar cells (installed with anomnet), test it on "
-            "held-out good and defective cells, print the metrics and write heat maps."
-        ),
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--model", default=None, help="detector (default patchcore)")
-    p.add_argument(
-        "--max-train",
-        type=int,
-        default=None,
-        help=f"training cells per model (default {2 * DEMO_TRAIN}, {DEMO_TRAIN} per cell type with --per-type: "
-        "keeps the demo to a few minutes)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the model an earlier demo left in --out")
-    p.add_argument(
-        "--per-type",
-        action="store_true",
-        help="one model per cell type (mono, poly), each calibrated on its own good cells; the test cells pooled by "
-        "conformal p-value (default: one model for both types)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser(
-        "bench",
-        help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
-        description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, "
-        "measure peak memory and the metrics; write the JSON report to --out and, if asked, "
-        "a Markdown table to --markdown.",
-    )
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
-    p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME:KEY=VALUE;...",
-        help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)",
-    )
-    p.add_argument(
-        "--out", required=True, metavar="JSON", help="the JSON report to write (every row, its metrics and fit record)"
-    )
-    p.add_argument(
-        "--markdown", default=None, metavar="PATH", help="also write the Markdown table to this file (default: none)"
-    )
-    p.add_argument(
-        "--section",
-        default=None,
-        metavar="NAME",
-        help="with --markdown: replace only this named section of the file, so several runs share one file; "
-        "without it the whole file is written",
-    )
-    p.add_argument(
-        "--work-dir",
-        default=None,
-        help="folder for the fitted models (default: a temporary folder, removed afterwards)",
-    )
-    p.add_argument(
-        "--rescore",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE;...",
-        help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' "
-        "(repeatable; only for models that have those settings)",
-    )
-    p.add_argument(
-        "--memory-images",
-        type=int,
-        default=0,
-        help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
-        "e.g. 1000 (default 0: skip)",
-    )
-    add_serve_parser(sub)
-    from anomnet.fit_many import add_parser as add_fit_many_parser
-
-    add_fit_many_parser(sub)
-    add_watch_parser(sub)
-    return parser
-
-
-def add_watch_parser(sub: Any) -> None:
-    """``anomnet watch``: the hot folder (anomnet.watch)."""
-    p = sub.add_parser(
-        "watch",
-        help="score images as they arrive in a folder (hot folder for camera stations)",
-        description="Score each image file that lands in INBOX once it is completely written (unchanged for "
-        "--settle seconds, or renamed in from a temporary name such as x.tmp / x.part); write its heat map, "
-        "overlay and mask into --out, append its row to OUT/results.csv and OUT/results.jsonl, and move it to "
-        "OUT/processed (or OUT/errors when it cannot be read). A restart (even after a kill) scores no file "
-        "twice and skips none. Stops on Ctrl-C / SIGTERM after the current batch. See docs/watch.md.",
-    )
-    p.add_argument("--model-dir", required=True, help="model folder (fitted, or exported by 'anomnet export')")
-    p.add_argument("inbox", metavar="INBOX", help="the folder the camera station writes into")
-    p.add_argument("--out", required=True, help="output folder (outside INBOX; one watcher per folder)")
-    p.add_argument(
-        "--settle",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="a file is scored once its size and time stamp stayed the same this long (default 2; 0: at once, "
-        "for stations that write a temporary name and rename the finished file)",
-    )
-    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="seconds between scans (default 0.5)")
-    p.add_argument("--once", action="store_true", help="process what is in INBOX, then exit (3: some files failed)")
-    p.add_argument("--done", default=None, metavar="DIR", help="where scored files go (default OUT/processed)")
-    p.add_argument("--errors", default=None, metavar="DIR", help="where unreadable files go (default OUT/errors)")
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="leave files in INBOX; results.jsonl marks them done (a file whose content changes is scored again)",
-    )
-    p.add_argument("--recursive", action="store_true", help="also watch the subfolders of INBOX")
-    p.add_argument("--raw-maps", action="store_true", help="also write the raw float32 anomaly maps (maps/*.tiff)")
-
-
-def add_serve_parser(sub: Any) -> None:
-    """``anomnet serve``: the inspection service and review page (anomnet.serve, the serve extra)."""
-    p = sub.add_parser(
-        "serve",
-        help="run the inspection service (HTTP API + review page) for one or more models",
-        description="Serve fitted or exported models over HTTP: POST /v1/models/NAME/predict, GET /v1/models, "
-        f"/healthz, /metrics, and the review page at /. Needs the serve extra: {install_command('serve')}. "
-        "The API key, if any, comes from $ANOMNET_API_KEY or --api-key-file (never the command line).",
-    )
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="NAME=DIR",
-        help="a model folder (fitted or exported) served under NAME (repeatable: one per product)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--image-root", default=None, help="folder that JSON image paths are relative to (default: paths refused)"
-    )
-    p.add_argument("--review-dir", default=None, help="folder for the review page's marks (default: marks are refused)")
-    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
-    p.add_argument(
-        "--max-megapixels", type=float, default=40.0, help="largest image, read from its header (default 40)"
-    )
-    p.add_argument(
-        "--max-request-megapixels",
-        type=float,
-        default=64.0,
-        help="pixels of one request's images together, read from their headers (default 64)",
-    )
-    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
-    p.add_argument("--workers", type=int, default=1, help="scoring threads (default 1)")
-    p.add_argument("--queue", type=int, default=8, help="requests waiting for a worker before 429 (default 8)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60, then 504)")
-    p.add_argument(
-        "--body-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a request's body may take to arrive, read before it takes a worker place (default 10, then 408)",
-    )
-    p.add_argument(
-        "--reload-check",
-        type=float,
-        default=2.0,
-        help="seconds between looks at each model folder: a recalibrated or refitted model is loaded and swapped "
-        "in whole (default 2; 0: never)",
-    )
-    p.add_argument("--api-key-file", default=None, help="file holding the API key clients send as X-API-Key")
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("critical", "error", "warning", "info", "debug"),
-        help="server log detail (default info: one line per request)",
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    # Before torch starts its OpenMP threads: idle threads sleep instead of spinning. With
-    # spinning, any other busy process on a 2-core machine made a batch-1 forward many times slower
-    # (timed by hand, docs/design.md). A value the user set is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    from anomnet.runtime import tune_allocator
-
-    tune_allocator()
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        print(f"anomnet: error: --threads must be between 1 and 1024, got {args.threads}", file=sys.stderr)
-        return EXIT_INPUT
-    from anomnet.errors import AnomnetError
-
-    try:
-        if args.threads:
-            os.environ["ANOMNET_THREADS"] = str(args.threads)  # an exported model's runtime reads it
-            if not _scores_exported_model(args):  # scoring an exported model imports no torch
-                import torch
-
-                torch.set_num_threads(args.threads)
-        return COMMANDS[args.command](args)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TRAINING_STACK:
-            raise
-        print(
-            f"anomnet: error: '{args.command}' needs {exc.name}, part of the training stack: "
-            f"{install_command('train')} (exported models score without it: docs/export.md)",
-            file=sys.stderr,
-        )
-        return EXIT_INPUT
-    except AnomnetError as exc:
-        print(f"anomnet: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("anomnet: interrupted", file=sys.stderr)
-        return 130
-
-
-TRAINING_STACK = {"torch", "safetensors", "faiss", "efficientnet_lite_pytorch", "matplotlib", "skimage", "elpv_dataset"}
-"""Modules of the ``anomnet[train]`` extra (a lean runtime install has none of them)."""
-
-
-def _scores_exported_model(args: argparse.Namespace) -> bool:
-    from anomnet.exported import is_exported
-
-    return args.command == "predict" and args.model_dir is not None and is_exported(args.model_dir)
-
-
-def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings: dict[str, Any] = dict(_parse_settings(args.settings))
-    for key, value in (
-        ("backbone", args.backbone),
-        ("weights", args.weights),
-        ("image_size", args.image_size),
-        ("tile", args.tile),
-        ("tile_scales", args.tile_scales),
-        ("tile_overlap", args.tile_overlap),
-    ):
-        if value is not None:
-            settings[key] = value
-    return settings
-
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomnet import api
@@ -664,6 +339,48 @@ def operating_points_lines(cal: Any, model_dir: str | Path) -> list[str]:
         f"pick another: anomnet calibrate --model-dir {shlex.quote(str(model_dir))} --max-false-alarm RATE "
         "(add --dry-run to see it first)"
     ]
+
+
+def add_calibrate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose other thresholds / mask post-processing for a fitted model",
+        description=(
+            "Re-pick the image and pixel thresholds and the mask post-processing of a saved model "
+            "without refitting, from its saved validation statistics (or, with --data, recomputed from "
+            "the dataset's validation split), then save the model again."
+        ),
+    )
+    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=(
+            "recompute the validation statistics from this dataset's validation split (same --val-fraction and "
+            "the model's seed as at fit)"
+        ),
+    )
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="with --data: share of good training images held out (default 0.1)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        choices=["holdout", "loo"],
+        help="with --data: also score the model's training images found in the data leave-one-out (loo; "
+        "memory-bank detectors), or only images it was not trained on (holdout); default: as at fit",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the thresholds, the operating points and what would change; save nothing",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threshold_arguments(p, with_max_false_alarm=True)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -718,6 +435,43 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def add_test_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "test",
+        help="evaluate a saved model on a test set",
+        description=(
+            "Score the test split, print image AUROC, pixel AUROC, AU-PRO and F1 values, and write them as JSON."
+        ),
+    )
+    p.add_argument("--model-dir", required=True, help="model folder written by 'anomnet fit'")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument(
+        "--layout", default="auto", choices=["auto", "mvtec", "folder", "elpv"], help="dataset layout (default: detect)"
+    )
+    p.add_argument("--json", default=None, help="metrics JSON path (default: <model-dir>/metrics.json)")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="compare maps and masks at this fixed size instead of each mask's own resolution",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument(
+        "--heatmaps", default=None, help="folder for a few heat-map images (image | overlay | heat map | ground truth)"
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH.html",
+        help=(
+            "also write one self-contained HTML report: metrics, ROC / PR / PRO curves, score histograms with "
+            "the threshold, the worst false alarms and misses with heat maps"
+        ),
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from anomnet import api, imageio
     from anomnet.model_io import model_files
@@ -753,6 +507,105 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.report:
         print(f"report written to {args.report}")
     return EXIT_OK
+
+
+def add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="score images with a saved model",
+        description=(
+            "Print each image's anomaly score, conformal p-value and decision; with --out also write "
+            "heat maps, overlays, masks (and raw maps), results.csv and results.jsonl. A file that "
+            "cannot be read is listed with its reason; the others are still scored (exit code 3)."
+        ),
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="model folder written by 'anomnet fit' (required unless --engine ray with --model / --model-root)",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files or folders (searched recursively); '-' reads paths from stdin, one per line; "
+        "with --engine ray also globs ('dir/**/*.png', quoted) and CSV/Parquet manifests (a 'path' column, "
+        "optionally 'product')",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder: heatmaps/, overlays/, masks/ (maps/ with --raw-maps), results.csv, results.jsonl",
+    )
+    p.add_argument(
+        "--raw-maps",
+        action="store_true",
+        help=(
+            "with --out: also the raw float32 anomaly maps as TIFF at the original resolution (MVTec AD 2 "
+            "submission format)"
+        ),
+    )
+    p.add_argument(
+        "--out-layout",
+        default="anomnet",
+        choices=["anomnet", "mvtec-ad2"],
+        help="with --out: anomnet's files (default), or mvtec-ad2: only anomaly_images/<object>/<split>/<stem>.tiff "
+        "(float16) and anomaly_images_thresholded/.../<stem>.png, the layout MVTec AD 2's evaluation server reads "
+        "(docs/mvtec_ad2.md)",
+    )
+    p.add_argument("--csv", default=None, help="also write the results as CSV to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help="score only shard i (from 0) of N: every N-th image of the path-sorted input list, so N jobs "
+        "cover it once (output names as in the whole list)",
+    )
+    g = p.add_argument_group("batch engine (--engine ray; see docs/scaling.md)")
+    g.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: Ray Data workers on a local Ray or the cluster at --address, "
+        "inputs may also be globs and CSV/Parquet manifests, results also as results.parquet (needs --out and "
+        "the anomnet[ray] extra)",
+    )
+    g.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PRODUCT=DIR",
+        help="with --engine ray: the model of one product (repeatable); a manifest's 'product' column picks it",
+    )
+    g.add_argument(
+        "--model-root",
+        default=None,
+        metavar="DIR",
+        help="with --engine ray: one model per product, each a subfolder of DIR named after it (as fit-many writes)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --engine ray: keep the rows already in --out and score only the inputs without one",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the Ray cluster to use ('auto': the one 'ray start' runs here; "
+        "default: start a local Ray)",
+    )
+    g.add_argument(
+        "--rows-only",
+        action="store_true",
+        help="with --engine ray: only the result rows (results.parquet/.csv/.jsonl), no heat maps, overlays, masks",
+    )
+    g.add_argument("--workers", type=int, default=None, help="scorer workers (default: cluster CPUs / --worker-cpus)")
+    g.add_argument(
+        "--worker-cpus", type=float, default=1, help="CPUs (and torch threads) each scorer worker takes (default 1)"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=None, help="images a worker takes per call (default 16)", metavar="N"
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -793,7 +646,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 + (f"\terror: {r.error}" if r.error else "")
             )
     if args.csv:
-        from anomnet import imageio
         from anomnet.predict.outputs import csv_text
 
         imageio.atomic_write_text(args.csv, csv_text(results))
@@ -817,6 +669,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a fitted model as one ONNX, OpenVINO or TorchScript graph (scored without torch)",
+        description=(
+            "Write the fitted model as one graph from raw uint8 images (any size) to image scores, anomaly maps at "
+            "the input's resolution and decisions, with its thresholds and a manifest (docs/export.md). The graph "
+            "is checked against the model before the folder is written."
+        ),
+    )
+    p.add_argument("--model-dir", required=True, help="fitted model folder written by 'anomnet fit'")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "openvino", "torchscript"],
+        help="onnx (ONNX Runtime), openvino (OpenVINO IR, float32) or torchscript (needs torch to run)",
+    )
+    p.add_argument("--out", required=True, help="folder to write the exported model into (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from anomnet.export import export_model
     from anomnet.exported import read_manifest
@@ -831,6 +704,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     runtime = "needs torch" if args.format == "torchscript" else "no torch: a line PC needs the wheel with [runtime]"
     print(f"score with it: anomnet predict --model-dir {out} IMAGES ({runtime})")
     return EXIT_OK
+
+
+def add_models_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list detectors and backbones",
+        description="List the detectors and backbones this anomnet provides.",
+    )
+    p.add_argument("--settings", action="store_true", help="also list each detector's settings with defaults")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -853,6 +735,34 @@ def cmd_models(args: argparse.Namespace) -> int:
         layers = f"layers {','.join(b.default_layers)} of {','.join(b.layers)}"
         print(f"  {b.name:<18} {layers}{extra}{default}")
     return EXIT_OK
+
+
+def add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the built-in example: fit and test PatchCore on ELPV solar cells",
+        description=(
+            "Fit the default detector on good ELPV solar cells (installed with anomnet), test it on "
+            "held-out good and defective cells, print the metrics and write heat maps."
+        ),
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--model", default=None, help="detector (default patchcore)")
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help=f"training cells per model (default {2 * DEMO_TRAIN}, {DEMO_TRAIN} per cell type with --per-type: "
+        "keeps the demo to a few minutes)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the model an earlier demo left in --out")
+    p.add_argument(
+        "--per-type",
+        action="store_true",
+        help="one model per cell type (mono, poly), each calibrated on its own good cells; the test cells pooled by "
+        "conformal p-value (default: one model for both types)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1018,16 +928,172 @@ def in_words(metrics: dict[str, float], test: Any) -> str:
     )
 
 
+def add_fit_many_parser(sub: Any) -> None:
+    from anomnet.fit_many import ENGINES  # the fit-many command itself: anomnet.fit_many
+
+    p = sub.add_parser(
+        "fit-many",
+        help="fit one model per category folder (on Ray when installed), with a summary table",
+        description="Fit one model per category folder of --data (each subfolder with train/, e.g. the MVTec AD "
+        "root) into --out/<category>, test it when it has a test split, and print a table. On Ray each "
+        "category is a task of --cpus-per-fit CPUs; a failing category is reported and the others go on.",
+    )
+    p.add_argument("--data", required=True, help="root folder: one dataset folder per category")
+    p.add_argument("--out", required=True, help="folder for the models, one subfolder per category")
+    p.add_argument("--model", default=None, help="detector name (see 'anomnet models'; default: patchcore)")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: every one)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="ray: one Ray task per category; local: one after another here; auto (default): ray when installed",
+    )
+    p.add_argument("--address", default=None, help="with ray: the cluster ('auto': the local 'ray start' one)")
+    p.add_argument("--cpus-per-fit", type=float, default=1, help="CPUs (torch threads) of each fit (default 1)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="detector setting")
+    p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
+    p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
+    p.add_argument("--max-train", type=int, default=None, help="at most this many training images per category")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="good training images held out (default: 0.1 with --calibration holdout, none otherwise)",
+    )
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        choices=["auto", "holdout", "loo", "crossfit"],
+        help="what calibrates the thresholds, as in 'anomnet fit' (default auto: the detector's measured default)",
+    )
+    p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the detectors (default 0)")
+    p.add_argument("--no-test", action="store_true", help="do not evaluate on the test splits")
+    p.add_argument("--overwrite", action="store_true", help="replace models already in --out")
+    p.add_argument("--skip-existing", action="store_true", help="keep the models already in --out, fit the rest")
+    p.add_argument("--quiet", action="store_true", help="no per-category progress lines")
+
+
 def cmd_fit_many(args: argparse.Namespace) -> int:
     from anomnet import fit_many
 
     return fit_many.command(args, _parse_settings(args.settings))
 
 
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark speed, memory and accuracy of detectors on your data; writes a JSON report",
+        description="Time the backbone alone and each detector's fit and predict (batch 1 and 16) on CPU, "
+        "measure peak memory and the metrics; write the JSON report to --out and, if asked, "
+        "a Markdown table to --markdown.",
+    )
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", default=None, help="category inside an MVTec-style root folder")
+    p.add_argument("--models", default="patchcore", help="comma-separated detectors (default patchcore)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE;...",
+        help="extra configuration rows, e.g. 'pc-1pct:model=patchcore;coreset_ratio=0.01' (repeatable)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="JSON", help="the JSON report to write (every row, its metrics and fit record)"
+    )
+    p.add_argument(
+        "--markdown", default=None, metavar="PATH", help="also write the Markdown table to this file (default: none)"
+    )
+    p.add_argument(
+        "--section",
+        default=None,
+        metavar="NAME",
+        help="with --markdown: replace only this named section of the file, so several runs share one file; "
+        "without it the whole file is written",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="folder for the fitted models (default: a temporary folder, removed afterwards)",
+    )
+    p.add_argument(
+        "--rescore",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE;...",
+        help="extra rows from each fitted model with scoring-time settings changed, e.g. 'alpha=0' "
+        "(repeatable; only for models that have those settings)",
+    )
+    p.add_argument(
+        "--memory-images",
+        type=int,
+        default=0,
+        help="also fit PatchCore on this many training images (the set repeated) and report peak memory, "
+        "e.g. 1000 (default 0: skip)",
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from anomnet.evaluation import bench
 
     return bench.main(args)
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the inspection service (HTTP API + review page) for one or more models",
+        description="Serve fitted or exported models over HTTP: POST /v1/models/NAME/predict, GET /v1/models, "
+        f"/healthz, /metrics, and the review page at /. Needs the serve extra: {install_command('serve')}. "
+        "The API key, if any, comes from $ANOMNET_API_KEY or --api-key-file (never the command line).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a model folder (fitted or exported) served under NAME (repeatable: one per product)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--image-root", default=None, help="folder that JSON image paths are relative to (default: paths refused)"
+    )
+    p.add_argument("--review-dir", default=None, help="folder for the review page's marks (default: marks are refused)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    p.add_argument(
+        "--max-megapixels", type=float, default=40.0, help="largest image, read from its header (default 40)"
+    )
+    p.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=64.0,
+        help="pixels of one request's images together, read from their headers (default 64)",
+    )
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    p.add_argument("--workers", type=int, default=1, help="scoring threads (default 1)")
+    p.add_argument("--queue", type=int, default=8, help="requests waiting for a worker before 429 (default 8)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60, then 504)")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request's body may take to arrive, read before it takes a worker place (default 10, then 408)",
+    )
+    p.add_argument(
+        "--reload-check",
+        type=float,
+        default=2.0,
+        help="seconds between looks at each model folder: a recalibrated or refitted model is loaded and swapped "
+        "in whole (default 2; 0: never)",
+    )
+    p.add_argument("--api-key-file", default=None, help="file holding the API key clients send as X-API-Key")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="server log detail (default info: one line per request)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1074,6 +1140,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_watch_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="score images as they arrive in a folder (hot folder for camera stations)",
+        description="Score each image file that lands in INBOX once it is completely written (unchanged for "
+        "--settle seconds, or renamed in from a temporary name such as x.tmp / x.part); write its heat map, "
+        "overlay and mask into --out, append its row to OUT/results.csv and OUT/results.jsonl, and move it to "
+        "OUT/processed (or OUT/errors when it cannot be read). A restart (even after a kill) scores no file "
+        "twice and skips none. Stops on Ctrl-C / SIGTERM after the current batch. See docs/watch.md.",
+    )
+    p.add_argument("--model-dir", required=True, help="model folder (fitted, or exported by 'anomnet export')")
+    p.add_argument("inbox", metavar="INBOX", help="the folder the camera station writes into")
+    p.add_argument("--out", required=True, help="output folder (outside INBOX; one watcher per folder)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a file is scored once its size and time stamp stayed the same this long (default 2; 0: at once, "
+        "for stations that write a temporary name and rename the finished file)",
+    )
+    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="seconds between scans (default 0.5)")
+    p.add_argument("--once", action="store_true", help="process what is in INBOX, then exit (3: some files failed)")
+    p.add_argument("--done", default=None, metavar="DIR", help="where scored files go (default OUT/processed)")
+    p.add_argument("--errors", default=None, metavar="DIR", help="where unreadable files go (default OUT/errors)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave files in INBOX; results.jsonl marks them done (a file whose content changes is scored again)",
+    )
+    p.add_argument("--recursive", action="store_true", help="also watch the subfolders of INBOX")
+    p.add_argument("--raw-maps", action="store_true", help="also write the raw float32 anomaly maps (maps/*.tiff)")
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from anomnet import imageio
     from anomnet.model_io import model_files
@@ -1093,18 +1193,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if args.once and summary.errors else EXIT_OK
 
 
-COMMANDS = {
-    "calibrate": cmd_calibrate,
-    "fit": cmd_fit,
-    "test": cmd_test,
-    "predict": cmd_predict,
-    "export": cmd_export,
-    "models": cmd_models,
-    "demo": cmd_demo,
-    "bench": cmd_bench,
-    "fit-many": cmd_fit_many,
-    "serve": cmd_serve,
-    "watch": cmd_watch,
+COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {
+    # name: (add its parser, run it); in the order of 'anomnet --help'
+    "fit": (add_fit_parser, cmd_fit),
+    "test": (add_test_parser, cmd_test),
+    "predict": (add_predict_parser, cmd_predict),
+    "export": (add_export_parser, cmd_export),
+    "calibrate": (add_calibrate_parser, cmd_calibrate),
+    "models": (add_models_parser, cmd_models),
+    "demo": (add_demo_parser, cmd_demo),
+    "bench": (add_bench_parser, cmd_bench),
+    "serve": (add_serve_parser, cmd_serve),
+    "fit-many": (add_fit_many_parser, cmd_fit_many),
+    "watch": (add_watch_parser, cmd_watch),
 }
 
 if __name__ == "__main__":

@@ -241,51 +241,6 @@ def summary_table(results: Sequence[CategoryResult]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def add_parser(sub: Any) -> None:
-    """The ``fit-many`` subcommand's options."""
-    p = sub.add_parser(
-        "fit-many",
-        help="fit one model per category folder (on Ray when installed), with a summary table",
-        description="Fit one model per category folder of --data (each subfolder with train/, e.g. the MVTec AD "
-        "root) into --out/<category>, test it when it has a test split, and print a table. On Ray each "
-        "category is a task of --cpus-per-fit CPUs; a failing category is reported and the others go on.",
-    )
-    p.add_argument("--data", required=True, help="root folder: one dataset folder per category")
-    p.add_argument("--out", required=True, help="folder for the models, one subfolder per category")
-    p.add_argument("--model", default=None, help="detector name (see 'anomnet models'; default: patchcore)")
-    p.add_argument("--categories", default=None, help="comma-separated categories (default: every one)")
-    p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="ray: one Ray task per category; local: one after another here; auto (default): ray when installed",
-    )
-    p.add_argument("--address", default=None, help="with ray: the cluster ('auto': the local 'ray start' one)")
-    p.add_argument("--cpus-per-fit", type=float, default=1, help="CPUs (torch threads) of each fit (default 1)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="detector setting")
-    p.add_argument("--image-size", type=int, default=None, help="side the images are resized to (default 256)")
-    p.add_argument("--backbone", default=None, help="feature backbone (see 'anomnet models')")
-    p.add_argument("--max-train", type=int, default=None, help="at most this many training images per category")
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=None,
-        help="good training images held out (default: 0.1 with --calibration holdout, none otherwise)",
-    )
-    p.add_argument(
-        "--calibration",
-        default="auto",
-        choices=["auto", "holdout", "loo", "crossfit"],
-        help="what calibrates the thresholds, as in 'anomnet fit' (default auto: the detector's measured default)",
-    )
-    p.add_argument("--max-false-alarm", type=float, default=0.01, help="target false-alarm rate (default 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the detectors (default 0)")
-    p.add_argument("--no-test", action="store_true", help="do not evaluate on the test splits")
-    p.add_argument("--overwrite", action="store_true", help="replace models already in --out")
-    p.add_argument("--skip-existing", action="store_true", help="keep the models already in --out, fit the rest")
-    p.add_argument("--quiet", action="store_true", help="no per-category progress lines")
-
-
 def command(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     """Run ``fit-many``; exit code 0, or 3 when a category failed."""
     from anomnet.detectors import DEFAULT_DETECTOR

@@ -148,8 +148,3 @@ def _mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -
         x = F.pad(x, (lft, r, t, b), mode="reflect")
         top, bottom, left, right = top - t, bottom - b, left - lft, right - r
     return x
-
-
-def feature_grid_size(image_size: int, stride: int) -> int:
-    """Spatial side of a feature map with 'same' padding at ``stride``."""
-    return math.ceil(image_size / stride)

@@ -12,55 +12,6 @@ from anomnet.install import install_command
 EXIT_OK, EXIT_INTERNAL, EXIT_SOME_FAILED = 0, 1, 3
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``predict`` options of the batch engine (``--engine ray``)."""
-    g = parser.add_argument_group("batch engine (--engine ray; see docs/scaling.md)")
-    g.add_argument(
-        "--engine",
-        choices=["local", "ray"],
-        default="local",
-        help="local: this process (default); ray: Ray Data workers on a local Ray or the cluster at --address, "
-        "inputs may also be globs and CSV/Parquet manifests, results also as results.parquet (needs --out and "
-        "the anomnet[ray] extra)",
-    )
-    g.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="PRODUCT=DIR",
-        help="with --engine ray: the model of one product (repeatable); a manifest's 'product' column picks it",
-    )
-    g.add_argument(
-        "--model-root",
-        default=None,
-        metavar="DIR",
-        help="with --engine ray: one model per product, each a subfolder of DIR named after it (as fit-many writes)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --engine ray: keep the rows already in --out and score only the inputs without one",
-    )
-    g.add_argument(
-        "--address",
-        default=None,
-        help="with --engine ray: the Ray cluster to use ('auto': the one 'ray start' runs here; "
-        "default: start a local Ray)",
-    )
-    g.add_argument(
-        "--rows-only",
-        action="store_true",
-        help="with --engine ray: only the result rows (results.parquet/.csv/.jsonl), no heat maps, overlays, masks",
-    )
-    g.add_argument("--workers", type=int, default=None, help="scorer workers (default: cluster CPUs / --worker-cpus)")
-    g.add_argument(
-        "--worker-cpus", type=float, default=1, help="CPUs (and torch threads) each scorer worker takes (default 1)"
-    )
-    g.add_argument(
-        "--batch-size", type=int, default=None, help="images a worker takes per call (default 16)", metavar="N"
-    )
-
-
 def check_local(args: argparse.Namespace) -> None:
     """Refuse engine-only options with the local engine (before any work)."""
     used = [
