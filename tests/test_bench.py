@@ -94,22 +94,6 @@ def test_bench_markdown_section_only_when_asked(
     assert (work / "tiny").is_dir()
 
 
-def test_fit_record_of_falls_back() -> None:
-    from anomnet.evaluation.bench import fit_record_of
-
-    class Plain:
-        pass
-
-    class WithRecord:
-        class fit_record:  # noqa: N801 - a stand-in object with to_dict
-            @staticmethod
-            def to_dict() -> dict[str, object]:
-                return {"phases": []}
-
-    assert fit_record_of(Plain()) is None
-    assert fit_record_of(WithRecord()) == {"phases": []}
-
-
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS_SCRIPT = ROOT / "benchmarks" / "sections.py"
 

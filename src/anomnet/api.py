@@ -296,15 +296,6 @@ def calibrate(
     return detector
 
 
-def expand_image_paths(items: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders replaced by the images inside them (recursively)."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        out.extend(imageio.list_images(p, recursive=True) if p.is_dir() else [p])
-    return out
-
-
 def write_heatmaps(detector: Detector, samples: Sequence[Sample], out_dir: str | Path) -> list[Path]:
     """For each sample one PNG: image | overlay | heat map | ground truth (if any), titled, side by side,
     with the model's colour bar (its numbers in anomaly-map units, the pixel threshold marked;

@@ -147,7 +147,7 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["test_ms_per_image_full_res"] = 1000.0 * res.seconds_per_image
     out["peak_rss_mb"] = _peak_rss_mb()
     out["memory_bank"] = _bank_shape(det)
-    out["fit_record"] = fit_record_of(det)
+    out["fit_record"] = det.fit_record.to_dict()  # phases, seconds, losses, data sources
     out["rescored"] = [{"settings": extra, "metrics": rescore(det, split, extra)} for extra in spec.get("rescore", [])]
     out["branches"] = branch_report(det, split, choices)
     return out
@@ -169,14 +169,6 @@ def branch_report(det: Detector, split: Any, choices: dict[str, str]) -> dict[st
         calibrate_detector(branch, split.validation, options, None, post)
         tested[alias] = {"detector": branch.name, "metrics": api.test(branch, split, progress=False).metrics}
     return {"choice": det.choice, "tested": tested}
-
-
-def fit_record_of(det: Any) -> dict[str, Any] | None:
-    """The detector's fit record (phases, seconds, losses, data sources) as a dict, or None if it has none."""
-    record = getattr(det, "fit_record", None)
-    if record is None:
-        return None
-    return record.to_dict() if hasattr(record, "to_dict") else dict(record)
 
 
 def rescore(det: Any, split: Any, changes: dict[str, str]) -> dict[str, float]:

@@ -3,8 +3,9 @@ Industrial Settings via a Hybrid Detection Framework"): per object, the branch d
 
 ``config`` (settings: branches, their settings, mode, criterion, selection data), ``model`` (the
 chosen branch's or the fused prediction, the normalisation), ``selection`` (the selection data,
-the candidates' metrics, the choice), ``losses`` (none: why), ``detector`` (fit orchestration and
-persistence). Importing this package registers the detector. Design note: docs/hybrid.md.
+the candidates' metrics, the choice), ``detector`` (fit orchestration and persistence); no
+``losses``: the branches train theirs in their own fit, the hybrid optimises a choice. Importing
+this package registers the detector. Design note: docs/hybrid.md.
 """
 
 from anomnet.detectors.hybrid.config import HybridConfig
