@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from anomnet.components import NearestNeighbors, PatchFeatures, gaussian_blur
+from anomnet.components.score_reduction import reweighted_max
 from anomnet.errors import ConfigError
 from anomnet.transforms import upsample_maps
 
@@ -82,21 +83,6 @@ class PatchCoreModel(nn.Module):
         """Patch scores ``[B, N]`` and image scores ``[B]`` of the patches ``feats`` ``[B, N, D]``.
 
         ``distance`` ``[B, N]`` is each patch's distance to its nearest bank row ``nearest`` ``[B, N]``.
-        PatchCore: the distances, and the re-weighted maximum of eq. 7 (:meth:`image_scores`).
+        PatchCore: the distances, and their maximum re-weighted as the paper's eq. 7 does.
         """
-        return distance, self.image_scores(feats, distance, nearest)
-
-    def image_scores(self, feats: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """Re-weighted maximum patch score (PatchCore eq. 7): ``s = (1 - softmax(distances)_0) * s*``."""
-        best = patch_scores.argmax(1)
-        rows = torch.arange(feats.shape[0])
-        s_star = patch_scores[rows, best]
-        k = min(self.num_neighbors, len(self.nn))
-        if k < 2:
-            return s_star
-        m_test = feats[rows, best]  # [B, D] the most anomalous test patch
-        m_star = self.memory_bank[nearest[rows, best]]  # its nearest bank patch
-        _, support = self.nn.search(m_star, k)  # neighbours of m* in the bank (m* itself first)
-        dists = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)
-        weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
-        return weight * s_star
+        return distance, reweighted_max(feats, distance, nearest, self.memory_bank, self.nn, self.num_neighbors)

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from anomnet.components import PatchFeatures, gaussian_blur
+from anomnet.components import PatchFeatures
 from anomnet.components.graph_mode import graph_mode_active
+from anomnet.components.score_reduction import max_score
 from anomnet.detectors.patchcore.model import PatchCoreModel
-from anomnet.errors import NotFittedError
-from anomnet.transforms import upsample_maps
 
 
 class ToCoADModel(PatchCoreModel):
@@ -38,23 +37,18 @@ class ToCoADModel(PatchCoreModel):
         self.reweight = reweight
         self.chunk = chunk
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, feats: torch.Tensor, distance: torch.Tensor, nearest: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 9 on every patch and the maximum of the re-weighted patches (``reweight="image"``: PatchCore's)."""
         if self.reweight != "patch":
-            return super().forward(images)
-        if self.nn is None or self.memory_bank is None:
-            raise NotFittedError("ToCoAD is not fitted: call fit() or load a saved model")
-        feats = self.extract(images)
-        b, h, w, d = feats.shape
-        flat = feats.reshape(-1, d)
-        dist, idx = self.nn.search(flat, 1)
-        patch_scores = (self.patch_weights(flat, idx[:, 0]) * dist[:, 0]).reshape(b, h * w)
-        scores = patch_scores.max(1).values
-        maps = upsample_maps(patch_scores.reshape(b, h, w), (int(images.shape[-2]), int(images.shape[-1])))
-        return scores, gaussian_blur(maps, self.blur_sigma)
+            return super().score(feats, distance, nearest)
+        b, n, d = feats.shape
+        patch_scores = self.patch_weights(feats.reshape(-1, d), nearest.reshape(-1)).reshape(b, n) * distance
+        return patch_scores, max_score(patch_scores)
 
     def patch_weights(self, flat: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Eq. 9 weight ``[N]`` of every patch ``flat[n]`` whose nearest bank patch is ``nearest[n]``."""
-        assert self.nn is not None and self.memory_bank is not None
         k = min(self.num_neighbors, len(self.nn))
         if k < 2:
             return torch.ones(flat.shape[0], dtype=flat.dtype)
