@@ -81,9 +81,7 @@ def run_one(
     result = api.test(det, split, progress=False)
     rows = [{"rescore": None, "metrics": {k: result.metrics.get(k) for k in METRICS}, **base}]
     for name, changes in rescores:
-        for key, value in changes.items():  # scoring-time settings live on the config and the model
-            setattr(det.config, key, type(getattr(det.config, key))(value))
-            setattr(det.model, key, getattr(det.config, key))
+        det.config = type(det.config).from_dict({**det.config.to_dict(), **changes})  # read at every prediction
         options, post = split_choices({"max_false_alarm": 0.01})
         calibrate_detector(det, split.validation, options, None, post)
         result = api.test(det, split, progress=False)
@@ -118,7 +116,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME:KEY=VALUE;...",
-        help="also score each fitted model with scoring-time settings changed (blur_sigma, top_ratio)",
+        help="also score each fitted model with scoring-time settings changed (blur_sigma, top_share)",
     )
     parser.add_argument("--out", required=True, help="JSON report")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")

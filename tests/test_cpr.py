@@ -289,14 +289,15 @@ def test_missing_defect_folder_fails_before_the_fit(folder_dataset: Path, tmp_pa
 def test_prediction_is_traceable_torch(folder_dataset: Path) -> None:
     det = api.fit("cpr", folder_dataset, settings={**SMALL, "steps": 1}, progress=False)
     assert isinstance(det, CPR)
-    det.predict_preprocessed(torch.rand(1, 3, 64, 64))  # sets the scoring-time attributes
     x = torch.rand(2, 3, 64, 64)
     model = det.model
     model.batch_chunk = 1 << 30  # one batched pass, no per-image loop
     with torch.inference_mode():
-        expected = model(x)
+        expected = model(x, det.config)
     with torch.no_grad():
-        traced = torch.jit.trace(model, (torch.rand(2, 3, 64, 64),), check_trace=False)
+        traced = torch.jit.trace(
+            lambda images: model(images, det.config), (torch.rand(2, 3, 64, 64),), check_trace=False
+        )
         got = traced(x)
     assert torch.allclose(got[0], expected[0], atol=1e-5) and torch.allclose(got[1], expected[1], atol=1e-5)
     assert math.isfinite(float(got[0].sum()))

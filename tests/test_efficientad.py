@@ -217,8 +217,8 @@ def test_fit_predict_save_load(folder_dataset: Path, tmp_path: Path) -> None:
     again = create_detector("efficientad", {**settings, "steps": 1})
     again.fit(list(load_dataset(folder_dataset).train), [], progress=False)
     assert again.fit_record.phase("distill").extra["cached"] is True
-    for k, v in det.teacher.state_dict().items():
-        assert torch.equal(v, again.teacher.state_dict()[k])
+    for k, v in det.model.teacher.state_dict().items():
+        assert torch.equal(v, again.model.teacher.state_dict()[k])
 
 
 @pytest.mark.parametrize(
@@ -360,18 +360,19 @@ def test_imagenet_norm_feeds_student_and_autoencoder_only(small_split, tmp_path:
     det.fit(small_split.train, [], progress=False)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) for m in (det.student, det.autoencoder)]
-    det.raw_maps(x)
+    model = det.model
+    hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) for m in (model.student, model.autoencoder)]
+    model.raw_maps(x)
     for h in hooks:
         h.remove()
     assert len(seen) == 2 and all(torch.allclose(s.float(), imagenet_normalize(x)) for s in seen)
-    t = det._teacher_features(x)
-    st, ae = det.raw_maps(x)
-    det.config.imagenet_norm = False  # the same weights on raw inputs: other maps, same teacher
-    st0, ae0 = det.raw_maps(x)
-    assert torch.equal(det._teacher_features(x), t)
+    t = model.teacher_features(x)
+    ((st, ae),) = model.raw_maps(x)
+    model.imagenet_norm = False  # the same weights on raw inputs: other maps, same teacher
+    ((st0, ae0),) = model.raw_maps(x)
+    assert torch.equal(model.teacher_features(x), t)
     assert not torch.allclose(st, st0) and not torch.allclose(ae, ae0)
-    det.config.imagenet_norm = True
+    model.imagenet_norm = True
     det.save(tmp_path / "m")
     loaded = Detector.load(tmp_path / "m")
     assert loaded.config.imagenet_norm is True
@@ -446,14 +447,14 @@ def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) 
     det = create_detector("efficientad", {**TINY, "steps": 2, "cache_dir": "off"})
     det.fit(small_split.train, small_split.validation, progress=False)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    squared, _ = det.raw_maps(x)
-    normalized, _ = det.raw_maps(x, "normalized")
-    with torch.no_grad(), det._autocast():
-        s = det.student(x).float()[:, :OUT_CHANNELS]
-    expected = discrepancy(det._teacher_features(x), s)
+    (squared, _), (normalized, _) = det.model.raw_maps(x, ("squared", "normalized"))
+    with torch.no_grad(), det.model.autocast():
+        s = det.model.student(x).float()[:, :OUT_CHANNELS]
+    expected = discrepancy(det.model.teacher_features(x), s)
     assert torch.allclose(normalized, expected, atol=1e-5)
     assert normalized.min() >= 0 and normalized.max() <= 4 and not torch.allclose(normalized, squared)
-    assert det.quantiles_normalized is not None and det.quantiles_normalized[0] < det.quantiles_normalized[1]
+    qn = det.model.quantiles_normalized
+    assert qn is not None and qn[0] < qn[1]
     before = det.predict(x)
     det.config.st_map = "normalized"
     after = det.predict(x)
@@ -470,7 +471,7 @@ def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) 
     # a model saved before the setting has no such quantiles: the squared map works, the normalised one is refused
     tensors = {k: v for k, v in det.state_tensors().items() if k != "quantiles_normalized"}
     det.load_state_tensors(tensors)
-    assert det.quantiles_normalized is None
+    assert det.model.quantiles_normalized is None
     assert torch.equal(det.predict(x).maps, before.maps)
     det.config.st_map = "normalized"
     with pytest.raises(ConfigError, match="st_map=normalized"):

@@ -293,9 +293,9 @@ def test_predict_is_a_pure_tensor_function(data: Path) -> None:
     det.fit(split.train, split.validation, progress=False)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        traced = torch.jit.trace(det.model, (x,), check_trace=False)
+        traced = torch.jit.trace(lambda images: det.model(images, det.config), (x,), check_trace=False)
         scores, maps = traced(x)
-        ref_scores, ref_maps = det.model(x)
+        ref_scores, ref_maps = det.model(x, det.config)
     assert torch.allclose(maps, ref_maps, atol=1e-5) and torch.allclose(scores, ref_scores, atol=1e-5)
 
 

@@ -71,8 +71,7 @@ class CPR(Detector):
                 f"CPR uses the levels {', '.join(backbone.layers)}: give one window per level "
                 f"(setting windows, now {','.join(map(str, c.windows))})"
             )
-        head = RetrievalHead(backbone.channels(), c.head_width, c.head_dim)
-        self.model = CPRModel(backbone, head, c.blocks, c.block_share)
+        self.model = CPRModel(backbone, c)
 
     # -- training ----------------------------------------------------------------------
     def ensure_backbone(self) -> None:
@@ -116,7 +115,7 @@ class CPR(Detector):
             found = self.model.foreground.fit(desc, gen)
             self.model.train_foreground = self.model.foreground(desc) if found.fitted else None
             phase.extra.update(dataclasses.asdict(found))
-            phase.extra["used"] = self._use_foreground()
+            phase.extra["used"] = self.model.uses_foreground(self.config.foreground)
         self._train(images, neighbours, generator, gen, progress)
         with timed_phase(self.fit_record, "bank"):
             self.model.banks = self._bank(images)
@@ -157,10 +156,6 @@ class CPR(Detector):
             rows.append(dist.topk(k, dim=1, largest=False).indices)
         return torch.cat(rows)
 
-    def _use_foreground(self) -> bool:
-        mode = self.config.foreground
-        return mode == "on" or (mode == "auto" and self.model.foreground.object_like)
-
     def _defect_generator(self) -> RealisticDefects:
         c = self.config
         crops = load_defect_crops(c.defects, seed=c.seed) if c.defects else None
@@ -182,7 +177,7 @@ class CPR(Detector):
         head, backbone = self.model.head, self.model.backbone
         side = min(int(images.shape[-2]), int(images.shape[-1]))
         crop = side if c.train_crop <= 0 else min(c.train_crop, side)  # pairs train on aligned crops
-        use_fg = self._use_foreground() and self.model.train_foreground is not None
+        use_fg = self.model.uses_foreground(c.foreground) and self.model.train_foreground is not None
         strides = backbone.strides()
         # negatives: two places further apart than the finest level's window reaches
         min_shift = strides[self.model.desc_level] * (c.windows[self.model.desc_level] // 2 + 1) * 2**0.5
@@ -291,11 +286,8 @@ class CPR(Detector):
 
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, m = self.config, self.model
-        m.k, m.windows, m.use_foreground = c.k_images, tuple(c.windows), self._use_foreground()
-        m.blur_sigma, m.top_share = c.blur_sigma, c.top_share
         with torch.inference_mode():
-            return m(images)
+            return self.model(images, self.config)
 
     # -- persistence -------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

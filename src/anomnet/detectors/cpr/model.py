@@ -2,8 +2,8 @@
 
 ``forward`` is plain torch on tensors (no numpy, no search index): the only Python loops run
 over the levels, the ``k`` retrieved images and the window offsets, so it can be traced for
-export. Scoring-time settings (``k``, ``windows``, ``use_foreground``, ``blur_sigma``,
-``top_share``) are attributes the detector sets from its config before each call.
+export. The scoring-time settings (``k_images``, ``windows``, ``foreground``, ``blur_sigma``,
+``top_share``) are read from the config each call is given.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from anomnet.backbones import FeatureExtractor, get_backbone_info
 from anomnet.components import gaussian_blur
 from anomnet.components.score_reduction import top_share_mean
+from anomnet.detectors.cpr.config import CPRConfig
 from anomnet.detectors.cpr.foreground import ForegroundBranch
 from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.retrieval import GlobalRetrieval, window_distances
@@ -41,24 +42,18 @@ def default_layers(backbone: str, upsampled: bool = False) -> tuple[str, ...] | 
 class CPRModel(nn.Module):
     """Images ``[B, 3, S, S]`` -> (scores ``[B]``, anomaly maps ``[B, S, S]``)."""
 
-    def __init__(self, backbone: FeatureExtractor, head: RetrievalHead, blocks: int, block_share: float) -> None:
+    def __init__(self, backbone: FeatureExtractor, config: CPRConfig) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = head  # the trained form (BatchNorm); prediction uses its fused copy
-        self.scoring_head = head.fused()
-        self.retrieval = GlobalRetrieval(blocks, block_share)
+        self.head = RetrievalHead(backbone.channels(), config.head_width, config.head_dim)
+        self.scoring_head = self.head.fused()  # prediction uses the fused copy of the trained form (BatchNorm)
+        self.retrieval = GlobalRetrieval(config.blocks, config.block_share)
         self.foreground = ForegroundBranch()
         strides = backbone.strides()
         self.desc_level = min(range(len(strides)), key=lambda i: strides[i])  # the finest level
         self.banks: list[torch.Tensor] = []  # per level [N, dim, h_l, w_l], L2-normalised
         self.train_foreground: torch.Tensor | None = None  # [N, h, w] at the descriptor level
         self.input_owner: torch.Tensor | None = None  # [N]: the training image of each input; None: unknown
-        # scoring-time settings (set by the detector from its config)
-        self.k = 10
-        self.windows: tuple[int, ...] = (3, 1)
-        self.use_foreground = False
-        self.blur_sigma = 4.0
-        self.top_share = 0.0
         self.batch_chunk = 1  # images per local-retrieval pass (retrieval.window_distances; large: one batched pass)
 
     @property
@@ -96,12 +91,16 @@ class CPRModel(nn.Module):
         """The scoring head's L2-normalised retrieval features of each level."""
         return self.scoring_head(levels)
 
-    def raw_maps(self, levels: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    def uses_foreground(self, mode: str) -> bool:
+        """Whether the foreground weights the map: setting ``foreground`` "on", or "auto" on objects."""
+        return mode == "on" or (mode == "auto" and self.foreground.object_like)
+
+    def raw_maps(self, levels: Sequence[torch.Tensor], index: torch.Tensor, windows: Sequence[int]) -> torch.Tensor:
         """``[B, h, w]`` at the finest level: per level the windowed distances, upsampled, summed."""
         feats = self.features(levels)
         size = (int(feats[self.desc_level].shape[-2]), int(feats[self.desc_level].shape[-1]))
         total = torch.zeros(feats[0].shape[0], *size, dtype=feats[0].dtype, device=feats[0].device)
-        for f, bank, window in zip(feats, self.banks, self.windows):
+        for f, bank, window in zip(feats, self.banks, windows):
             total = total + upsample_maps(window_distances(f, bank, index, window, self.batch_chunk), size)
         return total
 
@@ -112,17 +111,17 @@ class CPRModel(nn.Module):
             return own
         return torch.maximum(own, self.train_foreground[index].to(own.dtype).amax(1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, config: CPRConfig) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
             raise NotFittedError("CPR is not fitted: call fit() or load a saved model")
-        if len(self.windows) != len(self.banks):
-            raise NotFittedError(f"CPR has {len(self.banks)} levels but {len(self.windows)} windows")
+        if len(config.windows) != len(self.banks):
+            raise NotFittedError(f"CPR has {len(self.banks)} levels but {len(config.windows)} windows")
         size = (int(images.shape[-2]), int(images.shape[-1]))
         levels = self.levels(images)
         desc = levels[self.desc_level]
-        index = self.retrieval.retrieve(desc, self.k)
-        maps = upsample_maps(self.raw_maps(levels, index), size)
-        if self.use_foreground:
+        index = self.retrieval.retrieve(desc, config.k_images)
+        maps = upsample_maps(self.raw_maps(levels, index, config.windows), size)
+        if self.uses_foreground(config.foreground):
             maps = maps * upsample_maps(self.foreground_weights(desc, index), size)
-        maps = gaussian_blur(maps, self.blur_sigma)
-        return top_share_mean(maps, self.top_share), maps
+        maps = gaussian_blur(maps, config.blur_sigma)
+        return top_share_mean(maps, config.top_share), maps

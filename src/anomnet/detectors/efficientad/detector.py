@@ -19,13 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from anomnet.backbones import backbone_state, load_backbone_state
-from anomnet.components.graph_mode import graph_mode_active
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.efficientad.config import EfficientADConfig
@@ -40,14 +38,13 @@ from anomnet.detectors.efficientad.distill import (
 )
 from anomnet.detectors.efficientad.losses import (
     cdo_loss,
-    discrepancy,
     hard_feature_loss,
     penalty_loss,
     quantile_value,
     weighted_total,
 )
-from anomnet.detectors.efficientad.model import OUT_CHANNELS, build_networks, imagenet_normalize
-from anomnet.detectors.efficientad.pdn import map_padding, output_size
+from anomnet.detectors.efficientad.model import OUT_CHANNELS, EfficientADModel
+from anomnet.detectors.efficientad.pdn import map_padding
 from anomnet.errors import ConfigError, NotFittedError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
@@ -75,58 +72,9 @@ class EfficientAD(Detector):
                 f"EfficientAD needs an input size (image_size or crop) that is a multiple of 32, got {size}"
             )
         self.size = size
-        self.n = output_size(size, c.padding)
         seed_everything(c.seed)  # the networks' initial weights depend on the seed only
-        self.teacher, self.student, self.autoencoder = build_networks(c, size, self.n)
-        self.teacher_mean = torch.zeros(1, OUT_CHANNELS, 1, 1)
-        self.teacher_std = torch.ones(1, OUT_CHANNELS, 1, 1)
-        self.quantiles = torch.tensor([0.0, 1.0, 0.0, 1.0])  # st q_a, st q_b, ae q_a, ae q_b
-        # q_a, q_b of the normalised local map (st_map="normalized"); None for models saved before it existed
-        self.quantiles_normalized: torch.Tensor | None = None
+        self.model = EfficientADModel(c, size)
         self.fitted = False
-
-    @property
-    def fit_info(self) -> dict[str, Any]:
-        """Read-only, for older callers: the fit record as a dict."""
-        return self.fit_record.to_dict()
-
-    # -- networks ------------------------------------------------------------------------
-    def _autocast(self) -> torch.autocast:
-        # graph mode (export, and its eager reference) runs float32: ONNX / OpenVINO graphs carry no bf16 autocast
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and not graph_mode_active())
-
-    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self._autocast():
-            t = self.teacher(images)
-        return (t.float() - self.teacher_mean) / self.teacher_std
-
-    def _student_input(self, images: torch.Tensor) -> torch.Tensor:
-        """The student's and autoencoder's input: ImageNet-normalised with ``imagenet_norm``, else as given."""
-        return imagenet_normalize(images) if self.config.imagenet_norm else images
-
-    def raw_maps(self, images: torch.Tensor, st_map: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``.
-
-        The student-teacher map is ``st_map`` (default the setting): ``"squared"``, the mean squared error over
-        the channels, or ``"normalized"``, :func:`~.losses.discrepancy` of the L2-normalised vectors (CDO's).
-        """
-        return self._maps(images, (st_map or self.config.st_map,))[0]
-
-    def _maps(self, images: torch.Tensor, st_maps: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`raw_maps` for each of ``st_maps`` from one forward pass."""
-        t = self._teacher_features(images)
-        x = self._student_input(images)
-        with self._autocast():
-            s = self.student(x)
-            a = self.autoencoder(x)
-        s, a = s.float(), a.float()
-        map_ae = (a - s[:, OUT_CHANNELS:]).pow(2).mean(1)
-        out = []
-        for kind in st_maps:
-            s_st = s[:, :OUT_CHANNELS]
-            map_st = discrepancy(t, s_st) if kind == "normalized" else (t - s_st).pow(2).mean(1)
-            out.append((map_st, map_ae))
-        return out
 
     # -- training ------------------------------------------------------------------------
     def _load_images(self, samples: Sequence[Sample], progress: str | None) -> torch.Tensor:
@@ -156,10 +104,12 @@ class EfficientAD(Detector):
         c = self.config
         with timed_phase(self.fit_record, "load"):
             images = self._load_images(train, "load train" if progress else None)
-        if isinstance(self.teacher, BackboneTeacher) and not self.teacher.features.backbone.ready:
+        if isinstance(self.model.teacher, BackboneTeacher) and not self.model.teacher.features.backbone.ready:
             # file-backed (ResNet) weights are read here, once; then they travel inside the saved model
-            self.teacher = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
-            self.teacher.requires_grad_(False)
+            self.model.teacher = BackboneTeacher(
+                c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True
+            )
+            self.model.teacher.requires_grad_(False)
         needs_pool = c.teacher == "distilled" or self._uses_penalty()
         pool_u8, pool_id = self._pool() if needs_pool else ([], "")
         pool = _FloatView(pool_u8)
@@ -185,10 +135,10 @@ class EfficientAD(Detector):
                 else (Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir())
             )
             target = BackboneTeacher(c.backbone, c.teacher_layers, OUT_CHANNELS, c.padding, c.seed, search=True)
-            self.teacher = distill_teacher(
+            self.model.teacher = distill_teacher(
                 settings, target, images if c.distill_on_train else None, pool, cache, self.fit_record, c.bf16, progress
             )
-            self.teacher.requires_grad_(False)
+            self.model.teacher.requires_grad_(False)
         with timed_phase(self.fit_record, "teacher_statistics"):
             self._teacher_statistics(images)
         self._train(images, pool, g, progress)
@@ -204,15 +154,15 @@ class EfficientAD(Detector):
         total_sq = torch.zeros(OUT_CHANNELS, dtype=torch.float64)
         count = 0
         for i in range(0, len(images), self.config.batch_size):
-            with self._autocast():
-                t = self.teacher(images[i : i + self.config.batch_size]).float().double()
+            with self.model.autocast():
+                t = self.model.teacher(images[i : i + self.config.batch_size]).float().double()
             total += t.sum((0, 2, 3))
             total_sq += t.pow(2).sum((0, 2, 3))
             count += t.shape[0] * t.shape[2] * t.shape[3]
         mean = total / count
         var = (total_sq / count - mean.pow(2)).clamp_min(1e-12)
-        self.teacher_mean = mean.float().view(1, -1, 1, 1)
-        self.teacher_std = var.sqrt().float().view(1, -1, 1, 1)
+        self.model.teacher_mean = mean.float().view(1, -1, 1, 1)
+        self.model.teacher_std = var.sqrt().float().view(1, -1, 1, 1)
 
     def _uses_penalty(self) -> bool:
         """Whether training runs the generic-image penalty (loss=original, penalty on, coeff_ood above 0)."""
@@ -223,13 +173,13 @@ class EfficientAD(Detector):
         """Pixel masks ``[B,S,S]`` -> ``[B,n,n]`` bool: output cells whose 4x4 centre block holds an altered pixel."""
         before, _ = map_padding(self.size, self.config.padding)
         cells = F.max_pool2d(masks[:, None].float(), 4, 4)[:, 0]  # [B,S/4,S/4], cell k = rows 4k..4k+3
-        return cells[:, before : before + self.n, before : before + self.n] > 0.5
+        return cells[:, before : before + self.model.n, before : before + self.model.n] > 0.5
 
     def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> None:
         c = self.config
-        self.student.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.autoencoder.train()
-        params = list(self.student.parameters()) + list(self.autoencoder.parameters())
+        self.model.student.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model.autoencoder.train()
+        params = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5)
         # the paper drops the learning rate 10x for the last 5 % of the steps
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
@@ -258,14 +208,14 @@ class EfficientAD(Detector):
                 x, masks = synthesize_batch(synth, x, g, c.synth_probability)
                 anomalous = self._anomaly_grid(masks)
             else:
-                anomalous = torch.zeros(len(idx), self.n, self.n, dtype=torch.bool)
+                anomalous = torch.zeros(len(idx), self.model.n, self.model.n, dtype=torch.bool)
             normal = ~anomalous
-            t = self._teacher_features(x)
-            xs = self._student_input(x)
+            t = self.model.teacher_features(x)
+            xs = self.model.student_input(x)
             xc = xs.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                s = self.student(xc).float()
-                a = self.autoencoder(xs).float()
+            with self.model.autocast():
+                s = self.model.student(xc).float()
+                a = self.model.autoencoder(xs).float()
             s_st, s_ae = s[:, :OUT_CHANNELS], s[:, OUT_CHANNELS:]
             losses = {"hard": hard_feature_loss((t - s_st).pow(2), c.hard_quantile, normal)}
             if c.loss == "cdo":
@@ -277,9 +227,9 @@ class EfficientAD(Detector):
                         for _ in idx
                     ]
                 )
-                p = self._student_input(p)
-                with self._autocast():
-                    sp = self.student(p.contiguous(memory_format=torch.channels_last)).float()
+                p = self.model.student_input(p)
+                with self.model.autocast():
+                    sp = self.model.student(p.contiguous(memory_format=torch.channels_last)).float()
                 losses["penalty"] = penalty_loss(sp[:, :OUT_CHANNELS])
             keep = normal[:, None].expand_as(a)  # synthetic defects are left out of the reconstruction terms
             losses["ae"] = (t - a).pow(2)[keep].mean()
@@ -292,64 +242,42 @@ class EfficientAD(Detector):
             return {"total": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
         train_phase(self.fit_record, "train", step, c.steps, progress=progress)
-        self.student.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-        self.autoencoder.eval()
+        self.model.student.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        self.model.autoencoder.eval()
 
     @torch.no_grad()
     def _map_quantiles(self, images: torch.Tensor) -> None:
         """Validation quantiles q_a, q_b of both maps, the local map as both kinds (``st_map`` is a scoring setting)."""
         st, st_n, ae = [], [], []
         for i in range(0, len(images), self.config.batch_size):
-            (m_st, m_ae), (m_st_n, _) = self._maps(images[i : i + self.config.batch_size], ("squared", "normalized"))
+            (m_st, m_ae), (m_st_n, _) = self.model.raw_maps(
+                images[i : i + self.config.batch_size], ("squared", "normalized")
+            )
             st.append(m_st.reshape(-1))
             st_n.append(m_st_n.reshape(-1))
             ae.append(m_ae.reshape(-1))
         c = self.config
         v_st, v_st_n, v_ae = torch.cat(st), torch.cat(st_n), torch.cat(ae)
         q = [quantile_value(v, p) for v in (v_st, v_ae) for p in (c.q_a, c.q_b)]
-        self.quantiles = torch.stack(q).float()
-        self.quantiles_normalized = torch.stack([quantile_value(v_st_n, p) for p in (c.q_a, c.q_b)]).float()
+        self.model.quantiles = torch.stack(q).float()
+        self.model.quantiles_normalized = torch.stack([quantile_value(v_st_n, p) for p in (c.q_a, c.q_b)]).float()
 
     # -- inference -----------------------------------------------------------------------
-    def combined_map(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B,n,n]`` fused map: quantile-normalised local and global maps mixed by ``alpha``."""
-        m_st, m_ae = self.raw_maps(images)
-        q = self.quantiles
-        if self.config.st_map == "normalized":
-            if self.quantiles_normalized is None:
-                raise ConfigError(
-                    "st_map=normalized needs the normalised map's validation quantiles, which this model was saved "
-                    "without (it predates the setting): fit it again, or use st_map=squared"
-                )
-            q = torch.cat([self.quantiles_normalized, q[2:]])
-        m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
-        m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
-        a = self.config.alpha
-        return a * m_st + (1.0 - a) * m_ae
-
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
             raise NotFittedError("EfficientAD is not fitted: call fit() or load a saved model")
-        if graph_mode_active():  # one pass over any batch (an exported graph has no loop over it)
-            m = self.combined_map(images)
-        else:
-            m = torch.cat([self.combined_map(part) for part in images.split(self.config.batch_size)])
-        scores = m.flatten(1).max(1).values
-        before, after = map_padding(self.size, self.config.padding)
-        grid = F.pad(m[:, None], (before, after, before, after))
-        full = F.interpolate(grid, size=(self.size, self.size), mode="bilinear", align_corners=False)[:, 0]
-        return scores, full
+        return self.model(images, self.config)
 
     # -- persistence ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if not self.fitted:
             raise NotFittedError("EfficientAD is not fitted: nothing to save")
-        out = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        out.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
+        out = {f"student.{k}": v for k, v in self.model.student.state_dict().items()}
+        out.update({f"autoencoder.{k}": v for k, v in self.model.autoencoder.state_dict().items()})
         if self.config.teacher == "distilled":
-            out.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+            out.update({f"teacher.{k}": v for k, v in self.model.teacher.state_dict().items()})
         else:  # the projection, and the backbone's tensors when they come from a user file (none for package weights)
-            teacher = self.teacher
+            teacher = self.model.teacher
             backbone_teacher = teacher if isinstance(teacher, BackboneTeacher) else None
             if backbone_teacher is None:
                 raise NotFittedError("the EfficientAD teacher is not built")
@@ -357,30 +285,32 @@ class EfficientAD(Detector):
             out.update(
                 {f"teacher.backbone.{k}": v for k, v in backbone_state(backbone_teacher.features.backbone).items()}
             )
-        out.update(teacher_mean=self.teacher_mean, teacher_std=self.teacher_std, quantiles=self.quantiles)
-        if self.quantiles_normalized is not None:
-            out["quantiles_normalized"] = self.quantiles_normalized
+        out.update(
+            teacher_mean=self.model.teacher_mean, teacher_std=self.model.teacher_std, quantiles=self.model.quantiles
+        )
+        if self.model.quantiles_normalized is not None:
+            out["quantiles_normalized"] = self.model.quantiles_normalized
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.student.load_state_dict(part("student."))
-        self.autoencoder.load_state_dict(part("autoencoder."))
+        self.model.student.load_state_dict(part("student."))
+        self.model.autoencoder.load_state_dict(part("autoencoder."))
         if self.config.teacher == "distilled":
-            self.teacher.load_state_dict(part("teacher."))
+            self.model.teacher.load_state_dict(part("teacher."))
         else:
-            teacher = self.teacher
+            teacher = self.model.teacher
             if not isinstance(teacher, BackboneTeacher):
                 raise NotFittedError("the EfficientAD teacher is not built")
             teacher.projection.copy_(tensors["teacher.projection"])
             load_backbone_state(teacher.features.backbone, part("teacher.backbone."))
-        self.teacher_mean = tensors["teacher_mean"].float()
-        self.teacher_std = tensors["teacher_std"].float()
-        self.quantiles = tensors["quantiles"].float()
+        self.model.teacher_mean = tensors["teacher_mean"].float()
+        self.model.teacher_std = tensors["teacher_std"].float()
+        self.model.quantiles = tensors["quantiles"].float()
         qn = tensors.get("quantiles_normalized")
-        self.quantiles_normalized = None if qn is None else qn.float()
+        self.model.quantiles_normalized = None if qn is None else qn.float()
         self.fitted = True
 
 

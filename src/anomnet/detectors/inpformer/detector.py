@@ -99,18 +99,7 @@ class INPFormer(Detector):
         super().__init__(config)
         c = self.config
         features = self._build_features(None)
-        self.model = INPFormerModel(
-            features,
-            c.fuse,
-            c.groups,
-            c.num_inps,
-            c.extractor_depth,
-            c.decoder_depth,
-            c.heads,
-            c.mlp_ratio,
-            c.blur_sigma,
-            c.top_share,
-        )
+        self.model = INPFormerModel(features, c)
         self.fitted = False
 
     def _build_features(self, weights: str | None, search: bool = False) -> PatchFeatures:
@@ -220,7 +209,7 @@ class INPFormer(Detector):
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
             raise NotFittedError("INP-Former is not fitted: call fit() or load a saved model")
-        return self.model(images)
+        return self.model(images, self.config)
 
     # -- persistence -------------------------------------------------------------------
     def _net_state(self) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import nn
 
 from anomnet.components import PatchFeatures, gaussian_blur
 from anomnet.components.score_reduction import top_share_mean
+from anomnet.detectors.inpformer.config import INPFormerConfig
 from anomnet.detectors.inpformer.losses import cosine_distance_maps
 from anomnet.errors import ConfigError
 from anomnet.transforms import upsample_maps
@@ -129,22 +130,11 @@ class INPDecoderBlock(nn.Module):
 class INPFormerModel(nn.Module):
     """Images -> (image scores ``[B]``, anomaly maps ``[B, H, W]``); :meth:`reconstruct` is what training uses."""
 
-    def __init__(
-        self,
-        features: PatchFeatures,
-        fuse: str,
-        groups: int,
-        num_inps: int = 6,
-        extractor_depth: int = 1,
-        decoder_depth: int = 8,
-        heads: int = 0,
-        mlp_ratio: float = 4.0,
-        blur_sigma: float = 4.0,
-        top_share: float = 0.01,
-    ) -> None:
+    def __init__(self, features: PatchFeatures, config: INPFormerConfig) -> None:
         super().__init__()
         self.features = features
         widths = features.backbone.channels()
+        fuse, groups, decoder_depth, mlp_ratio = config.fuse, config.groups, config.decoder_depth, config.mlp_ratio
         if fuse == "auto":
             fuse = "mean" if len(set(widths)) == 1 and len(widths) > 1 else "concat"
         if fuse == "mean" and len(set(widths)) != 1:
@@ -162,15 +152,15 @@ class INPFormerModel(nn.Module):
             offsets.append(offsets[-1] + w)
         self.level_slices = [(offsets[i], offsets[i + 1]) for i in range(len(widths))]
         self.dim = sum(widths) if fuse == "concat" else widths[0]
-        heads = heads or auto_heads(self.dim)
+        heads = config.heads or auto_heads(self.dim)
         if self.dim % heads:
             raise ConfigError(f"heads={heads} does not divide the token width {self.dim}")
         self.heads = heads
-        self.blur_sigma = blur_sigma
-        self.top_share = top_share
         hidden = int(self.dim * mlp_ratio)
-        self.inps = nn.Parameter(torch.randn(num_inps, self.dim))
-        self.extractor = nn.ModuleList([INPExtractorBlock(self.dim, heads, mlp_ratio) for _ in range(extractor_depth)])
+        self.inps = nn.Parameter(torch.randn(config.num_inps, self.dim))
+        self.extractor = nn.ModuleList(
+            [INPExtractorBlock(self.dim, heads, mlp_ratio) for _ in range(config.extractor_depth)]
+        )
         self.bottleneck = FeedForward(self.dim, hidden)
         self.decoder = nn.ModuleList([INPDecoderBlock(self.dim, heads, mlp_ratio) for _ in range(decoder_depth)])
         self.reset_parameters()
@@ -271,14 +261,16 @@ class INPFormerModel(nn.Module):
             queries = tokens.gather(1, locations[:, :, None].expand(-1, -1, tokens.shape[2]))
         return self.targets(flat), self.decode(queries, inps), tokens, inps
 
-    def maps_from_features(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def maps_from_features(self, feats: torch.Tensor, size: tuple[int, int], blur_sigma: float) -> torch.Tensor:
         """Summed per-group ``1 - cos`` maps, upsampled to ``size`` and smoothed: ``[B, *size]``."""
         b, _, h, w = feats.shape
         targets, recon, _, _ = self.reconstruct(feats)
         group_maps = [cosine_distance_maps(t, r).reshape(b, h, w) for t, r in zip(targets, recon)]
         maps = torch.stack([upsample_maps(m, size) for m in group_maps]).sum(0)
-        return gaussian_blur(maps, self.blur_sigma)
+        return gaussian_blur(maps, blur_sigma)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.maps_from_features(self.encode(images), (int(images.shape[-2]), int(images.shape[-1])))
-        return top_share_mean(maps, self.top_share), maps
+    def forward(self, images: torch.Tensor, config: INPFormerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps with the scoring-time settings ``blur_sigma`` and ``top_share`` of ``config``."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        maps = self.maps_from_features(self.encode(images), size, config.blur_sigma)
+        return top_share_mean(maps, config.top_share), maps
