@@ -175,7 +175,7 @@ def test_fit_predict_finds_the_defects(folder_dataset, tmp_path) -> None:
     res = evaluate(det, split.test, progress=False)
     assert res.metrics["image_auroc"] == 1.0
     assert res.metrics["pixel_auroc"] > 0.9
-    assert det.centroids is not None and det.centroids.shape[0] == 16
+    assert det.model.centroids.shape[0] == 16
     # min-max normalised with the validation maps: good validation images lie in [0, 1]
     assert det.calibration.validation_scores and max(det.calibration.validation_scores) <= 1.0 + 1e-6
     assert min(det.calibration.validation_scores) >= 0.0
@@ -280,7 +280,7 @@ def test_feature_normalisations_train_and_reload(folder_dataset, tmp_path, norma
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     assert torch.equal(det.predict(x).maps, loaded.predict(x).maps)
     if normalize == "scale":  # one scalar for every channel, no centring
-        assert torch.all(det.feat_mean == 0) and torch.all(det.feat_std == det.feat_std[0])
+        assert torch.all(det.model.feat_mean == 0) and torch.all(det.model.feat_std == det.model.feat_std[0])
 
 
 def test_bad_settings_are_refused() -> None:

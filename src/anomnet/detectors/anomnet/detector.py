@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from anomnet.backbones import backbone_state, build_backbone, get_backbone_info, load_backbone_state
+from anomnet.backbones import build_backbone
 from anomnet.components import PatchFeatures, greedy_coreset, kmeans, nearest_centroid
 from anomnet.data import Sample
 from anomnet.detectors.anomnet.config import AnomNetConfig
@@ -29,24 +29,22 @@ from anomnet.detectors.anomnet.losses import (
 )
 from anomnet.detectors.anomnet.model import AnomNetModel, CoordConvAdapter, coordinates, default_layers
 from anomnet.detectors.base import Detector, register
-from anomnet.errors import ConfigError, NotFittedError
+from anomnet.errors import ConfigError
 from anomnet.training import timed_phase, train_phase
-
-BACKBONE_PREFIX = "backbone."
-ADAPTER_PREFIX = "adapter."
 
 
 @register
 class AnomNet(Detector):
     name = "anomnet"
+    renamed_keys = {"backbone.": "features.backbone."}  # before the state lived in one module
     config_class = AnomNetConfig
     description = "AnomNet: CoordConv adapter + centroids, centroid-guided contrastive learning (Gao et al. 2025)"
     config: AnomNetConfig
+    model: AnomNetModel
 
     def __init__(self, config: AnomNetConfig | None = None) -> None:
         super().__init__(config)
         c = self.config
-        self._weights_from_file = get_backbone_info(c.backbone).needs_weights_file
         features = self._build_features(None)
         self.model = AnomNetModel(features, self._new_adapter(features.channels), c.normalize, c.blur_sigma)
 
@@ -60,43 +58,18 @@ class AnomNet(Detector):
         c = self.config
         return CoordConvAdapter(dim, c.adapter, c.adapter_rank, c.adapter_kernel, c.coord_weight, c.max_residual)
 
-    # -- read-only views of the model ----------------------------------------------------
     @property
     def features(self) -> PatchFeatures:
         return self.model.features
-
-    @property
-    def adapter(self) -> CoordConvAdapter:
-        return self.model.adapter
-
-    @property
-    def centroids(self) -> torch.Tensor | None:
-        return self.model.centroids
-
-    @property
-    def feat_mean(self) -> torch.Tensor:
-        return self.model.feat_mean
-
-    @property
-    def feat_std(self) -> torch.Tensor:
-        return self.model.feat_std
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch losses and feature variance of the last fit (read from ``fit_record``)."""
         return [entry for phase in self.fit_record.phases for entry in phase.extra.get("epochs", [])]
 
-    @property
-    def timings(self) -> dict[str, float]:
-        """Seconds per phase of the last fit (read from ``fit_record``)."""
-        return {phase.name: phase.seconds for phase in self.fit_record.phases}
-
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images -> concatenated backbone features ``[B, C, h, w]``."""
         return self.model.extract(images)
-
-    def adapt(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.model.adapt(feats)
 
     # -- training ----------------------------------------------------------------------
     def _cache_features(self, train: Sequence[Sample], progress: bool) -> torch.Tensor:
@@ -135,17 +108,17 @@ class AnomNet(Detector):
         A 1x1 adapter sees only these rows; a larger kernel runs on the whole maps of their images.
         """
         _, h, w, _ = cache.shape
-        if self.adapter.kernel == 1:
+        if self.model.adapter.kernel == 1:
             x = cache[images, locations // w, locations % w].float()
             if self.config.normalize != "none":
-                x = (x - self.feat_mean) / self.feat_std
-            return self.adapter.forward_rows(x, coordinates(h, w)[locations])
+                x = (x - self.model.feat_mean) / self.model.feat_std
+            return self.model.adapter.forward_rows(x, coordinates(h, w)[locations])
         uniq, inverse = images.unique(return_inverse=True)
         parts: list[torch.Tensor] = []
         order: list[torch.Tensor] = []
         step = 32
         for start in range(0, len(uniq), step):
-            f = self.adapt(cache[uniq[start : start + step]].float().permute(0, 3, 1, 2))  # [b*h*w, D]
+            f = self.model.adapt(cache[uniq[start : start + step]].float().permute(0, 3, 1, 2))  # [b*h*w, D]
             sel = ((inverse >= start) & (inverse < start + step)).nonzero()[:, 0]
             parts.append(f[(inverse[sel] - start) * (h * w) + locations[sel]])
             order.append(sel)
@@ -173,15 +146,10 @@ class AnomNet(Detector):
         else:
             self._train_stage(cache, probe, gen, stage=1, epochs=c.stage1_epochs, joint=False, progress=progress)
             self._train_stage(cache, probe, gen, stage=2, epochs=c.stage2_epochs, joint=False, progress=progress)
-        self.adapter.requires_grad_(False)
-        self.model.centroids = self._fitted_centroids().detach().contiguous()
+        self.model.adapter.requires_grad_(False)
+        self.model.centroids = self.model.centroids.detach().contiguous()
         with timed_phase(self.fit_record, "normalisation"):
             self.model.norm = self._normalisation(validation, cache)
-
-    def _fitted_centroids(self) -> torch.Tensor:
-        if self.model.centroids is None:
-            raise NotFittedError("AnomNet has no centroids yet")
-        return self.model.centroids
 
     def _probe_rows(self, cache: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed sample of (image, location) pairs, used to monitor the adapted features."""
@@ -203,7 +171,7 @@ class AnomNet(Detector):
         feats = self._adapted_rows(cache, *probe)
         entry: dict[str, Any] = {"stage": stage, "epoch": epoch, **losses}
         entry["feature_variance"] = float(feats.var(0).mean())  # mean per-dimension variance
-        entry["nearest_distance"] = float(nearest_centroid(feats, self._fitted_centroids().detach())[0].sqrt().mean())
+        entry["nearest_distance"] = float(nearest_centroid(feats, self.model.centroids.detach())[0].sqrt().mean())
         return entry
 
     @torch.no_grad()
@@ -241,7 +209,7 @@ class AnomNet(Detector):
         if epochs == 0:
             return
         train_centroids = stage == 1
-        centroids = self._fitted_centroids().detach().clone().requires_grad_(train_centroids)
+        centroids = self.model.centroids.detach().clone().requires_grad_(train_centroids)
         # theta is relative to the RMS distance of a feature to the feature mean (measured on the
         # probe), so one setting fits every backbone and layer choice
         with torch.no_grad():
@@ -251,7 +219,8 @@ class AnomNet(Detector):
         use_ent = c.use_ent and train_centroids
         use_con = c.use_con and (joint or stage == 2)
         w_att = c.alpha if stage == 1 else c.delta
-        groups: list[dict[str, Any]] = [{"params": list(self.adapter.parameters()), "weight_decay": c.weight_decay}]
+        adapter = list(self.model.adapter.parameters())
+        groups: list[dict[str, Any]] = [{"params": adapter, "weight_decay": c.weight_decay}]
         if train_centroids:
             groups.append({"params": [centroids], "weight_decay": 0.0})
         opt = torch.optim.Adam(groups, lr=c.lr)
@@ -320,29 +289,3 @@ class AnomNet(Detector):
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images)
-
-    # -- persistence -------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.model.centroids is None:
-            raise NotFittedError("AnomNet is not fitted: nothing to save")
-        tensors = {
-            "centroids": self.model.centroids,
-            "norm": self.model.norm,
-            "feat_mean": self.model.feat_mean,
-            "feat_std": self.model.feat_std,
-            **{ADAPTER_PREFIX + k: v.detach() for k, v in self.adapter.state_dict().items()},
-        }
-        tensors.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(self.features.backbone).items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        n = len(BACKBONE_PREFIX)
-        load_backbone_state(
-            self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
-        )
-        m = len(ADAPTER_PREFIX)
-        self.adapter.load_state_dict({k[m:]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)})
-        self.adapter.requires_grad_(False)
-        self.model.set_stats(tensors["feat_mean"], tensors["feat_std"])
-        self.model.norm = tensors["norm"].float()
-        self.model.centroids = tensors["centroids"].float().contiguous()

@@ -11,7 +11,7 @@ from anomnet.backbones import get_backbone_info
 from anomnet.components import PatchFeatures, gaussian_blur, nearest_centroid
 from anomnet.components.graph_mode import graph_mode_active
 from anomnet.detectors.anomnet.config import Adapter
-from anomnet.errors import ConfigError, NotFittedError
+from anomnet.errors import ConfigError
 from anomnet.transforms import upsample_maps
 
 
@@ -122,7 +122,14 @@ class AnomNetModel(nn.Module):
 
     A location scores its distance to the nearest centroid; the map is upsampled to the input,
     Gaussian-smoothed and normalised with ``norm = [low, high]`` of the good validation maps.
+    Buffers: ``feat_mean`` and ``feat_std`` (the feature normalisation), ``centroids`` (empty
+    until fit) and ``norm``.
     """
+
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+    centroids: torch.Tensor
+    norm: torch.Tensor
 
     def __init__(self, features: PatchFeatures, adapter: CoordConvAdapter, normalize: str, blur_sigma: float) -> None:
         super().__init__()
@@ -131,9 +138,10 @@ class AnomNetModel(nn.Module):
         self.normalize = normalize
         self.blur_sigma = blur_sigma
         dim = features.channels
-        self.set_stats(torch.zeros(dim), torch.ones(dim))
-        self.centroids: torch.Tensor | None = None
-        self.norm = torch.tensor([0.0, 1.0])  # [low, high] of the validation maps
+        self.register_buffer("feat_mean", torch.zeros(dim))
+        self.register_buffer("feat_std", torch.ones(dim))
+        self.register_buffer("centroids", torch.empty(0))  # [K, D], from fit
+        self.register_buffer("norm", torch.tensor([0.0, 1.0]))  # [low, high] of the validation maps
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feat_mean = mean.float().contiguous()
@@ -152,16 +160,12 @@ class AnomNetModel(nn.Module):
 
     def maps_from_features(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Backbone features ``[B, C, h, w]`` -> normalised anomaly maps ``[B, *size]``."""
-        if self.centroids is None:
-            raise NotFittedError("AnomNet is not fitted: call fit() or load a saved model")
         b, _, h, w = feats.shape
         d2 = nearest_centroid(self.adapt(feats), self.centroids)[0]
         maps = gaussian_blur(upsample_maps(d2.sqrt().reshape(b, h, w), size), self.blur_sigma)
         return (maps - self.norm[0]) / (self.norm[1] - self.norm[0])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.centroids is None:
-            raise NotFittedError("AnomNet is not fitted: call fit() or load a saved model")
         with torch.inference_mode():
             maps = self.maps_from_features(self.extract(images), (int(images.shape[-2]), int(images.shape[-1])))
         return maps.amax((1, 2)), maps
