@@ -53,6 +53,7 @@ class Hybrid(Detector):
         "synthetic (or labelled) defects predicts, or their normalised maps fused (Wang et al., VAND 2025)"
     )
     config: HybridConfig
+    model: HybridModel
     accepts_labelled = True  # api.fit hands it the labelled validation set for the choice
 
     def __init__(self, config: HybridConfig | None = None) -> None:
@@ -87,7 +88,7 @@ class Hybrid(Detector):
                 config = detector.config_class.from_dict(self.config.branch_configs[alias])
             except ConfigError as exc:
                 raise ConfigError(f"branch {alias} ({self.specs[alias]}): {exc}") from None
-            self.model.branches[alias] = detector(config)
+            self.model.add(alias, detector(config))
         return self.model.branches[alias]
 
     # -- training ----------------------------------------------------------------------

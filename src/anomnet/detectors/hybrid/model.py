@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from anomnet.components.graph_mode import graph_mode_active
 from anomnet.detectors.base import Detector, Prediction
@@ -81,16 +82,27 @@ def fuse(preds: Sequence[Prediction], norms: Sequence[Normalisation]) -> Predict
     return Prediction(scores, maps)
 
 
-class HybridModel:
-    """Images -> the prediction of the used branch (select) or of the used branches fused."""
+class HybridModel(nn.Module):
+    """Images -> the prediction of the used branch (select) or of the used branches fused.
+
+    The branch detectors' modules are its submodules (``networks``), so an export finds their
+    networks here; the choice (``used``, ``fused``) and ``norms`` are plain attributes, saved by the
+    hybrid detector as its ``hybrid.*`` tensors.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
         self.branches: dict[str, Detector] = {}
+        self.networks = nn.ModuleDict()
         self.used: list[str] = []  # the branches predict runs, in the order of the config
         self.fused = False
         self.norms: dict[str, Normalisation] = {}
 
-    def __call__(self, images: torch.Tensor) -> Prediction:
+    def add(self, alias: str, branch: Detector) -> None:
+        self.branches[alias] = branch
+        self.networks[alias] = branch.model
+
+    def forward(self, images: torch.Tensor) -> Prediction:
         if not self.used:
             raise NotFittedError("the hybrid detector is not fitted: call fit() or load a saved model")
         if not self.fused:
