@@ -65,6 +65,7 @@ def test_bench_writes_only_the_json_it_is_told(
     record = row["fit_record"]  # the detector's fit record travels into the bench JSON
     assert record is not None and record["phases"], record
     assert "fit_info" not in row
+    assert len(row["memory_bank"]) == 2 and row["memory_bank"][0] > 0  # PatchCore's bank: rows x feature width
 
 
 def test_bench_markdown_section_only_when_asked(

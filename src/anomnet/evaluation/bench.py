@@ -116,7 +116,7 @@ def backbone_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from anomnet import api
-    from anomnet.data import load_dataset
+    from anomnet.data import DatasetSplit, load_dataset
 
     split = load_dataset(spec["data"], spec.get("category"), val_fraction=0.0)  # its test split
     choices = spec.get("thresholds", {})  # threshold / mask post-processing choices of the row, as text
@@ -148,8 +148,13 @@ def detector_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["peak_rss_mb"] = _peak_rss_mb()
     out["memory_bank"] = _bank_shape(det)
     out["fit_record"] = det.fit_record.to_dict()  # phases, seconds, losses, data sources
-    out["rescored"] = [{"settings": extra, "metrics": rescore(det, split, extra)} for extra in spec.get("rescore", [])]
-    out["branches"] = branch_report(det, split, choices)
+    # recalibrated as `anomnet calibrate --data` does: the held-out images of the model's seed (and, with
+    # leave-one-out calibration, the training images, each scored without itself)
+    held = load_dataset(spec["data"], spec.get("category"), val_fraction=0.1, seed=det.config.seed)
+    good = (list(held.train) if det.calibration.source == "loo" else []) + list(held.validation)
+    recal = DatasetSplit(split.name, split.train, good, split.test)
+    out["rescored"] = [{"settings": extra, "metrics": rescore(det, recal, extra)} for extra in spec.get("rescore", [])]
+    out["branches"] = branch_report(det, recal, choices)
     return out
 
 
@@ -211,9 +216,11 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _bank_shape(det: Any) -> list[int] | None:
-    bank = getattr(det, "memory_bank", None)
-    return list(bank.shape) if bank is not None else None
+def _bank_shape(det: Detector) -> list[int] | None:
+    """The memory bank's shape of a PatchCore (or ToCoAD) model, None for other detectors."""
+    from anomnet.detectors.patchcore import PatchCore
+
+    return list(det.memory_bank.shape) if isinstance(det, PatchCore) else None
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
