@@ -201,7 +201,7 @@ def out_of_fold_statistics(
         held = [i for i, k in enumerate(fold) if k == f]
         detector = make()
         detector.fit(inside, validation, progress=progress)
-        bs = int(getattr(detector.config, "batch_size", 8))
+        bs = detector.config.batch_size
         stats = image_statistics(detector, [train[i] for i in held], bs, g, per_image)
         for j, i in enumerate(held):
             scores[i], pixels[i] = stats.scores[j], stats.pixels[j]
@@ -316,7 +316,7 @@ def calibrate_detector(
         raise ConfigError(f"calibration source {source!r} unknown; use one of: {', '.join(SOURCES)}")
     if source != "holdout" and train is None:
         raise ConfigError(f"the {source} calibration needs the training images")
-    bs: int = batch_size or int(getattr(detector.config, "batch_size", 8))
+    bs: int = batch_size or detector.config.batch_size
     train = list(train or [])
     hashes = [content_hash(s.path) for s in train]
     g = torch.Generator().manual_seed(0)
@@ -438,7 +438,7 @@ def recalibrate(
     post = dataclasses.replace(old.postprocess, **{k: v for k, v in changes.items() if k in POSTPROCESS_FIELDS})
     if validation is not None:
         return _recalibrate_on(detector, validation, options, labelled, post, progress)
-    bs = getattr(detector.config, "batch_size", 8)
+    bs = detector.config.batch_size
 
     def image_threshold(lab: LabelledStatistics) -> float:
         return old.rethreshold(_image_only(options), lab, post).threshold
@@ -477,7 +477,7 @@ def _recalibrate_on(
             + (f"all {len(trained)} given images were training images of this model; " if trained else "")
             + "give good images it was not trained on, or a fixed threshold (--image-threshold fixed)"
         )
-    bs = int(getattr(detector.config, "batch_size", 8))
+    bs = detector.config.batch_size
     g = torch.Generator().manual_seed(0)
     own = ImageStatistics.empty()
     if loo:
