@@ -45,9 +45,8 @@ class ExportGraph(nn.Module):
                 "without --tile"
             )
         self.detector = detector
-        # the detector's networks, registered here so that a trace holds their tensors as parameters
-        self.networks = nn.ModuleList(_networks(detector))
-        self.networks.eval().requires_grad_(False)
+        # the detector's predict-time module, registered here so that a trace holds its tensors as parameters
+        self.model = detector.model.eval().requires_grad_(False)
         self.geometry = GraphGeometry(detector.preprocess)
         self.threshold = float32_at_or_above(float(detector.calibration.threshold))
 
@@ -57,20 +56,3 @@ class ExportGraph(nn.Module):
         scores = scores.to(torch.float32)
         maps = self.geometry.restore(maps.to(torch.float32), x)
         return scores, maps, scores >= self.threshold
-
-
-def _networks(obj: object, seen: set[int] | None = None) -> list[nn.Module]:
-    """The networks a detector holds: its module attributes, also those of detectors inside it (a hybrid's branches)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, nn.Module):
-        return [obj]
-    if isinstance(obj, dict):
-        return [m for v in obj.values() for m in _networks(v, seen)]
-    if isinstance(obj, (list, tuple)):
-        return [m for v in obj for m in _networks(v, seen)]
-    if isinstance(obj, Detector):
-        return [m for v in vars(obj).values() for m in _networks(v, seen)]
-    return []
