@@ -1,7 +1,8 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features.
 
-``config`` (settings), ``model`` (the module used at predict time), ``losses`` (none: why),
-``detector`` (fit orchestration and persistence). Importing this package registers the detector.
+``config`` (settings), ``model`` (the module used at predict time: the bank, its search and the
+scoring, eq. 7), ``detector`` (fit orchestration); no ``losses``: PatchCore trains nothing, its fit
+extracts features and subsamples them (greedy coreset). Importing this package registers the detector.
 """
 
 from anomnet.components.features import PatchFeatures
