@@ -15,7 +15,8 @@ from tests.old_models import ROOT, fixed_input
 
 from anomnet.data import load_dataset
 from anomnet.detectors import Detector, create_detector
-from anomnet.errors import NotFittedError
+from anomnet.errors import ModelFormatError, NotFittedError
+from anomnet.model_io import read_model, write_model
 
 OLD = sorted(p.name for p in ROOT.iterdir() if (p / "scores.json").is_file())
 
@@ -49,3 +50,14 @@ def test_the_saved_state_is_the_models_state_dict(folder_dataset, tmp_path) -> N
     assert loaded.fitted and not create_detector("patchcore").fitted
     for key, value in det.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path) -> None:
+    meta, tensors = read_model(ROOT / "patchcore")
+    for extra in ({"nowhere.weight": torch.zeros(1)}, {"features.nowhere": torch.zeros(1)}):
+        write_model(tmp_path / "m", meta, {**tensors, **extra})
+        with pytest.raises(ModelFormatError, match="saved tensors do not fit the patchcore detector"):
+            Detector.load(tmp_path / "m")
+    write_model(tmp_path / "m", meta, {k: v for k, v in tensors.items() if k != "memory_bank"})
+    with pytest.raises(ModelFormatError, match="memory_bank"):
+        Detector.load(tmp_path / "m")

@@ -313,11 +313,11 @@ class Detector(ABC):
         for prefix, backbone in _backbones(self.model):
             load_backbone_state(backbone, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        modules = dict(self.model.named_modules())
         for key, value in tensors.items():
             owner, _, name = key.rpartition(".")
-            module = self.model.get_submodule(owner)
-            if name in module._buffers:  # takes the saved shape (registered empty, or None, before fit)
-                module._buffers[name] = value.contiguous()
+            if owner in modules and name in modules[owner]._buffers:  # the saved shape (empty or None before fit)
+                modules[owner]._buffers[name] = value.contiguous()
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not any(k.startswith(p) for p, _ in _backbones(self.model))]
         if missing or unexpected:
