@@ -61,3 +61,17 @@ def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path) -> None:
     write_model(tmp_path / "m", meta, {k: v for k, v in tensors.items() if k != "memory_bank"})
     with pytest.raises(ModelFormatError, match="memory_bank"):
         Detector.load(tmp_path / "m")
+
+
+def test_a_tocoad_folder_with_the_older_names_loads(folder_dataset, tmp_path) -> None:
+    """ToCoAD's old folders (too large to keep here: the whole fine-tuned backbone) named it ``backbone.*``."""
+    split = load_dataset(folder_dataset)
+    det = create_detector("tocoad", {"image_size": 64, "batch_size": 4, "stage1": False, "stage2": False})
+    det.fit(split.train, split.validation, progress=False)
+    det.save(tmp_path / "m")
+    meta, tensors = read_model(tmp_path / "m")
+    old = {k.removeprefix("features."): v for k, v in tensors.items()}
+    assert len([k for k in old if k.startswith("backbone.")]) == len(det.features.backbone.state_dict())
+    write_model(tmp_path / "m", meta, old)
+    x = fixed_input()
+    assert torch.equal(Detector.load(tmp_path / "m").predict(x).maps, det.predict(x).maps)
