@@ -31,11 +31,7 @@ class GrayDetector(Detector):
         maps = images.mean(1)
         return maps.sum((1, 2)), maps
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+    model = torch.nn.Module()  # no state: always fitted
 
 
 def gray(**settings: object) -> GrayDetector:
