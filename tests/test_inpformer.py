@@ -240,7 +240,7 @@ def test_fit_test_predict_save_load(data: Path, tmp_path: Path) -> None:
     assert a.maps.shape == (2, 50, 70)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)  # save / load identity
     state = loaded.state_tensors()
-    assert "net.inps" in state and not any(k.startswith("backbone.") for k in state)  # packaged weights not copied
+    assert "inps" in state and not any(".backbone." in k for k in state)  # packaged weights not copied
 
 
 def test_training_learns_the_normal_images(data: Path) -> None:
@@ -309,7 +309,7 @@ def test_not_fitted_and_damaged_models(tmp_path: Path, data: Path) -> None:
     tensors = fitted.state_tensors()
     other = create_detector("inpformer", TINY)
     with pytest.raises(KeyError):
-        other.load_state_tensors({k: v for k, v in tensors.items() if k != "net.inps"})
+        other.load_state_tensors({k: v for k, v in tensors.items() if k != "inps"})
     bigger = create_detector("inpformer", {**TINY, "num_inps": 7})
     with pytest.raises(RuntimeError):
         bigger.load_state_tensors(tensors)
@@ -338,7 +338,7 @@ def test_vit_encoder_from_a_dinov2_file_lives_in_the_model(data: Path, tmp_path:
     loaded = api.load(tmp_path / "m")
     x = torch.rand(1, 3, 56, 56)
     assert torch.equal(loaded.predict(x).maps, det.predict(x).maps)
-    assert any(k.startswith("backbone.blocks.11.") for k in loaded.state_tensors())
+    assert any(k.startswith("features.backbone.blocks.11.") for k in loaded.state_tensors())
 
 
 def test_cli_fit_test_predict_with_a_dinov2_weights_file(data: Path, tmp_path: Path) -> None:

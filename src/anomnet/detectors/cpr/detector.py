@@ -1,4 +1,4 @@
-"""CPR's fit (features -> codebook and histograms -> foreground -> head training -> bank) and saved tensors.
+"""CPR's fit (features -> codebook and histograms -> foreground -> head training -> bank).
 
 1. ``features``: every training input (whole images or tiles, with their turned poses; see
    :meth:`Detector.training_batches`) is kept as 8-bit pixels, and its descriptor level (the
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from anomnet import imageio
-from anomnet.backbones import backbone_state, build_backbone, load_backbone_state
+from anomnet.backbones import build_backbone
 from anomnet.components import kmeans
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
@@ -34,22 +34,20 @@ from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.losses import distance_weights, features_at, retrieval_loss
 from anomnet.detectors.cpr.model import CPRModel, default_layers
 from anomnet.detectors.cpr.pairs import PointPairs, sample_pairs
-from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
+from anomnet.errors import ConfigError, ModelFormatError
 from anomnet.synthesis.defect_crops import load_defect_crops
 from anomnet.synthesis.defects import RealisticDefects
 from anomnet.training import timed_phase, train_phase
 from anomnet.transforms import upsample_maps
 
-BACKBONE_PREFIX = "backbone."
-HEAD_PREFIX = "head."
-BANK_PREFIX = "bank."
-FOREGROUND_PREFIX = "foreground."
 CODEBOOK_SAMPLES = 50_000  # descriptor locations the k-means codebook is fitted on
 
 
 @register
 class CPR(Detector):
     name = "cpr"
+    # tensor names before the state lived in one module
+    renamed_keys = {"codebook": "retrieval.codebook", "refs": "retrieval.refs", "bank.": "bank"}
     can_leave_out = True
     config_class = CPRConfig
     description = (
@@ -57,6 +55,7 @@ class CPR(Detector):
         "estimation), retrieval head trained on pasted real-looking defects (Li et al. 2024)"
     )
     config: CPRConfig
+    model: CPRModel
 
     def __init__(self, config: CPRConfig | None = None) -> None:
         super().__init__(config)
@@ -290,45 +289,10 @@ class CPR(Detector):
             return self.model(images, self.config)
 
     # -- persistence -------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_loaded(self) -> None:
         m = self.model
-        if not m.fitted or m.retrieval.codebook is None or m.retrieval.refs is None:
-            raise NotFittedError("CPR is not fitted: nothing to save")
-        tensors = {
-            "codebook": m.retrieval.codebook,
-            "refs": m.retrieval.refs,
-            **{f"{BANK_PREFIX}{i}": bank for i, bank in enumerate(m.banks)},
-            **{HEAD_PREFIX + k: v.detach() for k, v in m.head.state_dict().items()},
-            **{FOREGROUND_PREFIX + k: v for k, v in m.foreground.state().items()},
-        }
-        if m.train_foreground is not None:
-            tensors["train_foreground"] = m.train_foreground
-        if m.input_owner is not None:
-            tensors["input_owner"] = m.input_owner
-        tensors.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(m.backbone).items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        m = self.model
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        load_backbone_state(m.backbone, part(BACKBONE_PREFIX))
-        m.head.load_state_dict(part(HEAD_PREFIX))
-        m.head.eval()
-        for p in m.head.parameters():
-            p.requires_grad_(False)
         m.refresh()
-        m.foreground.load(part(FOREGROUND_PREFIX))
-        m.retrieval.set_codebook(tensors["codebook"])
-        m.retrieval.set_refs(tensors["refs"])
-        banks = part(BANK_PREFIX)
-        if set(banks) != {str(i) for i in range(len(m.head.levels))}:
-            raise ModelFormatError(f"the CPR model holds banks {sorted(banks)} for {len(m.head.levels)} levels")
-        m.banks = [banks[str(i)].contiguous() for i in range(len(banks))]
-        m.train_foreground = tensors.get("train_foreground")
-        owner = tensors.get("input_owner")
-        if owner is not None and owner.shape != (m.banks[0].shape[0],):
-            raise ModelFormatError(f"input_owner has shape {tuple(owner.shape)}, the banks {m.banks[0].shape[0]} rows")
-        m.input_owner = None if owner is None else owner.to(torch.int32)
+        if m.input_owner is not None and m.input_owner.shape != (m.banks[0].shape[0],):
+            raise ModelFormatError(
+                f"input_owner has shape {tuple(m.input_owner.shape)}, the banks {m.banks[0].shape[0]} rows"
+            )

@@ -78,25 +78,30 @@ def fisher_discriminant(neg: torch.Tensor, pos: torch.Tensor, shrink: float = 1e
 
 
 class ForegroundBranch(nn.Module):
-    """Descriptor features ``[B, d, h, w]`` -> foreground weights ``[B, h, w]`` in [0, 1]."""
+    """Descriptor features ``[B, d, h, w]`` -> foreground weights ``[B, h, w]`` in [0, 1].
+
+    Buffers, None until a fit finds the discriminant: ``weight`` ``[d]`` and ``scalars`` (bias, the
+    scores mapped to 0 and 1, object-like 0 / 1). Without them every weight is 1.
+    """
+
+    weight: torch.Tensor | None
+    scalars: torch.Tensor | None
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight: torch.Tensor | None = None  # [d]
-        self.bias = 0.0
-        self.low = 0.0
-        self.high = 1.0
-        self.object_like = False
+        self.register_buffer("weight", None)
+        self.register_buffer("scalars", None)
 
     @property
-    def fitted(self) -> bool:
-        return self.weight is not None
+    def object_like(self) -> bool:
+        return self.scalars is not None and bool(self.scalars[3] > 0.5)
 
     def forward(self, desc: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
+        if self.weight is None or self.scalars is None:
             return desc.new_ones(desc.shape[0], *desc.shape[-2:])
-        score = torch.einsum("bdhw,d->bhw", desc, self.weight.to(desc)) + self.bias
-        return ((score - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+        bias, low, high = self.scalars[:3].tolist()
+        score = torch.einsum("bdhw,d->bhw", desc, self.weight.to(desc)) + bias
+        return ((score - low) / (high - low)).clamp(0.0, 1.0)
 
     def fit(self, desc: torch.Tensor, generator: torch.Generator, max_samples: int = 50_000) -> ForegroundFit:
         """Fit on training features ``[N, d, h, w]`` (see the module docstring)."""
@@ -112,7 +117,7 @@ class ForegroundBranch(nn.Module):
         centre_share = float(is_bg[:, centre].float().mean())
         rows = flat.reshape(n, h, w, d)
         neg, pos = rows[is_bg & border], rows[~is_bg & centre]
-        self.weight, self.object_like = None, False
+        self.weight = self.scalars = None
         if len(neg) < MIN_SAMPLES or len(pos) < MIN_SAMPLES:
             return ForegroundFit(border_share, centre_share, float("nan"), float("nan"), False, False)
         neg = neg[torch.randperm(len(neg), generator=generator)[:15_000]]
@@ -120,24 +125,10 @@ class ForegroundBranch(nn.Module):
         weight, bias = fisher_discriminant(neg, pos)
         score = flat[pick] @ weight + bias
         low, high = (float(v) for v in torch.quantile(score, torch.tensor([0.01, 0.99])))
-        self.weight, self.bias = weight, bias
-        self.low, self.high = low, max(high, low + 1e-6)
+        self.weight = weight
+        self.scalars = torch.tensor([bias, low, max(high, low + 1e-6), 0.0])
         weights = self(desc)
         ring_weight = float(weights[:, inner_ring(h, w)].mean())
         centre_weight = float(weights[:, centre].mean())
-        self.object_like = centre_weight - ring_weight >= OBJECT_GAP
+        self.scalars[3] = float(centre_weight - ring_weight >= OBJECT_GAP)
         return ForegroundFit(border_share, centre_share, ring_weight, centre_weight, self.object_like, True)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        if self.weight is None:
-            return {}
-        scalars = torch.tensor([self.bias, self.low, self.high, float(self.object_like)])
-        return {"weight": self.weight, "scalars": scalars}
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "weight" not in tensors:
-            self.weight, self.object_like = None, False
-            return
-        bias, low, high, obj = (float(v) for v in tensors["scalars"])
-        self.weight = tensors["weight"].float().contiguous()
-        self.bias, self.low, self.high, self.object_like = bias, low, high, obj > 0.5

@@ -40,32 +40,46 @@ def default_layers(backbone: str, upsampled: bool = False) -> tuple[str, ...] | 
 
 
 class CPRModel(nn.Module):
-    """Images ``[B, 3, S, S]`` -> (scores ``[B]``, anomaly maps ``[B, S, S]``)."""
+    """Images ``[B, 3, S, S]`` -> (scores ``[B]``, anomaly maps ``[B, S, S]``).
+
+    Buffers filled by fit: ``bank0``, ``bank1``, ... (:attr:`banks`), the retrieval's codebook and
+    histograms, the foreground discriminant; ``train_foreground`` ``[N, h, w]`` (the training
+    inputs' foreground at the descriptor level) and ``input_owner`` ``[N]`` (the training image of
+    each input, for leave-one-image-out) are None when the fit found no foreground / owners.
+    """
+
+    train_foreground: torch.Tensor | None
+    input_owner: torch.Tensor | None
+    scoring_head: RetrievalHead  # see refresh()
 
     def __init__(self, backbone: FeatureExtractor, config: CPRConfig) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = RetrievalHead(backbone.channels(), config.head_width, config.head_dim)
-        self.scoring_head = self.head.fused()  # prediction uses the fused copy of the trained form (BatchNorm)
+        self.refresh()
         self.retrieval = GlobalRetrieval(config.blocks, config.block_share)
         self.foreground = ForegroundBranch()
         strides = backbone.strides()
         self.desc_level = min(range(len(strides)), key=lambda i: strides[i])  # the finest level
-        self.banks: list[torch.Tensor] = []  # per level [N, dim, h_l, w_l], L2-normalised
-        self.train_foreground: torch.Tensor | None = None  # [N, h, w] at the descriptor level
-        self.input_owner: torch.Tensor | None = None  # [N]: the training image of each input; None: unknown
+        for i in range(len(strides)):  # per level [N, dim, h_l, w_l], L2-normalised
+            self.register_buffer(f"bank{i}", torch.empty(0))
+        self.register_buffer("train_foreground", None)
+        self.register_buffer("input_owner", None)
         self.batch_chunk = 1  # images per local-retrieval pass (retrieval.window_distances; large: one batched pass)
 
     @property
-    def fitted(self) -> bool:
-        return bool(self.banks) and self.retrieval.refs is not None
+    def banks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"bank{i}") for i in range(len(self.head.levels))]
+
+    @banks.setter
+    def banks(self, banks: Sequence[torch.Tensor]) -> None:
+        for i, bank in enumerate(banks):
+            setattr(self, f"bank{i}", bank)
 
     @contextlib.contextmanager
     def leave_out(self, owners: Sequence[int]) -> Iterator[None]:
         """Within the block the inputs of the training images ``owners`` are neither retrieved nor searched:
         their rows of the banks, the retrieval histograms and the training foregrounds are left out."""
-        if not self.fitted or self.retrieval.refs is None:
-            raise NotFittedError("CPR is not fitted: call fit() or load a saved model")
         if self.input_owner is None:
             raise ConfigError("this model does not record which training image each bank row came from")
         keep = ~torch.isin(self.input_owner, torch.as_tensor(list(owners), dtype=self.input_owner.dtype))
@@ -81,8 +95,9 @@ class CPRModel(nn.Module):
             self.banks, self.retrieval.refs, self.train_foreground = saved
 
     def refresh(self) -> None:
-        """Rebuild the fused scoring head after the head's weights changed (fit, load)."""
-        self.scoring_head = self.head.fused()
+        """Rebuild the fused scoring head after the head's weights changed (fit, load). Prediction uses this
+        fused copy of the trained form (BatchNorm); derived from ``head``, it is not a submodule (not saved)."""
+        object.__setattr__(self, "scoring_head", self.head.fused())
 
     def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.backbone(images))
@@ -112,8 +127,6 @@ class CPRModel(nn.Module):
         return torch.maximum(own, self.train_foreground[index].to(own.dtype).amax(1))
 
     def forward(self, images: torch.Tensor, config: CPRConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("CPR is not fitted: call fit() or load a saved model")
         if len(config.windows) != len(self.banks):
             raise NotFittedError(f"CPR has {len(self.banks)} levels but {len(config.windows)} windows")
         size = (int(images.shape[-2]), int(images.shape[-1]))

@@ -30,14 +30,20 @@ def block_matrix(n: int, blocks: int, dtype: torch.dtype = torch.float32) -> tor
 
 
 class GlobalRetrieval(nn.Module):
-    """Codebook + block histograms of the training images; picks the ``k`` nearest training images."""
+    """Codebook + block histograms of the training images; picks the ``k`` nearest training images.
+
+    Buffers (empty until fit): ``codebook`` ``[C, d]``, ``refs`` ``[N, blocks^2, C]``.
+    """
+
+    codebook: torch.Tensor
+    refs: torch.Tensor
 
     def __init__(self, blocks: int = 5, block_share: float = 0.8) -> None:
         super().__init__()
         self.blocks = blocks
         self.block_share = block_share
-        self.codebook: torch.Tensor | None = None  # [C, d]
-        self.refs: torch.Tensor | None = None  # [N, blocks^2, C]
+        self.register_buffer("codebook", torch.empty(0))
+        self.register_buffer("refs", torch.empty(0))
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
         self.codebook = codebook.float().contiguous()
@@ -47,7 +53,7 @@ class GlobalRetrieval(nn.Module):
 
     def codes(self, desc: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codeword of every location: ``[B, d, h, w]`` -> ``[B, h, w]``."""
-        if self.codebook is None:
+        if not self.codebook.numel():
             raise NotFittedError("CPR's global retrieval has no codebook: fit the detector first")
         c = self.codebook
         x = desc.permute(0, 2, 3, 1)  # [B, h, w, d]
@@ -56,8 +62,6 @@ class GlobalRetrieval(nn.Module):
 
     def histograms(self, desc: torch.Tensor) -> torch.Tensor:
         """Codeword histogram of each block: ``[B, d, h, w]`` -> ``[B, blocks^2, C]`` (each row sums to 1)."""
-        if self.codebook is None:
-            raise NotFittedError("CPR's global retrieval has no codebook: fit the detector first")
         h, w = int(desc.shape[-2]), int(desc.shape[-1])
         onehot = F.one_hot(self.codes(desc), self.codebook.shape[0]).to(desc.dtype)  # [B, h, w, C]
         rows, cols = block_matrix(h, self.blocks).to(desc), block_matrix(w, self.blocks).to(desc)
@@ -67,7 +71,7 @@ class GlobalRetrieval(nn.Module):
     def distances(self, hist: torch.Tensor, refs: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
         """``[B, N]``: KL(query block || reference block), summed over the ``block_share`` best blocks."""
         refs = self.refs if refs is None else refs
-        if refs is None:
+        if not refs.numel():
             raise NotFittedError("CPR's global retrieval has no training histograms: fit the detector first")
         q = hist[:, None] + eps  # [B, 1, S, C]
         r = refs[None] + eps  # [1, N, S, C]

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from anomnet.backbones import backbone_state, load_backbone_state
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.efficientad.config import EfficientADConfig
@@ -45,7 +44,7 @@ from anomnet.detectors.efficientad.losses import (
 )
 from anomnet.detectors.efficientad.model import OUT_CHANNELS, EfficientADModel
 from anomnet.detectors.efficientad.pdn import map_padding
-from anomnet.errors import ConfigError, NotFittedError
+from anomnet.errors import ConfigError
 from anomnet.synthesis.appearance import appearance_augment
 from anomnet.synthesis.base import synthesize_batch
 from anomnet.synthesis.noise_patches import NoisePatches
@@ -60,6 +59,8 @@ class EfficientAD(Detector):
         "EfficientAD: PDN student-teacher + autoencoder, optional CDO loss (Batzner et al. 2024, Cao et al. 2023)"
     )
     config: EfficientADConfig
+    model: EfficientADModel
+    renamed_keys = {"teacher.backbone.": "teacher.features.backbone."}  # before the state lived in one module
 
     def __init__(self, config: EfficientADConfig | None = None) -> None:
         super().__init__(config)
@@ -74,7 +75,6 @@ class EfficientAD(Detector):
         self.size = size
         seed_everything(c.seed)  # the networks' initial weights depend on the seed only
         self.model = EfficientADModel(c, size)
-        self.fitted = False
 
     # -- training ------------------------------------------------------------------------
     def _load_images(self, samples: Sequence[Sample], progress: str | None) -> torch.Tensor:
@@ -145,7 +145,6 @@ class EfficientAD(Detector):
         with timed_phase(self.fit_record, "map_quantiles"):
             val_images = self._load_images(validation, None) if validation else images[: max(1, len(images) // 10)]
             self._map_quantiles(val_images)
-        self.fitted = True
 
     @torch.no_grad()
     def _teacher_statistics(self, images: torch.Tensor) -> None:
@@ -264,54 +263,7 @@ class EfficientAD(Detector):
 
     # -- inference -----------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("EfficientAD is not fitted: call fit() or load a saved model")
         return self.model(images, self.config)
-
-    # -- persistence ---------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("EfficientAD is not fitted: nothing to save")
-        out = {f"student.{k}": v for k, v in self.model.student.state_dict().items()}
-        out.update({f"autoencoder.{k}": v for k, v in self.model.autoencoder.state_dict().items()})
-        if self.config.teacher == "distilled":
-            out.update({f"teacher.{k}": v for k, v in self.model.teacher.state_dict().items()})
-        else:  # the projection, and the backbone's tensors when they come from a user file (none for package weights)
-            teacher = self.model.teacher
-            backbone_teacher = teacher if isinstance(teacher, BackboneTeacher) else None
-            if backbone_teacher is None:
-                raise NotFittedError("the EfficientAD teacher is not built")
-            out["teacher.projection"] = backbone_teacher.projection
-            out.update(
-                {f"teacher.backbone.{k}": v for k, v in backbone_state(backbone_teacher.features.backbone).items()}
-            )
-        out.update(
-            teacher_mean=self.model.teacher_mean, teacher_std=self.model.teacher_std, quantiles=self.model.quantiles
-        )
-        if self.model.quantiles_normalized is not None:
-            out["quantiles_normalized"] = self.model.quantiles_normalized
-        return {k: v.detach().contiguous() for k, v in out.items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.model.student.load_state_dict(part("student."))
-        self.model.autoencoder.load_state_dict(part("autoencoder."))
-        if self.config.teacher == "distilled":
-            self.model.teacher.load_state_dict(part("teacher."))
-        else:
-            teacher = self.model.teacher
-            if not isinstance(teacher, BackboneTeacher):
-                raise NotFittedError("the EfficientAD teacher is not built")
-            teacher.projection.copy_(tensors["teacher.projection"])
-            load_backbone_state(teacher.features.backbone, part("teacher.backbone."))
-        self.model.teacher_mean = tensors["teacher_mean"].float()
-        self.model.teacher_std = tensors["teacher_std"].float()
-        self.model.quantiles = tensors["quantiles"].float()
-        qn = tensors.get("quantiles_normalized")
-        self.model.quantiles_normalized = None if qn is None else qn.float()
-        self.fitted = True
 
 
 class _FloatView:

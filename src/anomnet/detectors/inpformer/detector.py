@@ -1,4 +1,4 @@
-"""INP-Former's fit (training inputs -> optional feature cache -> ``steps`` optimisation steps) and saved tensors.
+"""INP-Former's fit (training inputs -> optional feature cache -> ``steps`` optimisation steps).
 
 The encoder is frozen. Without augmentation (``flip`` off, ``scale_jitter`` 0) its features of
 every training input are computed once and each step trains extractor, bottleneck and decoder on
@@ -22,10 +22,8 @@ import torch.nn.functional as F
 
 from anomnet.backbones import (
     FeatureExtractor,
-    backbone_state,
     build_backbone,
     get_backbone_info,
-    load_backbone_state,
 )
 from anomnet.backbones.vit import ViTExtractor
 from anomnet.components import PatchFeatures
@@ -35,11 +33,9 @@ from anomnet.detectors.inpformer.config import INPFormerConfig
 from anomnet.detectors.inpformer.losses import coherence_loss, soft_mining_loss
 from anomnet.detectors.inpformer.model import INPFormerModel
 from anomnet.detectors.inpformer.optim import make_optimizer, warm_cosine
-from anomnet.errors import ConfigError, NotFittedError
+from anomnet.errors import ConfigError
 from anomnet.training import timed_phase, train_phase
 
-BACKBONE_PREFIX = "backbone."
-NET_PREFIX = "net."
 CNN_GRID_STRIDE = 8
 
 
@@ -94,13 +90,14 @@ class INPFormer(Detector):
         "encoder's features (Luo et al. 2025)"
     )
     config: INPFormerConfig
+    model: INPFormerModel
+    renamed_keys = {"net.": "", "backbone.": "features.backbone."}  # before the state lived in one module
 
     def __init__(self, config: INPFormerConfig | None = None) -> None:
         super().__init__(config)
         c = self.config
         features = self._build_features(None)
         self.model = INPFormerModel(features, c)
-        self.fitted = False
 
     def _build_features(self, weights: str | None, search: bool = False) -> PatchFeatures:
         c = self.config
@@ -194,7 +191,7 @@ class INPFormer(Detector):
             bf16=c.bf16,
             augment={"flip": c.flip, "scale_jitter": c.scale_jitter},
         )
-        self.fitted = True
+        self.model.train_steps = torch.tensor([steps])
 
     def step_budget(self, inputs: int) -> int:
         """Optimisation steps for ``inputs`` training inputs: ``steps`` if set, else ``epochs`` passes of
@@ -207,34 +204,9 @@ class INPFormer(Detector):
 
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("INP-Former is not fitted: call fit() or load a saved model")
         return self.model(images, self.config)
 
     # -- persistence -------------------------------------------------------------------
-    def _net_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("features.")}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("INP-Former is not fitted: nothing to save")
-        tensors = {NET_PREFIX + k: v.detach() for k, v in self._net_state().items()}
-        tensors.update({BACKBONE_PREFIX + k: v for k, v in backbone_state(self.features.backbone).items()})
-        return tensors
-
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        n = len(BACKBONE_PREFIX)
-        load_backbone_state(
-            self.features.backbone, {k[n:]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
-        )
-        m = len(NET_PREFIX)
-        net = {k[m:]: v for k, v in tensors.items() if k.startswith(NET_PREFIX)}
-        expected = self._net_state()
-        missing = sorted(set(expected) - set(net))
-        unexpected = sorted(set(net) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.model.load_state_dict(net, strict=False)
-        self.model.requires_grad_(False)
-        self.model.eval()
-        self.fitted = True
+        # folders written before the state lived in one module do not record the steps (-1: unknown)
+        super().load_state_tensors({"train_steps": torch.tensor([-1]), **tensors})

@@ -128,7 +128,12 @@ class INPDecoderBlock(nn.Module):
 
 
 class INPFormerModel(nn.Module):
-    """Images -> (image scores ``[B]``, anomaly maps ``[B, H, W]``); :meth:`reconstruct` is what training uses."""
+    """Images -> (image scores ``[B]``, anomaly maps ``[B, H, W]``); :meth:`reconstruct` is what training uses.
+
+    The buffer ``train_steps`` ``[1]`` (empty until fit) records the optimisation steps of the fit.
+    """
+
+    train_steps: torch.Tensor
 
     def __init__(self, features: PatchFeatures, config: INPFormerConfig) -> None:
         super().__init__()
@@ -163,6 +168,7 @@ class INPFormerModel(nn.Module):
         )
         self.bottleneck = FeedForward(self.dim, hidden)
         self.decoder = nn.ModuleList([INPDecoderBlock(self.dim, heads, mlp_ratio) for _ in range(decoder_depth)])
+        self.register_buffer("train_steps", torch.empty(0, dtype=torch.long))
         self.reset_parameters()
 
     def train(self, mode: bool = True) -> INPFormerModel:
