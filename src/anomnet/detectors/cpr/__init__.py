@@ -6,7 +6,7 @@ the same place in those images (local retrieval on features of a head trained on
 backbone); an unsupervised foreground estimate suppresses the background on objects.
 
 ``config`` (settings), ``model`` (the predict-time module, plain torch), ``losses`` (the
-training loss), ``detector`` (fit and persistence); ``retrieval`` (global and local retrieval),
+training loss), ``detector`` (fit); ``retrieval`` (global and local retrieval),
 ``foreground``, ``head`` and ``pairs`` (training point pairs) hold the method's parts.
 Choices and measurements: docs/cpr.md.
 """

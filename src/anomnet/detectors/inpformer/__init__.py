@@ -7,8 +7,8 @@ only keys and values, so defects are not reconstructed. Losses: INP coherence an
 The anomaly map is the per-group ``1 - cos`` of encoder and decoder features, upsampled, summed
 and smoothed; the image score the mean of its top 1 % of pixels.
 
-``config`` (settings), ``model`` (the predict-time module), ``losses``, ``detector`` (fit and
-persistence); ``optim`` (StableAdamW, the schedule) is used only in fit. Importing registers
+``config`` (settings), ``model`` (the predict-time module), ``losses``, ``detector`` (fit);
+``optim`` (StableAdamW, the schedule) is used only in fit. Importing registers
 ``inpformer``. Choices measured and deviations from the paper: docs/inpformer.md.
 """
 
