@@ -7,7 +7,7 @@ Run from the repository root; the command is printed and stored in the JSON::
 
 Each ``--fit NAME:KEY=VALUE;...`` is fitted once per dataset (``api.fit``: the 10 % validation split
 calibrates, as ``anomnet fit``) and tested; each ``--score NAME:KEY=VALUE;...`` re-scores that fitted
-model with scoring-time settings changed (``anomnet.evaluation.bench.rescore``: recalibrated on the validation
+model with scoring-time settings changed (``anomnet.bench.rescore``: recalibrated on the validation
 images, then tested). Accuracy only: fit seconds are recorded but were taken on shared cores.
 """
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import anomnet.detectors.cpr  # noqa: F401  (registers cpr)
     from anomnet import api
+    from anomnet.bench import command_line, rescore
     from anomnet.data import load_dataset
-    from anomnet.evaluation.bench import command_line, rescore
     from anomnet.imageio import atomic_write_text
 
     torch.set_num_threads(int(os.environ.get("CPR_STUDY_THREADS", "1")))

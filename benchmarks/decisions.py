@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command, flush=True)
     if a.dry_run:
         return 0
-    from anomnet.evaluation.bench import _cpu_name, write_section
+    from anomnet.bench import _cpu_name, write_section
 
     out = Path(a.out)
     old = json.loads(out.read_text()) if a.resume and out.is_file() else {}

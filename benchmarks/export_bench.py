@@ -106,8 +106,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {"peak_rss_mb": _peak_rss_mb(), "torch_loaded": "torch" in sys.modules}
     import torch
 
+    from anomnet.bench import _trunk_for
     from anomnet.detectors.base import Detector
-    from anomnet.evaluation.bench import _trunk_for
 
     if threads:
         torch.set_num_threads(threads)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = {**_settings(DEFAULT_SETTINGS.get(m, "")), **_settings(args.set.get(m, ""))}
             print(f"{m}: fit {settings or 'defaults'} -> {args.work_dir}/{m}; runtimes {', '.join(RUNTIMES)}")
         return 0
-    from anomnet.evaluation.bench import _cpu_name, command_line, write_section
+    from anomnet.bench import _cpu_name, command_line, write_section
     from anomnet.imageio import atomic_write_text
 
     rows = []

@@ -2,7 +2,7 @@
 
 Datasets: MVTec AD bottle at full resolution resized (``bottle``) and tiled (``bottle-tiled``,
 512 px tiles), and the eight PIPED paper-impurity classes. Every row is fitted, tested and timed
-in its own process by the worker of ``anomnet bench`` (``anomnet.evaluation.bench.detector_worker``): image
+in its own process by the worker of ``anomnet bench`` (``anomnet.bench.detector_worker``): image
 AUROC, pixel AUROC, AU-PRO@0.3 / @0.05, SegF1 at the model's own validation-chosen threshold (the
 default good-pixel quantile, and rescored at the paper's ``mean + 3 std`` of the good validation
 pixels) and at the oracle threshold (the pixel F1-max of the test maps), fit seconds, predict time
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from anomnet.evaluation.bench import _cpu_name, _run_worker
+    from anomnet.bench import _cpu_name, _run_worker
     from anomnet.imageio import atomic_write_text
 
     earlier: dict[str, Any] = json.loads(Path(a.resume).read_text()) if a.resume else {}
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_section(markdown: Path, text: str) -> None:
-    from anomnet.evaluation.bench import write_section
+    from anomnet.bench import write_section
 
     write_section(markdown, SECTION, text)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from anomnet.evaluation.bench import command_line
+from anomnet.bench import command_line
 from anomnet.imageio import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,7 +1,7 @@
 """BENCHMARKS.md section ``learned-stages``: what each detector's training adds at a CPU budget (issue 23).
 
 Parts (each a list of rows on a few of the suite's datasets, every row fitted, tested and timed in its own
-process by the worker of ``anomnet bench``, ``anomnet.evaluation.bench.detector_worker``):
+process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
 
 - ``anomnet``: AnomNet's two training stages over the cached features at 0, 1, 4 and 16 times the default
   epochs (0 = no training: the k-means centroids on the frozen features), and 4 times with a wider adapter
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anomnet.evaluation.bench import write_section  # noqa: E402
+from anomnet.bench import write_section  # noqa: E402
 from suite import PIPED, SHARED  # noqa: E402  (the suite's data paths)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from anomnet.evaluation.bench import _cpu_name, _run_worker
+    from anomnet.bench import _cpu_name, _run_worker
     from anomnet.imageio import atomic_write_text
 
     earlier = [json.loads(Path(f).read_text()) for f in a.resume]

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from anomnet.bench import command_line, write_outputs
 from anomnet.decisions.postprocess import MaskPostprocess, SegmentationCounts, postprocess_map
 from anomnet.errors import DatasetError
-from anomnet.evaluation.bench import command_line, write_outputs
 
 PRO_LIMITS = (0.3, 0.05)
 QUANTILE_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-9)  # 1e-9: just above every sampled good pixel

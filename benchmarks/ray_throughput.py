@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command, flush=True)
     if a.dry_run:
         return 0
-    from anomnet.evaluation.bench import _cpu_name
+    from anomnet.bench import _cpu_name
 
     work = Path(a.work_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finish(a: argparse.Namespace, report: dict[str, Any], section: str, text: str) -> int:
-    from anomnet.evaluation.bench import write_section
+    from anomnet.bench import write_section
 
     report["load_avg_after"] = os.getloadavg()[0]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ def test_images(data: str) -> list[Path]:
 
 
 def run(a: argparse.Namespace, command: str) -> dict[str, Any]:
-    from anomnet.evaluation.bench import _cpu_name as cpu_name  # the CPU named as in every other section
+    from anomnet.bench import _cpu_name as cpu_name  # the CPU named as in every other section
 
     if a.clients < 1 or a.requests < 1 or a.duration <= 0 or a.warmup < 0:
         raise SystemExit("--clients, --requests and --duration must be positive, --warmup at least 0")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_text(a.out, json.dumps(report, indent=1) + "\n")
     if a.markdown:
-        from anomnet.evaluation.bench import write_section
+        from anomnet.bench import write_section
 
         write_section(Path(a.markdown), SECTION, markdown(report))
         print(f"section {SECTION} written to {a.markdown}")

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         _ensure_stress(runs)
     import torch
 
-    from anomnet.evaluation.bench import _cpu_name, _run_worker
+    from anomnet.bench import _cpu_name, _run_worker
     from anomnet.imageio import atomic_write_text
 
     for model, cfg in configs.values():
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_section_of(markdown: Path, text: str) -> None:
-    from anomnet.evaluation.bench import write_section
+    from anomnet.bench import write_section
 
     write_section(markdown, "suite", text)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anomnet.evaluation.bench import write_section
+from anomnet.bench import write_section
 
 
 def test_sections_replace_only_their_own_block(tmp_path: Path) -> None:

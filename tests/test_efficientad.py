@@ -237,7 +237,7 @@ def test_variants_fit_and_reload(folder_dataset: Path, tmp_path: Path, extra: di
 
 
 def test_bench_rescore_changes_alpha_and_restores(folder_dataset: Path, tmp_path: Path) -> None:
-    from anomnet.evaluation import bench
+    from anomnet import bench
 
     split = load_dataset(folder_dataset)
     det = api.fit("efficientad", split, settings={**TINY, "steps": 2, "cache_dir": "off"}, progress=False)
@@ -440,9 +440,9 @@ def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) 
     """st_map=normalized: the local map is CDO's discrepancy of the L2-normalised vectors, with its own
     validation quantiles stored at fit; it travels with the saved model and is refused for a model saved
     without those quantiles."""
+    from anomnet import bench
     from anomnet.detectors import Detector
     from anomnet.detectors.efficientad.model import OUT_CHANNELS
-    from anomnet.evaluation import bench
 
     det = create_detector("efficientad", {**TINY, "steps": 2, "cache_dir": "off"})
     det.fit(small_split.train, small_split.validation, progress=False)

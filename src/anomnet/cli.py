@@ -1034,7 +1034,7 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomnet.evaluation import bench
+    from anomnet import bench
 
     return bench.main(args)
 

@@ -224,7 +224,7 @@ def _bank_shape(det: Detector) -> list[int] | None:
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "anomnet.evaluation.bench", kind, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "anomnet.bench", kind, json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise BenchError(
