@@ -135,6 +135,34 @@ def train_phase(
     return phase
 
 
+def parameter_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter of ``module``, by name (to measure what a phase changed)."""
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def weight_change(before: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, Any]:
+    """How far a phase moved ``module``'s parameters from ``before`` (:func:`parameter_snapshot`).
+
+    ``relative``: ``||w_after - w_before|| / ||w_before||`` over all parameters together;
+    ``largest_tensor`` / ``largest_relative``: the parameter with the largest own relative change
+    (parameters that were all zero have no relative change and are left out of that pick).
+    """
+    diff2 = norm2 = 0.0
+    largest, largest_rel = "", 0.0
+    for name, p in module.named_parameters():
+        old = before[name].to(torch.float64)
+        d2 = float((p.detach().to(torch.float64) - old).square().sum())
+        n2 = float(old.square().sum())
+        diff2, norm2 = diff2 + d2, norm2 + n2
+        if n2 > 0 and (math.sqrt(d2 / n2) > largest_rel or not largest):
+            largest, largest_rel = name, math.sqrt(d2 / n2)
+    return {
+        "relative": math.sqrt(diff2 / norm2) if norm2 > 0 else 0.0,
+        "largest_tensor": largest,
+        "largest_relative": largest_rel,
+    }
+
+
 @contextlib.contextmanager
 def timed_phase(record: FitRecord, name: str, **extra: Any) -> Iterator[PhaseRecord]:
     """A one-off phase (feature extraction, coreset, calibration): only its seconds are recorded."""

@@ -44,7 +44,7 @@ from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_los
 from anomnet.image_pool import describe_source
 from anomnet.synthesis import CutPaste, PerlinAnomaly, load_textures, synthesize_batch
 from anomnet.synthesis.base import AnomalyGenerator
-from anomnet.training import timed_phase, train_phase
+from anomnet.training import PhaseRecord, parameter_snapshot, timed_phase, train_phase, weight_change
 
 
 def default_decoder_layers(backbone: str, bank_layers: Sequence[str]) -> tuple[str, ...]:
@@ -136,6 +136,7 @@ class ToCoAD(PatchCore):
         freeze(trunk)
         channels = trunk.channels()
         disc = Discriminator([channels[i] for i in self._dec_idx])
+        probe = self._probe(trunk, images)
         opt = torch.optim.Adam(disc.parameters(), lr=c.lr1)
         steps = c.stage1_steps
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.8 * steps), int(0.9 * steps)], gamma=0.2)
@@ -154,6 +155,7 @@ class ToCoAD(PatchCore):
             return {"focal": float(loss.detach())}
 
         phase = train_phase(self.fit_record, "stage1", step, steps, progress=progress)
+        self._record_backbone_change(phase, trunk, images, probe)
         disc.eval()
         for p in disc.parameters():
             p.requires_grad_(False)
@@ -201,6 +203,7 @@ class ToCoAD(PatchCore):
         channels = trunk.channels()
         head = SimSiamHead([channels[i] for i in self._head_idx], c.proj_dim, c.pred_dim)
         trunk.eval()  # BatchNorm keeps its ImageNet statistics; weights and affine parameters train
+        probe = self._probe(trunk, images)
         backbone_params = list(trunk.parameters())
         opt = torch.optim.SGD(
             [{"params": backbone_params, "lr": c.lr2}, {"params": list(head.parameters()), "lr": c.head_lr}],
@@ -254,6 +257,39 @@ class ToCoAD(PatchCore):
         # the loss curve: the mean of each tenth of the steps (the harness keeps only first and last)
         phase.extra["curve"] = {k: _tenths(v) for k, v in log.items() if v}
         freeze(trunk)
+        self._record_backbone_change(phase, trunk, images, probe)
+
+    # -- what a phase did to the backbone (fit record) ---------------------------------------
+    PROBE_IMAGES = 4  # the first training images, whose bank-level features are compared before / after
+
+    def _bank_levels(self, trunk: FeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            levels = trunk(images[: self.PROBE_IMAGES])
+        return [levels[i] for i in self._bank_idx]
+
+    def _probe(
+        self, trunk: FeatureExtractor, images: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The backbone's parameters and bank-level features on a few training images, before a phase."""
+        return parameter_snapshot(trunk), self._bank_levels(trunk, images)
+
+    def _record_backbone_change(
+        self,
+        phase: PhaseRecord,
+        trunk: FeatureExtractor,
+        images: torch.Tensor,
+        probe: tuple[dict[str, torch.Tensor], list[torch.Tensor]],
+    ) -> None:
+        """``backbone_change``: the relative weight change over the phase (all parameters, and the parameter that
+        moved most); ``feature_cosine``: per bank level, the mean cosine between the patch features before and after
+        the phase on the first training images (1.0: the bank sees what the pretrained backbone saw)."""
+        weights, before = probe
+        after = self._bank_levels(trunk, images)  # the trunk is in eval mode after either stage
+        phase.extra["backbone_change"] = weight_change(weights, trunk)
+        phase.extra["feature_cosine"] = {
+            self.trunk_layers[i]: float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+            for i, a, b in zip(self._bank_idx, before, after, strict=True)
+        }
 
 
 def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
