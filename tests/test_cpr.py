@@ -349,3 +349,27 @@ def test_default_levels_follow_the_image_size_and_are_saved(tmp_path: Path) -> N
     assert loaded.config.layers == ("stage1", "stage2")
     x = torch.rand(1, 3, 64, 64)
     assert torch.allclose(small.predict(x).maps, loaded.predict(x).maps, atol=1e-5)
+
+
+def test_bank_inputs_keep_a_coreset_of_the_references_of_a_full_fit(folder_dataset: Path, tmp_path: Path) -> None:
+    settings = {**SMALL, "image_size": 32, "tile": 48}
+    full = api.fit("cpr", folder_dataset, settings=settings, progress=False)
+    n = int(full.model.banks[0].shape[0])
+    small = api.fit("cpr", folder_dataset, settings={**settings, "bank_inputs": 3}, progress=False)
+    full.config.bank_inputs = 3
+    kept = full.reference_inputs()  # the fit's choice: greedy k-center on the retrieval histograms
+    assert n > 3 and kept.tolist() == sorted(kept.tolist()) and len(kept) == 3
+    bank = small.fit_record.phase("bank")
+    assert bank is not None and bank.extra == {"inputs": n, "kept": 3}
+    # the same head and banks as the full fit, restricted to the kept inputs (so one fit can be re-scored)
+    for a, b in zip(small.model.banks, full.model.banks):
+        assert torch.equal(a, b[kept])
+    assert torch.equal(small.model.retrieval.refs, full.model.retrieval.refs[kept])
+    assert small.model.input_owner is not None and full.model.input_owner is not None
+    assert torch.equal(small.model.input_owner, full.model.input_owner[kept])
+    full.model.keep_inputs(kept)
+    images = torch.rand(2, 3, 64, 80)
+    assert torch.equal(full.predict(images).maps, small.predict(images).maps)
+    assert Detector.load(small.save(tmp_path / "m")).config.bank_inputs == 3  # saved with the settings
+    with pytest.raises(ConfigError):
+        create_detector("cpr", {"bank_inputs": -1})

@@ -35,6 +35,9 @@ class CPRConfig(DetectorConfig):
     head_width: int = 96  # channels inside the head
     head_dim: int = 128  # retrieval feature dimension
     bank_dtype: BankDtype = "float16"  # the stored training features (float16 halves the model)
+    # training inputs (images or tiles) kept as references, a greedy k-center choice on their block
+    # histograms (0: every input); the head still trains on every input (docs/cpr.md, "Bounded banks")
+    bank_inputs: int = 0
     # foreground estimation: "auto" (on where the fit finds an object on a background), "on", "off"
     foreground: Foreground = "auto"
     # training of the head on pseudo-anomalies (real-looking defects, anomnet.synthesis.defects)
@@ -58,6 +61,7 @@ class CPRConfig(DetectorConfig):
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
         "k_images": (1, 4096),
         "clusters": (2, 4096),
+        "bank_inputs": (0, None),
         "blocks": (1, 64),
         "block_share": (1e-6, 1.0),
         "head_width": (4, 4096),

@@ -13,7 +13,9 @@
    :class:`~anomnet.synthesis.defects.RealisticDefects` (drawn spots, cracks, scratches, or the
    crops of the ``defects`` folder), centred on the foreground when it is used. AdamW as the
    paper, ``steps`` steps of ``train_batch_size`` pairs (optionally cut by ``time_budget_s``).
-5. ``bank``: the head's L2-normalised features of every training input, per level.
+5. ``bank``: the head's L2-normalised features of every training input, per level; with
+   ``bank_inputs`` only of that many inputs (a greedy k-center choice on their block histograms,
+   the space the global retrieval searches), so the stored banks stay bounded with tiling.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from anomnet import imageio
 from anomnet.backbones import build_backbone
-from anomnet.components import kmeans
+from anomnet.components import greedy_coreset, kmeans
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
 from anomnet.detectors.cpr.config import CPRConfig
@@ -115,24 +117,42 @@ class CPR(Detector):
             self.model.train_foreground = self.model.foreground(desc) if found.fitted else None
             phase.extra.update(dataclasses.asdict(found))
             phase.extra["used"] = self.model.uses_foreground(self.config.foreground)
+        del desc  # the largest fit-time tensor after the bank; not needed from here on
         self._train(images, neighbours, generator, gen, progress)
-        with timed_phase(self.fit_record, "bank"):
-            self.model.banks = self._bank(images)
+        with timed_phase(self.fit_record, "bank") as phase:
+            kept = self.reference_inputs()
+            self.model.keep_inputs(kept)
+            self.model.banks = self._bank(images, kept)
+            phase.extra.update(inputs=len(images), kept=len(kept))
 
     def _cache(self, train: Sequence[Sample], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training inputs as 8-bit pixels ``[N, 3, S, S]`` and their descriptor level ``[N, d, h, w]``."""
-        pixels: list[torch.Tensor] = []
-        desc: list[torch.Tensor] = []
-        owners, owner = self.input_owners(train), []
+        """Training inputs as 8-bit pixels ``[N, 3, S, S]`` and their descriptor level ``[N, d, h, w]``.
+
+        Both are filled in place (no list joined at the end, which held everything twice); the descriptors
+        are stored channels-last, so the fit's per-location views (codebook, foreground) need no copy."""
+        n = self.training_count(train)
+        pixels = desc = torch.empty(0)
+        owners, owner, filled = self.input_owners(train), [], 0
         with torch.inference_mode():
             for images in self.training_batches(train, "features" if progress else None):
-                pixels.append((images * 255.0).round().clamp(0, 255).to(torch.uint8))
-                desc.append(self.model.levels(images)[self.model.desc_level])
-                owner.append(owners.next_batch(int(images.shape[0])))
-        if not pixels:
+                b = int(images.shape[0])
+                if filled + b > n:
+                    raise ConfigError(
+                        f"CPR expected {n} training inputs and got more (did an image change during the fit?)"
+                    )
+                level = self.model.levels(images)[self.model.desc_level]
+                if not filled:
+                    pixels = torch.empty(n, *images.shape[1:], dtype=torch.uint8)
+                    d, h, w = level.shape[1:]
+                    desc = torch.empty(n, h, w, d, dtype=level.dtype).permute(0, 3, 1, 2)
+                pixels[filled : filled + b] = (images * 255.0).round().clamp(0, 255)
+                desc[filled : filled + b] = level
+                owner.append(owners.next_batch(b))
+                filled += b
+        if not filled:
             raise ConfigError("CPR got no training inputs")
         self.model.input_owner = torch.cat(owner) if owners.complete() else None
-        return torch.cat(pixels), torch.cat(desc)
+        return pixels[:filled], desc[:filled]
 
     def _fit_retrieval(self, desc: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Codebook and histograms of the training inputs; returns each input's nearest other inputs ``[N, k]``."""
@@ -263,14 +283,28 @@ class CPR(Detector):
                 query[i], masks[i] = generator.paste(query[i], gen, allowed[i])
         return query[..., rows, cols].contiguous(), reference.contiguous(), masks[..., rows, cols], weights
 
+    def reference_inputs(self) -> torch.Tensor:
+        """Sorted indices of the training inputs kept as references: all, or ``bank_inputs`` of them chosen
+        by greedy k-center on the retrieval histograms (seeded by ``seed``)."""
+        refs = self.model.retrieval.refs
+        n, count = int(refs.shape[0]), self.config.bank_inputs
+        if count <= 0 or count >= n:
+            return torch.arange(n)
+        return greedy_coreset(refs.reshape(n, -1), count, seed=self.config.seed).sort().values
+
     @torch.inference_mode()
-    def _bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _bank(self, images: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Per level the features ``[len(rows), dim, h, w]`` of the inputs ``rows``, filled in place (no copy)."""
         dtype = torch.float16 if self.config.bank_dtype == "float16" else torch.float32
-        parts: list[list[torch.Tensor]] = []
-        for chunk in images.split(self.config.batch_size):
+        banks: list[torch.Tensor] = []
+        for start in range(0, len(rows), self.config.batch_size):
+            chunk = images[rows[start : start + self.config.batch_size]]
             feats = self.model.features(self.model.levels(chunk.float() / 255.0))
-            parts.append([f.to(dtype).contiguous() for f in feats])
-        return [torch.cat(level) for level in zip(*parts)]
+            if not banks:
+                banks = [torch.empty(len(rows), *f.shape[1:], dtype=dtype) for f in feats]
+            for bank, f in zip(banks, feats):
+                bank[start : start + len(chunk)] = f
+        return banks
 
     # -- leave-one-image-out -------------------------------------------------------------
     @property

@@ -94,6 +94,17 @@ class CPRModel(nn.Module):
         finally:
             self.banks, self.retrieval.refs, self.train_foreground = saved
 
+    def keep_inputs(self, rows: torch.Tensor) -> None:
+        """Keep only the training inputs ``rows`` as references: their bank rows (where filled), retrieval
+        histograms, training foregrounds and owners."""
+        if self.banks[0].numel():
+            self.banks = [bank[rows].contiguous() for bank in self.banks]
+        self.retrieval.refs = self.retrieval.refs[rows].contiguous()
+        if self.train_foreground is not None:
+            self.train_foreground = self.train_foreground[rows].contiguous()
+        if self.input_owner is not None:
+            self.input_owner = self.input_owner[rows].contiguous()
+
     def refresh(self) -> None:
         """Rebuild the fused scoring head after the head's weights changed (fit, load). Prediction uses this
         fused copy of the trained form (BatchNorm); derived from ``head``, it is not a submodule (not saved)."""

@@ -103,18 +103,20 @@ def window_distances(
 
 
 def _window_distances(query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, window: int) -> torch.Tensor:
+    """Each offset compares only the locations whose partner lies inside the image (no padded copy of the
+    retrieved features); the others get ``inf`` for that offset, so padding never matches."""
     b, _, h, w = query.shape
     r = window // 2
-    inf = torch.full((), float("inf"), dtype=query.dtype, device=query.device)
-    inside = F.pad(torch.ones(1, 1, h, w, dtype=query.dtype, device=query.device), (r, r, r, r))[0, 0] > 0
     best = torch.full((b, h, w), float("inf"), dtype=query.dtype, device=query.device)
     for j in range(int(index.shape[1])):
-        ref = F.pad(
-            bank[index[:, j]].to(query.dtype).contiguous(), (r, r, r, r)
-        )  # [b, D, h + 2r, w + 2r], zeros outside
-        for dy in range(window):
-            for dx in range(window):
-                sim = (query * ref[:, :, dy : dy + h, dx : dx + w]).sum(1)
-                dist = torch.where(inside[dy : dy + h, dx : dx + w], 1.0 - sim, inf)
+        ref = bank[index[:, j]].to(query.dtype)  # [b, D, h, w]
+        for oy in range(-r, r + 1):
+            for ox in range(-r, r + 1):
+                top, bottom, left, right = max(0, -oy), max(0, oy), max(0, -ox), max(0, ox)
+                q = query[:, :, top : h - bottom, left : w - right]
+                sim = (q * ref[:, :, bottom : h - top, right : w - left]).sum(1)
+                dist = 1.0 - sim
+                if oy or ox:
+                    dist = F.pad(dist, (left, right, top, bottom), value=float("inf"))
                 best = torch.minimum(best, dist)
     return best
