@@ -284,8 +284,8 @@ class CPR(Detector):
         return query[..., rows, cols].contiguous(), reference.contiguous(), masks[..., rows, cols], weights
 
     def reference_inputs(self) -> torch.Tensor:
-        """Sorted indices of the training inputs kept as references: all, or ``bank_inputs`` of them chosen
-        by greedy k-center on the retrieval histograms (seeded by ``seed``)."""
+        """Sorted indices of the training inputs kept as references: all (``bank_inputs`` 0 or at least their
+        number), else ``bank_inputs`` of them chosen by greedy k-center on the retrieval histograms (``seed``)."""
         refs = self.model.retrieval.refs
         n, count = int(refs.shape[0]), self.config.bank_inputs
         if count <= 0 or count >= n:
