@@ -354,8 +354,9 @@ def test_default_levels_follow_the_image_size_and_are_saved(tmp_path: Path) -> N
 def test_bank_inputs_keep_a_coreset_of_the_references_of_a_full_fit(folder_dataset: Path, tmp_path: Path) -> None:
     settings = {**SMALL, "image_size": 32, "tile": 48}
     full = api.fit("cpr", folder_dataset, settings=settings, progress=False)
-    n = int(full.model.banks[0].shape[0])
     small = api.fit("cpr", folder_dataset, settings={**settings, "bank_inputs": 3}, progress=False)
+    assert isinstance(full, CPR) and isinstance(small, CPR)
+    n = int(full.model.banks[0].shape[0])
     full.config.bank_inputs = 3
     kept = full.reference_inputs()  # the fit's choice: greedy k-center on the retrieval histograms
     assert n > 3 and kept.tolist() == sorted(kept.tolist()) and len(kept) == 3
@@ -370,6 +371,7 @@ def test_bank_inputs_keep_a_coreset_of_the_references_of_a_full_fit(folder_datas
     full.model.keep_inputs(kept)
     images = torch.rand(2, 3, 64, 80)
     assert torch.equal(full.predict(images).maps, small.predict(images).maps)
-    assert Detector.load(small.save(tmp_path / "m")).config.bank_inputs == 3  # saved with the settings
+    loaded = Detector.load(small.save(tmp_path / "m"))
+    assert isinstance(loaded, CPR) and loaded.config.bank_inputs == 3  # saved with the settings
     with pytest.raises(ConfigError):
         create_detector("cpr", {"bank_inputs": -1})
