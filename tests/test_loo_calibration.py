@@ -222,3 +222,21 @@ def test_cpr_leaves_an_image_out_of_its_banks_and_retrieval(folder_dataset) -> N
     m.train_foreground = None if fg is None else fg[keep]
     assert loo == pytest.approx(_scores(det, train[4:5])[0], rel=1e-6)
     assert loo > inside  # its own rows made it look more normal than it is
+
+
+def test_auto_cross_fits_a_detector_that_trains_on_few_images(folder_dataset) -> None:
+    """auto: AnomNet cross-fits below CROSSFIT_BELOW good training images, holds out above; PatchCore leaves out."""
+    from anomnet.api import _image_count, resolve_source
+    from anomnet.decisions.calibrate import CROSSFIT_BELOW
+
+    anomnet = create_detector("anomnet", SMALL)
+    below = CROSSFIT_BELOW["anomnet"]
+    assert resolve_source("auto", anomnet, below - 1) == "crossfit"
+    assert resolve_source("auto", anomnet, below) == "holdout"
+    assert resolve_source("holdout", anomnet, 12) == "holdout"  # asked for: kept
+    assert resolve_source("auto", create_detector("patchcore", SMALL), 12) == "loo"
+    assert resolve_source("auto", create_detector("efficientad"), 12) == "holdout"
+    count = _image_count(folder_dataset, None, "auto", "auto", anomnet)
+    assert count == len(load_dataset(folder_dataset, val_fraction=0).train) == 12
+    assert resolve_source("auto", anomnet, count) == "crossfit"
+    assert _image_count(folder_dataset, None, "auto", "holdout", anomnet) is None  # not counted when not needed

@@ -22,6 +22,7 @@ import torch
 from anomnet import imageio
 from anomnet.data import DatasetSplit, Sample, load_dataset
 from anomnet.decisions.calibrate import (
+    CROSSFIT_BELOW,
     DEFAULT_FOLDS,
     DEFAULT_SOURCES,
     calibrate_detector,
@@ -68,7 +69,7 @@ def fit(
     training image scored without its own memory-bank patches (memory-bank detectors), ``crossfit``
     every training image scored by a model fitted on the other ``folds`` folds, ``holdout`` only
     good images held out of training; ``auto`` the detector's measured default (PatchCore and
-    ToCoAD ``loo``, the others ``holdout``). ``val_fraction``: share of the training images held out
+    ToCoAD ``loo``; AnomNet ``crossfit`` below 100 good training images; the others ``holdout``). ``val_fraction``: share of the training images held out
     (``None``: 0.1 for ``holdout``, none otherwise); held-out images (and a dataset's own validation
     images, e.g. MVTec AD 2's or ELPV's) calibrate too, pooled with the training images' scores.
     ``exclude_suspects``: refit without the suspect training images the first calibration lists.
@@ -85,7 +86,7 @@ def fit(
         check_model_target(out, overwrite)
     make = lambda: create_detector(model, {"seed": seed, **(settings or {})})  # noqa: E731
     detector = make()
-    source = resolve_source(calibration, detector)
+    source = resolve_source(calibration, detector, _image_count(data, category, layout, calibration, detector))
     if source == "crossfit":
         fold_assignment(folds, folds, seed)  # a bad fold count fails before any work
     split = data if isinstance(data, DatasetSplit) else _load_for(source, data, category, layout, val_fraction, seed)
@@ -130,9 +131,14 @@ def fit(
     return detector
 
 
-def resolve_source(calibration: str, detector: Detector) -> str:
-    """The calibration source asked for, ``auto`` resolved for ``detector``; ConfigError when it cannot be used."""
+def resolve_source(calibration: str, detector: Detector, images: int | None = None) -> str:
+    """The calibration source asked for, ``auto`` resolved for ``detector`` (with ``images`` good training
+    images: cross-fitting below :data:`CROSSFIT_BELOW` for a detector listed there); ConfigError when it cannot
+    be used."""
     if calibration == "auto":
+        below = CROSSFIT_BELOW.get(detector.name)
+        if below is not None and images is not None and images < below:
+            return "crossfit"
         return DEFAULT_SOURCES.get(detector.name, "holdout")
     if calibration not in SOURCES:
         raise ConfigError(f"calibration {calibration!r} unknown; use auto or one of: {', '.join(SOURCES)}")
@@ -142,6 +148,16 @@ def resolve_source(calibration: str, detector: Detector) -> str:
             "detectors: patchcore, tocoad, cpr); use --calibration crossfit or holdout"
         )
     return calibration
+
+
+def _image_count(
+    data: str | Path | DatasetSplit, category: str | None, layout: str, calibration: str, detector: Detector
+) -> int | None:
+    """The good training images ``auto`` counts for ``detector`` (None when its choice does not depend on them)."""
+    if calibration != "auto" or detector.name not in CROSSFIT_BELOW:
+        return None
+    split = data if isinstance(data, DatasetSplit) else load_dataset(data, category, layout, 0.0)
+    return len(split.train) + (len(split.validation) if isinstance(data, DatasetSplit) else 0)
 
 
 def _load_for(
