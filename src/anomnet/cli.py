@@ -269,7 +269,7 @@ def add_fit_parser(sub: Any) -> None:
         help="what calibrates the thresholds (docs/decisions.md): loo = every training image scored without its "
         "own memory-bank patches (patchcore, tocoad, cpr), crossfit = every training image scored by a model fitted on "
         "the other folds, holdout = only held-out images; held-out images are pooled with the others "
-        "(default auto: loo for patchcore and tocoad, crossfit for anomnet below 100 training images, holdout "
+        "(default auto: loo for patchcore, tocoad and cpr, crossfit for anomnet below 100 training images, holdout "
         "otherwise)",
     )
     p.add_argument(
