@@ -68,9 +68,10 @@ def fit(
     ``calibration``: where the calibration scores come from (docs/decisions.md): ``loo`` every
     training image scored without its own memory-bank patches (memory-bank detectors), ``crossfit``
     every training image scored by a model fitted on the other ``folds`` folds, ``holdout`` only
-    good images held out of training; ``auto`` the detector's measured default (PatchCore,
-    ToCoAD and CPR ``loo``; AnomNet ``crossfit`` below 100 good training images; the others ``holdout``). ``val_fraction``: share of the training images held out
-    (``None``: 0.1 for ``holdout``, none otherwise); held-out images (and a dataset's own validation
+    good images held out of training; ``auto`` the detector's measured default (PatchCore, ToCoAD
+    and CPR ``loo``; AnomNet ``crossfit`` below 100 good training images; the others ``holdout``).
+    ``val_fraction``: share of the training images held out (``None``: 0.1 for ``holdout``, none
+    otherwise); held-out images (and a dataset's own validation
     images, e.g. MVTec AD 2's or ELPV's) calibrate too, pooled with the training images' scores.
     ``exclude_suspects``: refit without the suspect training images the first calibration lists.
     ``thresholds``: threshold and mask post-processing choices (``image_method``, ``std_k``,
