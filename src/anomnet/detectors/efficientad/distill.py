@@ -25,12 +25,13 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from anomnet.backbones import build_backbone
 from anomnet.components.features import PatchFeatures
 from anomnet.detectors.efficientad.pdn import map_padding, output_size, pdn
+from anomnet.durable import write_file
 from anomnet.training import FitRecord, timed_phase, train_phase
 
 CACHE_ENV = "ANOMNET_CACHE_DIR"
@@ -222,9 +223,6 @@ def distill_teacher(
     teacher = teacher.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     summary = {"cached": False, "key": key, "seconds": phase.seconds, "loss": phase.loss_last.get("loss", float("nan"))}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-        (path.with_suffix(".json")).write_text(json.dumps({**asdict(settings), **summary}, indent=2))
+        write_file(path, save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+        write_file(path.with_suffix(".json"), json.dumps({**asdict(settings), **summary}, indent=2).encode())
     return teacher
