@@ -166,6 +166,26 @@ def test_training_never_builds_a_larger_similarity_matrix(folder_dataset, monkey
     assert sizes and max(sizes) == 100  # a batch holds 4 * 8 * 8 = 256 features
 
 
+def test_separation_term_samples_its_centroids_above_sep_samples(folder_dataset, monkeypatch) -> None:
+    sizes: list[int] = []
+    real = am_detector.separation_loss
+
+    def spy(centroids, theta):
+        sizes.append(centroids.shape[0])
+        return real(centroids, theta)
+
+    monkeypatch.setattr(am_detector, "separation_loss", spy)
+    split = load_dataset(folder_dataset)
+    settings = {**SMALL, "stage1_epochs": 1, "stage2_epochs": 0}
+    det = create_detector("anomnet", {**settings, "sep_samples": 8})
+    det.fit(split.train, split.validation, progress=False)
+    assert det.model.centroids.shape[0] == 16 and sizes and set(sizes) == {8}  # a pair matrix of 8 x 8, not 16 x 16
+    sizes.clear()
+    det = create_detector("anomnet", {**settings, "sep_samples": 0})  # 0: every centroid, the paper's term
+    det.fit(split.train, split.validation, progress=False)
+    assert sizes and set(sizes) == {16}
+
+
 # -- the detector ----------------------------------------------------------------------
 
 

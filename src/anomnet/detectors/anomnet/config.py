@@ -62,6 +62,8 @@ class AnomNetConfig(DetectorConfig):
     entropy: Entropy = "diag"  # "diag" (per-dimension variances) or "logdet" (regularised full covariance)
     margin: float = 0.1  # m of L_neg
     con_samples: int = 2048  # features per step in the quadratic contrastive loss
+    # centroids per step in the pairwise separation term (0: all); exact below it, a seeded sample above
+    sep_samples: int = 2048
     att_samples: int = 16384  # features per step through adapter and attraction (0: all of the batch)
     # optimisation
     stage1_epochs: int = 10
@@ -85,6 +87,7 @@ class AnomNetConfig(DetectorConfig):
         "init_samples": (1, None),
         "init_noise": (0.0, None),
         "con_samples": (0, None),
+        "sep_samples": (0, None),
         "att_samples": (0, None),
         "stage1_epochs": (0, None),
         "stage2_epochs": (0, None),

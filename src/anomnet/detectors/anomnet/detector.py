@@ -247,7 +247,10 @@ class AnomNet(Detector):
                         l_pos, l_neg = contrastive_losses(fs, labels, c.margin)
                         terms["con"] = c.lambda_con * (l_pos + l_neg)
                 if use_sep:
-                    terms["sep"] = c.beta * separation_loss(centroids, theta)
+                    # L_sep is a mean over centroid pairs: over a seeded sample of centroids it is the same
+                    # mean in expectation at O(sep_samples^2) instead of O(K^2) (a bank-sized K)
+                    picked = sample_rows(centroids.shape[0], c.sep_samples, gen)
+                    terms["sep"] = c.beta * separation_loss(centroids if picked is None else centroids[picked], theta)
                 if use_ent:
                     terms["ent"] = -c.gamma * centroid_entropy(centroids, c.entropy)
                 if not terms:
