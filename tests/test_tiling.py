@@ -35,7 +35,8 @@ class GrayDetector(Detector):
 
 
 def gray(**settings: object) -> GrayDetector:
-    return GrayDetector(DetectorConfig.from_dict({"batch_size": 5, **settings}))
+    # predicts without a fit, so nothing decides aspect=auto: the setting is stated
+    return GrayDetector(DetectorConfig.from_dict({"batch_size": 5, "aspect": "stretch", **settings}))
 
 
 # -- the grid ----------------------------------------------------------------------------

@@ -322,6 +322,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"left out {len(det.calibration.excluded)} suspect training image(s) and refitted without them:")
         print("\n".join(f"  {path}" for path in det.calibration.excluded))
     print(f"saved {model} model to {args.out}")
+    if (aspect := det.describe_aspect()) is not None:  # aspect=auto: what the training images decided
+        print(aspect)
     choice = det.describe_choice()  # the hybrid: which branch predicts, and why
     if choice is not None:
         print(choice)

@@ -8,13 +8,15 @@ The same functions serve training, prediction and export, so the paths cannot dr
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from anomnet.errors import ConfigError
+from anomnet.errors import ConfigError, NotFittedError
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -60,7 +62,14 @@ def rotation_angles(count: int) -> tuple[float, ...]:
     return tuple(360.0 * k / count for k in range(count))
 
 
-Aspect = Literal["stretch", "pad"]
+Aspect = Literal["auto", "stretch", "pad"]
+"""How a non-square image becomes the square the network sees: ``"stretch"``, ``"pad"`` (see
+:class:`Preprocess`), or ``"auto"``: one of the two, chosen at fit from the training images' sides
+(:func:`choose_aspect`) and saved with the model in its place."""
+ASPECTS: tuple[Aspect, ...] = ("auto", "stretch", "pad")
+PAD_RATIO = 1.5
+"""``aspect="auto"`` pads when the median long/short side ratio of the training images is above this
+(measured: docs/design.md, BENCHMARKS.md section ``aspect``)."""
 MIN_IMAGE_SIZE = 32
 """The least ``image_size`` and ``crop`` (also the lower bound of :class:`~anomnet.detectors.base.DetectorConfig`)."""
 
@@ -72,7 +81,8 @@ class Preprocess:
     ``aspect="stretch"`` resizes every image to the square (a non-square image is stretched);
     ``"pad"`` keeps its aspect ratio: the longer side becomes ``image_size`` and the shorter one
     is filled to the square by mirroring the image, so texture is not stretched differently per
-    image. :meth:`restore` drops the filled band again.
+    image. :meth:`restore` drops the filled band again. ``"auto"`` is a setting not yet decided
+    (a detector's fit turns it into one of the two): such a Preprocess refuses to run.
     """
 
     image_size: int = 256
@@ -86,8 +96,16 @@ class Preprocess:
             raise ConfigError(
                 f"crop must be between {MIN_IMAGE_SIZE} and image_size={self.image_size}, got {self.crop}"
             )
-        if self.aspect not in ("stretch", "pad"):
-            raise ConfigError(f"aspect must be 'stretch' or 'pad', got {self.aspect!r}")
+        if self.aspect not in ASPECTS:
+            raise ConfigError(f"aspect must be one of {', '.join(ASPECTS)}, got {self.aspect!r}")
+
+    def check_resolved(self) -> None:
+        """Raise NotFittedError while ``aspect`` is ``"auto"``: only a fit decides it (never a guess)."""
+        if self.aspect == "auto":
+            raise NotFittedError(
+                "aspect=auto is decided by fit from the training images' sides: fit the detector first "
+                "(or set aspect=stretch or aspect=pad)"
+            )
 
     @property
     def output_size(self) -> int:
@@ -100,6 +118,7 @@ class Preprocess:
 
     def _content_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         """Top, left, height, width of the image inside the ``image_size`` square."""
+        self.check_resolved()
         s = self.image_size
         if self.aspect == "stretch":
             return 0, 0, s, s
@@ -135,6 +154,26 @@ class Preprocess:
         if (ch, cw) != (self.image_size, self.image_size):
             maps = maps[:, top : top + ch, left : left + cw]
         return upsample_maps(maps, size)
+
+
+def choose_aspect(sizes: Sequence[tuple[int, int]]) -> tuple[Literal["stretch", "pad"], str]:
+    """What ``aspect="auto"`` becomes for training images of ``sizes`` (H, W), and why, in words.
+
+    ``"pad"`` when the median long/short side ratio is above :data:`PAD_RATIO` (a square resize
+    would squeeze the long side: KolektorSDD's 500 x 1250 images), else ``"stretch"`` (square
+    images, and ones close enough that padding measured no better: crops of varied shape).
+    """
+    if not sizes:
+        raise ConfigError("aspect=auto needs at least one training image to decide on")
+    ratio = statistics.median(max(h, w) / max(1, min(h, w)) for h, w in sizes)
+    aspect: Literal["stretch", "pad"] = "pad" if ratio > PAD_RATIO else "stretch"
+    distinct = set(sizes)
+    if len(distinct) == 1:
+        h, w = next(iter(distinct))
+        what = f"training images {w}x{h}: long/short side {ratio:.2f}"
+    else:
+        what = f"{len(sizes)} training images of {len(distinct)} sizes: median long/short side {ratio:.2f}"
+    return aspect, f"{aspect} ({what} {'>' if aspect == 'pad' else '<='} {PAD_RATIO})"
 
 
 def _mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from anomnet.errors import ConfigError, ModelFormatError, NotFittedError
 from anomnet.imageio import image_size
 from anomnet.model_io import read_model, write_model
 from anomnet.training import FitRecord, seed_everything
-from anomnet.transforms import MIN_IMAGE_SIZE, Aspect, Preprocess, rotate, rotation_angles
+from anomnet.transforms import MIN_IMAGE_SIZE, Aspect, Preprocess, choose_aspect, rotate, rotation_angles
 
 
 @dataclass
@@ -54,8 +54,10 @@ class DetectorConfig:
     # Rotation augmentation of the training images: each is also seen turned by 360 k / n degrees
     # (1 = off; 4 = the quarter turns). For parts whose pose varies on the line.
     train_rotations: int = 1
-    # "stretch": every image resized to the square; "pad": aspect ratio kept, the rest mirrored (anomnet.transforms)
-    aspect: Aspect = "stretch"
+    # "stretch": every image resized to the square; "pad": aspect ratio kept, the rest mirrored (anomnet.transforms);
+    # "auto": pad when the training images' median long/short side is above transforms.PAD_RATIO, else stretch;
+    # decided at fit and saved in its place
+    aspect: Aspect = "auto"
 
     # Old setting names -> current ones (old model folders and old command lines keep working).
     ALIASES: ClassVar[dict[str, str]] = {}
@@ -199,6 +201,7 @@ class Detector(ABC):
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or self.config_class()
+        self.aspect_setting: Aspect = self.config.aspect  # as asked; fit resolves "auto" into the config
         self.preprocess = Preprocess(self.config.image_size, self.config.crop, self.config.aspect)
         c = self.config
         self.tiling = tiling.Tiling(c.tile, c.tile_overlap, tuple(c.tile_scales), c.tile_score) if c.tile else None
@@ -219,7 +222,26 @@ class Detector(ABC):
             raise ConfigError(f"{type(self).__name__} needs at least one training image")
         seed_everything(self.config.seed)
         self.fit_record = FitRecord(seed=self.config.seed)
+        if self.aspect_setting == "auto":
+            self.resolve_aspect(train)
         return torch.Generator().manual_seed(self.config.seed)
+
+    def resolve_aspect(self, train: Sequence[Sample]) -> None:
+        """Turn ``aspect="auto"`` into ``"stretch"`` or ``"pad"`` by the training images' sides (headers only).
+
+        The concrete value replaces ``auto`` in the config (so the saved model, its export and every
+        prediction use it) and the reason goes into the fit record (``data_sources["aspect"]``).
+        """
+        aspect, reason = choose_aspect([image_size(s.path) for s in train])
+        self.config.aspect = aspect
+        c = self.config
+        self.preprocess = Preprocess(c.image_size, c.crop, aspect)
+        self.fit_record.data_sources["aspect"] = reason
+
+    def describe_aspect(self) -> str | None:
+        """One line for the user after fit when ``aspect=auto`` was decided: what, and why (else None)."""
+        reason = self.fit_record.data_sources.get("aspect")
+        return None if reason is None else f"aspect: {reason}"
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -254,6 +276,8 @@ class Detector(ABC):
         ``augment``) each batch also in its turned poses. Every detector's fit (and any statistic
         it takes over images) reads its inputs here, so tiling and rotation work for all of them.
         """
+        if self.config.aspect == "auto":  # a fit that did not begin with start_fit: decided by these images
+            self.resolve_aspect(samples)
         angles = rotation_angles(self.config.train_rotations) if augment else (0.0,)
         if self.tiling is not None:
             batches: Iterator[torch.Tensor] = tiling.training_batches(
@@ -271,6 +295,7 @@ class Detector(ABC):
     @property
     def _load_size(self) -> int | None:
         """Images are resized while read, except with ``aspect="pad"`` (which needs their own shape)."""
+        self.preprocess.check_resolved()  # "auto" before fit decided it: no guess
         return self.config.image_size if self.config.aspect == "stretch" else None
 
     def training_count(self, samples: Sequence[Sample], augment: bool = True) -> int:
@@ -377,7 +402,7 @@ class Detector(ABC):
             )
         cls = DETECTORS[name]
         try:
-            detector = cls(cls.config_class.from_dict(meta.get("config", {})))
+            detector = cls(cls.config_class.from_dict(saved_config(meta.get("config", {}))))
             detector.calibration = Calibration.from_dict(meta.get("calibration", {}))
             detector.fit_record = FitRecord.from_dict(meta.get("fit_record"))
             detector.load_state_tensors(tensors)
@@ -386,6 +411,18 @@ class Detector(ABC):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise ModelFormatError(f"{directory}: saved tensors do not fit the {name} detector ({exc})") from None
         return detector
+
+
+LEGACY_ASPECT = "stretch"
+"""``aspect`` of a model folder saved before the setting existed (what every model did then)."""
+
+
+def saved_config(config: Any) -> Any:
+    """A saved model's settings as they were fitted: a folder older than ``aspect`` stretched its images,
+    so it keeps stretching (not ``auto``, today's default, which only a fit can decide)."""
+    if isinstance(config, dict) and "aspect" not in config:
+        return {**config, "aspect": LEGACY_ASPECT}
+    return config
 
 
 def _backbones(model: nn.Module) -> list[tuple[str, FeatureExtractor]]:

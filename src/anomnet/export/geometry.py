@@ -96,6 +96,7 @@ class GraphGeometry:
     """:class:`Preprocess` (``__call__``) and ``restore`` for inputs whose size the graph reads at run time."""
 
     def __init__(self, preprocess: Preprocess) -> None:
+        preprocess.check_resolved()  # a graph is made of a fitted detector: "auto" is decided by then
         self.p = preprocess
 
     def _content(self, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:

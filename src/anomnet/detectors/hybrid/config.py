@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from anomnet.detectors.base import DetectorConfig
+from anomnet.detectors.base import DetectorConfig, saved_config
 from anomnet.errors import ConfigError
 
 Mode = Literal["select", "fuse", "auto"]
@@ -70,6 +70,9 @@ class HybridConfig(DetectorConfig):
             settings.setdefault(alias, {})[name] = data.pop(key)
         if settings:
             data["branch_settings"] = settings
+        saved = data.get("branch_configs")
+        if isinstance(saved, dict):  # complete saved settings: those saved before `aspect` existed stretched
+            data["branch_configs"] = {a: saved_config(v) for a, v in saved.items()}
         config = super().from_dict(data)
         assert isinstance(config, HybridConfig)
         return config
