@@ -6,6 +6,9 @@
 * ``crops``: every image cut to a random window whose width and height are drawn independently
   from [0.4, 1] of the side; a defective image's window always holds its defect's centre. A
   square resize then stretches each image differently: crops of varying size and aspect ratio.
+* ``strips``: every image cut to a window of its full height and 40 % of its width (a 2.5 : 1
+  upright strip, as KolektorSDD's 500 x 1250 images) at a random place; a defective image's window
+  holds its defect's centre. Every image has the same oblong shape.
 
 Each variant is written in the MVTec layout under ``OUT/NAME`` (``train/good``, ``test/*``,
 ``ground_truth/*``)::
@@ -28,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-KINDS = ("rotated", "crops")
+KINDS = ("rotated", "crops", "strips")
+STRIP_WIDTH = 0.4  # of the source's width; the strip keeps the full height
 RECIPE = ".stress.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -53,6 +57,14 @@ def _crop_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[int
         left = int(rng.integers(max(0, cx - cw + 1), min(cx, w - cw) + 1))
         top = int(rng.integers(max(0, cy - ch + 1), min(cy, h - ch) + 1))
     return left, top, left + cw, top + ch
+
+
+def _strip_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[int, int] | None) -> tuple[int, ...]:
+    w, h = size
+    cw = max(1, round(w * STRIP_WIDTH))
+    lo, hi = (0, w - cw) if centre is None else (max(0, centre[0] - cw + 1), min(centre[0], w - cw))
+    left = int(rng.integers(lo, hi + 1))
+    return left, 0, left + cw, h
 
 
 def _images(folder: Path) -> list[Path]:
@@ -105,7 +117,7 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
                 ys, xs = np.nonzero(np.asarray(mask) > 127)
                 if len(xs):
                     centre = (int(np.median(xs)), int(np.median(ys)))
-            box = _crop_box(img.size, rng, centre)
+            box = (_crop_box if kind == "crops" else _strip_box)(img.size, rng, centre)
             img = img.crop(box)
             mask = None if mask is None else mask.crop(box)
         img_out.parent.mkdir(parents=True, exist_ok=True)
