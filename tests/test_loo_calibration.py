@@ -40,7 +40,7 @@ def test_leave_out_searches_the_bank_without_the_images_own_patches(folder_datas
             assert len(det.model.nn) == int((owner != i).sum())
             loo = _scores(det, train[i : i + 1])[0]
         # the same score as a model whose bank never held image i's patches
-        ref = create_detector("patchcore", {**SMALL, **extra})
+        ref = create_detector("patchcore", {**SMALL, **extra, "aspect": det.config.aspect})  # as fit decided
         ref.model.features = det.model.features
         ref.model.set_bank(bank[owner != i], nn.backend, nn.probe)
         assert loo == pytest.approx(_scores(ref, train[i : i + 1])[0], rel=1e-6)

@@ -57,7 +57,7 @@ def test_exact_and_faiss_search_give_the_same_scores(folder_dataset) -> None:
     split = load_dataset(folder_dataset)
     exact = create_detector("patchcore", {**SMALL, "nn_backend": "exact"})
     exact.fit(split.train, split.validation, progress=False)
-    fa = create_detector("patchcore", {**SMALL, "nn_backend": "faiss"})
+    fa = create_detector("patchcore", {**SMALL, "nn_backend": "faiss", "aspect": exact.config.aspect})  # as fit decided
     fa.load_state_tensors(exact.state_tensors())
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     pe, pf = exact.predict(x), fa.predict(x)
