@@ -157,12 +157,15 @@ def measure(name: str, where: str, sources: list[str], model: str, folds: int) -
         whole = load_dataset(path, val_fraction=0.0)
         held = load_dataset(path, val_fraction=0.1)
     row["train_images"] = len(whole.train)
-    can_loo = create_detector(model).can_leave_out
+    probe = create_detector(model)
+    can_loo = probe.can_leave_out
     sources = [s for s in sources if s != "loo" or can_loo]
     final = None
     good = bad = np.zeros(0)
     if can_loo and (set(sources) & {"loo", "crossfit"} or where == "elpv"):
-        final = api.fit(model, whole, None, calibration="loo", progress=False)
+        # a detector whose fit needs held-out images (the hybrid's choice) keeps them; they calibrate too
+        base = held if probe.needs_validation else whole
+        final = api.fit(model, base, None, calibration="loo", progress=False)
     elif "crossfit" in sources:  # a detector that trains: fit's own cross-fitting, then the final model on all
         final = api.fit(model, whole, None, calibration="crossfit", folds=folds, progress=False)
     elif where == "elpv":

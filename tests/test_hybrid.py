@@ -140,6 +140,31 @@ def test_fit_chooses_by_the_criterion_and_records_the_evidence(folder_dataset: P
     assert torch.equal(a.maps, det.branch("sharp").predict(images).maps)  # select mode: the branch's own map
 
 
+def test_leave_one_out_calibrates_through_the_chosen_branch(folder_dataset: Path) -> None:
+    from anomnet.data import load_dataset
+    from anomnet.decisions.calibrate import image_statistics
+
+    det = api.fit("hybrid", folder_dataset, None, settings=QUICK, calibration="loo", progress=False)
+    split = load_dataset(folder_dataset, val_fraction=0.1)  # the hybrid keeps its hold-out for the choice
+    cal = det.calibration
+    assert det.supports_leave_out and cal.source == "loo"
+    assert len(cal.validation_scores) == len(split.train) + len(split.validation) and split.validation
+    g = torch.Generator().manual_seed(0)
+    inside = float(image_statistics(det, split.train[:1], 1, g).scores[0])
+    with det.leave_out([0]):  # the chosen branch's bank without training image 0
+        left_out = float(image_statistics(det, split.train[:1], 1, g).scores[0])
+    assert left_out > inside  # its own rows made it look more normal than it is
+    assert min(abs(v - left_out) for v in cal.validation_scores) <= 1e-6 * left_out  # (the scores are kept sorted)
+    assert min(abs(v - inside) for v in cal.validation_scores) > 1e-6 * inside
+    # a fused map cannot leave an image out: its held-out images calibrate, and it says so
+    fuse = {**QUICK, "mode": "fuse"}
+    fused = api.fit("hybrid", folder_dataset, None, settings=fuse, calibration="loo", progress=False)
+    assert not fused.supports_leave_out and fused.calibration.source == "holdout"
+    assert len(fused.calibration.validation_scores) == len(split.validation)
+    with pytest.raises(ConfigError, match="fused map"):
+        fused.leave_out([0])
+
+
 def test_keep_branches_saves_every_branch(folder_dataset: Path, tmp_path: Path) -> None:
     _fit(folder_dataset, tmp_path / "m", keep_branches=True)
     _, tensors = read_model(tmp_path / "m")

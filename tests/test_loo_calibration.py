@@ -225,7 +225,8 @@ def test_cpr_leaves_an_image_out_of_its_banks_and_retrieval(folder_dataset) -> N
 
 
 def test_auto_cross_fits_a_detector_that_trains_on_few_images(folder_dataset) -> None:
-    """auto: AnomNet cross-fits below CROSSFIT_BELOW good training images, holds out above; PatchCore leaves out."""
+    """auto: AnomNet and INP-Former cross-fit below CROSSFIT_BELOW good training images, hold out above;
+    PatchCore leaves out."""
     from anomnet.api import _image_count, resolve_source
     from anomnet.decisions.calibrate import CROSSFIT_BELOW
 
@@ -236,6 +237,10 @@ def test_auto_cross_fits_a_detector_that_trains_on_few_images(folder_dataset) ->
     assert resolve_source("holdout", anomnet, 12) == "holdout"  # asked for: kept
     assert resolve_source("auto", create_detector("patchcore", SMALL), 12) == "loo"
     assert resolve_source("auto", create_detector("efficientad"), 12) == "holdout"
+    inp = create_detector("inpformer")  # measured like AnomNet (docs/decisions.md)
+    assert resolve_source("auto", inp, CROSSFIT_BELOW["inpformer"] - 1) == "crossfit"
+    assert resolve_source("auto", inp, CROSSFIT_BELOW["inpformer"]) == "holdout"
+    assert resolve_source("auto", create_detector("hybrid"), 12) == "holdout"  # its branch choice needs a hold-out
     count = _image_count(folder_dataset, None, "auto", "auto", anomnet)
     assert count == len(load_dataset(folder_dataset, val_fraction=0).train) == 12
     assert resolve_source("auto", anomnet, count) == "crossfit"

@@ -90,6 +90,8 @@ def fit(
     source = resolve_source(calibration, detector, _image_count(data, category, layout, calibration, detector))
     if source == "crossfit":
         fold_assignment(folds, folds, seed)  # a bad fold count fails before any work
+    if val_fraction is None and detector.needs_validation and labelled is None:
+        val_fraction = 0.1  # its fit needs held-out good images, whatever calibrates (they calibrate too)
     split = data if isinstance(data, DatasetSplit) else _load_for(source, data, category, layout, val_fraction, seed)
     _print_warnings(split)
     train = list(split.train)

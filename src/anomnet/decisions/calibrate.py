@@ -65,8 +65,9 @@ ImageThresholdOf = Callable[[LabelledStatistics], float]
 DEFAULT_SOURCES = {"patchcore": "loo", "tocoad": "loo", "cpr": "loo"}
 # Detectors that train calibrate by cross-fitting when they have fewer good training images than this (a 10 %
 # hold-out of fewer than 10 images supports no rate below 1/11); more images: hold-out. Measured for AnomNet on
-# PIPED (32 images): hold-out flagged 20 of 128 good test images at 1 % asked, cross-fitting 1 (docs/decisions.md).
-CROSSFIT_BELOW = {"anomnet": 100}
+# PIPED (32 images): hold-out flagged 20 of 128 good test images at 1 % asked, cross-fitting 1; INP-Former 25 and 11
+# (docs/decisions.md). The hybrid needs held-out images for its branch choice; EfficientAD's fits take minutes each.
+CROSSFIT_BELOW = {"anomnet": 100, "inpformer": 100}
 
 
 @dataclasses.dataclass
@@ -325,6 +326,8 @@ def calibrate_detector(
     hashes = [content_hash(s.path) for s in train]
     g = torch.Generator().manual_seed(0)
     own = ImageStatistics.empty()
+    if source == "loo" and detector.can_leave_out and not detector.supports_leave_out and validation:
+        source = "holdout"  # a hybrid whose chosen branch cannot leave out: its held-out images calibrate
     if source == "loo":
         if len(set(hashes)) < 2:
             raise ConfigError(

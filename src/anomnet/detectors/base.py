@@ -197,6 +197,8 @@ class Detector(ABC):
     # Extension points (see docs/adding-a-detector.md): the defaults say "not this detector".
     accepts_labelled: ClassVar[bool] = False  # fit reads labelled_validation (defective images), set by api.fit
     can_leave_out: ClassVar[bool] = False  # implements leave_out (calibration "loo"; see supports_leave_out)
+    # fit needs good images held out of training (unless given a labelled set): loo keeps api.fit's hold-out
+    needs_validation: ClassVar[bool] = False
     labelled_validation: list[Sample] | None = None
 
     def __init__(self, config: DetectorConfig | None = None) -> None:

@@ -17,6 +17,7 @@ metrics, candidates in branch order then ``fused``, metrics as ``selection.METRI
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ class Hybrid(Detector):
     config: HybridConfig
     model: HybridModel
     accepts_labelled = True  # api.fit hands it the labelled validation set for the choice
+    needs_validation = True  # the choice is made on held-out good images
+    can_leave_out = True  # through the chosen branch, when that branch can (CPR, PatchCore, ToCoAD)
 
     def __init__(self, config: HybridConfig | None = None) -> None:
         super().__init__(config)
@@ -181,6 +184,21 @@ class Hybrid(Detector):
     def fitted_branches(self) -> dict[str, Detector]:
         """The fitted branch detectors by alias (after fit all of them; after load the saved ones)."""
         return {a: self.model.branches[a] for a in self.specs if a in self.model.branches}
+
+    @property
+    def supports_leave_out(self) -> bool:
+        """True when predict uses one branch (no fused map) and that branch can leave a training image out."""
+        return len(self.model.used) == 1 and not self.model.fused and self._used_branch().supports_leave_out
+
+    def leave_out(self, images: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """The used branch's leave-out: every branch was fitted on the hybrid's training images, in its order."""
+        if not self.supports_leave_out:
+            what = "a fused map" if self.model.fused else f"branch {', '.join(self.model.used) or '(none)'}"
+            raise ConfigError(f"the hybrid predicts with {what}, which cannot leave a training image out")
+        return self._used_branch().leave_out(images)
+
+    def _used_branch(self) -> Detector:
+        return self.model.branches[self.model.used[0]]
 
     @property
     def backbone_name(self) -> str | None:
