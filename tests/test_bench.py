@@ -125,6 +125,7 @@ OWN_DRIVERS = {
     "png-settings": "ray_throughput.py",
     "decisions": "decisions.py",
     "learned-stages": "learned_stages.py",
+    "scaling-curves": "scaling_curves.py",
 }
 
 
