@@ -316,8 +316,13 @@ def measure(a: argparse.Namespace, point: dict[str, Any], runs: Path) -> dict[st
 
     spec = {"model_dir": str(target), "size": point["size"], "image": str(list_images(Path(a.source))[0])}
     spec["threads"] = point["threads"]
-    spec.update(repeats=a.repeats, budget_s=max(60.0, a.point_timeout / 10))
+    spec.update(repeats=a.repeats, budget_s=_budget(a))
     return run_point("predict", spec, a.point_timeout)
+
+
+def _budget(a: argparse.Namespace) -> float:
+    """Seconds of timed predict calls after which a point stops at 3 (a slow point keeps within its limit)."""
+    return max(60.0, a.point_timeout / 10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": a.data,
         "point_timeout_s": a.point_timeout,
         "repeats": a.repeats,
+        "predict_budget_s": _budget(a),
         "json": os.path.relpath(out.resolve(), ROOT) if out.resolve().is_relative_to(ROOT) else str(out),
         "rows": [r for r in old.get("rows", []) if key(r) not in {key(p) for p in points} or key(r) in done],
     }
@@ -500,7 +506,7 @@ def render(r: dict[str, Any], plots: list[str]) -> str:
         "",
         "Command: " + ", then ".join(f"`{c}`" for c in r.get("commands", [r["command"]])),
         "",
-        f"Last run {r['date']}: {r['cpu']}, {r['cpu_cores']} cores, {threads} torch threads per point, "
+        f"Last run {r['date']}: {r['cpu']}, {r['cpu_cores']} cores, torch threads per point: {threads}, "
         f"torch {r['torch']}"
         + (f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} around the points" if loads else "")
         + f". JSON: `{r['json']}`. Each point ran in its own process (time limit "
@@ -535,7 +541,8 @@ def render(r: dict[str, Any], plots: list[str]) -> str:
             "input size; tiled with the settings shown), then `predict` of one source image "
             f"(`{Path(r['predict_image']).name}`, {r['predict_image_hw'][1]} x {r['predict_image_hw'][0]} px) resized "
             "to S x S (bilinear, antialiased; upsampled above its own size), batch 1, median of "
-            f"{r['repeats']} timed calls after a warm-up (at least 3 once they pass a time budget). Untiled, the "
+            f"{r['repeats']} timed calls after a warm-up (fewer, at least 3, once they have taken "
+            f"{r['predict_budget_s']:g} s). Untiled, the "
             "image is resized to the detector's input size and the map restored to S x S; tiled, it is cut into "
             "tiles, their number growing with S. Cells: ms / peak RSS MB (tiles); peak RSS includes the loaded "
             "model and the S x S image and map.",
