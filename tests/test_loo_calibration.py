@@ -240,7 +240,7 @@ def test_auto_cross_fits_a_detector_that_trains_on_few_images(folder_dataset) ->
     inp = create_detector("inpformer")  # measured like AnomNet (docs/decisions.md)
     assert resolve_source("auto", inp, CROSSFIT_BELOW["inpformer"] - 1) == "crossfit"
     assert resolve_source("auto", inp, CROSSFIT_BELOW["inpformer"]) == "holdout"
-    assert resolve_source("auto", create_detector("hybrid"), 12) == "holdout"  # its branch choice needs a hold-out
+    assert resolve_source("auto", create_detector("hybrid"), 12) == "loo"  # through its chosen branch
     count = _image_count(folder_dataset, None, "auto", "auto", anomnet)
     assert count == len(load_dataset(folder_dataset, val_fraction=0).train) == 12
     assert resolve_source("auto", anomnet, count) == "crossfit"

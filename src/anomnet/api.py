@@ -69,7 +69,8 @@ def fit(
     training image scored without its own memory-bank patches (memory-bank detectors), ``crossfit``
     every training image scored by a model fitted on the other ``folds`` folds, ``holdout`` only
     good images held out of training; ``auto`` the detector's measured default (PatchCore, ToCoAD
-    and CPR ``loo``; AnomNet ``crossfit`` below 100 good training images; the others ``holdout``).
+    and CPR ``loo``, the hybrid through its chosen branch; AnomNet and INP-Former ``crossfit`` below 100
+    good training images; the others ``holdout``).
     ``val_fraction``: share of the training images held out (``None``: 0.1 for ``holdout``, none
     otherwise); held-out images (and a dataset's own validation
     images, e.g. MVTec AD 2's or ELPV's) calibrate too, pooled with the training images' scores.
@@ -148,7 +149,7 @@ def resolve_source(calibration: str, detector: Detector, images: int | None = No
     if calibration == "loo" and not detector.can_leave_out:
         raise ConfigError(
             f"the {detector.name} detector cannot leave one training image out (only memory-bank and retrieval "
-            "detectors: patchcore, tocoad, cpr); use --calibration crossfit or holdout"
+            "detectors: patchcore, tocoad, cpr, and a hybrid choosing one); use --calibration crossfit or holdout"
         )
     return calibration
 

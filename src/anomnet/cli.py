@@ -267,10 +267,10 @@ def add_fit_parser(sub: Any) -> None:
         default="auto",
         choices=["auto", "holdout", "loo", "crossfit"],
         help="what calibrates the thresholds (docs/decisions.md): loo = every training image scored without its "
-        "own memory-bank patches (patchcore, tocoad, cpr), crossfit = every training image scored by a model fitted on "
-        "the other folds, holdout = only held-out images; held-out images are pooled with the others "
-        "(default auto: loo for patchcore, tocoad and cpr, crossfit for anomnet below 100 training images, holdout "
-        "otherwise)",
+        "own memory-bank patches (patchcore, tocoad, cpr; a hybrid through its chosen branch), crossfit = every "
+        "training image scored by a model fitted on the other folds, holdout = only held-out images; held-out images "
+        "are pooled with the others (default auto: loo for patchcore, tocoad, cpr and hybrid, crossfit for anomnet "
+        "and inpformer below 100 training images, holdout otherwise)",
     )
     p.add_argument(
         "--folds", type=int, default=5, help="folds of --calibration crossfit (default 5; each fold is one more fit)"

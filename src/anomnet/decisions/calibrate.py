@@ -62,11 +62,12 @@ DEFAULT_FOLDS = 5
 # the image threshold a model decides with, given its labelled statistics (the segf1 search scores under it)
 ImageThresholdOf = Callable[[LabelledStatistics], float]
 # Calibration source per detector when none is asked for (measured, docs/decisions.md); others: holdout.
-DEFAULT_SOURCES = {"patchcore": "loo", "tocoad": "loo", "cpr": "loo"}
+# The hybrid leaves out through its chosen branch (held-out images calibrate when that branch cannot).
+DEFAULT_SOURCES = {"patchcore": "loo", "tocoad": "loo", "cpr": "loo", "hybrid": "loo"}
 # Detectors that train calibrate by cross-fitting when they have fewer good training images than this (a 10 %
 # hold-out of fewer than 10 images supports no rate below 1/11); more images: hold-out. Measured for AnomNet on
 # PIPED (32 images): hold-out flagged 20 of 128 good test images at 1 % asked, cross-fitting 1; INP-Former 25 and 11
-# (docs/decisions.md). The hybrid needs held-out images for its branch choice; EfficientAD's fits take minutes each.
+# (docs/decisions.md). EfficientAD's fits take minutes each: five more are not a default.
 CROSSFIT_BELOW = {"anomnet": 100, "inpformer": 100}
 
 
