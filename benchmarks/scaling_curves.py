@@ -489,6 +489,12 @@ def plot(report: dict[str, Any], img_dir: Path) -> list[Path]:
     return paths
 
 
+def _shown(path: str) -> str:
+    """A path beside or inside this repository relative to it (``../shared/datasets/...``), others as given."""
+    p = Path(path)
+    return os.path.relpath(p.resolve(), ROOT) if p.is_absolute() and p.resolve().is_relative_to(ROOT.parent) else path
+
+
 def _cell(r: dict[str, Any] | None, fmt: str) -> str:
     if r is None:
         return "-"
@@ -515,7 +521,7 @@ def render(r: dict[str, Any], plots: list[str]) -> str:
         "",
         f"**Fit** against training images: `api.fit` (fit and calibration, what `anomnet fit` runs) at each "
         f"detector's defaults on N images that are **augmented copies** of the {r['source_images']} images of "
-        f"`{r['recipe']['source']}` (seeded: {r['recipe']['copy i']}; seed {r['recipe']['seed']}). "
+        f"`{_shown(r['recipe']['source'])}` (seeded: {r['recipe']['copy i']}; seed {r['recipe']['seed']}). "
         "A detector that holds images out (the hybrid's choice) trains on the others. Cells: seconds / peak RSS MB.",
         "",
     ]
@@ -537,8 +543,8 @@ def render(r: dict[str, Any], plots: list[str]) -> str:
     sizes = sorted({x["size"] for x in preds})
     if preds:
         lines += [
-            f"**Predict** against input size: each detector fitted once on `{r['data']}` (untiled at its default "
-            "input size; tiled with the settings shown), then `predict` of one source image "
+            f"**Predict** against input size: each detector fitted once on `{_shown(r['data'])}` (untiled at its "
+            "default input size; tiled with the settings shown), then `predict` of one source image "
             f"(`{Path(r['predict_image']).name}`, {r['predict_image_hw'][1]} x {r['predict_image_hw'][0]} px) resized "
             "to S x S (bilinear, antialiased; upsampled above its own size), batch 1, median of "
             f"{r['repeats']} timed calls after a warm-up (fewer, at least 3, once they have taken "

@@ -90,11 +90,13 @@ def test_plan_and_render_of_error_rows() -> None:
     ]
     rows = [{**points[0], "error": "killed by signal 9 (the out-of-memory killer?): no message"}]
     report = {"command": "c", "date": "d", "cpu": "x", "cpu_cores": 2, "torch": "t"}
-    report.update(point_timeout_s=60.0, source_images=209, data="bottle", rows=rows, recipe=curves.recipe(Path("."), 0))
+    report.update(point_timeout_s=60.0, source_images=209, data="bottle", rows=rows)
+    report["recipe"] = curves.recipe(curves.ROOT.parent / "shared" / "x", 0)
     report.update(predict_image="000.png", predict_image_hw=[900, 900], repeats=5, json="x.json", predict_budget_s=60)
     text = curves.render(report, [])
     assert "| cpr | - | error: killed by signal 9 (the out-of-memory killer?) |" in text
     assert "Errors: fit cpr 50 images: killed by signal 9" in text
+    assert "**augmented copies** of the 209 images of `../shared/x`" in text  # shown relative to the repository
 
 
 def test_a_recorded_model_whose_folder_is_gone_is_fitted_again_only_when_a_point_needs_it(tmp_path: Path) -> None:
