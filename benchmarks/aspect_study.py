@@ -1,6 +1,6 @@
 """Stretch or pad? The ``aspect`` setting measured on images that are not square.
 
-Writes ``benchmarks/aspect-study.json`` and the ``aspect`` section of BENCHMARKS.md::
+Writes ``benchmarks/aspect.json`` and the ``aspect`` section of BENCHMARKS.md::
 
     python benchmarks/aspect_study.py --models patchcore,anomnet --markdown BENCHMARKS.md   # the recorded run
     python benchmarks/aspect_study.py --datasets PA_BDP01_TL --kinds strips --out /tmp/a.json   # a quick check
@@ -97,7 +97,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "## aspect: stretch or pad on images that are not square",
         "",
-        f"Commands: {commands} (started {report['started']}; rows kept across resumed runs; {report['cpu']}, "
+        f"Command: {commands} (started {report['started']}; rows kept across resumed runs; {report['cpu']}, "
         f"{report['cpu_cores']} cores shared with other benchmarks, so fit times are under load; "
         f"torch {report['torch']}).",
         "",
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="all", help="comma-separated source names (bottle, PIPED classes), or all")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated stress variants ({', '.join(KINDS)})")
     p.add_argument("--anomnet-datasets", default="piped", help="where anomnet runs: piped (the PIPED classes) or all")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "aspect-study.json"), help="the JSON report")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "aspect.json"), help="the JSON report")
     p.add_argument("--markdown", default=None, help="also write the 'aspect' section of this file")
     p.add_argument("--runs", default=str(ROOT / "runs"), help="folder for the stress variants")
     p.add_argument("--render", action="store_true", help="only write the table of the JSON report")

@@ -126,6 +126,7 @@ OWN_DRIVERS = {
     "decisions": "decisions.py",
     "learned-stages": "learned_stages.py",
     "scaling-curves": "scaling_curves.py",
+    "aspect": "aspect_study.py",
 }
 
 
