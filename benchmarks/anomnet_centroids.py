@@ -9,7 +9,8 @@ Rows are appended to the JSON (a dataset and spec already there are skipped: res
         centroid_init=coreset,centroid_ratio=0.02 \\
         centroid_init=coreset,centroid_ratio=0.02,stage1_epochs=0,stage2_epochs=0 \\
         centroid_init=coreset,centroid_ratio=0.1,stage1_epochs=0,stage2_epochs=0
-    python benchmarks/anomnet_centroids.py --out benchmarks/anomnet-centroids.json centroid_init=coreset,centroid_ratio=0.1
+    python benchmarks/anomnet_centroids.py --out benchmarks/anomnet-centroids.json \
+        centroid_init=coreset,centroid_ratio=0.1
     for c in PA_BDP01_TL PA_BFT01_TL PA_BRG01_RL PA_BRG03_TL PA_BTN01_RL PA_FLR01_TL PA_FVN01_TL PA_FVN02_RL; do
         python benchmarks/anomnet_centroids.py --out benchmarks/anomnet-centroids.json --dataset piped/$c \
             centroid_init=coreset,centroid_ratio=0.1 ""
