@@ -225,7 +225,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fit_test_predict_save_load(data: Path, tmp_path: Path) -> None:
-    det = api.fit("inpformer", data, tmp_path / "m", settings=TINY, progress=False)
+    # hold-out asked for (auto cross-fits below 100 images: five more fits, tested in test_loo_calibration.py)
+    det = api.fit("inpformer", data, tmp_path / "m", settings=TINY, calibration="holdout", progress=False)
     train = det.fit_record.phase("train")
     assert train is not None and train.steps == 4 and set(train.loss_last) == {"loss", "mining", "coherence"}
     assert train.extra["epochs"] == pytest.approx(4 * 4 / 9, abs=0.01)  # 9 of the 10 images train, 1 validates
