@@ -6,6 +6,9 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
 - ``anomnet``: AnomNet's two training stages over the cached features at 0, 1, 4 and 16 times the default
   epochs (0 = no training: the k-means centroids on the frozen features), and 4 times with a wider adapter
   (rank 144, residual bound 0.9); bottle at 128 px and three PIPED classes at the defaults.
+- ``anomnet-table1``: the paper's Table 1 rows (a)-(f) (attraction on in each) from our k-means centroids,
+  and (a)-(g), no training and (g) at 4x the epochs from the paper's mean initialisation; the datasets of
+  ``anomnet`` (whose ``no-training``, ``epochs-x1`` and ``epochs-x4`` rows are k-means' own).
 - ``efficientad``: EfficientAD-S and -M at 100 and 300 student / autoencoder steps, each also rescored with the
   normalised local map (``st_map=normalized``, the same fitted model); two PIPED classes at their own 128 px.
 
@@ -61,8 +64,31 @@ DATASETS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
 }
 
 
+DATASETS["anomnet-table1"] = DATASETS["anomnet"]
+
+
 def _epochs(times: int) -> dict[str, str]:
     return {"stage1_epochs": str(10 * times), "stage2_epochs": str(10 * times)}
+
+
+# the paper's Table 1 (attraction on in every row), plus no training and (g) at 4x the epochs
+TABLE1: list[tuple[str, dict[str, str]]] = [
+    ("no-training", _epochs(0)),
+    ("a", {"stages": "1", "use_con": "false"}),
+    ("b", {"stages": "1"}),
+    ("c", {"use_sep": "false", "use_ent": "false", "use_con": "false"}),
+    ("d", {"use_sep": "false", "use_con": "false"}),
+    ("e", {"use_ent": "false", "use_con": "false"}),
+    ("f", {"use_con": "false"}),
+    ("g", {}),
+    ("g-epochs-x4", _epochs(4)),
+]
+
+
+def _mean_label(row: str) -> str:
+    """``c`` -> ``c-mean``, ``g-epochs-x4`` -> ``g-mean-epochs-x4``, ``no-training`` -> ``no-training-mean``."""
+    head, sep, rest = row.partition("-")
+    return f"{head}-mean{sep}{rest}" if len(head) == 1 else f"{row}-mean"
 
 
 # part -> (detector, [(row, settings)], rescore settings)
@@ -76,6 +102,14 @@ ROWS: dict[str, tuple[str, list[tuple[str, dict[str, str]]], list[dict[str, str]
             ("epochs-x4-wide-adapter", {**_epochs(4), "adapter_rank": "144", "max_residual": "0.9"}),
             ("epochs-x16", _epochs(16)),
         ],
+        [],
+    ),
+    # the paper's Table 1 (attraction on in every row), from our k-means centroids and from the paper's mean
+    # initialisation (where its collapse argument, and so separation and entropy, should matter)
+    "anomnet-table1": (
+        "anomnet",
+        [(row, s) for row, s in TABLE1 if row not in ("no-training", "g", "g-epochs-x4")]  # in part anomnet
+        + [(_mean_label(row), {**s, "centroid_init": "mean"}) for row, s in TABLE1],
         [],
     ),
     "efficientad": (
