@@ -11,6 +11,9 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
   ``anomnet`` (whose ``no-training``, ``epochs-x1`` and ``epochs-x4`` rows are k-means' own).
 - ``efficientad``: EfficientAD-S and -M at 100 and 300 student / autoencoder steps, each also rescored with the
   normalised local map (``st_map=normalized``, the same fitted model); two PIPED classes at their own 128 px.
+- ``efficientad-loss``: EfficientAD's default (S, backbone teacher) at the default 256 px with CDO (``loss=cdo``,
+  the default) against the original losses (``loss=original``: hard + generic-image penalty) at 100, 200 and 400
+  student / autoencoder steps; the same two PIPED classes.
 
 ::
 
@@ -60,6 +63,10 @@ DATASETS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
     "efficientad": [
         ("PA_BTN01_RL-128", str(PIPED / "PA_BTN01_RL"), {"image_size": "128"}),
         ("PA_FVN01_TL-128", str(PIPED / "PA_FVN01_TL"), {"image_size": "128"}),
+    ],
+    "efficientad-loss": [
+        ("PA_BTN01_RL", str(PIPED / "PA_BTN01_RL"), {}),
+        ("PA_FVN01_TL", str(PIPED / "PA_FVN01_TL"), {}),
     ],
 }
 
@@ -121,6 +128,15 @@ ROWS: dict[str, tuple[str, list[tuple[str, dict[str, str]]], list[dict[str, str]
             ("M-300", {"model_size": "m", "steps": "300"}),
         ],
         [{"st_map": "normalized"}],
+    ),
+    "efficientad-loss": (
+        "efficientad",
+        [
+            (f"{loss}-{steps}", {"loss": loss, "steps": str(steps)})
+            for steps in (100, 200, 400)
+            for loss in ("cdo", "original")
+        ],
+        [],
     ),
 }
 
