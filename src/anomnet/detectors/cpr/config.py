@@ -17,6 +17,7 @@ from anomnet.synthesis.defects import DEFECT_KINDS
 
 Foreground = Literal["auto", "on", "off"]
 BankDtype = Literal["float16", "float32"]
+NegativeShift = Literal["outside_window", "window"]
 
 
 @dataclass
@@ -31,8 +32,10 @@ class CPRConfig(DetectorConfig):
     block_share: float = 0.8  # share of the best-matching blocks that counts in the image distance
     # local retrieval: window side (in cells of its level) per level (scoring time)
     windows: tuple[int, ...] = (3, 1)
-    # local retrieval head (trained on the frozen backbone levels)
-    head_width: int = 96  # channels inside the head
+    # local retrieval head (trained on the frozen backbone levels); the reference code's widths are
+    # head_width=192, head_block=256, head_dim=384 (docs/cpr.md, "Deviations")
+    head_width: int = 96  # channels after the head's input convolution
+    head_block: int = 0  # channels out of its four-branch block (0: head_width)
     head_dim: int = 128  # retrieval feature dimension
     bank_dtype: BankDtype = "float16"  # the stored training features (float16 halves the model)
     # training inputs (images or tiles) kept as references, a greedy k-center choice on their block
@@ -55,6 +58,12 @@ class CPRConfig(DetectorConfig):
     anomaly_prob: float = 0.9  # share of query images that get a synthetic defect
     defects: str | None = None  # folder of real defect crops to paste (None: drawn spots, cracks, scratches)
     defect_kinds: tuple[str, ...] = DEFECT_KINDS
+    # the reference code's salt-and-pepper and lightness augmentations of queries and references (augment.py)
+    augment: bool = False
+    # negative pairs (objects) are further apart than: "outside_window", the finest level's window half-side
+    # plus one cell (stride x (window // 2 + 1) x sqrt 2); "window", the reference code's stride x (window // 2)
+    # x sqrt 2 (half of it with the default window 3)
+    negative_shift: NegativeShift = "outside_window"
     # scoring
     blur_sigma: float = 4.0
     top_share: float = 0.0  # image score: 0 = map maximum; else mean of this share of the highest map pixels
@@ -66,6 +75,7 @@ class CPRConfig(DetectorConfig):
         "blocks": (1, 64),
         "block_share": (1e-6, 1.0),
         "head_width": (4, 4096),
+        "head_block": (0, 4096),
         "head_dim": (1, 4096),
         "steps": (0, 10_000_000),
         "time_budget_s": (0.0, None),
@@ -92,6 +102,8 @@ class CPRConfig(DetectorConfig):
             )
         if self.head_width % 4:
             raise ConfigError(f"setting head_width={self.head_width} must be a multiple of 4")
+        if self.head_block % 4:
+            raise ConfigError(f"setting head_block={self.head_block} must be 0 or a multiple of 4")
         unknown = [k for k in self.defect_kinds if k not in DEFECT_KINDS]
         if unknown or not self.defect_kinds:
             raise ConfigError(f"setting defect_kinds={self.defect_kinds!r}: choose from {', '.join(DEFECT_KINDS)}")

@@ -11,8 +11,9 @@
 4. ``train``: the retrieval head learns, on the frozen backbone, that a normal pixel matches
    the same place of a retrieved reference and a pasted defect does not (``losses``). Defects:
    :class:`~anomnet.synthesis.defects.RealisticDefects` (drawn spots, cracks, scratches, or the
-   crops of the ``defects`` folder), centred on the foreground when it is used. AdamW as the
-   paper, ``steps`` steps of ``train_batch_size`` pairs (optionally cut by ``time_budget_s``).
+   crops of the ``defects`` folder), centred on the foreground when it is used; with ``augment``
+   the reference code's salt-and-pepper and lightness changes (``augment``). AdamW as the paper,
+   ``steps`` steps of ``train_batch_size`` pairs (optionally cut by ``time_budget_s``).
 5. ``bank``: the head's L2-normalised features of every training input, per level; with
    ``bank_inputs`` only of that many inputs (a greedy k-center choice on their block histograms,
    the space the global retrieval searches), so the stored banks stay bounded with tiling.
@@ -31,6 +32,7 @@ from anomnet.backbones import build_backbone
 from anomnet.components import greedy_coreset, kmeans
 from anomnet.data import Sample
 from anomnet.detectors.base import Detector, register
+from anomnet.detectors.cpr.augment import reference_augment
 from anomnet.detectors.cpr.config import CPRConfig
 from anomnet.detectors.cpr.head import RetrievalHead
 from anomnet.detectors.cpr.losses import distance_weights, features_at, retrieval_loss
@@ -105,7 +107,8 @@ class CPR(Detector):
         self.ensure_backbone()
         generator = self._defect_generator()  # a bad defect folder fails before any long work
         backbone = self.model.backbone
-        self.model.head = RetrievalHead(backbone.channels(), c.head_width, c.head_dim).eval()  # seeded init
+        # seeded init
+        self.model.head = RetrievalHead(backbone.channels(), c.head_width, c.head_dim, c.head_block).eval()
         with timed_phase(self.fit_record, "features") as phase:
             images, desc = self._cache(train, progress)
             phase.extra["inputs"] = len(images)
@@ -197,9 +200,7 @@ class CPR(Detector):
         side = min(int(images.shape[-2]), int(images.shape[-1]))
         crop = side if c.train_crop <= 0 else min(c.train_crop, side)  # pairs train on aligned crops
         use_fg = self.model.uses_foreground(c.foreground) and self.model.train_foreground is not None
-        strides = backbone.strides()
-        # negatives: two places further apart than the finest level's window reaches
-        min_shift = strides[self.model.desc_level] * (c.windows[self.model.desc_level] // 2 + 1) * 2**0.5
+        min_shift = self.negative_shift()
         opt = torch.optim.AdamW(head.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         for p in head.parameters():
             p.requires_grad_(True)
@@ -248,6 +249,13 @@ class CPR(Detector):
             p.requires_grad_(False)
         self.model.refresh()
 
+    def negative_shift(self) -> float:
+        """Pixels two places of a negative pair are further apart than (setting ``negative_shift``): by
+        default further than the finest level's window reaches; the reference code's half of that."""
+        level = self.model.desc_level
+        reach = self.config.windows[level] // 2 + (1 if self.config.negative_shift == "outside_window" else 0)
+        return float(self.model.backbone.strides()[level] * reach * 2**0.5)
+
     def _pairs(
         self,
         images: torch.Tensor,
@@ -281,7 +289,10 @@ class CPR(Detector):
         for i in range(len(idx)):
             if float(torch.rand((), generator=gen)) < c.anomaly_prob:
                 query[i], masks[i] = generator.paste(query[i], gen, allowed[i])
-        return query[..., rows, cols].contiguous(), reference.contiguous(), masks[..., rows, cols], weights
+        query = query[..., rows, cols].contiguous()
+        if c.augment:  # each image on its own, after the defect (as the reference code)
+            query, reference = reference_augment(query, gen), reference_augment(reference, gen)
+        return query, reference.contiguous(), masks[..., rows, cols], weights
 
     def reference_inputs(self) -> torch.Tensor:
         """Sorted indices of the training inputs kept as references: all (``bank_inputs`` 0 or at least their

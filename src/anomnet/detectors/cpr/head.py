@@ -1,11 +1,12 @@
 """CPR's local retrieval head: a small network per backbone level, trained on the frozen levels.
 
-Per level: 1x1 convolution to ``width`` channels, BatchNorm, ReLU; a four-branch block (1x1;
-1x1 then 3x3; 1x1; 1x1 then a 3x3 average, each with BatchNorm + ReLU, concatenated); a 1x1
-projection to ``dim``; L2 normalisation. The shape of the paper's Inception-style head (widths
-192 / 256 / 384 there), narrower by default for the CPU (docs/cpr.md). The pooling branch
-convolves before it averages (the same function as average-then-convolve, on a quarter of the
-channels).
+Per level: 1x1 convolution to ``width`` channels, BatchNorm, ReLU; a four-branch block to
+``block`` channels (1x1; 1x1 to ``width / 4`` then 3x3; 1x1; 1x1 then a 3x3 average, each to
+``block / 4`` channels with BatchNorm + ReLU, concatenated); a 1x1 projection to ``dim``; L2
+normalisation. The reference code's Inception-style head has ``width, block, dim = 192, 256,
+384``; the defaults are narrower for the CPU (settings ``head_width``, ``head_block``,
+``head_dim``; docs/cpr.md). The pooling branch convolves before it averages (the same function
+as average-then-convolve, on fewer channels).
 
 Training uses the BatchNorm form; prediction uses :meth:`RetrievalHead.fused`, the same
 function with every BatchNorm folded into its convolution (plain convolutions and ReLUs).
@@ -41,15 +42,16 @@ class ConvBNReLU(nn.Module):
 
 
 class FourBranch(nn.Module):
-    """``width`` -> ``width`` channels: four branches of ``width / 4`` channels, concatenated."""
+    """``width`` -> ``block`` channels (``block`` 0: ``width``): four branches of ``block / 4`` channels,
+    concatenated; the 3x3 branch first reduces to ``width / 4``."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, block: int = 0) -> None:
         super().__init__()
-        q = width // 4
+        q, inner = (block or width) // 4, width // 4
         self.branches = nn.ModuleList(
             [
                 ConvBNReLU(width, q),
-                nn.Sequential(ConvBNReLU(width, q), ConvBNReLU(q, q, 3)),
+                nn.Sequential(ConvBNReLU(width, inner), ConvBNReLU(inner, q, 3)),
                 ConvBNReLU(width, q),
                 ConvBNReLU(width, q, pool=True),
             ]
@@ -60,11 +62,11 @@ class FourBranch(nn.Module):
 
 
 class LevelHead(nn.Module):
-    def __init__(self, cin: int, width: int, dim: int) -> None:
+    def __init__(self, cin: int, width: int, dim: int, block: int = 0) -> None:
         super().__init__()
         self.inp = ConvBNReLU(cin, width)
-        self.block = FourBranch(width)
-        self.out = nn.Conv2d(width, dim, 1)
+        self.block = FourBranch(width, block)
+        self.out = nn.Conv2d(block or width, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.block(self.inp(x.contiguous(memory_format=torch.channels_last))))
@@ -84,9 +86,9 @@ def _fuse(module: nn.Module) -> nn.Module:
 class RetrievalHead(nn.Module):
     """Backbone levels ``[B, C_l, h_l, w_l]`` -> L2-normalised retrieval features ``[B, dim, h_l, w_l]`` per level."""
 
-    def __init__(self, channels: Sequence[int], width: int = 96, dim: int = 128) -> None:
+    def __init__(self, channels: Sequence[int], width: int = 96, dim: int = 128, block: int = 0) -> None:
         super().__init__()
-        self.levels = nn.ModuleList(LevelHead(c, width, dim) for c in channels)
+        self.levels = nn.ModuleList(LevelHead(c, width, dim, block) for c in channels)
 
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(levels) != len(self.levels):

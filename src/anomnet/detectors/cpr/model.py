@@ -55,7 +55,7 @@ class CPRModel(nn.Module):
     def __init__(self, backbone: FeatureExtractor, config: CPRConfig) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = RetrievalHead(backbone.channels(), config.head_width, config.head_dim)
+        self.head = RetrievalHead(backbone.channels(), config.head_width, config.head_dim, config.head_block)
         self.refresh()
         self.retrieval = GlobalRetrieval(config.blocks, config.block_share)
         self.foreground = ForegroundBranch()
