@@ -11,6 +11,10 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
   ``anomnet`` (whose ``no-training``, ``epochs-x1`` and ``epochs-x4`` rows are k-means' own).
 - ``efficientad``: EfficientAD-S and -M at 100 and 300 student / autoencoder steps, each also rescored with the
   normalised local map (``st_map=normalized``, the same fitted model); two PIPED classes at their own 128 px.
+- ``cpr``: CPR's retrieval head at 0 (the randomly initialised head), 50 (default), 200 and 1,000 training
+  steps; at 50 steps the reference code's head widths (192 / 256 / 384), its augmentations (``augment``), its
+  negative shift (``negative_shift=window``) and its 320 px input, one at a time; three PIPED classes and
+  bottle, all at the default 256 px input.
 - ``efficientad-loss``: EfficientAD's default (S, backbone teacher) at the default 256 px with CDO (``loss=cdo``,
   the default) against the original losses (``loss=original``: hard + generic-image penalty) at 100, 200 and 400
   student / autoencoder steps; the same two PIPED classes.
@@ -139,6 +143,28 @@ ROWS: dict[str, tuple[str, list[tuple[str, dict[str, str]]], list[dict[str, str]
         [],
     ),
 }
+
+# CPR's head: the step budget, and the reference code's settings one at a time at the default budget
+DATASETS["cpr"] = [
+    ("PA_BTN01_RL", str(PIPED / "PA_BTN01_RL"), {}),
+    ("PA_FVN01_TL", str(PIPED / "PA_FVN01_TL"), {}),
+    ("PA_BRG03_TL", str(PIPED / "PA_BRG03_TL"), {}),
+    ("bottle", str(BOTTLE), {}),
+]
+ROWS["cpr"] = (
+    "cpr",
+    [
+        ("steps-0 (untrained head)", {"steps": "0"}),
+        ("steps-50 (default)", {"steps": "50"}),
+        ("steps-200", {"steps": "200"}),
+        ("steps-50 reference-widths", {"steps": "50", "head_width": "192", "head_block": "256", "head_dim": "384"}),
+        ("steps-50 augment", {"steps": "50", "augment": "true"}),
+        ("steps-50 negative-shift-window", {"steps": "50", "negative_shift": "window"}),
+        ("steps-50 320px", {"steps": "50", "image_size": "320"}),
+        ("steps-1000", {"steps": "1000"}),  # last: the longest
+    ],
+    [],
+)
 
 METRICS = (
     ("image_auroc", "img AUROC"),
