@@ -9,15 +9,14 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
 - ``anomnet-table1``: the paper's Table 1 rows (a)-(f) (attraction on in each) from our k-means centroids,
   and (a)-(g), no training and (g) at 4x the epochs from the paper's mean initialisation; the datasets of
   ``anomnet`` (whose ``no-training``, ``epochs-x1`` and ``epochs-x4`` rows are k-means' own).
-- ``efficientad``: EfficientAD-S and -M at 100 and 300 student / autoencoder steps, each also rescored with the
-  normalised local map (``st_map=normalized``, the same fitted model); two PIPED classes at their own 128 px.
+- ``efficientad``: EfficientAD-S and -M at 100 and 300 student / autoencoder steps, and S with the original
+  losses (``loss=original``: hard + generic-image penalty instead of CDO) at 100 and 300 steps and both losses at
+  800 steps, each also rescored with the normalised local map (``st_map=normalized``, the same fitted model); two
+  PIPED classes at their own 128 px.
 - ``cpr``: CPR's retrieval head at 0 (the randomly initialised head), 50 (default), 200 and 1,000 training
   steps; at 50 steps the reference code's head widths (192 / 256 / 384), its augmentations (``augment``), its
   negative shift (``negative_shift=window``) and its 320 px input, one at a time; three PIPED classes and
   bottle, all at the default 256 px input.
-- ``efficientad-loss``: EfficientAD's default (S, backbone teacher) at the default 256 px with CDO (``loss=cdo``,
-  the default) against the original losses (``loss=original``: hard + generic-image penalty) at 100, 200 and 400
-  student / autoencoder steps; the same two PIPED classes.
 
 ::
 
@@ -67,10 +66,6 @@ DATASETS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
     "efficientad": [
         ("PA_BTN01_RL-128", str(PIPED / "PA_BTN01_RL"), {"image_size": "128"}),
         ("PA_FVN01_TL-128", str(PIPED / "PA_FVN01_TL"), {"image_size": "128"}),
-    ],
-    "efficientad-loss": [
-        ("PA_BTN01_RL", str(PIPED / "PA_BTN01_RL"), {}),
-        ("PA_FVN01_TL", str(PIPED / "PA_FVN01_TL"), {}),
     ],
 }
 
@@ -130,17 +125,13 @@ ROWS: dict[str, tuple[str, list[tuple[str, dict[str, str]]], list[dict[str, str]
             ("M-100", {"model_size": "m", "steps": "100"}),
             ("S-300", {"model_size": "s", "steps": "300"}),
             ("M-300", {"model_size": "m", "steps": "300"}),
+            # CDO (the default loss, the rows above) against the original losses: hard + generic-image penalty
+            ("S-100-original", {"model_size": "s", "steps": "100", "loss": "original"}),
+            ("S-300-original", {"model_size": "s", "steps": "300", "loss": "original"}),
+            ("S-800", {"model_size": "s", "steps": "800"}),
+            ("S-800-original", {"model_size": "s", "steps": "800", "loss": "original"}),
         ],
         [{"st_map": "normalized"}],
-    ),
-    "efficientad-loss": (
-        "efficientad",
-        [
-            (f"{loss}-{steps}", {"loss": loss, "steps": str(steps)})
-            for steps in (100, 200, 400)
-            for loss in ("cdo", "original")
-        ],
-        [],
     ),
 }
 
