@@ -12,6 +12,7 @@ from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.detectors import create_detector
 from anomnet.detectors.efficientad.autoencoder import Autoencoder
+from anomnet.detectors.efficientad.detector import _masked_mean
 from anomnet.detectors.efficientad.distill import orthonormal_projection
 from anomnet.detectors.efficientad.losses import (
     cdo_loss,
@@ -87,6 +88,34 @@ def test_hard_loss_keeps_only_the_top_quantile() -> None:
     mask = torch.zeros(2, 5, 5, dtype=torch.bool)
     mask[1, 2, 3] = True  # only the 7 channel values of one position count
     assert hard_feature_loss(x, 0.0, mask).item() == pytest.approx(x[1, :, 2, 3].mean().item())
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.93, 0.995, 0.999, 1.0])
+def test_quantile_value_matches_torch_on_both_paths(q: float) -> None:
+    torch.manual_seed(0)
+    for x in (torch.rand(5003), torch.randint(0, 7, (4001,)).float()):  # distinct values and many ties
+        assert quantile_value(x, q).item() == pytest.approx(torch.quantile(x, q).item(), abs=1e-6)
+
+
+def test_reconstruction_terms_mean_over_the_kept_cells_equals_the_masked_mean() -> None:
+    torch.manual_seed(0)
+    err = torch.rand(2, 5, 4, 4)
+    keep = torch.rand(2, 4, 4) > 0.3
+    reference = err[keep[:, None].expand_as(err)].mean()  # every kept value, as before the channel means
+    assert _masked_mean(err.mean(1), keep).item() == pytest.approx(reference.item(), rel=1e-6)
+    assert _masked_mean(err.mean(1), torch.ones_like(keep)).item() == pytest.approx(err.mean().item(), rel=1e-6)
+
+
+def test_channels_last_networks_compute_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    for net in (pdn("s", 8), Autoencoder(64, output_size(64), 8)):
+        net.eval()
+        with torch.no_grad():
+            plain = net(x)
+            net.to(memory_format=torch.channels_last)
+            last = net(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(plain, last, atol=1e-5)
 
 
 def test_cdo_loss_on_a_hand_computed_case() -> None:

@@ -176,10 +176,11 @@ class EfficientAD(Detector):
 
     def _train(self, images: torch.Tensor, pool: _FloatView, g: torch.Generator, progress: bool) -> None:
         c = self.config
-        self.model.student.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model.autoencoder.train()
+        # channels-last convolutions (both networks) and one fused Adam kernel: about a third faster a step on CPU
+        for net in (self.model.student, self.model.autoencoder):
+            net.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         params = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
-        opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5)
+        opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5, fused=True)
         # the paper drops the learning rate 10x for the last 5 % of the steps
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
         synth = NoisePatches(avoid_background=c.avoid_background)
@@ -214,7 +215,7 @@ class EfficientAD(Detector):
             xc = xs.contiguous(memory_format=torch.channels_last)
             with self.model.autocast():
                 s = self.model.student(xc).float()
-                a = self.model.autoencoder(xs).float()
+                a = self.model.autoencoder(xc).float()
             s_st, s_ae = s[:, :OUT_CHANNELS], s[:, OUT_CHANNELS:]
             losses = {"hard": hard_feature_loss((t - s_st).pow(2), c.hard_quantile, normal)}
             if c.loss == "cdo":
@@ -230,9 +231,10 @@ class EfficientAD(Detector):
                 with self.model.autocast():
                     sp = self.model.student(p.contiguous(memory_format=torch.channels_last)).float()
                 losses["penalty"] = penalty_loss(sp[:, :OUT_CHANNELS])
-            keep = normal[:, None].expand_as(a)  # synthetic defects are left out of the reconstruction terms
-            losses["ae"] = (t - a).pow(2)[keep].mean()
-            losses["stae"] = (a - s_ae).pow(2)[keep].mean()
+            # synthetic defects are left out of the reconstruction terms (every cell has all channels: the mean
+            # over the kept cells of the channel means is the mean over the kept values)
+            losses["ae"] = _masked_mean((t - a).pow(2).mean(1), normal)
+            losses["stae"] = _masked_mean((a - s_ae).pow(2).mean(1), normal)
             total = weighted_total(losses, coefficients)  # the terms are recorded unweighted, the total weighted
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -241,8 +243,8 @@ class EfficientAD(Detector):
             return {"total": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
         train_phase(self.fit_record, "train", step, c.steps, progress=progress)
-        self.model.student.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-        self.model.autoencoder.eval()
+        for net in (self.model.student, self.model.autoencoder):
+            net.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
     @torch.no_grad()
     def _map_quantiles(self, images: torch.Tensor) -> None:
@@ -264,6 +266,11 @@ class EfficientAD(Detector):
     # -- inference -----------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images, self.config)
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``keep`` is true (same shapes); the plain mean when every position is kept."""
+    return values.mean() if bool(keep.all()) else values[keep].mean()
 
 
 class _FloatView:

@@ -24,11 +24,17 @@ def hard_feature_loss(
 def quantile_value(values: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(values, q)`` (linear interpolation) for a 1-D tensor of any length.
 
-    torch.quantile refuses inputs above 16M elements; two ``kthvalue`` calls do not.
+    torch.quantile refuses inputs above 16M elements; two ``kthvalue`` calls do not. A high quantile
+    (the hard-feature loss' 0.999) reads the same two order statistics from one ``topk`` of the few
+    largest values, several times faster than two ``kthvalue`` passes.
     """
     n = values.numel()
     pos = q * (n - 1)
     k = int(pos)
+    if 8 * (n - k) <= n:  # the (k+1)-th and (k+2)-th smallest are the last two of the n-k largest
+        top = values.topk(n - k).values
+        lo = top[-1]
+        return lo if k + 1 >= n else lo + (pos - k) * (top[-2] - lo)
     lo = values.kthvalue(k + 1).values
     if k + 1 >= n:
         return lo
