@@ -148,11 +148,11 @@ ROWS["cpr"] = (
         ("steps-0 (untrained head)", {"steps": "0"}),
         ("steps-50 (default)", {"steps": "50"}),
         ("steps-200", {"steps": "200"}),
-        ("steps-50 reference-widths", {"steps": "50", "head_width": "192", "head_block": "256", "head_dim": "384"}),
+        ("steps-1000", {"steps": "1000"}),
         ("steps-50 augment", {"steps": "50", "augment": "true"}),
         ("steps-50 negative-shift-window", {"steps": "50", "negative_shift": "window"}),
         ("steps-50 320px", {"steps": "50", "image_size": "320"}),
-        ("steps-1000", {"steps": "1000"}),  # last: the longest
+        ("steps-50 reference-widths", {"steps": "50", "head_width": "192", "head_block": "256", "head_dim": "384"}),
     ],
     [],
 )
