@@ -213,9 +213,9 @@ class EfficientAD(Detector):
             t = self.model.teacher_features(x)
             xs = self.model.student_input(x)
             xc = xs.contiguous(memory_format=torch.channels_last)
-            with self.model.autocast():
-                s = self.model.student(xc).float()
-                a = self.model.autoencoder(xc).float()
+            with self.model.autocast():  # outputs back in float32 and the teacher's (contiguous) layout, one copy each
+                s = self.model.student(xc).to(torch.float32, memory_format=torch.contiguous_format)
+                a = self.model.autoencoder(xc).to(torch.float32, memory_format=torch.contiguous_format)
             s_st, s_ae = s[:, :OUT_CHANNELS], s[:, OUT_CHANNELS:]
             losses = {"hard": hard_feature_loss((t - s_st).pow(2), c.hard_quantile, normal)}
             if c.loss == "cdo":
