@@ -151,8 +151,8 @@ ROWS["cpr"] = (
         ("steps-1000", {"steps": "1000"}),
         ("steps-50 augment", {"steps": "50", "augment": "true"}),
         ("steps-50 negative-shift-window", {"steps": "50", "negative_shift": "window"}),
-        ("steps-50 320px", {"steps": "50", "image_size": "320"}),
         ("steps-50 reference-widths", {"steps": "50", "head_width": "192", "head_block": "256", "head_dim": "384"}),
+        ("steps-50 320px", {"steps": "50", "image_size": "320"}),
     ],
     [],
 )
