@@ -355,3 +355,26 @@ def test_cli_fit_test_predict_with_a_dinov2_weights_file(data: Path, tmp_path: P
     assert main(["predict", "--model-dir", str(out), str(data / "test" / "good"), "--quiet"]) == EXIT_OK
     wrong = ["--out", str(tmp_path / "m2"), "--backbone", "dinov2_vitb14", "--weights", str(weights)]
     assert main([*args, *wrong]) == EXIT_INPUT  # a ViT-S file for ViT-B: a clear error, no traceback
+
+
+def test_crossfit_fold_models_train_for_the_final_models_step_count(data: Path, monkeypatch) -> None:
+    """By epochs a fold model (half of the images) would take fewer steps than the final model and score on
+    another scale; cross-fitting gives each fold model the final model's step count."""
+    from anomnet.decisions import calibrate
+
+    seen: list[int] = []
+    real = calibrate.image_statistics
+
+    def spy(detector, samples, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(int(detector.model.train_steps[0]))
+        return real(detector, samples, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "image_statistics", spy)
+    by_epochs = {k: v for k, v in TINY.items() if k != "steps"} | {"epochs": 2.0, "train_batch_size": 2}
+    det = api.fit("inpformer", data, None, settings=by_epochs, calibration="crossfit", folds=2, progress=False)
+    final = int(det.model.train_steps[0])
+    assert final == 10  # 2 epochs of 10 images in batches of 2
+    assert det.step_budget(5) == 5  # what a fold model's 5 images would have given
+    assert seen[:2] == [final] * 2  # the two fold models, each scoring its held-out images
+    assert det.fold_settings() == {"steps": "10"}
+    assert create_detector("inpformer", {**TINY}).fold_settings() == {}  # unfitted, or steps set: nothing

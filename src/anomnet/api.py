@@ -13,6 +13,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,11 @@ def fit(
     for attempt in range(2):
         if labelled is not None and detector.accepts_labelled:  # the hybrid chooses its branch
             detector.labelled_validation = labelled_samples(labelled)[1]
-        out_of_fold = None
-        if source == "crossfit":
-            out_of_fold = out_of_fold_statistics(make, train, split.validation, folds, seed, progress=progress)
         detector.fit(train, split.validation, progress=progress)
+        out_of_fold = None
+        if source == "crossfit":  # fold models train as the final model did (its fold_settings)
+            make_fold = partial(create_detector, model, {"seed": seed, **(settings or {}), **detector.fold_settings()})
+            out_of_fold = out_of_fold_statistics(make_fold, train, split.validation, folds, seed, progress=progress)
         cal = calibrate_detector(
             detector,
             split.validation,

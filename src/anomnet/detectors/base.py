@@ -366,6 +366,11 @@ class Detector(ABC):
         """Predict, within the block, as if the training images at the positions ``images`` were not learned."""
         raise ConfigError(f"the {self.name} detector cannot leave a training image out")
 
+    def fold_settings(self) -> dict[str, str]:
+        """Settings that make a cross-fitting fold model (fitted on a share of this fitted detector's training
+        images) train as this one did, so its out-of-fold scores are on this model's scale; the default: none."""
+        return {}
+
     @property
     def backbone_name(self) -> str | None:
         """The backbone the detector predicts with, if it has a backbone setting."""

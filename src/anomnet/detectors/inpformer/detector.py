@@ -202,6 +202,13 @@ class INPFormer(Detector):
         batch = min(c.train_batch_size, inputs)
         return max(1, min(c.max_steps, math.ceil(c.epochs * inputs / batch)))
 
+    def fold_settings(self) -> dict[str, str]:
+        """The final model's step count: a fold model on fewer images would take fewer steps by ``epochs``, and
+        score on a different scale (docs/decisions.md: PIPED PA_BRG03_TL, 7 of 16 good images above every
+        out-of-fold score)."""
+        steps = self.model.train_steps
+        return {"steps": str(int(steps[0]))} if self.config.steps == 0 and steps.numel() and steps[0] > 0 else {}
+
     # -- inference ---------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images, self.config)
