@@ -12,7 +12,7 @@ from anomnet import api
 from anomnet.data import load_dataset
 from anomnet.detectors import create_detector
 from anomnet.detectors.efficientad.autoencoder import Autoencoder
-from anomnet.detectors.efficientad.detector import _masked_mean
+from anomnet.detectors.efficientad.detector import _adam, _masked_mean
 from anomnet.detectors.efficientad.distill import orthonormal_projection
 from anomnet.detectors.efficientad.losses import (
     cdo_loss,
@@ -116,6 +116,20 @@ def test_channels_last_networks_compute_the_same_outputs() -> None:
             net.to(memory_format=torch.channels_last)
             last = net(x.contiguous(memory_format=torch.channels_last))
         assert torch.allclose(plain, last, atol=1e-5)
+
+
+def test_adam_is_fused_where_torch_allows_and_plain_before(monkeypatch) -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert _adam(params, 1e-3).defaults["fused"] is True  # torch 2.4+ on CPU
+    real = torch.optim.Adam
+
+    def old_torch_adam(*args, fused: bool | None = None, **kwargs):  # noqa: ANN202 - stands in for torch < 2.4
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", old_torch_adam)
+    assert not _adam(params, 1e-3).defaults["fused"]
 
 
 def test_cdo_loss_on_a_hand_computed_case() -> None:

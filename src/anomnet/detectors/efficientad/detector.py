@@ -180,7 +180,7 @@ class EfficientAD(Detector):
         for net in (self.model.student, self.model.autoencoder):
             net.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         params = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
-        opt = torch.optim.Adam(params, lr=c.lr, weight_decay=1e-5, fused=True)
+        opt = _adam(params, c.lr)
         # the paper drops the learning rate 10x for the last 5 % of the steps
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
         synth = NoisePatches(avoid_background=c.avoid_background)
@@ -266,6 +266,14 @@ class EfficientAD(Detector):
     # -- inference -----------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images, self.config)
+
+
+def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with one fused kernel where torch has it for CPU tensors (2.4 and later), else the default."""
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-5, fused=True)
+    except RuntimeError:  # torch before 2.4: fused Adam for CUDA tensors only
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-5)
 
 
 def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
