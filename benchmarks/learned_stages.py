@@ -13,6 +13,8 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
   losses (``loss=original``: hard + generic-image penalty instead of CDO) at 100 and 300 steps and both losses at
   800 steps, each also rescored with the normalised local map (``st_map=normalized``, the same fitted model); two
   PIPED classes at their own 128 px.
+- ``efficientad-defaults``: EfficientAD at its defaults (S, backbone teacher, 256 px, 800 steps) with CDO (the
+  default loss) and with the original losses, each also rescored with ``st_map=normalized``; one PIPED class.
 - ``cpr``: CPR's retrieval head at 0 (the randomly initialised head), 50 (default), 200 and 1,000 training
   steps; at 50 steps the reference code's head widths (192 / 256 / 384), its augmentations (``augment``), its
   negative shift (``negative_shift=window``) and its 320 px input, one at a time; three PIPED classes and
@@ -67,6 +69,7 @@ DATASETS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
         ("PA_BTN01_RL-128", str(PIPED / "PA_BTN01_RL"), {"image_size": "128"}),
         ("PA_FVN01_TL-128", str(PIPED / "PA_FVN01_TL"), {"image_size": "128"}),
     ],
+    "efficientad-defaults": [("PA_FVN01_TL", str(PIPED / "PA_FVN01_TL"), {})],
 }
 
 
@@ -131,6 +134,11 @@ ROWS: dict[str, tuple[str, list[tuple[str, dict[str, str]]], list[dict[str, str]
             ("S-800", {"model_size": "s", "steps": "800"}),
             ("S-800-original", {"model_size": "s", "steps": "800", "loss": "original"}),
         ],
+        [{"st_map": "normalized"}],
+    ),
+    "efficientad-defaults": (
+        "efficientad",
+        [("cdo-800 (default)", {"steps": "800"}), ("original-800", {"steps": "800", "loss": "original"})],
         [{"st_map": "normalized"}],
     ),
 }
