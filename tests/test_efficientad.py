@@ -524,6 +524,38 @@ def test_normalized_local_map_is_a_scoring_setting(small_split, tmp_path: Path) 
         create_detector("efficientad", {"st_map": "cosine"})
 
 
+def test_normalized_raw_map_undoes_the_channel_standardisation(small_split, tmp_path: Path) -> None:
+    """st_map=normalized_raw: CDO's discrepancy of the teacher's own vectors and the student's mapped back to
+    that scale (``x * std + mean``), its validation quantiles stored at fit, refused for models saved without."""
+    from anomnet.detectors import Detector
+    from anomnet.detectors.efficientad.model import OUT_CHANNELS
+
+    det = create_detector("efficientad", {**TINY, "steps": 2, "cache_dir": "off"})
+    det.fit(small_split.train, small_split.validation, progress=False)
+    m = det.model
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    (normalized, _), (raw, _) = m.raw_maps(x, ("normalized", "normalized_raw"))
+    with torch.no_grad(), m.autocast():
+        s = m.student(x).float()[:, :OUT_CHANNELS]
+    t = m.teacher_features(x)
+    expected = discrepancy(t * m.teacher_std + m.teacher_mean, s * m.teacher_std + m.teacher_mean)
+    assert torch.allclose(raw, expected, atol=1e-5) and not torch.allclose(raw, normalized)
+    qr = m.quantiles_normalized_raw
+    assert qr is not None and qr[0] < qr[1]
+    squared = det.predict(x)
+    det.config.st_map = "normalized_raw"
+    after = det.predict(x)
+    assert not torch.equal(squared.maps, after.maps)
+    det.save(tmp_path / "m")
+    assert torch.equal(Detector.load(tmp_path / "m").predict(x).maps, after.maps)
+    tensors = {k: v for k, v in det.state_tensors().items() if k != "quantiles_normalized_raw"}
+    old = type(det)(det.config)
+    old.load_state_tensors(tensors)
+    assert old.model.quantiles_normalized_raw is None
+    with pytest.raises(ConfigError, match="st_map=normalized_raw"):
+        old.predict(x)
+
+
 def test_tensor_names_of_old_model_folders_still_load() -> None:
     """Folders written before the state lived in one module (a backbone, a distilled and a file-backed ResNet
     teacher; written by the code of cacc1fc, 20 to 63 MB, so only their tensors' names, dtypes and shapes are

@@ -50,8 +50,9 @@ class EfficientADConfig(DetectorConfig):
     alpha: float = 0.5  # weight of the local (student-teacher) map; used at scoring time
     # the local map: "squared" (EfficientAD's mean squared error per cell) or "normalized" (the squared distance of
     # the L2-normalised teacher and student vectors, the discrepancy CDO optimises; the thesis' eq. 4.10);
-    # read at scoring time, both maps' validation quantiles are stored at fit
-    st_map: Literal["squared", "normalized"] = "squared"
+    # read at scoring time, both maps' validation quantiles are stored at fit; "normalized_raw": the same distance
+    # of the teacher's own (not channel-standardised) vectors and the student's mapped back to that scale
+    st_map: Literal["squared", "normalized", "normalized_raw"] = "squared"
     q_a: float = 0.9
     q_b: float = 0.995
     bf16: bool = True  # bfloat16 convolutions (about 2x faster on CPUs with AVX512-BF16 / AMX)

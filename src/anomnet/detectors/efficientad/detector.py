@@ -248,20 +248,22 @@ class EfficientAD(Detector):
 
     @torch.no_grad()
     def _map_quantiles(self, images: torch.Tensor) -> None:
-        """Validation quantiles q_a, q_b of both maps, the local map as both kinds (``st_map`` is a scoring setting)."""
-        st, st_n, ae = [], [], []
+        """Validation quantiles q_a, q_b of both maps, the local map as every kind (``st_map`` is a scoring setting)."""
+        st, st_n, st_r, ae = [], [], [], []
         for i in range(0, len(images), self.config.batch_size):
-            (m_st, m_ae), (m_st_n, _) = self.model.raw_maps(
-                images[i : i + self.config.batch_size], ("squared", "normalized")
+            (m_st, m_ae), (m_st_n, _), (m_st_r, _) = self.model.raw_maps(
+                images[i : i + self.config.batch_size], ("squared", "normalized", "normalized_raw")
             )
             st.append(m_st.reshape(-1))
             st_n.append(m_st_n.reshape(-1))
+            st_r.append(m_st_r.reshape(-1))
             ae.append(m_ae.reshape(-1))
         c = self.config
-        v_st, v_st_n, v_ae = torch.cat(st), torch.cat(st_n), torch.cat(ae)
+        v_st, v_st_n, v_st_r, v_ae = torch.cat(st), torch.cat(st_n), torch.cat(st_r), torch.cat(ae)
         q = [quantile_value(v, p) for v in (v_st, v_ae) for p in (c.q_a, c.q_b)]
         self.model.quantiles = torch.stack(q).float()
         self.model.quantiles_normalized = torch.stack([quantile_value(v_st_n, p) for p in (c.q_a, c.q_b)]).float()
+        self.model.quantiles_normalized_raw = torch.stack([quantile_value(v_st_r, p) for p in (c.q_a, c.q_b)]).float()
 
     # -- inference -----------------------------------------------------------------------
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,14 +38,15 @@ class EfficientADModel(nn.Module):
     Teacher (frozen), student (2 x 384 channels) and autoencoder for ``size`` px inputs on an
     ``n x n`` output grid; buffers filled by fit: the teacher's channel mean and standard deviation
     and the validation quantiles q_a, q_b of the local and global maps (``quantiles``: st q_a, st q_b,
-    ae q_a, ae q_b; ``quantiles_normalized``: the normalised local map's, None in models saved
-    before ``st_map`` existed).
+    ae q_a, ae q_b; ``quantiles_normalized`` and ``quantiles_normalized_raw``: the normalised local maps', None in
+    models saved before their ``st_map`` kind existed).
     """
 
     teacher_mean: torch.Tensor
     teacher_std: torch.Tensor
     quantiles: torch.Tensor
     quantiles_normalized: torch.Tensor | None
+    quantiles_normalized_raw: torch.Tensor | None
 
     def __init__(self, c: EfficientADConfig, size: int) -> None:
         super().__init__()
@@ -62,6 +63,7 @@ class EfficientADModel(nn.Module):
         for name in ("teacher_mean", "teacher_std", "quantiles"):
             self.register_buffer(name, torch.empty(0))
         self.register_buffer("quantiles_normalized", None)
+        self.register_buffer("quantiles_normalized_raw", None)
 
     def autocast(self) -> torch.autocast:
         # graph mode (export, and its eager reference) runs float32: ONNX / OpenVINO graphs carry no bf16 autocast
@@ -83,7 +85,9 @@ class EfficientADModel(nn.Module):
         """Un-normalised student-teacher and student-autoencoder maps ``[B,n,n]``, one pair per ``st_maps`` kind.
 
         The student-teacher map is ``"squared"``, the mean squared error over the channels, or
-        ``"normalized"``, :func:`~.losses.discrepancy` of the L2-normalised vectors (CDO's); one forward pass.
+        ``"normalized"``, :func:`~.losses.discrepancy` of the L2-normalised vectors (CDO's), or
+        ``"normalized_raw"``, the same of the vectors at the teacher's own scale (the channel standardisation
+        undone on both: ``x * std + mean``); one forward pass.
         """
         t = self.teacher_features(images)
         x = self.student_input(images)
@@ -93,21 +97,30 @@ class EfficientADModel(nn.Module):
         s, a = s.float(), a.float()
         map_ae = (a - s[:, OUT_CHANNELS:]).pow(2).mean(1)
         s_st = s[:, :OUT_CHANNELS]
-        return [
-            (discrepancy(t, s_st) if kind == "normalized" else (t - s_st).pow(2).mean(1), map_ae) for kind in st_maps
-        ]
+        out = []
+        for kind in st_maps:
+            if kind == "normalized":
+                m_st = discrepancy(t, s_st)
+            elif kind == "normalized_raw":
+                mean, std = self.teacher_mean, self.teacher_std
+                m_st = discrepancy(t * std + mean, s_st * std + mean)
+            else:
+                m_st = (t - s_st).pow(2).mean(1)
+            out.append((m_st, map_ae))
+        return out
 
     def combined_map(self, images: torch.Tensor, config: EfficientADConfig) -> torch.Tensor:
         """``[B,n,n]`` fused map: quantile-normalised local and global maps mixed by ``alpha``."""
         ((m_st, m_ae),) = self.raw_maps(images, (config.st_map,))
         q = self.quantiles
-        if config.st_map == "normalized":
-            if self.quantiles_normalized is None:
+        if config.st_map in ("normalized", "normalized_raw"):
+            stored = self.quantiles_normalized if config.st_map == "normalized" else self.quantiles_normalized_raw
+            if stored is None:
                 raise ConfigError(
-                    "st_map=normalized needs the normalised map's validation quantiles, which this model was saved "
+                    f"st_map={config.st_map} needs that map's validation quantiles, which this model was saved "
                     "without (it predates the setting): fit it again, or use st_map=squared"
                 )
-            q = torch.cat([self.quantiles_normalized, q[2:]])
+            q = torch.cat([stored, q[2:]])
         m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
         m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
         return config.alpha * m_st + (1.0 - config.alpha) * m_ae
