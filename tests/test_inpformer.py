@@ -375,6 +375,7 @@ def test_crossfit_fold_models_train_for_the_final_models_step_count(data: Path, 
     final = int(det.model.train_steps[0])
     assert final == 10  # 2 epochs of 10 images in batches of 2
     assert det.step_budget(5) == 5  # what a fold model's 5 images would have given
-    assert seen[:2] == [final] * 2  # the two fold models, each scoring its held-out images
+    # the final model (its in-sample scores set the scale) and the two fold models (held-out and in-sample images)
+    assert len(seen) >= 5 and set(seen) == {final}  # (calibration scores the validation images too)
     assert det.fold_settings() == {"steps": "10"}
     assert create_detector("inpformer", {**TINY}).fold_settings() == {}  # unfitted, or steps set: nothing

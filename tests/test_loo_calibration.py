@@ -167,6 +167,31 @@ def test_crossfit_scores_each_image_with_a_model_fitted_without_its_fold(folder_
     assert len(det.calibration.training_hashes) == len(train) and det.memory_bank.shape[0] == round(0.1 * 12 * 64)
 
 
+def test_crossfit_can_put_each_fold_model_on_the_final_models_scale(folder_dataset) -> None:
+    """``scale_to``: a fold model's scores times (final model's in-sample median / fold model's in-sample median)."""
+    from anomnet.decisions.calibrate import out_of_fold_statistics
+
+    train = load_dataset(folder_dataset, val_fraction=0).train
+    tiny = {**SMALL, "num_centroids": 16, "stage1_epochs": 1, "stage2_epochs": 1, "seed": 0}
+    make = lambda: create_detector("anomnet", tiny)  # noqa: E731
+    final = make()
+    final.fit(train, [], progress=False)
+    plain = out_of_fold_statistics(make, train, [], folds=2, per_image=8)
+    scaled = out_of_fold_statistics(make, train, [], folds=2, per_image=8, scale_to=final)
+    fold = fold_assignment(len(train), 2, 0)
+    for f in (0, 1):
+        inside = [s for s, k in zip(train, fold) if k != f]
+        model = make()
+        model.fit(inside, [], progress=False)
+        factor = np.median(_scores(final, train)) / np.median(_scores(model, inside))
+        assert abs(factor - 1) > 1e-3  # the fold model is on another scale
+        held = fold == f
+        assert scaled.scores[held] == pytest.approx(plain.scores[held] * factor, rel=1e-5)
+        for i in np.flatnonzero(held):
+            assert scaled.pixels[i] == pytest.approx(plain.pixels[i] * factor, rel=1e-5)
+    assert create_detector("inpformer").rescale_folds and not final.rescale_folds  # only INP-Former asks for it
+
+
 def test_sources_a_detector_cannot_use_are_refused(folder_dataset) -> None:
     with pytest.raises(ConfigError, match="cannot leave one training image out"):
         api.fit("efficientad", folder_dataset, None, calibration="loo", progress=False)

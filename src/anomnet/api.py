@@ -114,7 +114,10 @@ def fit(
         out_of_fold = None
         if source == "crossfit":  # fold models train as the final model did (its fold_settings)
             make_fold = partial(create_detector, model, {"seed": seed, **(settings or {}), **detector.fold_settings()})
-            out_of_fold = out_of_fold_statistics(make_fold, train, split.validation, folds, seed, progress=progress)
+            scale_to = detector if detector.rescale_folds else None
+            out_of_fold = out_of_fold_statistics(
+                make_fold, train, split.validation, folds, seed, progress=progress, scale_to=scale_to
+            )
         cal = calibrate_detector(
             detector,
             split.validation,

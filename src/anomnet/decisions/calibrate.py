@@ -192,16 +192,27 @@ def out_of_fold_statistics(
     seed: int = 0,
     per_image: int = PIXELS_PER_IMAGE,
     progress: bool = False,
+    scale_to: Detector | None = None,
 ) -> ImageStatistics:
     """Cross-fitting: every training image scored by a fresh detector (``make()``) fitted on the other folds.
 
     Returns the statistics in ``train``'s order. ``folds`` fits, each on ``(folds - 1) / folds`` of
-    the images; the final model is fitted on all of them by the caller.
+    the images; the final model is fitted on all of them by the caller. ``scale_to`` (the fitted final
+    model): each fold model's scores and map values are multiplied by the final model's median score on
+    its training images over the fold model's median score on its own, so that a fold model whose fit
+    landed on another score scale calibrates on the final model's.
     """
     fold = fold_assignment(len(train), folds, seed)
     g = torch.Generator().manual_seed(0)
     scores = np.zeros(len(train), dtype=np.float64)
     pixels: list[np.ndarray] = [np.zeros(0, np.float32)] * len(train)
+    reference, unused = None, torch.Generator().manual_seed(0)  # in-sample scores need no pixel sample
+
+    def median_score(detector: Detector, samples: Sequence[Sample]) -> float:
+        return float(np.median(image_statistics(detector, samples, detector.config.batch_size, unused, 0).scores))
+
+    if scale_to is not None:
+        reference = median_score(scale_to, train)
     for f in range(folds):
         inside = [s for s, k in zip(train, fold) if k != f]
         held = [i for i, k in enumerate(fold) if k == f]
@@ -209,8 +220,12 @@ def out_of_fold_statistics(
         detector.fit(inside, validation, progress=progress)
         bs = detector.config.batch_size
         stats = image_statistics(detector, [train[i] for i in held], bs, g, per_image)
+        factor = 1.0
+        if reference is not None:
+            own = median_score(detector, inside)
+            factor = reference / own if own > 0 and reference > 0 else 1.0
         for j, i in enumerate(held):
-            scores[i], pixels[i] = stats.scores[j], stats.pixels[j]
+            scores[i], pixels[i] = stats.scores[j] * factor, stats.pixels[j] * np.float32(factor)
     return ImageStatistics(scores, pixels)
 
 

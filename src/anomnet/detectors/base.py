@@ -199,6 +199,8 @@ class Detector(ABC):
     can_leave_out: ClassVar[bool] = False  # implements leave_out (calibration "loo"; see supports_leave_out)
     # fit needs good images held out of training (unless given a labelled set): loo keeps api.fit's hold-out
     needs_validation: ClassVar[bool] = False
+    # cross-fitting puts fold models' scores on the final model's scale (calibrate.out_of_fold_statistics)
+    rescale_folds: ClassVar[bool] = False
     labelled_validation: list[Sample] | None = None
 
     def __init__(self, config: DetectorConfig | None = None) -> None:

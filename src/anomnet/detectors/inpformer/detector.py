@@ -91,6 +91,7 @@ class INPFormer(Detector):
     )
     config: INPFormerConfig
     model: INPFormerModel
+    rescale_folds = True  # a fold model's fit can land on another score scale (docs/decisions.md)
     renamed_keys = {"net.": "", "backbone.": "features.backbone."}  # before the state lived in one module
 
     def __init__(self, config: INPFormerConfig | None = None) -> None:
