@@ -136,7 +136,7 @@ def augmented(source: Path, i: int, seed: int) -> Any:
 
 def recipe(source: Path, seed: int) -> dict[str, Any]:
     return {
-        "source": str(source.resolve()),
+        "source": os.path.abspath(source),  # as given (a ../shared that is a link stays ../shared)
         "seed": seed,
         "version": RECIPE_VERSION,
         "copy i": "source image i mod n (sorted); flip left-right p=0.5, flip top-bottom p=0.5, "
@@ -492,7 +492,11 @@ def plot(report: dict[str, Any], img_dir: Path) -> list[Path]:
 def _shown(path: str) -> str:
     """A path beside or inside this repository relative to it (``../shared/datasets/...``), others as given."""
     p = Path(path)
-    return os.path.relpath(p.resolve(), ROOT) if p.is_absolute() and p.resolve().is_relative_to(ROOT.parent) else path
+    if p.is_absolute():
+        for q in (p, p.resolve()):
+            if q.is_relative_to(ROOT.parent):
+                return os.path.relpath(q, ROOT)
+    return path
 
 
 def _cell(r: dict[str, Any] | None, fmt: str) -> str:
