@@ -87,7 +87,8 @@ def fit(
     if out is not None:
         _check_out_holds_no_data(out, data, labelled)
         check_model_target(out, overwrite)
-    make = lambda: create_detector(model, {"seed": seed, **(settings or {})})  # noqa: E731
+    asked = {"seed": seed, **(settings or {})}
+    make = partial(create_detector, model, asked)
     detector = make()
     source = resolve_source(calibration, detector, _image_count(data, category, layout, calibration, detector))
     if source == "crossfit":
@@ -113,7 +114,7 @@ def fit(
         detector.fit(train, split.validation, progress=progress)
         out_of_fold = None
         if source == "crossfit":  # fold models train as the final model did (its fold_settings)
-            make_fold = partial(create_detector, model, {"seed": seed, **(settings or {}), **detector.fold_settings()})
+            make_fold = partial(create_detector, model, {**asked, **detector.fold_settings()})
             scale_to = detector if detector.rescale_folds else None
             out_of_fold = out_of_fold_statistics(
                 make_fold, train, split.validation, folds, seed, progress=progress, scale_to=scale_to

@@ -91,6 +91,8 @@ class ImageStatistics:
 
 def _pixel_sample(amap: torch.Tensor, per_image: int, g: torch.Generator) -> np.ndarray:
     flat = amap.reshape(-1)
+    if per_image <= 0:
+        return np.zeros(0, np.float32)
     if flat.numel() > per_image:
         flat = flat[torch.randperm(flat.numel(), generator=g)[:per_image]]
     return flat.numpy().astype(np.float32, copy=False)
@@ -206,13 +208,11 @@ def out_of_fold_statistics(
     g = torch.Generator().manual_seed(0)
     scores = np.zeros(len(train), dtype=np.float64)
     pixels: list[np.ndarray] = [np.zeros(0, np.float32)] * len(train)
-    reference, unused = None, torch.Generator().manual_seed(0)  # in-sample scores need no pixel sample
 
-    def median_score(detector: Detector, samples: Sequence[Sample]) -> float:
-        return float(np.median(image_statistics(detector, samples, detector.config.batch_size, unused, 0).scores))
+    def median_score(detector: Detector, samples: Sequence[Sample]) -> float:  # no pixel sample: g untouched
+        return float(np.median(image_statistics(detector, samples, detector.config.batch_size, g, 0).scores))
 
-    if scale_to is not None:
-        reference = median_score(scale_to, train)
+    reference = median_score(scale_to, train) if scale_to is not None else None
     for f in range(folds):
         inside = [s for s, k in zip(train, fold) if k != f]
         held = [i for i, k in enumerate(fold) if k == f]
