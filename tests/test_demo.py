@@ -77,7 +77,7 @@ def test_the_demo_fits_a_model_per_cell_type_and_pools_the_metrics(
     root = _fake_elpv(tmp_path / "elpv")
     monkeypatch.setattr(anomnet.data, "_elpv_data_dir", lambda: root)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quiet", "--per-type"]) == EXIT_OK
+    assert main(["demo", "--out", str(out), "--quiet"]) == EXIT_OK  # one model per cell type is the default
     text = capsys.readouterr().out
     assert "one model per cell type (mono, poly)" in text and "pooled by conformal p-value" in text
     for kind in ("mono", "poly"):
@@ -89,3 +89,23 @@ def test_the_demo_fits_a_model_per_cell_type_and_pools_the_metrics(
     assert pooled["pooled_by"] == "conformal p-value" and pooled["test_images"] == 10  # 3 + 3 good, 2 + 2 defective
     assert pooled["metrics"]["image_auroc"] > 0.9
     assert "At the calibrated threshold the detector caught" in text
+    report = (out / "report.html").read_text()  # the pooled page links each type's own report
+    assert 'href="mono/report.html"' in report and 'href="poly/report.html"' in report
+    assert "one model per cell type" in report and f"{100 * pooled['metrics']['image_auroc']:.2f}" in report
+    assert not (out / "model").exists()
+
+
+def test_the_demo_fits_one_model_for_both_cell_types_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _fake_elpv(tmp_path / "elpv")
+    monkeypatch.setattr(anomnet.data, "_elpv_data_dir", lambda: root)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet", "--one-model", "--max-train", "12"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "one model per cell type" not in text and "fitted patchcore on 12 good cells" in text
+    assert (out / "model").is_dir() and (out / "report.html").is_file()
+    assert not (out / "mono").exists() and not (out / "poly").exists()
+    assert json.loads((out / "metrics.json").read_text())["dataset"] == "elpv"
+    with pytest.raises(SystemExit):  # the two routes exclude each other
+        main(["demo", "--out", str(out), "--one-model", "--per-type"])

@@ -140,6 +140,41 @@ def write_report(
     return target
 
 
+def write_pooled_report(
+    path: str | Path, title: str, metrics: dict[str, float], note: str, parts: Sequence[tuple[str, str, int]]
+) -> Path:
+    """Write a one-page report of test images scored by several models: the pooled metrics and a link to each
+    model's own report (``parts``: name, report path relative to ``path``'s folder, test images)."""
+    target = check_report_path(path)
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    links = [
+        f'<tr><td>{_e(name)}</td><td class="num">{n}</td><td><a href="{_e(href)}">{_e(href)}</a></td></tr>'
+        for name, href, n in parts
+    ]
+    text = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{_e(title)}</h1>",
+            f'<p class="note">{_e(note)}</p>',
+            _table([("date", now), ("anomnet", __version__)]),
+            "<h2>Metrics of all test images</h2>",
+            _metrics_table(metrics),
+            "<h2>Each model's report</h2>",
+            "<table><tr><th>model</th><th>test images</th><th>report</th></tr>",
+            *links,
+            "</table>",
+            "</body></html>",
+        ]
+    )
+    try:
+        imageio.atomic_write_text(target, text + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write report {target}: {exc.strerror or exc}") from None
+    return target
+
+
 # --------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------
