@@ -15,7 +15,7 @@ from anomnet.data import load_dataset
 from anomnet.detectors import Detector, create_detector
 from anomnet.detectors.tocoad.detector import default_decoder_layers
 from anomnet.detectors.tocoad.discriminator import Discriminator
-from anomnet.detectors.tocoad.losses import focal_loss
+from anomnet.detectors.tocoad.losses import discriminator_loss, focal_loss
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_loss, simsiam_loss
 from anomnet.errors import ConfigError
 from anomnet.evaluation.evaluate import evaluate
@@ -36,6 +36,36 @@ def test_focal_loss_hand_computed() -> None:
     assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(
         F.cross_entropy(logits, target.long()).item(), rel=1e-6
     )
+
+
+def test_discriminator_loss_focal_or_cross_entropy(folder_dataset, monkeypatch) -> None:
+    """disc_loss=cross_entropy (the paper's Table 6) trains the discriminator, in stage I and in L_neg, on the
+    unweighted cross-entropy instead of the focal loss."""
+    logits = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    target = (torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    ce = F.cross_entropy(logits, target.long())
+    assert discriminator_loss(logits, target, "cross_entropy", 2.0, 0.25).item() == pytest.approx(ce.item(), rel=1e-6)
+    focal = focal_loss(logits, target, 2.0, 0.25)
+    assert discriminator_loss(logits, target, "focal", 2.0, 0.25).item() == pytest.approx(focal.item(), rel=1e-6)
+    assert create_detector("tocoad", {}).config.disc_loss == "focal"
+    with pytest.raises(ConfigError):
+        create_detector("tocoad", {"disc_loss": "hinge"})
+    import anomnet.detectors.tocoad.detector as tocoad_detector
+
+    kinds: list[str] = []
+
+    def spy(logits: torch.Tensor, target: torch.Tensor, kind, gamma: float, alpha: float | None) -> torch.Tensor:
+        kinds.append(kind)
+        return discriminator_loss(logits, target, kind, gamma, alpha)
+
+    monkeypatch.setattr(tocoad_detector, "discriminator_loss", spy)
+    split = load_dataset(folder_dataset)
+    settings = {**SMALL, "stage1_steps": 2, "stage2_steps": 2, "warmup": 0.0, "disc_loss": "cross_entropy"}
+    det = create_detector("tocoad", settings)
+    det.fit(split.train[:4], [], progress=False)
+    stage1 = det.fit_record.phase("stage1")
+    assert stage1 is not None and set(stage1.loss_first) == {"cross_entropy"}
+    assert kinds == ["cross_entropy"] * 4  # 2 stage I steps, 2 joint stage II steps (L_neg)
 
 
 def test_simsiam_stop_gradient_on_the_projection_targets() -> None:

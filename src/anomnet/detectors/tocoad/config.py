@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from anomnet.detectors.patchcore import PatchCoreConfig
+from anomnet.detectors.tocoad.losses import DiscLoss
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ToCoADConfig(PatchCoreConfig):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lambda_sym: float = 0.5  # L = lambda L_sym + (1 - lambda) L_neg
+    # the discriminator's loss, in stage I and in L_neg: focal (gamma, alpha) or plain cross-entropy (Table 6)
+    disc_loss: DiscLoss = "focal"
     focal_gamma: float = 2.0
     alpha: float = 0.25  # focal loss class weight alpha_t: alpha for anomalous pixels, 1 - alpha for normal
     proj_dim: int = 256

@@ -4,7 +4,8 @@ The pretrained backbone is fine-tuned to the product, then scored like PatchCore
 
 * Stage I (``stage1``): backbone frozen; a decoder over its levels (:class:`Discriminator`)
   learns to segment synthetic anomalies (:mod:`anomnet.synthesis`), focal loss with class
-  weight ``alpha``, Adam, learning rate times 0.2 at 80 % and 90 % of the steps.
+  weight ``alpha`` (``disc_loss=cross_entropy``: plain cross-entropy, in stage I and in ``L_neg``),
+  Adam, learning rate times 0.2 at 80 % and 90 % of the steps.
 * Stage II (``stage2``): discriminator fixed; one SimSiam head (projector, one-layer
   predictor) per level on the two deepest memory-bank levels. The first ``warmup`` share of the steps train
   the heads alone on the frozen backbone; then backbone and heads train on two augmented views
@@ -38,7 +39,7 @@ from anomnet.detectors.patchcore import PatchCore
 from anomnet.detectors.tocoad.augment import two_view_augment
 from anomnet.detectors.tocoad.config import ToCoADConfig
 from anomnet.detectors.tocoad.discriminator import Discriminator
-from anomnet.detectors.tocoad.losses import focal_loss
+from anomnet.detectors.tocoad.losses import discriminator_loss
 from anomnet.detectors.tocoad.model import ToCoADModel
 from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_loss
 from anomnet.image_pool import describe_source
@@ -147,12 +148,12 @@ class ToCoAD(PatchCore):
             x, masks = synthesize_batch(generator, self._batch(images, rng), rng, c.anomaly_prob)
             with torch.no_grad():
                 levels = trunk(x)
-            loss = focal_loss(self._decode(disc, levels, size), masks, c.focal_gamma, c.alpha)
+            loss = discriminator_loss(self._decode(disc, levels, size), masks, c.disc_loss, c.focal_gamma, c.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            return {"focal": float(loss.detach())}
+            return {c.disc_loss: float(loss.detach())}  # "focal" or "cross_entropy"
 
         phase = train_phase(self.fit_record, "stage1", step, steps, progress=progress)
         self._record_backbone_change(phase, trunk, images, probe)
@@ -237,7 +238,9 @@ class ToCoAD(PatchCore):
             losses = {"sym": float(l_sym.detach())}
             if disc is not None and lam < 1.0 and not warming:  # in the warm-up L_neg has nothing to train
                 xa, masks = synthesize_batch(generator, x, rng, c.anomaly_prob)
-                l_neg = focal_loss(self._decode(disc, trunk(xa), size), masks, c.focal_gamma, c.alpha)
+                l_neg = discriminator_loss(
+                    self._decode(disc, trunk(xa), size), masks, c.disc_loss, c.focal_gamma, c.alpha
+                )
                 loss = loss + (1.0 - lam) * l_neg
                 losses["neg"] = float(l_neg.detach())
             opt.zero_grad(set_to_none=True)

@@ -1,9 +1,14 @@
-"""Focal loss (Lin et al. 2017) for the 2-channel anomaly-mask prediction of ToCoAD's discriminator."""
+"""The discriminator's loss on the 2-channel anomaly-mask prediction: focal loss (Lin et al. 2017, the default)
+or plain cross-entropy (the paper's Table 6 compares the two)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+DiscLoss = Literal["focal", "cross_entropy"]
 
 
 def focal_loss(
@@ -27,3 +32,11 @@ def focal_loss(
     if alpha is not None:
         loss = loss * torch.where(labels == 1, alpha, 1.0 - alpha)
     return loss.mean()
+
+
+def discriminator_loss(
+    logits: torch.Tensor, target: torch.Tensor, kind: DiscLoss, gamma: float, alpha: float | None
+) -> torch.Tensor:
+    """``kind="focal"``: :func:`focal_loss` with ``gamma`` and ``alpha``; ``"cross_entropy"``: the unweighted
+    pixel cross-entropy (``gamma`` and ``alpha`` unused), the alternative of the paper's Table 6."""
+    return focal_loss(logits, target, gamma, alpha) if kind == "focal" else focal_loss(logits, target, 0.0, None)
