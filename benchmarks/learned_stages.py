@@ -19,6 +19,13 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
   steps; at 50 steps the reference code's head widths (192 / 256 / 384), its augmentations (``augment``), its
   negative shift (``negative_shift=window``) and its 320 px input, one at a time; three PIPED classes and
   bottle, all at the default 256 px input.
+- ``tocoad``: ToCoAD's stage ablation (the paper's: PatchCore itself, i.e. no training and ``reweight=image``; no
+  training = PatchCore + eq. 9 on every patch; stage I only; stages I + II at the defaults; the SimSiam heads on
+  the deeper levels stage5, stage7), its Table 6 (``disc_loss=cross_entropy`` against the default focal loss), and
+  stage II budgets at which the backbone moves (its learning rate ``lr2`` x10 and x30, its steps x4); bottle and two
+  PIPED classes, all at 128 px (the PIPED images' own size). Its second table gives each row's fit record: how
+  far stage II moved the backbone (relative weight change, bank-level feature cosine), the SimSiam loss by tenths,
+  the discriminator's pixel AUROC on fresh synthetic anomalies.
 
 ::
 
@@ -165,6 +172,31 @@ ROWS["cpr"] = (
     [],
 )
 
+# ToCoAD: the paper's stage ablation and Table 6, and stage II budgets at which the backbone moves
+# (every dataset at 128 px: the PIPED images' own size; the default 256 px costs 3-4x a step on 2 cores)
+DATASETS["tocoad"] = [
+    ("bottle-128", str(BOTTLE), {"image_size": "128"}),
+    ("PA_BTN01_RL-128", str(PIPED / "PA_BTN01_RL"), {"image_size": "128"}),
+    ("PA_FVN01_TL-128", str(PIPED / "PA_FVN01_TL"), {"image_size": "128"}),
+]
+_NO_TRAINING = {"stage1": "false", "stage2": "false"}
+ROWS["tocoad"] = (
+    "tocoad",
+    [
+        ("patchcore (no training, reweight=image)", {**_NO_TRAINING, "reweight": "image"}),
+        ("no-training (PatchCore + eq. 9)", _NO_TRAINING),
+        ("stage1-only", {"stage2": "false"}),
+        ("stage1+2 (default)", {}),
+        ("stage1+2 cross-entropy", {"disc_loss": "cross_entropy"}),
+        ("stage1+2 heads-stage5-7", {"head_layers": "stage5,stage7"}),
+        ("stage1+2 lr2-x10", {"lr2": "0.01"}),
+        ("stage1+2 lr2-x30", {"lr2": "0.03"}),
+        ("stage1+2 heads-stage5-7 lr2-x10", {"head_layers": "stage5,stage7", "lr2": "0.01"}),
+        ("stage1+2 steps2-x4", {"stage2_steps": "400"}),
+    ],
+    [],
+)
+
 METRICS = (
     ("image_auroc", "img AUROC"),
     ("pixel_auroc", "px AUROC"),
@@ -202,6 +234,44 @@ def _variants(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         label = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         out.append((f"{row['row']} {label}", r["metrics"]))
     return out
+
+
+def _phase(row: dict[str, Any], name: str) -> dict[str, Any] | None:
+    phases = (row.get("fit_record") or {}).get("phases", [])
+    return next((p for p in phases if p.get("name") == name), None)
+
+
+def _tocoad_details(row: dict[str, Any]) -> list[str]:
+    """A ToCoAD row's fit record: stage seconds, what stage II did to the backbone, its losses, stage I's check."""
+    s1, s2 = _phase(row, "stage1"), _phase(row, "stage2")
+    secs = " / ".join("-" if p is None else f"{p['seconds']:.0f}" for p in (s1, s2))
+    if s2 is None:
+        moved = cosine = sym = neg = "-"
+    else:
+        extra = s2.get("extra", {})
+        change = extra.get("backbone_change", {})
+        moved = f"{change.get('relative', float('nan')):.1e} ({change.get('largest_relative', float('nan')):.1e})"
+        cosine = " / ".join(f"{v:.4f}" for v in extra.get("feature_cosine", {}).values())
+        curve = extra.get("curve", {})
+        sym, neg = (f"{curve[k][0]:.3f} / {curve[k][-1]:.3f}" if curve.get(k) else "-" for k in ("sym", "neg"))
+    auroc = None if s1 is None else s1.get("extra", {}).get("synthetic_pixel_auroc")
+    return [secs, moved, cosine or "-", sym, neg, "-" if auroc is None else f"{100 * auroc:.2f}"]
+
+
+# part -> (column headers, a row's cells): a second table per dataset and row, from the fit record
+DETAILS: dict[str, tuple[list[str], Any]] = {
+    "tocoad": (
+        [
+            "stage I / II s",
+            "stage II weight change, relative (the most-moved tensor's own)",
+            "feature cosine per bank level",
+            "L_sym first / last tenth",
+            "L_neg first / last tenth",
+            "stage I synthetic px AUROC",
+        ],
+        _tocoad_details,
+    )
+}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -260,6 +330,16 @@ def render(report: dict[str, Any]) -> str:
                         + " | ".join(_fmt(m.get(k)) for k, _ in METRICS)
                         + f" | {fit} | {pred} |"
                     )
+        if part in DETAILS:
+            headers, cells = DETAILS[part]
+            lines += ["", "What each fit did (its fit record):", "", "| dataset | row | " + " | ".join(headers) + " |"]
+            lines.append("|---" * (len(headers) + 2) + "|")
+            lines += [
+                f"| {r['dataset']} | {r['row']} | " + " | ".join(cells(r)) + " |"
+                for n in names
+                for r in sel
+                if r["dataset"] == n
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     earlier = [json.loads(Path(f).read_text()) for f in a.resume]
     resumed: list[dict[str, Any]] = [r for e in earlier for r in e.get("rows", [])]
-    start, loads, rows = time.perf_counter(), [os.getloadavg()[0]], []
+    start, loads = time.perf_counter(), [os.getloadavg()[0]]
+    rows: list[dict[str, Any]] = []
     loads += [e[k] for e in earlier for k in ("load_min", "load_max") if k in e]
     started = min([e["started"] for e in earlier if "started" in e], default=None)
     started = started or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -344,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{SECTION}] {part} {name}: {row}", file=sys.stderr, flush=True)
             detector = ROWS[part][0]
-            spec = {
+            spec: dict[str, Any] = {
                 "name": f"{name}-{row}",
                 "model": detector,
                 "settings": settings,

@@ -101,3 +101,52 @@ def test_parts_run_side_by_side_are_merged_by_resume(tmp_path: Path) -> None:
     merged = json.loads(out.read_text())
     assert len(merged["rows"]) == len(planned) - 1 and merged["complete"] is False
     assert "INCOMPLETE" in md.read_text()
+
+
+def test_tocoad_part_plans_the_stage_ablation_table6_and_budgets_with_valid_settings() -> None:
+    from anomnet.detectors import create_detector
+
+    m = _module()
+    plan = m.plan(["tocoad"], {"all"})
+    rows = list(dict.fromkeys(p[3] for p in plan))
+    assert rows[:4] == [
+        "patchcore (no training, reweight=image)",
+        "no-training (PatchCore + eq. 9)",
+        "stage1-only",
+        "stage1+2 (default)",
+    ]
+    settings = {p[3]: p[4] for p in plan if p[1] == "bottle-128"}
+    assert settings["patchcore (no training, reweight=image)"] == {
+        "image_size": "128",
+        "stage1": "false",
+        "stage2": "false",
+        "reweight": "image",
+    }
+    assert settings["stage1+2 cross-entropy"]["disc_loss"] == "cross_entropy"
+    assert {"bottle-128", "PA_BTN01_RL-128"} <= {p[1] for p in plan}
+    for row, s in settings.items():  # every row's settings are ToCoAD's (a typo would fail the run, not here)
+        config = create_detector("tocoad", s).config
+        assert config.image_size == 128, row
+
+
+def test_tocoad_render_adds_what_each_fit_did_from_its_fit_record() -> None:
+    m = _module()
+    stage1 = {"name": "stage1", "seconds": 25.4, "extra": {"synthetic_pixel_auroc": 0.9871}}
+    stage2 = {
+        "name": "stage2",
+        "seconds": 47.3,
+        "extra": {
+            "backbone_change": {"relative": 6.1e-5, "largest_tensor": "x", "largest_relative": 5.6e-3},
+            "feature_cosine": {"stage3": 0.99541, "stage4": 0.99762},
+            "curve": {"sym": [-0.0008, -0.01, -0.0362], "neg": [0.045, 0.042]},
+        },
+    }
+    trained = _row("tocoad", "A", "stage1+2 (default)", 1.0) | {"fit_record": {"phases": [stage1, stage2]}}
+    frozen = _row("tocoad", "A", "no-training (PatchCore + eq. 9)", 1.0) | {"fit_record": {"phases": []}}
+    text = m.render(_report([frozen, trained], "python benchmarks/learned_stages.py --parts tocoad"))
+    assert "What each fit did (its fit record):" in text
+    assert "| A | stage1+2 (default) | 25 / 47 | 6.1e-05 (5.6e-03) | 0.9954 / 0.9976 | -0.001 / -0.036 |" in text
+    assert "| 0.045 / 0.042 | 98.71 |" in text
+    assert "| A | no-training (PatchCore + eq. 9) | - / - | - | - | - | - | - |" in text
+    # other parts get no such table
+    assert "What each fit did" not in m.render(_report([_row("cpr", "A", "steps-50", 1.0)], "c"))
