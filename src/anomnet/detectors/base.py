@@ -54,6 +54,9 @@ class DetectorConfig:
     # Rotation augmentation of the training images: each is also seen turned by 360 k / n degrees
     # (1 = off; 4 = the quarter turns). For parts whose pose varies on the line.
     train_rotations: int = 1
+    # How many of those poses each training input is seen in: 0 = all of them; k = its own pose and k - 1
+    # others drawn at random (seeded, per input) from the turned ones: the bank covers every pose at k / n the cost
+    train_rotation_samples: int = 0
     # "stretch": every image resized to the square; "pad": aspect ratio kept, the rest mirrored (anomnet.transforms);
     # "auto": pad when the training images' median long/short side is above transforms.PAD_RATIO, else stretch;
     # decided at fit and saved in its place
@@ -69,6 +72,7 @@ class DetectorConfig:
         "tile": (0, 16384),
         "tile_overlap": (0.0, 0.9),
         "train_rotations": (1, 36),
+        "train_rotation_samples": (0, 36),
     }
 
     def __post_init__(self) -> None:
@@ -89,6 +93,16 @@ class DetectorConfig:
                     lo = "-inf" if low is None else low
                     hi = "inf" if high is None else high
                     raise ConfigError(f"setting {f.name}={value!r} is out of range [{lo}, {hi}]")
+        if self.train_rotation_samples > self.train_rotations:
+            raise ConfigError(
+                f"setting train_rotation_samples={self.train_rotation_samples!r} is more than the "
+                f"train_rotations={self.train_rotations!r} poses it draws from"
+            )
+
+    @property
+    def poses_per_input(self) -> int:
+        """How many poses each training input is seen in (``train_rotation_samples`` of ``train_rotations``)."""
+        return self.train_rotation_samples or self.train_rotations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,12 +291,15 @@ class Detector(ABC):
         """What the network trains on, preprocessed, ``batch_size`` at a time: ``[b,3,S,S]``.
 
         The whole images resized, or with tiling their tiles; with ``train_rotations`` > 1 (and
-        ``augment``) each batch also in its turned poses. Every detector's fit (and any statistic
+        ``augment``) each batch also in its turned poses: all of them, or with ``train_rotation_samples``
+        = k each input in k - 1 turned poses drawn for it (seeded). Every detector's fit (and any statistic
         it takes over images) reads its inputs here, so tiling and rotation work for all of them.
         """
         if self.config.aspect == "auto":  # a fit that did not begin with start_fit: decided by these images
             self.resolve_aspect(samples)
         angles = rotation_angles(self.config.train_rotations) if augment else (0.0,)
+        drawn = self.config.poses_per_input if augment else 1
+        generator = torch.Generator().manual_seed(self.config.seed)
         if self.tiling is not None:
             batches: Iterator[torch.Tensor] = tiling.training_batches(
                 samples, self.tiling, self.preprocess, self.config.batch_size, progress
@@ -293,8 +310,15 @@ class Detector(ABC):
                 for b in iter_batches(samples, self.config.batch_size, size=self._load_size, progress=progress)
             )
         for images in batches:
-            for angle in angles:
-                yield images if angle == 0.0 else rotate(images, angle)
+            if drawn == len(angles):
+                for angle in angles:
+                    yield images if angle == 0.0 else rotate(images, angle)
+                continue
+            yield images
+            # per input, drawn - 1 distinct poses out of the turned ones (indices 1 .. n-1 of angles)
+            order = torch.rand(images.shape[0], len(angles) - 1, generator=generator).argsort(dim=1) + 1
+            for column in order[:, : drawn - 1].T:
+                yield _rotate_each(images, column, angles)
 
     @property
     def _load_size(self) -> int | None:
@@ -305,7 +329,7 @@ class Detector(ABC):
     def training_count(self, samples: Sequence[Sample], augment: bool = True) -> int:
         """How many inputs :meth:`training_batches` yields for ``samples`` (images, or tiles, times the poses)."""
         n = len(samples) if self.tiling is None else tiling.count_training_tiles(samples, self.tiling)
-        return n * (self.config.train_rotations if augment else 1)
+        return n * (self.config.poses_per_input if augment else 1)
 
     def input_owners(self, samples: Sequence[Sample]) -> InputOwners:
         """Tracks which of ``samples`` each input of :meth:`training_batches` comes from (leave-one-image-out)."""
@@ -313,7 +337,7 @@ class Detector(ABC):
             counts = [1] * len(samples)
         else:
             counts = [tiling.count_tiles(image_size(s.path), self.tiling) for s in samples]
-        return InputOwners(counts, self.config.train_rotations)
+        return InputOwners(counts, self.config.poses_per_input)
 
     @abstractmethod
     def predict_preprocessed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +444,15 @@ class Detector(ABC):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise ModelFormatError(f"{directory}: saved tensors do not fit the {name} detector ({exc})") from None
         return detector
+
+
+def _rotate_each(images: torch.Tensor, poses: torch.Tensor, angles: Sequence[float]) -> torch.Tensor:
+    """``images[i]`` turned by ``angles[poses[i]]``, in their order (one :func:`rotate` per distinct angle)."""
+    out = torch.empty_like(images)
+    for pose in poses.unique().tolist():
+        chosen = poses == pose
+        out[chosen] = rotate(images[chosen], angles[pose])
+    return out
 
 
 LEGACY_ASPECT = "stretch"

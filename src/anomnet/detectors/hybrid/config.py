@@ -19,7 +19,7 @@ NAME = "hybrid"
 # Settings of the hybrid every branch takes over when they are given (differ from DetectorConfig's defaults);
 # left at the defaults each branch keeps its own.
 SHARED = ("image_size", "crop", "batch_size", "tile", "tile_overlap", "tile_scales", "tile_score")
-SHARED_ALWAYS = ("seed", "train_rotations", "aspect")
+SHARED_ALWAYS = ("seed", "train_rotations", "train_rotation_samples", "aspect")
 SHARED_IF_KNOWN = ("backbone", "weights", "defects")  # passed to the branches that have the setting, when set
 
 
