@@ -3,6 +3,12 @@
 * ``rotated``: every image of a class (train and test alike) turned by its own random angle
   in [0, 360) degrees and cut to the largest centred square without empty corners; masks turned
   and cut the same way (nearest neighbour). A part whose pose varies on the line.
+* ``posed``: every image turned by its own random angle in [0, 360) degrees and then cut to a
+  window of a fixed side (``POSED_SIDE`` of the source's shorter side) at a random place where
+  the turned image covers it (no empty corners); a defective image's window holds its defect's
+  centre. Pose and placement vary, the scale does not (``rotated`` cuts the largest centred
+  square, so its scale follows the angle and the part stays centred). Masks turned and cut the
+  same way (nearest neighbour).
 * ``crops``: every image cut to a random window whose width and height are drawn independently
   from [0.4, 1] of the side; a defective image's window always holds its defect's centre. A
   square resize then stretches each image differently: crops of varying size and aspect ratio.
@@ -31,7 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-KINDS = ("rotated", "crops", "strips")
+KINDS = ("rotated", "posed", "crops", "strips")
+POSED_SIDE = 0.6  # the posed window, of the shorter side: it fits inside the image turned by any angle (< 0.707)
+POSED_TRIES = 1000  # placements tried per angle, angles per image, before the fallback
 STRIP_WIDTH = 0.4  # of the source's width; the strip keeps the full height
 RECIPE = ".stress.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -67,6 +75,56 @@ def _strip_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[in
     return left, 0, left + cw, h
 
 
+def _centre(mask: Image.Image | None) -> tuple[int, int] | None:
+    """The defect's centre (median of its mask's pixels), or None without a mask or on an empty one."""
+    if mask is None:
+        return None
+    ys, xs = np.nonzero(np.asarray(mask) > 127)
+    return (int(np.median(xs)), int(np.median(ys))) if len(xs) else None
+
+
+def _placement(
+    covered: np.ndarray, side: int, rng: np.random.Generator, centre: tuple[int, int] | None
+) -> tuple[int, int, int, int] | None:
+    """A ``side`` square window at a random place whose corners (and 2 px beyond) the turned image covers,
+    holding ``centre`` when given; None when no try found one."""
+    h, w = covered.shape
+    for _ in range(POSED_TRIES):
+        if centre is None:
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        else:
+            cx, cy = centre
+            left = int(rng.integers(max(0, cx - side + 1), min(cx, w - side) + 1))
+            top = int(rng.integers(max(0, cy - side + 1), min(cy, h - side) + 1))
+        xs = (max(0, left - 2), min(w - 1, left + side + 1))
+        ys = (max(0, top - 2), min(h - 1, top + side + 1))
+        if all(covered[y, x] for y in ys for x in xs):  # the covered area is convex: corners inside, all inside
+            return left, top, left + side, top + side
+    return None
+
+
+def _posed(
+    img: Image.Image, mask: Image.Image | None, rng: np.random.Generator
+) -> tuple[Image.Image, Image.Image | None, float, tuple[int, int, int, int]]:
+    """``img`` (and ``mask``) turned by a random angle and cut to a ``POSED_SIDE`` window at a random covered
+    place holding the defect's centre; the angle and the window. An angle that turns the defect out of the
+    frame, or leaves no window for it, is drawn again; the last try is the unturned image."""
+    w, h = img.size
+    side = max(1, int(POSED_SIDE * min(w, h)))
+    for attempt in range(POSED_TRIES):
+        angle = float(rng.uniform(0.0, 360.0)) if attempt < POSED_TRIES - 1 else 0.0
+        covered = np.asarray(Image.new("L", (w, h), 255).rotate(angle, resample=Image.Resampling.NEAREST)) > 0
+        turned = None if mask is None else mask.rotate(angle, resample=Image.Resampling.NEAREST)
+        centre = _centre(turned)
+        if turned is not None and centre is None and _centre(mask) is not None:
+            continue  # the defect turned out of the frame
+        box = _placement(covered, side, rng, centre)
+        if box is not None:
+            out = img.rotate(angle, resample=Image.Resampling.BILINEAR).crop(box)
+            return out, None if turned is None else turned.crop(box), angle, box
+    raise SystemExit("stress: no posed window found")  # unreachable: unturned, any window is covered
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
@@ -86,7 +144,9 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
     if not (source / "train" / "good").is_dir():
         raise SystemExit(f"stress: {source} is not an MVTec-layout class (no train/good)")
     target = out / f"{source.name}-{kind}"
-    recipe = {"source": str(source.resolve()), "kind": kind, "seed": seed, "version": 1}
+    recipe: dict[str, object] = {"source": str(source.resolve()), "kind": kind, "seed": seed, "version": 1}
+    if kind == "posed":
+        recipe["side"] = POSED_SIDE
     if (target / RECIPE).is_file() and json.loads((target / RECIPE).read_text()) == recipe:
         return target
     staging = out / f".{target.name}.partial"
@@ -111,13 +171,10 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
             angle = float(rng.uniform(0.0, 360.0))
             img = _rotate(img, angle, Image.Resampling.BILINEAR)
             mask = None if mask is None else _rotate(mask, angle, Image.Resampling.NEAREST)
+        elif kind == "posed":
+            img, mask, _, _ = _posed(img, mask, rng)
         else:
-            centre = None
-            if mask is not None:
-                ys, xs = np.nonzero(np.asarray(mask) > 127)
-                if len(xs):
-                    centre = (int(np.median(xs)), int(np.median(ys)))
-            box = (_crop_box if kind == "crops" else _strip_box)(img.size, rng, centre)
+            box = (_crop_box if kind == "crops" else _strip_box)(img.size, rng, _centre(mask))
             img = img.crop(box)
             mask = None if mask is None else mask.crop(box)
         img_out.parent.mkdir(parents=True, exist_ok=True)
