@@ -47,8 +47,9 @@ METRICS = (("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("au_pro@0
 
 
 def sources(names: list[str], root: Path) -> dict[str, Path]:
-    """Source name -> MVTec-layout folder: ``bottle``, a PIPED class, ``all``, or a folder's path."""
-    known = {"bottle": root / "mvtec_ad" / "bottle", **{c: root / "piped" / c for c in PIPED_CLASSES}}
+    """Source name -> MVTec-layout folder: ``bottle``, a PIPED class, ``all`` (the PIPED classes, then bottle),
+    or a folder's path."""
+    known = {**{c: root / "piped" / c for c in PIPED_CLASSES}, "bottle": root / "mvtec_ad" / "bottle"}
     out: dict[str, Path] = {}
     for name in names:
         if name == "all":
