@@ -8,9 +8,11 @@ Writes ``benchmarks/pose.json`` and the ``pose`` section of BENCHMARKS.md::
 Datasets: MVTec AD bottle and the eight PIPED classes (or MVTec-layout folders given by path), each
 as it is (``source``) and as its ``posed`` stress variant (benchmarks/stress.py: every image turned
 by its own random angle and cut to a window of 60 % of its side at a random covered place; written
-under ``runs/stress`` on first use). Per dataset, variant, detector and rotation setting the detector
-is fitted at its defaults otherwise on every good training image (no calibration: the metrics here
-need none) and its test split scored: image AUROC, pixel AUROC, AU-PRO@0.3, fit and test seconds.
+under ``runs/stress`` on first use; ``--kinds rotated`` adds the suite's ``rotated`` variant: every
+image turned and cut to the largest centred square, so its scale follows the angle). Per dataset,
+variant, detector and rotation setting the detector is fitted at its defaults otherwise on every
+good training image (no calibration: the metrics here need none) and its test split scored: image
+AUROC, pixel AUROC, AU-PRO@0.3, fit and test seconds.
 Rotation settings: ``r1`` (the default, no augmentation), ``r8`` (``train_rotations=8``: every
 image in 8 poses), ``r8s2`` (``train_rotation_samples=2``: each image in its own pose and one of
 the 7 turned ones drawn for it). The sources run at ``r1`` only: the target is a posed variant
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 SECTION = "pose"
 MODELS = ("patchcore", "anomnet")
+KINDS = ("posed", "rotated")  # stress variants of benchmarks/stress.py
 SETTINGS: dict[str, dict[str, str]] = {
     "r1": {},
     "r8": {"train_rotations": "8"},
@@ -102,51 +105,54 @@ def render(report: dict[str, Any]) -> str:
         "dataset and tested on its test split. posed: the stress variant of benchmarks/stress.py (every "
         "image, train and test, turned by its own random angle and cut to a window of "
         f"{100 * report['posed_side']:.0f} % of its side at a random place the turned image covers; a "
-        "defective image's window holds its defect's centre); source: the dataset as it is. Settings: r1 "
+        "defective image's window holds its defect's centre); rotated: the suite's variant (every image turned "
+        "and cut to the largest centred square: the part stays centred, its scale follows the angle); source: "
+        "the dataset as it is. Settings: r1 "
         "the default (no augmentation); r8 `train_rotations=8` (every training image in 8 poses, 45 degrees "
         "apart); r8s2 `train_rotations=8 train_rotation_samples=2` (each image in its own pose and one of "
         f"the 7 turned ones, drawn for it). Image size: 256 (the default) except {sizes}. "
-        "Δ: posed minus source (r1), in points. Fit: seconds, and as a multiple of the r1 fit on the "
+        "Δ: variant minus source (r1), in points. Fit: seconds, and as a multiple of the r1 fit on the "
         "same variant run just before it.",
         "",
-        "| dataset | detector | setting | img AUROC source / posed (Δ) | AU-PRO@0.3 source / posed (Δ) "
-        "| px AUROC posed | fit s (x r1) | test s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | variant | detector | setting | img AUROC source / variant (Δ) "
+        "| AU-PRO@0.3 source / variant (Δ) | px AUROC variant | fit s (x r1) | test s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    means: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for ds in report["datasets"]:
-        for model in report["models"]:
-            src = _find(rows, dataset=ds, variant="source", model=model, setting="r1")
-            base = _find(rows, dataset=ds, variant="posed", model=model, setting="r1")
-            for setting in SETTINGS:
-                row = _find(rows, dataset=ds, variant="posed", model=model, setting=setting)
-                if row is None:
-                    continue
-                cells = []
-                for key in ("image_auroc", "au_pro@0.3"):
-                    s = None if src is None else src["metrics"].get(key)
-                    p = row["metrics"].get(key)
-                    delta = "" if s is None or p is None else f" ({100 * (p - s):+.2f})"
-                    cells.append(f"{_fmt(s)} / {_fmt(p)}{delta}")
-                    if ds.startswith("PA_") and s is not None and p is not None:
-                        group = means.setdefault((model, setting), {})
-                        group.setdefault(f"{key}:source", []).append(s)
-                        group.setdefault(f"{key}:posed", []).append(p)
-                ratio = "" if base is None else f" ({row['fit_s'] / base['fit_s']:.1f})"
-                lines.append(
-                    f"| {ds} | {model} | {setting} | {cells[0]} | {cells[1]} | "
-                    f"{_fmt(row['metrics'].get('pixel_auroc'))} | {row['fit_s']:.1f}{ratio} | {row['test_s']:.1f} |"
-                )
-    for (model, setting), vals in sorted(means.items(), key=lambda kv: (kv[0][0], list(SETTINGS).index(kv[0][1]))):
-        n = len(vals["image_auroc:posed"])
+    means: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for ds, kind, model in ((d, k, m) for d in report["datasets"] for k in KINDS for m in report["models"]):
+        src = _find(rows, dataset=ds, variant="source", model=model, setting="r1")
+        base = _find(rows, dataset=ds, variant=kind, model=model, setting="r1")
+        for setting in SETTINGS:
+            row = _find(rows, dataset=ds, variant=kind, model=model, setting=setting)
+            if row is None:
+                continue
+            cells = []
+            for key in ("image_auroc", "au_pro@0.3"):
+                s = None if src is None else src["metrics"].get(key)
+                p = row["metrics"].get(key)
+                delta = "" if s is None or p is None else f" ({100 * (p - s):+.2f})"
+                cells.append(f"{_fmt(s)} / {_fmt(p)}{delta}")
+                if ds.startswith("PA_") and s is not None and p is not None:
+                    group = means.setdefault((kind, model, setting), {})
+                    group.setdefault(f"{key}:source", []).append(s)
+                    group.setdefault(f"{key}:variant", []).append(p)
+            ratio = "" if base is None else f" ({row['fit_s'] / base['fit_s']:.1f})"
+            lines.append(
+                f"| {ds} | {kind} | {model} | {setting} | {cells[0]} | {cells[1]} | "
+                f"{_fmt(row['metrics'].get('pixel_auroc'))} | {row['fit_s']:.1f}{ratio} | {row['test_s']:.1f} |"
+            )
+    order = {(k, m, s): (KINDS.index(k), MODELS.index(m), list(SETTINGS).index(s)) for k, m, s in means}
+    for (kind, model, setting), vals in sorted(means.items(), key=lambda kv: order[kv[0]]):
+        n = len(vals["image_auroc:variant"])
         cells = []
         for key in ("image_auroc", "au_pro@0.3"):
-            s, p = statistics.mean(vals[f"{key}:source"]), statistics.mean(vals[f"{key}:posed"])
+            s, p = statistics.mean(vals[f"{key}:source"]), statistics.mean(vals[f"{key}:variant"])
             cells.append(f"{_fmt(s)} / {_fmt(p)} ({100 * (p - s):+.2f})")
-        within = sum(p >= s - 0.01 for s, p in zip(vals["image_auroc:source"], vals["image_auroc:posed"], strict=True))
+        pairs = zip(vals["image_auroc:source"], vals["image_auroc:variant"], strict=True)
+        within = sum(p >= s - 0.01 for s, p in pairs)
         lines.append(
-            f"| PIPED mean ({n} classes; {within} within 1 point) | {model} | {setting} | {cells[0]} | {cells[1]} "
-            "| | | |"
+            f"| PIPED mean ({n} classes; {within} within 1 point) | {kind} | {model} | {setting} | {cells[0]} "
+            f"| {cells[1]} | | | |"
         )
     lines.append("")
     return "\n".join(lines) + "\n"
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"rotation settings on the posed variants ({', '.join(SETTINGS)}); the sources run r1",
     )
     p.add_argument("--anomnet-settings", default="r1", help="rotation settings of anomnet on the posed variants")
+    p.add_argument("--kinds", default="posed", help=f"comma-separated stress variants ({', '.join(KINDS)})")
     p.add_argument("--bottle-size", type=int, default=128, help="image_size of the bottle rows (its images are 900 px)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every row")
     p.add_argument("--shared", default=str(SHARED), help="the datasets folder (mvtec_ad/bottle, piped/<class>)")
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     per_model = {m: [s for s in (a.anomnet_settings if m == "anomnet" else a.settings).split(",") if s] for m in models}
     if unknown := sorted({s for ss in per_model.values() for s in ss} - set(SETTINGS)):
         raise SystemExit(f"pose_study: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    kinds = [k for k in a.kinds.split(",") if k]
+    if unknown := [k for k in kinds if k not in KINDS]:
+        raise SystemExit(f"pose_study: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     extra = dict(kv.split("=", 1) for kv in a.set)
     chosen = sources([n for n in a.datasets.split(",") if n], Path(a.shared))
     old: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
@@ -212,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     for name, src in chosen.items():
-        variants = {"source": src, "posed": stress.make_variant(src, "posed", Path(a.runs) / "stress")}
+        variants = {"source": src, **{k: stress.make_variant(src, k, Path(a.runs) / "stress") for k in kinds}}
         size = {"image_size": str(sizes[name])} if name in sizes else {}
         for model in models:
-            plan = [("source", "r1"), ("posed", "r1")] + [("posed", s) for s in per_model[model]]
+            plan = [("source", "r1")] + [(k, s) for k in kinds for s in ["r1", *per_model[model]]]
             for variant, setting in dict.fromkeys(plan):
                 if _find(rows, dataset=name, variant=variant, model=model, setting=setting):
                     continue

@@ -30,11 +30,16 @@ def test_driver_measures_source_and_posed_resumes_and_renders(tmp_path: Path, ca
     assert "<!-- bench:other -->\nkept" in text
     assert "<!-- bench:pose -->\n## pose: parts in any pose" in text
     assert "Command: `python benchmarks/pose_study.py" in text
-    assert "| PA_TINY | patchcore | r8s2 |" in text and "| PIPED mean (1 classes; " in text
+    assert "| PA_TINY | posed | patchcore | r8s2 |" in text and "| PIPED mean (1 classes; " in text
 
     # a second run measures nothing again; --render rewrites the section from the JSON alone
     assert pose_study.main(args) == 0
     assert json.loads(out.read_text())["rows"] == rows
     md.write_text("")
     assert pose_study.main(["--render", "--out", str(out), "--markdown", str(md)]) == 0
-    assert "| PA_TINY | patchcore | r1 |" in md.read_text()
+    assert "| PA_TINY | posed | patchcore | r1 |" in md.read_text()
+    # another variant adds its rows beside the kept ones
+    assert pose_study.main([*args, "--kinds", "rotated", "--settings", ""]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["setting"]) for r in rows[3:]] == [("rotated", "r1")]
+    assert "| PA_TINY | rotated | patchcore | r1 |" in md.read_text()
