@@ -55,7 +55,9 @@ def _rotate(img: Image.Image, angle: float, resample: Image.Resampling) -> Image
     return out.crop((left, top, left + side, top + side))
 
 
-def _crop_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[int, int] | None) -> tuple[int, ...]:
+def _crop_box(
+    size: tuple[int, int], rng: np.random.Generator, centre: tuple[int, int] | None
+) -> tuple[int, int, int, int]:
     w, h = size
     cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
     if centre is None:
@@ -67,7 +69,9 @@ def _crop_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[int
     return left, top, left + cw, top + ch
 
 
-def _strip_box(size: tuple[int, int], rng: np.random.Generator, centre: tuple[int, int] | None) -> tuple[int, ...]:
+def _strip_box(
+    size: tuple[int, int], rng: np.random.Generator, centre: tuple[int, int] | None
+) -> tuple[int, int, int, int]:
     w, h = size
     cw = max(1, round(w * STRIP_WIDTH))
     lo, hi = (0, w - cw) if centre is None else (max(0, centre[0] - cw + 1), min(centre[0], w - cw))
@@ -153,17 +157,17 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     rng = np.random.default_rng(seed)
     jobs: list[tuple[Path, Path, Path | None, Path | None]] = []
-    for img in _images(source / "train" / "good"):
-        jobs.append((img, staging / "train" / "good" / img.name, None, None))
+    for path in _images(source / "train" / "good"):
+        jobs.append((path, staging / "train" / "good" / path.name, None, None))
     for folder in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
-        for img in _images(folder):
-            mask = None if folder.name == "good" else _mask_of(source, folder.name, img)
-            mask_out = None if mask is None else staging / "ground_truth" / folder.name / mask.name
-            jobs.append((img, staging / "test" / folder.name / img.name, mask, mask_out))
+        for path in _images(folder):
+            mask_of = None if folder.name == "good" else _mask_of(source, folder.name, path)
+            mask_out = None if mask_of is None else staging / "ground_truth" / folder.name / mask_of.name
+            jobs.append((path, staging / "test" / folder.name / path.name, mask_of, mask_out))
     for img_path, img_out, mask_path, mask_out in jobs:
-        img = Image.open(img_path)
+        img: Image.Image = Image.open(img_path)
         img.load()
-        mask = None
+        mask: Image.Image | None = None
         if mask_path is not None:
             mask = Image.open(mask_path).convert("L")
             mask.load()

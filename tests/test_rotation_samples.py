@@ -9,6 +9,7 @@ import torch
 
 from anomnet.data import load_dataset
 from anomnet.detectors import create_detector
+from anomnet.detectors.hybrid.config import HybridConfig
 from anomnet.errors import ConfigError
 from anomnet.transforms import rotate, rotation_angles
 
@@ -55,7 +56,9 @@ def test_patchcore_bank_from_sampled_poses_knows_its_owners(folder_dataset: Path
     for name, extra in {"off": {}, "sampled": {"train_rotations": 8, "train_rotation_samples": 2}}.items():
         det = create_detector("patchcore", {**base, **extra})
         det.fit(split.train, split.validation, progress=False)
-        sizes[name] = det.model.memory_bank.shape[0]
+        bank = det.model.memory_bank
+        assert isinstance(bank, torch.Tensor)
+        sizes[name] = bank.shape[0]
         assert det.supports_leave_out
     assert sizes["sampled"] == 2 * sizes["off"]
 
@@ -63,4 +66,5 @@ def test_patchcore_bank_from_sampled_poses_knows_its_owners(folder_dataset: Path
 def test_the_hybrid_gives_its_branches_the_sampled_poses() -> None:
     settings = {"branches": "patchcore,anomnet", "train_rotations": 8, "train_rotation_samples": 2}
     det = create_detector("hybrid", settings)
+    assert isinstance(det.config, HybridConfig)
     assert {c["train_rotation_samples"] for c in det.config.branch_configs.values()} == {2}
