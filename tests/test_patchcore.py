@@ -134,3 +134,22 @@ def test_chunked_coreset_bounds_the_buffer(folder_dataset) -> None:
     n = len(split.train) * 64
     expected = sum(max(1, round(0.1 * min(100, n - s))) for s in range(0, n, 100))
     assert det.memory_bank.shape[0] == expected
+
+
+@pytest.mark.parametrize("chunk", [200_000, 100])
+def test_coreset_max_caps_the_bank_and_leaves_small_banks_alone(folder_dataset, chunk: int) -> None:
+    """Above ``coreset_max`` patches the share kept drops for every chunk, so the bank holds about the cap."""
+    split = load_dataset(folder_dataset)
+    n = len(split.train) * 64  # 8 x 8 patches per 64 px image
+    capped = create_detector(
+        "patchcore", {**SMALL, "coreset_ratio": "0.5", "coreset_max": "20", "coreset_chunk": chunk}
+    )
+    capped.fit(split.train, split.validation, progress=False)
+    chunks = -(-n // min(chunk, n))
+    assert 20 - chunks <= capped.memory_bank.shape[0] <= 20 + chunks  # rounding: within a patch per chunk
+    assert capped.fit_record.phases[1].extra == {"patches": n, "ratio": 20 / n}
+    loose = create_detector("patchcore", {**SMALL, "coreset_max": str(n)})  # 10 % of n is below the cap
+    loose.fit(split.train, split.validation, progress=False)
+    assert loose.memory_bank.shape[0] == round(0.1 * n)
+    with pytest.raises(ConfigError):
+        create_detector("patchcore", {"coreset_max": "-1"})

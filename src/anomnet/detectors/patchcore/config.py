@@ -20,6 +20,7 @@ class PatchCoreConfig(DetectorConfig):
     patch_size: int = 3  # neighbourhood of the local aggregation (odd)
     embed_dim: int | None = None  # channel pooling of the concatenated features (None: keep all)
     coreset_ratio: float = 0.1
+    coreset_max: int = 0  # most patches in the bank (0: no limit); above it the ratio is lowered for every chunk
     coreset_projection: int = 32  # dimensions of the random projection used by the coreset distances
     coreset_chunk: int = 200_000  # patches per greedy pass: bounds memory and makes time linear in images
     num_neighbors: int = 9  # bank neighbours used by the re-weighted image score
@@ -31,6 +32,7 @@ class PatchCoreConfig(DetectorConfig):
         "patch_size": (1, 31),
         "embed_dim": (1, None),
         "coreset_ratio": (1e-9, 1.0),
+        "coreset_max": (0, None),
         "coreset_projection": (0, None),
         "coreset_chunk": (1, None),
         "num_neighbors": (1, None),

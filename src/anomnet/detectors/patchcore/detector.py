@@ -90,6 +90,7 @@ class PatchCore(Detector):
         bar = "features" if progress else None
         t_features = t_coreset = 0.0
         owners = self.input_owners(train)
+        total, ratio = 0, self.config.coreset_ratio
         clock = time.perf_counter()
         for images in self.training_batches(train, bar):  # whole images, or tiles
             f = extract(images)
@@ -98,7 +99,9 @@ class PatchCore(Detector):
             while f.shape[0]:
                 if buf is None:  # allocated once: patches per image are fixed by the input size
                     per_image = f.shape[0] // images.shape[0]
-                    buf = torch.empty(min(chunk, per_image * self.training_count(train)), f.shape[1])
+                    total = per_image * self.training_count(train)
+                    ratio = self.coreset_share(total)
+                    buf = torch.empty(min(chunk, total), f.shape[1])
                     owner_buf = torch.empty(buf.shape[0], dtype=torch.int32)
                 take = min(buf.shape[0] - filled, f.shape[0])
                 buf[filled : filled + take] = f[:take]
@@ -107,7 +110,7 @@ class PatchCore(Detector):
                 if filled == buf.shape[0]:
                     now = time.perf_counter()
                     t_features += now - clock
-                    idx = self._subsample(buf[:filled], progress)
+                    idx = self._subsample(buf[:filled], ratio, progress)
                     kept.append(buf[idx].clone())
                     kept_owner.append(owner_buf[idx].clone())
                     clock = time.perf_counter()
@@ -118,22 +121,32 @@ class PatchCore(Detector):
         if buf is None:
             raise ConfigError("PatchCore got no training inputs")
         if filled:
-            idx = self._subsample(buf[:filled], progress)
+            idx = self._subsample(buf[:filled], ratio, progress)
             kept.append(buf[idx].clone())
             kept_owner.append(owner_buf[idx].clone())
         t_coreset += time.perf_counter() - now
         del buf
         self.fit_record.phases.append(PhaseRecord(name="features", seconds=t_features))
-        self.fit_record.phases.append(PhaseRecord(name="coreset", seconds=t_coreset))
+        self.fit_record.phases.append(
+            PhaseRecord(name="coreset", seconds=t_coreset, extra={"patches": total, "ratio": ratio})
+        )
         bank = torch.cat(kept) if len(kept) > 1 else kept[0]
         with timed_phase(self.fit_record, "index", patches=int(bank.shape[0])):
             self.model.set_bank(bank, self.config.nn_backend, self.config.nn_probe)
         self.model.bank_owner = torch.cat(kept_owner) if owners.complete() else None
 
-    def _subsample(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
-        """Row indices of the coreset of one chunk of patch features."""
+    def coreset_share(self, patches: int) -> float:
+        """The share of the training patches the bank keeps: ``coreset_ratio``, lowered so that at most
+        ``coreset_max`` of ``patches`` are kept when that is set."""
         c = self.config
-        count = max(1, int(round(c.coreset_ratio * features.shape[0])))
+        if c.coreset_max and c.coreset_ratio * patches > c.coreset_max:
+            return c.coreset_max / patches
+        return c.coreset_ratio
+
+    def _subsample(self, features: torch.Tensor, ratio: float, progress: bool) -> torch.Tensor:
+        """Row indices of the coreset of one chunk of patch features, ``ratio`` of its rows."""
+        c = self.config
+        count = max(1, int(round(ratio * features.shape[0])))
         return greedy_coreset(features, count, c.coreset_projection, c.seed, progress=progress)
 
     # -- leave-one-image-out -------------------------------------------------------------
