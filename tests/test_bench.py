@@ -127,6 +127,7 @@ OWN_DRIVERS = {
     "learned-stages": "learned_stages.py",
     "scaling-curves": "scaling_curves.py",
     "aspect": "aspect_study.py",
+    "pose": "pose_study.py",
 }
 
 
