@@ -9,7 +9,8 @@ Datasets: MVTec AD bottle and the eight PIPED classes (or MVTec-layout folders g
 as it is (``source``) and as its ``posed`` stress variant (benchmarks/stress.py: every image turned
 by its own random angle and cut to a window of 60 % of its side at a random covered place; written
 under ``runs/stress`` on first use; ``--kinds rotated`` adds the suite's ``rotated`` variant: every
-image turned and cut to the largest centred square, so its scale follows the angle). Per dataset,
+image turned and cut to the largest centred square, so its scale follows the angle; ``unseen-poses``:
+posed test images, training images only placed). Per dataset,
 variant, detector and rotation setting the detector is fitted at its defaults otherwise on every
 good training image (no calibration: the metrics here need none) and its test split scored: image
 AUROC, pixel AUROC, AU-PRO@0.3, fit and test seconds.
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 SECTION = "pose"
 MODELS = ("patchcore", "anomnet")
-KINDS = ("posed", "rotated")  # stress variants of benchmarks/stress.py
+KINDS = ("posed", "rotated", "unseen-poses")  # stress variants of benchmarks/stress.py
 SETTINGS: dict[str, dict[str, str]] = {
     "r1": {},
     "r8": {"train_rotations": "8"},
@@ -106,7 +107,9 @@ def render(report: dict[str, Any]) -> str:
         "image, train and test, turned by its own random angle and cut to a window of "
         f"{100 * report['posed_side']:.0f} % of its side at a random place the turned image covers; a "
         "defective image's window holds its defect's centre); rotated: the suite's variant (every image turned "
-        "and cut to the largest centred square: the part stays centred, its scale follows the angle); source: "
+        "and cut to the largest centred square: the part stays centred, its scale follows the angle); "
+        "unseen-poses: as posed, but the training images only placed, not turned (test poses the training "
+        "never shows); source: "
         "the dataset as it is. Settings: r1 "
         "the default (no augmentation); r8 `train_rotations=8` (every training image in 8 poses, 45 degrees "
         "apart); r8s2 `train_rotations=8 train_rotation_samples=2` (each image in its own pose and one of "

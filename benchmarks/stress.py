@@ -9,6 +9,8 @@
   centre. Pose and placement vary, the scale does not (``rotated`` cuts the largest centred
   square, so its scale follows the angle and the part stays centred). Masks turned and cut the
   same way (nearest neighbour).
+* ``unseen-poses``: as ``posed``, but the training images are only placed (cut to the window at a
+  random place, not turned): the test images come in poses the training images never show.
 * ``crops``: every image cut to a random window whose width and height are drawn independently
   from [0.4, 1] of the side; a defective image's window always holds its defect's centre. A
   square resize then stretches each image differently: crops of varying size and aspect ratio.
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-KINDS = ("rotated", "posed", "crops", "strips")
+KINDS = ("rotated", "posed", "unseen-poses", "crops", "strips")
 POSED_SIDE = 0.6  # the posed window, of the shorter side: it fits inside the image turned by any angle (< 0.707)
 POSED_TRIES = 1000  # placements tried per angle, angles per image, before the fallback
 STRIP_WIDTH = 0.4  # of the source's width; the strip keeps the full height
@@ -108,15 +110,16 @@ def _placement(
 
 
 def _posed(
-    img: Image.Image, mask: Image.Image | None, rng: np.random.Generator
+    img: Image.Image, mask: Image.Image | None, rng: np.random.Generator, turn: bool = True
 ) -> tuple[Image.Image, Image.Image | None, float, tuple[int, int, int, int]]:
-    """``img`` (and ``mask``) turned by a random angle and cut to a ``POSED_SIDE`` window at a random covered
-    place holding the defect's centre; the angle and the window. An angle that turns the defect out of the
-    frame, or leaves no window for it, is drawn again; the last try is the unturned image."""
+    """``img`` (and ``mask``) turned by a random angle (``turn``; else not turned) and cut to a ``POSED_SIDE``
+    window at a random covered place holding the defect's centre; the angle and the window. An angle that
+    turns the defect out of the frame, or leaves no window for it, is drawn again; the last try is the
+    unturned image."""
     w, h = img.size
     side = max(1, int(POSED_SIDE * min(w, h)))
     for attempt in range(POSED_TRIES):
-        angle = float(rng.uniform(0.0, 360.0)) if attempt < POSED_TRIES - 1 else 0.0
+        angle = float(rng.uniform(0.0, 360.0)) if turn and attempt < POSED_TRIES - 1 else 0.0
         covered = np.asarray(Image.new("L", (w, h), 255).rotate(angle, resample=Image.Resampling.NEAREST)) > 0
         turned = None if mask is None else mask.rotate(angle, resample=Image.Resampling.NEAREST)
         centre = _centre(turned)
@@ -149,7 +152,7 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
         raise SystemExit(f"stress: {source} is not an MVTec-layout class (no train/good)")
     target = out / f"{source.name}-{kind}"
     recipe: dict[str, object] = {"source": str(source.resolve()), "kind": kind, "seed": seed, "version": 1}
-    if kind == "posed":
+    if kind in ("posed", "unseen-poses"):
         recipe["side"] = POSED_SIDE
     if (target / RECIPE).is_file() and json.loads((target / RECIPE).read_text()) == recipe:
         return target
@@ -175,8 +178,9 @@ def make_variant(source: Path, kind: str, out: Path, seed: int = 0) -> Path:
             angle = float(rng.uniform(0.0, 360.0))
             img = _rotate(img, angle, Image.Resampling.BILINEAR)
             mask = None if mask is None else _rotate(mask, angle, Image.Resampling.NEAREST)
-        elif kind == "posed":
-            img, mask, _, _ = _posed(img, mask, rng)
+        elif kind in ("posed", "unseen-poses"):
+            training = img_out.relative_to(staging).parts[0] == "train"
+            img, mask, _, _ = _posed(img, mask, rng, turn=kind == "posed" or not training)
         else:
             box = (_crop_box if kind == "crops" else _strip_box)(img.size, rng, _centre(mask))
             img = img.crop(box)

@@ -90,3 +90,24 @@ def test_existing_kinds_are_unchanged_and_reused(tmp_path: Path) -> None:
     assert len(first) == len(rotated) == 15
     with pytest.raises(SystemExit, match="unknown kind"):
         stress.make_variant(source, "twisted", tmp_path / "out")
+
+
+def test_unseen_poses_turn_only_the_test_images(tmp_path: Path) -> None:
+    source = _mvtec(tmp_path / "part")
+    out = stress.make_variant(source, "unseen-poses", tmp_path / "out")
+    assert out.name == "part-unseen-poses"
+    side = int(stress.POSED_SIDE * 64)
+    train = sorted((source / "train" / "good").iterdir())
+    for path in train:  # a training image is a window of its source, not turned
+        src, got = np.asarray(Image.open(path)), np.asarray(Image.open(out / "train" / "good" / path.name))
+        assert got.shape[:2] == (side, side)
+        assert any(
+            np.array_equal(src[t : t + side, x : x + side], got)
+            for t in range(64 - side + 1)
+            for x in range(64 - side + 1)
+        )
+    test = np.asarray(Image.open(source / "test" / "good" / "000.png"))
+    turned = np.asarray(Image.open(out / "test" / "good" / "000.png"))
+    windows = (test[t : t + side, x : x + side] for t in range(64 - side + 1) for x in range(64 - side + 1))
+    assert not any(np.array_equal(w, turned) for w in windows)  # a test image is turned
+    assert all((np.asarray(Image.open(p)) > 127).any() for p in (out / "ground_truth" / "dent").iterdir())
