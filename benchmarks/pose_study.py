@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 SECTION = "pose"
 MODELS = ("patchcore", "anomnet")
-KINDS = ("posed", "rotated", "unseen-poses")  # stress variants of benchmarks/stress.py
+KINDS = ("source", "posed", "rotated", "unseen-poses")  # the dataset itself, stress variants of benchmarks/stress.py
 SETTINGS: dict[str, dict[str, str]] = {
     "r1": {},
     "r8": {"train_rotations": "8"},
@@ -110,7 +110,7 @@ def render(report: dict[str, Any]) -> str:
         "and cut to the largest centred square: the part stays centred, its scale follows the angle); "
         "unseen-poses: as posed, but the training images only placed, not turned (test poses the training "
         "never shows); source: "
-        "the dataset as it is. Settings: r1 "
+        "the dataset as it is (a source row with a setting: that augmentation on the dataset itself). Settings: r1 "
         "the default (no augmentation); r8 `train_rotations=8` (every training image in 8 poses, 45 degrees "
         "apart); r8s2 `train_rotations=8 train_rotation_samples=2` (each image in its own pose and one of "
         f"the 7 turned ones, drawn for it). Image size: 256 (the default) except {sizes}. "
@@ -127,7 +127,7 @@ def render(report: dict[str, Any]) -> str:
         base = _find(rows, dataset=ds, variant=kind, model=model, setting="r1")
         for setting in SETTINGS:
             row = _find(rows, dataset=ds, variant=kind, model=model, setting=setting)
-            if row is None:
+            if row is None or (kind == "source" and setting == "r1"):  # the reference of every row
                 continue
             cells = []
             for key in ("image_auroc", "au_pro@0.3"):
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     for name, src in chosen.items():
-        variants = {"source": src, **{k: stress.make_variant(src, k, Path(a.runs) / "stress") for k in kinds}}
+        made = {k: stress.make_variant(src, k, Path(a.runs) / "stress") for k in kinds if k != "source"}
+        variants = {"source": src, **made}
         size = {"image_size": str(sizes[name])} if name in sizes else {}
         for model in models:
             plan = [("source", "r1")] + [(k, s) for k in kinds for s in ["r1", *per_model[model]]]

@@ -43,3 +43,8 @@ def test_driver_measures_source_and_posed_resumes_and_renders(tmp_path: Path, ca
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["setting"]) for r in rows[3:]] == [("rotated", "r1")]
     assert "| PA_TINY | rotated | patchcore | r1 |" in md.read_text()
+    # the augmentation on the dataset itself: a row beside its r1 reference, which is not repeated
+    assert pose_study.main([*args, "--kinds", "source"]) == 0
+    assert [(r["variant"], r["setting"]) for r in json.loads(out.read_text())["rows"][4:]] == [("source", "r8s2")]
+    text = md.read_text()
+    assert "| PA_TINY | source | patchcore | r8s2 |" in text and "| PA_TINY | source | patchcore | r1 |" not in text
