@@ -27,7 +27,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "patchcore": {},
     "anomnet": {"num_centroids": 8, "stage1_epochs": 1, "stage2_epochs": 1, "init_samples": 500},
     "efficientad": {"steps": 2, "distill_steps": 1, "distill_crop": 64, "pool_limit": 2, "bf16": False},
-    "tocoad": {"train_batch_size": 2, "stage1_steps": 1, "stage2_steps": 1},
+    "tocoad": {"train_batch_size": 2, "stage1_steps": 1, "stage2_steps": 1, "stage2": True},
     "inpformer": {"steps": 1, "train_batch_size": 2, "decoder_depth": 3},
     "cpr": {"train_batch_size": 2, "steps": 1, "train_crop": 32, "points": 8},
     "hybrid": {"branches": "a:patchcore,b:patchcore", "b.blur_sigma": 8.0, "synthetic_per_image": 1},

@@ -78,7 +78,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "patchcore-pad": {"image_size": 64, "aspect": "pad", "crop": 56},
     "anomnet": {"image_size": 64, "num_centroids": 16, "stage1_epochs": 2, "stage2_epochs": 2, "init_samples": 2000},
     "efficientad": {"image_size": 64, "steps": 4, "distill_steps": 2, "distill_crop": 64, "pool_limit": 4},
-    "tocoad": {"image_size": 64, "train_batch_size": 4, "stage1_steps": 3, "stage2_steps": 2},
+    "tocoad": {"image_size": 64, "train_batch_size": 4, "stage1_steps": 3, "stage2_steps": 2, "stage2": True},
     "inpformer": {"image_size": 64, "steps": 4, "train_batch_size": 4, "decoder_depth": 4},
     "cpr": {"image_size": 64, "train_batch_size": 2, "steps": 3, "train_crop": 32, "points": 20},
     # the fused prediction of two PatchCore branches (normalised scores and maps; fast)

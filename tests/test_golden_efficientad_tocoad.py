@@ -23,7 +23,15 @@ SIZE = {"image_size": 64, "crop": 64, "batch_size": 4, "seed": 0}
 DTD = SHARED / "dtd_subset"
 SETTINGS = {
     "efficientad": {**SIZE, "steps": 6, "train_batch": 2, "bf16": False},
-    "tocoad": {**SIZE, "train_batch": 4, "steps1": 3, "steps2": 2, "textures": str(DTD), "texture_limit": 8},
+    "tocoad": {
+        **SIZE,
+        "train_batch": 4,
+        "steps1": 3,
+        "steps2": 2,
+        "stage2": True,
+        "textures": str(DTD),
+        "texture_limit": 8,
+    },
 }
 GOLDEN: dict[str, list[float]] = {
     # 12 image scores, then the maps' mean and maximum

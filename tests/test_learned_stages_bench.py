@@ -111,9 +111,9 @@ def test_tocoad_part_plans_the_stage_ablation_table6_and_budgets_with_valid_sett
     rows = list(dict.fromkeys(p[3] for p in plan))
     assert rows[:4] == [
         "patchcore (no training, reweight=image)",
-        "no-training (PatchCore + eq. 9)",
+        "no-training (PatchCore + eq. 9, the default)",
         "stage1-only",
-        "stage1+2 (default)",
+        "stage1+2",
     ]
     settings = {p[3]: p[4] for p in plan if p[1] == "bottle-128"}
     assert settings["patchcore (no training, reweight=image)"] == {
@@ -127,6 +127,9 @@ def test_tocoad_part_plans_the_stage_ablation_table6_and_budgets_with_valid_sett
     for row, s in settings.items():  # every row's settings are ToCoAD's (a typo would fail the run, not here)
         config = create_detector("tocoad", s).config
         assert config.image_size == 128, row
+        # every row says which stages it trains (the default trains neither)
+        assert config.stage2 == row.startswith("stage1+2"), row
+        assert (config.stage1 is True) == (row == "stage1-only"), row
 
 
 def test_tocoad_render_adds_what_each_fit_did_from_its_fit_record() -> None:

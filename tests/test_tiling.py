@@ -167,7 +167,7 @@ def test_bad_tiling_settings_are_refused(bad: dict) -> None:
 TINY = {
     "patchcore": {},
     "anomnet": {"num_centroids": 8, "epochs1": 1, "epochs2": 1, "init_samples": 500},
-    "tocoad": {"train_batch": 4, "steps1": 2, "steps2": 2},
+    "tocoad": {"train_batch": 4, "steps1": 2, "steps2": 2, "stage2": True},
     "efficientad": {"steps": 2, "distill_steps": 1, "distill_crop": 64, "distill_batch": 4, "pool_limit": 4},
 }
 TILED = {"image_size": 64, "batch_size": 8, "tile": 48, "tile_overlap": 0.5, "tile_scales": "1,0.5"}

@@ -20,7 +20,14 @@ from anomnet.detectors.tocoad.simsiam import SimSiamHead, multilevel_simsiam_los
 from anomnet.errors import ConfigError
 from anomnet.evaluation.evaluate import evaluate
 
-SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "stage1_steps": 15, "stage2_steps": 8}
+SMALL = {
+    "image_size": 64,
+    "batch_size": 4,
+    "train_batch_size": 4,
+    "stage1_steps": 15,
+    "stage2_steps": 8,
+    "stage2": True,  # the paper's two stages (stage I follows stage II); the default trains neither
+}
 
 
 def test_focal_loss_hand_computed() -> None:
@@ -191,7 +198,7 @@ def test_stage_one_alone_leaves_the_backbone_as_patchcore(folder_dataset) -> Non
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     expected = pc.predict(x)
     for reweight in ("image", "patch"):
-        toco = create_detector("tocoad", {**SMALL, "stage2": "false", "reweight": reweight})
+        toco = create_detector("tocoad", {**SMALL, "stage1": "true", "stage2": "false", "reweight": reweight})
         toco.fit(split.train, split.validation, progress=False)
         assert toco.fit_record.phase("stage1") is not None and toco.fit_record.phase("stage2") is None
         assert torch.equal(toco.memory_bank, pc.memory_bank)
@@ -202,6 +209,25 @@ def test_stage_one_alone_leaves_the_backbone_as_patchcore(folder_dataset) -> Non
             assert (got.maps <= expected.maps + 1e-4).all() and not torch.equal(got.maps, expected.maps)
             # the image score, the largest re-weighted patch, is at least PatchCore's re-weighted maximum
             assert (got.scores >= expected.scores - 1e-4).all()
+
+
+def test_default_trains_nothing_and_stage_one_follows_stage_two(folder_dataset) -> None:
+    """The default (stage II measured no better than the pretrained backbone) is PatchCore's bank scored with eq. 9:
+    no training phase at all; stage2=true alone runs both stages, stage1=true alone runs stage I only."""
+    train = load_dataset(folder_dataset).train[:4]
+    base = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "stage1_steps": 2, "stage2_steps": 2}
+    default = create_detector("tocoad", {}).config
+    assert default.stage2 is False and default.stage1 is None
+    det = create_detector("tocoad", base)
+    det.fit(train, [], progress=False)
+    assert not {"load", "stage1", "stage2"} & {p.name for p in det.fit_record.phases}
+    pc = create_detector("patchcore", {"image_size": 64, "batch_size": 4})
+    pc.fit(train, [], progress=False)
+    assert torch.equal(det.memory_bank, pc.memory_bank)
+    for settings, phases in (({"stage2": "true"}, {"stage1", "stage2"}), ({"stage1": "true"}, {"stage1"})):
+        det = create_detector("tocoad", {**base, **settings})
+        det.fit(train, [], progress=False)
+        assert {"stage1", "stage2"} & {p.name for p in det.fit_record.phases} == phases, settings
 
 
 def test_stage_two_alone_is_pure_simsiam(folder_dataset) -> None:

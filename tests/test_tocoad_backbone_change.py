@@ -13,7 +13,14 @@ from anomnet import api
 from anomnet.detectors import Detector
 from anomnet.training import parameter_snapshot, weight_change
 
-SMALL = {"image_size": 64, "batch_size": 4, "train_batch_size": 4, "stage1_steps": 3, "stage2_steps": 4}
+SMALL = {
+    "image_size": 64,
+    "batch_size": 4,
+    "train_batch_size": 4,
+    "stage1_steps": 3,
+    "stage2_steps": 4,
+    "stage2": True,  # both stages (the default trains neither)
+}
 
 
 def test_weight_change_hand_computed() -> None:

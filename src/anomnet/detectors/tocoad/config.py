@@ -11,8 +11,11 @@ from anomnet.detectors.tocoad.losses import DiscLoss
 
 @dataclass
 class ToCoADConfig(PatchCoreConfig):
-    stage1: bool = True  # discriminator pre-training on synthetic anomalies
-    stage2: bool = True  # contrastive fine-tuning of the backbone
+    # contrastive fine-tuning of the backbone: off by default, it measured no better than the pretrained backbone
+    # (BENCHMARKS.md section learned-stages, part tocoad; docs/tocoad.md): the default is PatchCore + eq. 9
+    stage2: bool = False
+    # discriminator pre-training on synthetic anomalies; None: with stage II (its L_neg is the stage's only use)
+    stage1: bool | None = None
     decoder_layers: tuple[str, ...] | None = None  # None: the 4 levels up to the deepest memory-bank layer
     # stage II SimSiam heads: None = the two deepest memory-bank levels; e.g. stage5,stage7 for EfficientNet-Lite
     # (strides 16 and 32, the paper's layer3 + layer4 equivalent): levels past the bank are computed in training only

@@ -19,7 +19,10 @@ The pretrained backbone is fine-tuned to the product, then scored like PatchCore
   patch (:class:`ToCoADModel`; ``reweight=image``: PatchCore's image-score-only re-weighting).
 
 Training is bounded by step budgets (``stage1_steps``, ``stage2_steps``; old names ``steps1``, ``steps2``),
-not the paper's 100 + 100 epochs.
+not the paper's 100 + 100 epochs. By default neither stage runs (``stage2=false``; ``stage1`` follows ``stage2``):
+at these budgets stage II measured no better than the pretrained backbone (BENCHMARKS.md, section
+``learned-stages``, part ``tocoad``), so the default is PatchCore's bank scored with eq. 9; ``stage2=true`` trains
+both stages.
 The saved model holds the fine-tuned backbone weights and the bank; neither the discriminator
 nor the textures are needed to predict. Choices and measurements: docs/tocoad.md.
 """
@@ -86,7 +89,8 @@ class ToCoAD(PatchCore):
         self.start_fit(train)
         c = self.config
         self.ensure_backbone()
-        if (c.stage1 and c.stage1_steps) or (c.stage2 and c.stage2_steps):
+        stage1 = c.stage2 if c.stage1 is None else c.stage1  # None: stage I runs with stage II (its only use)
+        if (stage1 and c.stage1_steps) or (c.stage2 and c.stage2_steps):
             with timed_phase(self.fit_record, "load"):
                 images = self._load_images(train, progress)
             trunk = create_backbone(c.backbone, self.trunk_layers, RANDOM_WEIGHTS)
@@ -94,9 +98,7 @@ class ToCoAD(PatchCore):
             rng = torch.Generator().manual_seed(c.seed)
             generator = self._make_generator()
             disc = (
-                self.train_discriminator(trunk, images, generator, rng, progress)
-                if c.stage1 and c.stage1_steps
-                else None
+                self.train_discriminator(trunk, images, generator, rng, progress) if stage1 and c.stage1_steps else None
             )
             if c.stage2 and c.stage2_steps:
                 self.finetune(trunk, disc, images, generator, rng, progress)
