@@ -20,13 +20,13 @@ process by the worker of ``anomnet bench``, ``anomnet.bench.detector_worker``):
   negative shift (``negative_shift=window``) and its 320 px input, one at a time; three PIPED classes and
   bottle, all at the default 256 px input.
 - ``tocoad``: ToCoAD's stage ablation (the paper's: PatchCore itself, i.e. no training and ``reweight=image``; no
-  training = PatchCore + eq. 9 on every patch; stage I only; stages I + II at the defaults; the SimSiam heads on
-  the deeper levels stage5, stage7), its Table 6 (``disc_loss=cross_entropy`` against the default focal loss), and
-  stage II budgets at which the backbone moves (its learning rate ``lr2`` x10 and x30, its steps x4), and no
-  training and the default fitted again with another seed; bottle and three PIPED classes, all at 128 px (the PIPED
-  images' own size). Its second table gives each row's fit record: how far stage II moved the backbone (relative
-  weight change, bank-level feature cosine), the SimSiam loss by tenths, the discriminator's pixel AUROC on fresh
-  synthetic anomalies.
+  training = PatchCore + eq. 9 on every patch, the default; stage I only; stages I + II, ``stage2=true``, at their
+  default budgets; the SimSiam heads on the deeper levels stage5, stage7), its Table 6 (``disc_loss=cross_entropy``
+  against the default focal loss), and stage II budgets at which the backbone moves (its learning rate ``lr2`` x10
+  and x30, its steps x4), and no training and both stages fitted again with another seed; bottle and three PIPED
+  classes, all at 128 px (the PIPED images' own size). Its second table gives each row's fit record: how far stage
+  II moved the backbone (relative weight change, bank-level feature cosine), the SimSiam loss by tenths, the
+  discriminator's pixel AUROC on fresh synthetic anomalies.
 
 ::
 
