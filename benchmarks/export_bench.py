@@ -46,7 +46,7 @@ DEFAULT_SETTINGS = {
     "patchcore": "",
     "anomnet": "",
     "efficientad": "steps=100;distill_steps=100",
-    "tocoad": "stage1_steps=40;stage2_steps=20",
+    "tocoad": "",
     "inpformer": "steps=50",
     "cpr": "",
 }

@@ -80,7 +80,11 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "tocoad": (
         "patchcore,tocoad",
-        ["stage1-only:model=tocoad;stage2=false", "stage2-only:model=tocoad;stage1=false"],
+        [  # the default trains nothing (docs/tocoad.md); these name the stages they train
+            "stages-1-2:model=tocoad;stage2=true",
+            "stage1-only:model=tocoad;stage1=true",
+            "stage2-only:model=tocoad;stage1=false;stage2=true",
+        ],
         ["--work-dir", "{runs}/bench-tocoad"],
     ),
     "tiling": (
@@ -96,7 +100,7 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "tocoad-variants": (
         "",
-        ["lr2-0.001:model=tocoad;lr2=0.001", "lambda-0.2:model=tocoad;lambda_sym=0.2"],
+        ["lr2-0.001:model=tocoad;stage2=true;lr2=0.001", "lambda-0.2:model=tocoad;stage2=true;lambda_sym=0.2"],
         ["--work-dir", "{runs}/bench-tocoad-var"],
     ),
     "efficientad-budget": (
