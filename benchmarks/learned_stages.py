@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     loads += [e[k] for e in earlier for k in ("load_min", "load_max") if k in e]
     started = min([e["started"] for e in earlier if "started" in e], default=None)
     started = started or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    earlier_commands = [c for e in earlier for c in e.get("commands", [e["command"]] if "command" in e else [])]
+    earlier_commands = list(
+        dict.fromkeys(c for e in earlier for c in e.get("commands", [e["command"]] if "command" in e else []))
+    )
     earlier_seconds = sum(e.get("seconds", 0.0) for e in earlier)
     command = "python benchmarks/learned_stages.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     work = tempfile.mkdtemp(prefix="anomnet-learned-")

@@ -101,6 +101,17 @@ def test_parts_run_side_by_side_are_merged_by_resume(tmp_path: Path) -> None:
     merged = json.loads(out.read_text())
     assert len(merged["rows"]) == len(planned) - 1 and merged["complete"] is False
     assert "INCOMPLETE" in md.read_text()
+    # reports that carry the same earlier commands list each command once
+    a.write_text(json.dumps(_report(rows[:2], "first") | {"commands": ["first", "shared"]}))
+    b.write_text(json.dumps(_report(rows[2:], "second") | {"commands": ["shared", "second"]}))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--merge-only", "--out", str(out), "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["commands"][:3] == ["first", "shared", "second"]
 
 
 def test_tocoad_part_plans_the_stage_ablation_table6_and_budgets_with_valid_settings() -> None:
