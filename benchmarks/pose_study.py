@@ -115,7 +115,7 @@ def render(report: dict[str, Any]) -> str:
         "apart); r8s2 `train_rotations=8 train_rotation_samples=2` (each image in its own pose and one of "
         f"the 7 turned ones, drawn for it). Image size: 256 (the default) except {sizes}. "
         "Δ: variant minus source (r1), in points. Fit: seconds, and as a multiple of the r1 fit on the "
-        "same variant run just before it.",
+        "same variant run just before it (source rows: seconds only, their r1 row ran in an earlier command).",
         "",
         "| dataset | variant | detector | setting | img AUROC source / variant (Δ) "
         "| AU-PRO@0.3 source / variant (Δ) | px AUROC variant | fit s (x r1) | test s |",
@@ -139,7 +139,8 @@ def render(report: dict[str, Any]) -> str:
                     group = means.setdefault((kind, model, setting), {})
                     group.setdefault(f"{key}:source", []).append(s)
                     group.setdefault(f"{key}:variant", []).append(p)
-            ratio = "" if base is None else f" ({row['fit_s'] / base['fit_s']:.1f})"
+            # a variant's rows ran one after the other; a source's r1 row ran in an earlier command
+            ratio = "" if base is None or kind == "source" else f" ({row['fit_s'] / base['fit_s']:.1f})"
             lines.append(
                 f"| {ds} | {kind} | {model} | {setting} | {cells[0]} | {cells[1]} | "
                 f"{_fmt(row['metrics'].get('pixel_auroc'))} | {row['fit_s']:.1f}{ratio} | {row['test_s']:.1f} |"

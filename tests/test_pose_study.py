@@ -48,3 +48,4 @@ def test_driver_measures_source_and_posed_resumes_and_renders(tmp_path: Path, ca
     assert [(r["variant"], r["setting"]) for r in json.loads(out.read_text())["rows"][4:]] == [("source", "r8s2")]
     text = md.read_text()
     assert "| PA_TINY | source | patchcore | r8s2 |" in text and "| PA_TINY | source | patchcore | r1 |" not in text
+    assert not any("| PA_TINY | source |" in line and " (" in line.split("|")[-3] for line in text.splitlines())
