@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_stages.py"
 
@@ -78,40 +79,31 @@ def test_parts_run_side_by_side_are_merged_by_resume(tmp_path: Path) -> None:
     b.write_text(json.dumps(_report(rows[2:], "second")))
     md.write_text("# Benchmarks\n")
     args = ["--parts", "efficientad", "--datasets", "PA_BTN01_RL-128", "--resume", str(a), "--resume", str(b)]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(out), "--markdown", str(md)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    merged = json.loads(out.read_text())
+
+    def merge(*extra: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), *args, *extra, "--out", str(out), "--markdown", str(md)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        report: dict[str, Any] = json.loads(out.read_text())
+        return report
+
+    merged = merge()
     assert len(merged["rows"]) == len(planned) and merged["complete"] is True
     assert merged["commands"][:2] == ["first", "second"] and merged["seconds"] >= 120.0
     assert "<!-- bench:learned-stages -->" in md.read_text() and "Commands, one after another" in md.read_text()
     # --merge-only measures nothing: a plan row that no report has leaves the merged report incomplete
     b.write_text(json.dumps(_report(rows[2:-1], "second")))
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--merge-only", "--out", str(out), "--markdown", str(md)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    merged = json.loads(out.read_text())
+    merged = merge("--merge-only")
     assert len(merged["rows"]) == len(planned) - 1 and merged["complete"] is False
     assert "INCOMPLETE" in md.read_text()
     # reports that carry the same earlier commands list each command once
     a.write_text(json.dumps(_report(rows[:2], "first") | {"commands": ["first", "shared"]}))
     b.write_text(json.dumps(_report(rows[2:], "second") | {"commands": ["shared", "second"]}))
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--merge-only", "--out", str(out), "--markdown", str(md)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(out.read_text())["commands"][:3] == ["first", "shared", "second"]
+    assert merge("--merge-only")["commands"][:3] == ["first", "shared", "second"]
 
 
 def test_tocoad_part_plans_the_stage_ablation_table6_and_budgets_with_valid_settings() -> None:
