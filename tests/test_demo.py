@@ -71,14 +71,21 @@ def test_pooling_by_p_value_puts_two_models_on_one_scale() -> None:
     assert pooled_metrics(fitted)["image_auroc"] == 1.0
 
 
-def test_the_demo_fits_a_model_per_cell_type_and_pools_the_metrics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _run_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[Path, str]:
+    """The demo on a tiny fake ELPV with ``args``: its output folder and what it printed."""
     root = _fake_elpv(tmp_path / "elpv")
     monkeypatch.setattr(anomnet.data, "_elpv_data_dir", lambda: root)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quiet"]) == EXIT_OK  # one model per cell type is the default
-    text = capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--quiet", *args]) == EXIT_OK
+    return out, capsys.readouterr().out
+
+
+def test_the_demo_fits_a_model_per_cell_type_and_pools_the_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, text = _run_demo(tmp_path, monkeypatch, capsys)  # one model per cell type is the default
     assert "one model per cell type (mono, poly)" in text and "pooled by conformal p-value" in text
     for kind in ("mono", "poly"):
         assert (out / kind / "model").is_dir() and (out / kind / "report.html").is_file()
@@ -98,11 +105,7 @@ def test_the_demo_fits_a_model_per_cell_type_and_pools_the_metrics(
 def test_the_demo_fits_one_model_for_both_cell_types_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = _fake_elpv(tmp_path / "elpv")
-    monkeypatch.setattr(anomnet.data, "_elpv_data_dir", lambda: root)
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quiet", "--one-model", "--max-train", "12"]) == EXIT_OK
-    text = capsys.readouterr().out
+    out, text = _run_demo(tmp_path, monkeypatch, capsys, "--one-model", "--max-train", "12")
     assert "one model per cell type" not in text and "fitted patchcore on 12 good cells" in text
     assert (out / "model").is_dir() and (out / "report.html").is_file()
     assert not (out / "mono").exists() and not (out / "poly").exists()

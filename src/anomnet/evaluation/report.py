@@ -131,8 +131,12 @@ def write_report(
     :data:`WORST_CASES`) and ``curve_points`` (e.g. :data:`CURVE_POINTS`); without them the
     pixel curves and the worst-case images are left out.
     """
+    return _write_page(path, render_report(result, detector, dataset, model_dir))
+
+
+def _write_page(path: str | Path, text: str) -> Path:
+    """Write one HTML page atomically to a checked report path; a failed write is a clear error."""
     target = check_report_path(path)
-    text = render_report(result, detector, dataset, model_dir)
     try:
         imageio.atomic_write_text(target, text)
     except OSError as exc:
@@ -145,20 +149,15 @@ def write_pooled_report(
 ) -> Path:
     """Write a one-page report of test images scored by several models: the pooled metrics and a link to each
     model's own report (``parts``: name, report path relative to ``path``'s folder, test images)."""
-    target = check_report_path(path)
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     links = [
         f'<tr><td>{_e(name)}</td><td class="num">{n}</td><td><a href="{_e(href)}">{_e(href)}</a></td></tr>'
         for name, href, n in parts
     ]
     text = "\n".join(
         [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-            f"<h1>{_e(title)}</h1>",
+            *_page_head(title),
             f'<p class="note">{_e(note)}</p>',
-            _table([("date", now), ("anomnet", __version__)]),
+            _table([("date", _now()), ("anomnet", __version__)]),
             "<h2>Metrics of all test images</h2>",
             _metrics_table(metrics),
             "<h2>Each model's report</h2>",
@@ -168,11 +167,7 @@ def write_pooled_report(
             "</body></html>",
         ]
     )
-    try:
-        imageio.atomic_write_text(target, text + "\n")
-    except OSError as exc:
-        raise ConfigError(f"cannot write report {target}: {exc.strerror or exc}") from None
-    return target
+    return _write_page(path, text + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,12 +195,8 @@ def render_report(
     y = np.asarray(result.labels, dtype=np.int64)
     s = np.asarray(result.scores, dtype=np.float64)
     title = f"anomnet test report: {detector.name}" + (f" on {dataset}" if dataset else "")
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
+        *_page_head(title),
         _table(
             [
                 ("dataset", dataset or "-"),
@@ -219,7 +210,7 @@ def render_report(
                     else "no (image labels only)",
                 ),
                 ("time per image", f"{1000 * result.seconds_per_image:.1f} ms (prediction only)"),
-                ("date", now),
+                ("date", _now()),
                 ("anomnet", __version__),
             ]
         ),
@@ -261,6 +252,20 @@ _SCALE_NOTE = (
     "bottom (blue) the median map value of the good calibration images, middle the highest value seen on them, "
     "top (red) twice as far; the purple line is the pixel threshold, where a defective image's mask begins."
 )
+
+
+def _page_head(title: str) -> list[str]:
+    """The opening lines of a report page: doctype, inline style, title and heading."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+    ]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _e(text: Any) -> str:
