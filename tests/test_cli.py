@@ -97,6 +97,10 @@ def test_models_lists_detectors_and_backbones(capsys) -> None:
     assert main(["models", "--settings"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "patchcore" in out and "efficientnet_lite0" in out and "wide_resnet50_2" in out and "coreset_ratio" in out
+    # each backbone line names the detectors it is the default of (PatchCore's is Lite1, the others' Lite0)
+    marks = {line.split()[0]: line.partition("[default of ")[2] for line in out.splitlines() if "[default of" in line}
+    assert "patchcore" in marks["efficientnet_lite1"] and "tocoad" in marks["efficientnet_lite1"]
+    assert "cpr" in marks["efficientnet_lite0"] and "patchcore" not in marks["efficientnet_lite0"]
 
 
 def test_help_explains_every_option(capsys) -> None:

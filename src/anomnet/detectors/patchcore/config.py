@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from anomnet.backbones import DEFAULT_BACKBONE
 from anomnet.detectors.base import DetectorConfig
 from anomnet.errors import ConfigError
 
@@ -14,7 +13,8 @@ NNBackend = Literal["auto", "ivf", "faiss", "exact"]
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    backbone: str = DEFAULT_BACKBONE
+    # EfficientNet-Lite1, chosen by the suite over Lite0 / Lite2 (docs/design.md, "Backbone by the suite")
+    backbone: str = "efficientnet_lite1"
     layers: tuple[str, ...] | None = None  # None: the backbone's default layers
     weights: str | None = None  # backbone weights file (ResNet family); stored inside the model
     patch_size: int = 3  # neighbourhood of the local aggregation (odd)
