@@ -73,6 +73,11 @@ def datasets(runs: Path) -> list[dict[str, str]]:
     return out
 
 
+def _matches(dataset: dict[str, str], wanted: set[str]) -> bool:
+    """Whether a dataset is named in ``wanted`` by its name or its group ("all": every dataset)."""
+    return "all" in wanted or dataset["name"] in wanted or dataset["group"] in wanted
+
+
 def _ensure_stress(runs: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import stress
@@ -102,6 +107,17 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
+def _variant_note(rows: list[dict[str, Any]]) -> str:
+    """One sentence naming each variant row's detector, settings and datasets (empty when there are none)."""
+    notes = []
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] not in MODELS):
+        sel = [r for r in rows if r["model"] == name]
+        extra = {k: v for k, v in sel[0]["settings"].items() if MODELS.get(sel[0]["detector"], {}).get(k) != v}
+        settings = ", ".join(f"{k}={v}" for k, v in extra.items()) or "its suite settings"
+        notes.append(f"{name}: {sel[0]['detector']} with {settings}, on {', '.join(r['dataset'] for r in sel)}")
+    return " Variant rows: " + "; ".join(notes) + "." if notes else ""
+
+
 def render(report: dict[str, Any]) -> str:
     rows = report["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -123,11 +139,14 @@ def render(report: dict[str, Any]) -> str:
             if any(m in BUDGET_NOTES for m in models)
             else "every detector at its defaults"
         )
-        + f". ELPV: {ELPV_TRAIN} of its good training cells (seeded), the whole test split; it has image labels "
+        + "."
+        + _variant_note(rows)
+        + f" ELPV: {ELPV_TRAIN} of its good training cells (seeded), the whole test split; it has image labels "
         "only: its pixel columns are n/a. recall@thr and false alarm@thr: "
         "defective images found and good test images flagged at the model's own threshold "
-        "(1 % false alarms on its validation images). Time: fit in seconds; predict (batch 1) as a "
-        "multiple of the backbone trunk timed beside it.",
+        "(1 % false alarms asked, on its default calibration images: leave-one-out scores of every training "
+        "image for the memory-bank detectors, 10 % held out for the others). Time: fit in seconds; predict "
+        "(batch 1) as a multiple of the backbone trunk timed beside it.",
         "",
         "### Means",
         "",
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME:model=DETECTOR;KEY=VALUE;...",
-        help="an extra row per dataset, e.g. 'anomnet-K4096:model=anomnet;num_centroids=4096' (repeatable)",
+        help="an extra row per dataset, e.g. 'anomnet-K4096:model=anomnet;num_centroids=4096' (repeatable); "
+        "'datasets=bottle,piped' limits it to those datasets or groups",
     )
     p.add_argument("--dry-run", action="store_true", help="list the rows and exit")
     p.add_argument(
@@ -197,21 +217,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"suite: unknown detector(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     # row name -> (detector, settings): the detectors at their suite budgets, then the variants
     configs: dict[str, tuple[str, dict[str, str]]] = {m: (m, dict(MODELS[m])) for m in models}
+    only: dict[str, set[str]] = {}  # row name -> the datasets (names or groups) it runs on, if not all
     for item in a.variant:
         name, _, body = item.partition(":")
         kv = dict(x.split("=", 1) for x in body.split(";") if "=" in x)
         model = kv.pop("model", "")
         if not name or model not in MODELS:
             raise SystemExit(f"suite: --variant {item!r}: expected NAME:model=DETECTOR;KEY=VALUE;...")
+        if "datasets" in kv:  # e.g. a default-budget row only where its fit time allows
+            only[name] = set(kv.pop("datasets").split(","))
         configs[name] = (model, {**MODELS[model], **kv})
     wanted = set(a.datasets.split(","))
-    chosen = [d for d in datasets(runs) if "all" in wanted or d["name"] in wanted or d["group"] in wanted]
+    chosen = [d for d in datasets(runs) if _matches(d, wanted)]
     if not chosen:
         raise SystemExit(f"suite: no dataset matches {a.datasets!r}")
     if a.dry_run:
         for d in chosen:
             for name, (model, cfg) in configs.items():
-                print(d["name"], name, model, cfg)
+                if name not in only or _matches(d, only[name]):
+                    print(d["name"], name, model, cfg)
         return 0
     if any(d["group"] == "stress" for d in chosen):
         _ensure_stress(runs)
@@ -232,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     # detector by detector, so an interrupted run still has whole detectors (its JSON is kept after each row)
     for m, (model, cfg) in configs.items():
         for d in chosen:
+            if m in only and not _matches(d, only[m]):
+                continue
             print(f"[suite] {d['name']}: {m}", file=sys.stderr, flush=True)
             spec: dict[str, Any] = {
                 "name": f"{d['name']}-{m}",
