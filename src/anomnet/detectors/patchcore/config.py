@@ -13,7 +13,7 @@ NNBackend = Literal["auto", "ivf", "faiss", "exact"]
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    # EfficientNet-Lite1, chosen by the suite over Lite0 / Lite2 (docs/design.md, "Backbone by the suite")
+    # EfficientNet-Lite1, chosen by the suite over Lite0 / Lite2 (docs/design.md, section "Backbone")
     backbone: str = "efficientnet_lite1"
     layers: tuple[str, ...] | None = None  # None: the backbone's default layers
     weights: str | None = None  # backbone weights file (ResNet family); stored inside the model
