@@ -54,8 +54,7 @@ MODELS: dict[str, dict[str, str]] = {
     "tocoad": {},  # its default trains nothing (stage II measured no better, docs/tocoad.md)
 }
 BUDGET_NOTES = {
-    "efficientad": "reduced budget, 100 student/autoencoder steps (default 800); its teacher distilled once "
-    "and cached for every dataset",
+    "efficientad": "reduced budget, 100 student/autoencoder steps (default 800)",
 }
 GROUPS = {"bottle": "bottle", "piped": "PIPED mean", "elpv": "ELPV", "stress": "stress"}
 
@@ -112,7 +111,8 @@ def _variant_note(rows: list[dict[str, Any]]) -> str:
     notes = []
     for name in dict.fromkeys(r["model"] for r in rows if r["model"] not in MODELS):
         sel = [r for r in rows if r["model"] == name]
-        extra = {k: v for k, v in sel[0]["settings"].items() if MODELS.get(sel[0]["detector"], {}).get(k) != v}
+        base = MODELS.get(sel[0]["detector"], {})
+        extra = {k: v for k, v in sel[0]["settings"].items() if k != "cache_dir" and base.get(k) != v}
         settings = ", ".join(f"{k}={v}" for k, v in extra.items()) or "its suite settings"
         notes.append(f"{name}: {sel[0]['detector']} with {settings}, on {', '.join(r['dataset'] for r in sel)}")
     return " Variant rows: " + "; ".join(notes) + "." if notes else ""

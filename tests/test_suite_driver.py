@@ -34,7 +34,7 @@ def test_the_table_names_each_variant_row_and_its_settings() -> None:
         "complete": True,
         "rows": [
             {**row, "model": "efficientad", "detector": "efficientad", "settings": {"steps": "100"}},
-            {**row, "model": "effad-800", "detector": "efficientad", "settings": {"steps": "800"}},
+            {**row, "model": "effad-800", "detector": "efficientad", "settings": {"steps": "800", "cache_dir": "/c"}},
         ],
     }
     text = suite.render(report)
